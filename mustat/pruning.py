@@ -1,0 +1,232 @@
+"""From scores to masks: global or layer-wise pruning to a cumulative sparsity,
+applied through ``torch.nn.utils.parametrize`` (see ``mustat._masking`` for why)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from numbers import Real
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from mustat._checks import check_option, check_scalar
+from mustat._masking import find_mask, masked_names, remove_mask, set_mask
+from mustat._params import resolve, select
+
+
+class Scope(str, Enum):
+    """How weights are ranked."""
+
+    GLOBAL = "global"
+    """All scored weights ranked together: layers end with different sparsities."""
+    LAYER = "layer"
+    """Each tensor ranked on its own and pruned to the same fraction."""
+
+
+@dataclass(frozen=True)
+class PruningReport:
+    """Per-tensor counts of pruned (masked) weights.
+
+    ``compression_ratio`` is total / nonzero weights over the reported tensors.
+    """
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    pruned: tuple[int, ...]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, params=None) -> PruningReport:
+        names = select(model, params)
+        sizes, pruned = [], []
+        for name in names:
+            module, attr = resolve(model, name)
+            m = find_mask(module, attr)
+            sizes.append(getattr(module, attr).numel())
+            pruned.append(0 if m is None else int((m.mask == 0).sum()))
+        return cls(tuple(names), tuple(sizes), tuple(pruned))
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def total_pruned(self) -> int:
+        return sum(self.pruned)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of pruned weights among the reported tensors."""
+        return self.total_pruned / self.total
+
+    @property
+    def compression_ratio(self) -> float:
+        kept = self.total - self.total_pruned
+        return float("inf") if kept == 0 else self.total / kept
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per tensor plus a ``total`` row."""
+        df = pd.DataFrame({"tensor": self.names, "size": self.sizes, "pruned": self.pruned})
+        df.loc[len(df)] = ["total", self.total, self.total_pruned]
+        df["kept"] = df["size"] - df["pruned"]
+        df["sparsity"] = df["pruned"] / df["size"]
+        return df
+
+    def __str__(self) -> str:
+        return (
+            self.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}")
+            + f"\ncompression ratio {self.compression_ratio:.2f}x"
+        )
+
+    def _repr_html_(self) -> str:
+        return self.to_frame().to_html(index=False, float_format=lambda x: f"{x:.4f}")
+
+
+def _alive(module: nn.Module, attr: str, like: Tensor) -> Tensor:
+    m = find_mask(module, attr)
+    if m is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    return (m.mask != 0).to(like.device)
+
+
+def _ranked_cut(scores: Tensor, alive: Tensor, k: int) -> Tensor:
+    """Boolean ``keep`` of the flattened scores: the ``k`` lowest are cut.
+
+    Already dead entries are cut first (never revived); ties fall to the lower
+    flat index (a stable sort), so the result is deterministic.
+    """
+    order = torch.sort(scores, stable=True).indices
+    order = order[torch.sort(alive[order].to(torch.uint8), stable=True).indices]
+    keep = torch.ones_like(alive)
+    keep[order[:k]] = False
+    return keep
+
+
+def prune(
+    model: nn.Module,
+    scores: Mapping[str, Tensor],
+    *,
+    sparsity: float,
+    scope: str | Scope = "global",
+) -> PruningReport:
+    """Mask the lowest-scoring weights so that ``sparsity`` of them are zero.
+
+    Parameters
+    ----------
+    model
+        The network; masks are added (or tightened) in place.
+    scores
+        Scores keyed by tensor name (from :func:`mustat.score`); lower is pruned first.
+        ``+inf`` means "prune last", ``-inf`` "prune first"; NaN is refused.
+    sparsity
+        Cumulative target fraction of pruned weights among the scored tensors after
+        the call, in [0, 1) (not an increment): exactly ``round(sparsity * n)`` pruned,
+        over all tensors (``scope="global"``) or per tensor (``scope="layer"``).
+        Pruned weights are never revived: a target below the current sparsity
+        leaves the masks as they are, with a warning.
+    scope
+        ``"global"`` or ``"layer"``; see :class:`Scope`.
+
+    Returns
+    -------
+    PruningReport
+        Counts for the scored tensors after the call.
+    """
+    check_scalar(sparsity, "sparsity", kind=Real, low=0.0, high=1.0, closed="left")
+    scope = check_option(scope, "scope", Scope)
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError("scores must be a non-empty dict of tensors keyed by tensor name, as mustat.score returns")
+    targets = {}
+    for name, s in scores.items():
+        module, attr = resolve(model, name)
+        w = getattr(module, attr)
+        if not isinstance(s, Tensor) or s.shape != w.shape:
+            shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ValueError(f"scores[{name!r}] has shape {shape}, the weight has {tuple(w.shape)}")
+        if torch.isnan(s).any():
+            raise ValueError(f"scores[{name!r}] contains NaN; scores must be numbers (+/-inf allowed)")
+        targets[name] = (module, attr, s.detach(), _alive(module, attr, s))
+
+    already = sum(int((~a).sum()) for *_, a in targets.values())
+    if scope is Scope.GLOBAL:
+        device = next(iter(targets.values()))[2].device
+        flat = torch.cat([s.flatten().to(device, torch.float64) for _, _, s, _ in targets.values()])
+        alive = torch.cat([a.flatten().to(device) for *_, a in targets.values()])
+        k = round(sparsity * flat.numel())
+        keep_all = _ranked_cut(flat, alive, max(k, int((~alive).sum())))
+        keeps, start = {}, 0
+        for name, (_, _, s, _) in targets.items():
+            keeps[name] = keep_all[start : start + s.numel()].view(s.shape)
+            start += s.numel()
+        below = k < already
+    else:
+        keeps, below = {}, False
+        for name, (_, _, s, a) in targets.items():
+            k = round(sparsity * s.numel())
+            dead = int((~a).sum())
+            below |= k < dead
+            keeps[name] = _ranked_cut(s.flatten(), a.flatten(), max(k, dead)).view(s.shape)
+    if below:
+        warnings.warn(
+            f"sparsity={sparsity} is below the current sparsity; pruned weights are never revived, "
+            "so those masks are left as they are",
+            stacklevel=2,
+        )
+    for name, (module, attr, _, _) in targets.items():
+        set_mask(module, attr, keeps[name])
+    return PruningReport.from_model(model, list(targets))
+
+
+def sparsity(model: nn.Module, params=None) -> float:
+    """Fraction of exactly-zero entries among the effective prunable weights.
+
+    Counts values, not masks: it is what a saved, finalized model holds.
+    """
+    zeros = total = 0
+    for name in select(model, params):
+        module, attr = resolve(model, name)
+        w = getattr(module, attr).detach()
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / total
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Make pruning permanent (like ``torch.nn.utils.prune.remove``).
+
+    Every masked tensor becomes a plain parameter holding zeros where it was
+    masked; no masks or parametrizations are left. Returns ``model``.
+    """
+    for name in masked_names(model):
+        remove_mask(*resolve(model, name))
+    return model
+
+
+_MASK_KEY = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.(\d+)\.mask$")
+
+
+def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True):
+    """Load a pruned model's ``state_dict`` into a model, adding the masks it needs.
+
+    A fresh, unpruned model has no place for masks, so plain
+    ``model.load_state_dict`` refuses a pruned state; this installs each mask
+    found in ``state_dict`` first, then loads. Returns what
+    ``load_state_dict`` returns.
+    """
+    for key, value in state_dict.items():
+        m = _MASK_KEY.match(key)
+        if m is None:
+            continue
+        path, attr = m.group(1) or "", m.group(2)
+        module, attr = resolve(model, f"{path}.{attr}" if path else attr)
+        if getattr(module, attr).shape != value.shape:
+            raise ValueError(
+                f"state_dict mask {key!r} has shape {tuple(value.shape)}, the model's "
+                f"{attr} has {tuple(getattr(module, attr).shape)}: is it the same architecture?"
+            )
+        set_mask(module, attr, value)
+    return model.load_state_dict(state_dict, strict=strict)

@@ -1,0 +1,248 @@
+"""The pseudo bootstrap (Ko, Oehmcke & Gieseke 2019): per-weight running mean
+and variance of the iterates of training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import Enum
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from mustat._checks import check_option, check_scalar
+from mustat._masking import source
+from mustat._params import resolve, select
+
+
+class Window(str, Enum):
+    """Which optimizer steps form the pseudo-bootstrap sample."""
+
+    SINCE_RESET = "since_reset"
+    """Every recorded step since construction or the last :meth:`PseudoBootstrap.reset`.
+    The pruning loop resets after each pruning step, so the variance describes retraining."""
+    EPOCH = "epoch"
+    """The current epoch: :meth:`PseudoBootstrap.new_epoch` (called by the training loop at
+    the start of each epoch) resets, so a read at the end of an epoch sees that whole epoch."""
+    EMA = "ema"
+    """Exponentially weighted mean and variance with decay ``beta``; never needs a reset."""
+
+
+class PseudoBootstrap:
+    r"""Running mean and variance of each weight across optimizer steps.
+
+    Each recorded optimizer step contributes the current value of every tracked
+    weight as one *pseudo-bootstrap replicate* (each step saw a random
+    mini-batch, as a bootstrap refit sees a random resample). The standard
+    deviation of the replicates, :meth:`std`, is the paper's uncertainty
+    ``se(w)`` and feeds the M&U score ``|w| / se(w)``.
+
+    Statistics. For the ``"since_reset"`` and ``"epoch"`` windows, after
+    :math:`n` recorded replicates :math:`x_1, \dots, x_n`, :meth:`mean` is
+    :math:`\bar x` and :meth:`var` the unbiased :math:`\sum (x_i - \bar x)^2 / (n - 1)`,
+    both computed with Welford's update, which stays accurate when the spread
+    is tiny next to the level (float32 weights near 1 moving by 1e-4). For
+    ``"ema"`` with decay :math:`\beta`, started at :math:`m_1 = x_1, v_1 = 0`:
+
+    .. math::
+        \delta_n = x_n - m_{n-1},\quad m_n = m_{n-1} + (1-\beta)\,\delta_n,\quad
+        v_n = \beta\,\bigl(v_{n-1} + (1-\beta)\,\delta_n^2\bigr),
+
+    the exponentially weighted mean and (biased, weights summing to one)
+    variance of Finch (2009). The replicates are strongly autocorrelated and
+    their spread is set by the optimizer as much as by the data: the
+    ``validation`` package measures how far this is from a sampling standard
+    error; it is not one by construction.
+
+    Parameters
+    ----------
+    model
+        The network. It is only read, never modified.
+    window
+        ``"since_reset"`` (default), ``"epoch"`` or ``"ema"``; see :class:`Window`.
+    beta
+        Decay of the ``"ema"`` window, in (0, 1); required for it and refused otherwise.
+    every
+        Record only every ``every``-th call of :meth:`update` (thinning).
+    params
+        Names of the tensors to track (``"0.weight"``); default: the ``weight`` of
+        every ``nn.Linear`` and ``nn.Conv{1,2,3}d``.
+
+    Notes
+    -----
+    The tracked value is the *effective* weight: a weight masked by
+    :func:`mustat.prune` is a constant zero with zero variance. The update is
+    a handful of fused ``torch._foreach_*`` ops on the weights' own device and
+    dtype, with no host synchronisation. After moving the model to another
+    device, call :meth:`reset`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        window: str | Window = "since_reset",
+        beta: float | None = None,
+        every: int = 1,
+        params: Iterable[str] | None = None,
+    ):
+        self.window = check_option(window, "window", Window)
+        if self.window is Window.EMA:
+            if beta is None:
+                raise ValueError("window='ema' needs beta, the decay in (0, 1), e.g. beta=0.99")
+            check_scalar(beta, "beta", kind=Real, low=0.0, high=1.0, closed="neither")
+        elif beta is not None:
+            raise ValueError(f"beta={beta!r} is only used with window='ema', not {self.window.value!r}")
+        self.beta = None if beta is None else float(beta)
+        self.every = int(check_scalar(every, "every", kind=Integral, low=1))
+        self.names: list[str] = select(model, params)
+        self._targets = [resolve(model, n) for n in self.names]
+        self._mean: list[Tensor] = []
+        self._m2: list[Tensor] = []
+        self._steps = 0
+        self.count = 0
+
+    # ------------------------------------------------------------------ recording
+    def _current(self) -> list[Tensor]:
+        values, to_mask, masks = [], [], []
+        for module, attr in self._targets:
+            value, mask = source(module, attr)
+            if mask is not None:
+                to_mask.append(len(values))
+                masks.append(mask)
+            values.append(value)
+        if masks:
+            masked = torch._foreach_mul([values[i] for i in to_mask], masks)
+            for i, m in zip(to_mask, masked):
+                values[i] = m
+        return values
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Record the current weights (call once after each optimizer step)."""
+        self._steps += 1
+        if self._steps % self.every:
+            return
+        x = self._current()
+        if self.count == 0:
+            if not self._mean or any(
+                m.shape != v.shape or m.device != v.device or m.dtype != v.dtype
+                for m, v in zip(self._mean, x)
+            ):
+                self._mean = [v.clone() for v in x]
+                self._m2 = [torch.zeros_like(v) for v in x]
+            else:
+                torch._foreach_copy_(self._mean, x)
+                torch._foreach_zero_(self._m2)
+            self.count = 1
+            return
+        self.count += 1
+        delta = torch._foreach_sub(x, self._mean)
+        if self.window is Window.EMA:
+            a = 1.0 - self.beta
+            torch._foreach_add_(self._mean, delta, alpha=a)
+            torch._foreach_mul_(self._m2, self.beta)
+            torch._foreach_addcmul_(self._m2, delta, delta, value=self.beta * a)
+        else:
+            # M2 += (x - mean_old)(x - mean_new) = delta^2 (n - 1) / n
+            n = self.count
+            torch._foreach_add_(self._mean, delta, alpha=1.0 / n)
+            torch._foreach_addcmul_(self._m2, delta, delta, value=(n - 1) / n)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Call :meth:`update` after every ``optimizer.step()``; returns a removable handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.update())
+
+    def reset(self) -> None:
+        """Start a new window: forget every recorded step (buffers are reused)."""
+        self.count = 0
+        self._steps = 0
+
+    def new_epoch(self) -> None:
+        """Training-loop contract: call at the start of every epoch.
+
+        Resets for ``window="epoch"``; does nothing for the other windows.
+        """
+        if self.window is Window.EPOCH:
+            self.reset()
+
+    # ------------------------------------------------------------------ reading
+    def _need(self, n: int, what: str) -> None:
+        if self.count < n:
+            if self.count == 0:
+                raise RuntimeError(
+                    f"PseudoBootstrap has recorded no steps, so it has no {what}: call update() "
+                    "after each optimizer step, or attach(optimizer), then train"
+                )
+            raise RuntimeError(
+                f"PseudoBootstrap.{what}() needs at least {n} recorded steps, has {self.count}; "
+                "train longer (or lower every=) before reading it"
+            )
+
+    def mean(self) -> dict[str, Tensor]:
+        """Mean of the recorded weights, keyed by tensor name."""
+        self._need(1, "mean")
+        return {n: m.clone() for n, m in zip(self.names, self._mean)}
+
+    def var(self) -> dict[str, Tensor]:
+        """Variance of the recorded weights (unbiased for Welford windows, see class notes)."""
+        self._need(2, "var")
+        if self.window is Window.EMA:
+            return {n: v.clone() for n, v in zip(self.names, self._m2)}
+        scale = 1.0 / (self.count - 1)
+        return dict(zip(self.names, torch._foreach_mul(self._m2, scale)))
+
+    def std(self) -> dict[str, Tensor]:
+        """Standard deviation of the recorded weights: the pseudo-bootstrap ``se(w)``."""
+        var = self.var()
+        return dict(zip(var, torch._foreach_sqrt(list(var.values()))))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: settings, counters and the running moments."""
+        return {
+            "window": self.window.value,
+            "beta": self.beta,
+            "every": self.every,
+            "names": list(self.names),
+            "count": self.count,
+            "steps": self._steps,
+            "mean": {n: m.clone() for n, m in zip(self.names, self._mean)},
+            "m2": {n: m.clone() for n, m in zip(self.names, self._m2)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; settings and tensor names must match this tracker."""
+        for key in ("window", "beta", "every", "names"):
+            mine = self.window.value if key == "window" else getattr(self, key)
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"state_dict was saved with {key}={state.get(key)!r}, this tracker has "
+                    f"{key}={mine!r}; construct the tracker with the same settings"
+                )
+        current = self._current()
+        mean, m2 = [], []
+        for name, ref in zip(self.names, current):
+            if name in state["mean"]:
+                if state["mean"][name].shape != ref.shape:
+                    raise ValueError(
+                        f"state_dict['mean'][{name!r}] has shape {tuple(state['mean'][name].shape)}, "
+                        f"the model's tensor has {tuple(ref.shape)}"
+                    )
+                mean.append(state["mean"][name].to(device=ref.device, dtype=ref.dtype).clone())
+                m2.append(state["m2"][name].to(device=ref.device, dtype=ref.dtype).clone())
+        if mean and len(mean) != len(self.names):
+            raise ValueError("state_dict holds moments for only some of the tracked tensors")
+        self._mean, self._m2 = mean, m2
+        self.count, self._steps = int(state["count"]), int(state["steps"])
+
+    def __repr__(self) -> str:
+        extra = f", beta={self.beta}" if self.beta is not None else ""
+        return (
+            f"PseudoBootstrap(window={self.window.value!r}{extra}, every={self.every}, "
+            f"tensors={len(self.names)}, count={self.count})"
+        )
+
+

@@ -1,0 +1,150 @@
+import copy
+import io
+
+import pytest
+import torch
+from conftest import train_steps
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import mustat
+
+
+def masks(model):
+    return {n: model.get_submodule(n.rsplit(".", 1)[0]).parametrizations.weight[0].mask.clone()
+            for n in ["0.weight", "2.weight", "4.weight"]}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=4),
+    sparsity=st.floats(0.0, 0.999),
+    seed=st.integers(0, 2**16),
+)
+def test_exact_count_global_and_layer(sizes, sparsity, seed):
+    layers = [nn.Linear(i, o) for o, i in sizes]
+    model = nn.Sequential(*layers)
+    scores = mustat.score(model, "random", seed=seed)
+    n = sum(o * i for o, i in sizes)
+    rep = mustat.prune(copy.deepcopy(model), scores, sparsity=sparsity, scope="global")
+    assert rep.total_pruned == round(sparsity * n)
+    rep = mustat.prune(model, scores, sparsity=sparsity, scope="layer")
+    assert list(rep.pruned) == [round(sparsity * o * i) for o, i in sizes]
+    assert mustat.sparsity(model) == pytest.approx(rep.sparsity)
+
+
+def test_global_prunes_lowest_scores_and_breaks_ties_by_position():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    scores = {"0.weight": torch.tensor([[3.0, 1.0], [1.0, 5.0]]), "1.weight": torch.tensor([[1.0, 0.5], [9.0, 1.0]])}
+    mustat.prune(model, scores, sparsity=0.5)  # 4 of 8: 0.5 then the four 1.0s in flat order -> first three
+    m0 = model[0].parametrizations.weight[0].mask
+    m1 = model[1].parametrizations.weight[0].mask
+    assert m0.tolist() == [[1, 0], [0, 1]]
+    assert m1.tolist() == [[0, 0], [1, 1]]
+
+
+def test_cumulative_semantics_and_no_revival(mlp):
+    mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.5)
+    first = masks(mlp)
+    # scores that favour the pruned weights must not revive them
+    favour = {k: (m == 0).double() * 100 for k, m in first.items()}
+    rep = mustat.prune(mlp, favour, sparsity=0.75)
+    n = sum(m.numel() for m in first.values())
+    assert rep.total_pruned == round(0.75 * n)
+    second = masks(mlp)
+    for k in first:
+        assert torch.all(second[k][first[k] == 0] == 0)
+    with pytest.warns(UserWarning, match="never revived"):
+        rep = mustat.prune(mlp, favour, sparsity=0.25)
+    assert rep.total_pruned == round(0.75 * n)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    ],
+    ids=["sgd", "momentum", "adam", "adamw"],
+)
+def test_pruned_weights_stay_zero_through_training(mlp, batch, make_opt):
+    opt = make_opt(mlp.parameters())  # created before pruning, as in a real loop
+    train_steps(mlp, opt, batch, 5)  # build optimizer state (momentum, Adam moments)
+    mustat.prune(mlp, mustat.score(mlp, "random", seed=0), sparsity=0.6)
+    before = mustat.sparsity(mlp)
+    train_steps(mlp, opt, batch, 20)
+    for k, m in masks(mlp).items():
+        w = mlp.get_submodule(k.rsplit(".", 1)[0]).weight
+        assert torch.all(w[m == 0] == 0)
+    assert mustat.sparsity(mlp) == before == pytest.approx(0.6, abs=1e-2)
+
+
+def test_state_dict_into_fresh_model_and_deepcopy(mlp, batch):
+    mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.7, scope="layer")
+    buf = io.BytesIO()
+    torch.save(mlp.state_dict(), buf)
+    buf.seek(0)
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    mustat.load_pruned_state_dict(fresh, torch.load(buf))
+    X, _ = batch
+    assert torch.equal(fresh(X), mlp(X))
+    assert all(torch.equal(a, b) for a, b in zip(masks(fresh).values(), masks(mlp).values()))
+    clone = copy.deepcopy(mlp)
+    assert torch.equal(clone(X), mlp(X))
+    clone[0].parametrizations.weight.original.data.add_(1.0)
+    assert not torch.equal(clone(X), mlp(X))  # an independent copy
+    doubled = copy.deepcopy(mlp).to(torch.float64)
+    assert doubled[0].parametrizations.weight[0].mask.dtype == torch.float64
+    assert mustat.sparsity(doubled) == mustat.sparsity(mlp)
+
+
+def test_load_pruned_state_dict_rejects_other_architecture(mlp):
+    mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.5)
+    other = nn.Sequential(nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3))
+    with pytest.raises(ValueError, match="same architecture"):
+        mustat.load_pruned_state_dict(other, mlp.state_dict())
+
+
+def test_finalize_leaves_plain_zero_weights(mlp, batch):
+    mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.5)
+    X, _ = batch
+    out = mlp(X)
+    mustat.finalize(mlp)
+    assert not any("parametrizations" in k or k.endswith("mask") for k in mlp.state_dict())
+    assert torch.equal(mlp(X), out)
+    assert mustat.sparsity(mlp) == pytest.approx(0.5, abs=1e-2)
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    fresh.load_state_dict(mlp.state_dict())  # plain PyTorch from here on
+
+
+def test_report_frame_and_ratio(mlp):
+    rep = mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.75)
+    df = rep.to_frame()
+    assert list(df["tensor"]) == ["0.weight", "2.weight", "4.weight", "total"]
+    assert df["pruned"].iloc[-1] == rep.total_pruned == round(0.75 * 356)
+    assert rep.compression_ratio == pytest.approx(356 / (356 - rep.total_pruned))
+    assert "compression ratio" in str(rep) and "<table" in rep._repr_html_()
+
+
+@pytest.mark.parametrize("value, exc", [(1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError), (True, TypeError), ("0.5", TypeError)])
+def test_bad_sparsity(mlp, value, exc):
+    with pytest.raises(exc, match="sparsity"):
+        mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=value)
+
+
+def test_bad_scores(mlp):
+    s = mustat.score(mlp, "magnitude")
+    s["0.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"scores\['0.weight'\] contains NaN"):
+        mustat.prune(mlp, s, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"scores\['2.weight'\] has shape"):
+        mustat.prune(mlp, {"2.weight": torch.ones(3)}, sparsity=0.5)
+    with pytest.raises(ValueError, match="'7.weight' is not a parameter"):
+        mustat.prune(mlp, {"7.weight": torch.ones(3)}, sparsity=0.5)
+    with pytest.raises(ValueError, match="non-empty dict"):
+        mustat.prune(mlp, {}, sparsity=0.5)
+    with pytest.raises(ValueError, match="global, layer"):
+        mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.5, scope="row")
