@@ -9,7 +9,8 @@ from mustat.pruning import (
     prune,
     sparsity,
 )
-from mustat.uncertainty import PseudoBootstrap, Window
+from mustat.stats import WaldResults, prune_fdr, wald
+from mustat.uncertainty import PseudoBootstrap, Window, fit_glm, hessian_se
 
 __version__ = "0.1.0"
 
@@ -19,11 +20,16 @@ __all__ = [
     "PruningReport",
     "PseudoBootstrap",
     "Scope",
+    "WaldResults",
     "Window",
     "finalize",
+    "fit_glm",
+    "hessian_se",
     "load_pruned_state_dict",
     "prune",
+    "prune_fdr",
     "register_criterion",
     "score",
     "sparsity",
+    "wald",
 ]

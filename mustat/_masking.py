@@ -62,6 +62,18 @@ def source(module: nn.Module, attr: str) -> tuple[Tensor, Tensor | None]:
     return getattr(module, attr).detach(), None
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own.
+
+    ``parametrize`` keeps its properties on a class made at registration, and
+    ``copy.deepcopy`` shares that class between the original and the copy; adding
+    or removing a parametrization edits the class, so finalizing a deep copy
+    would otherwise delete ``weight`` from the original too.
+    """
+    cls = module.__class__
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
 def set_mask(module: nn.Module, attr: str, mask: Tensor) -> None:
     """Install or update the mask on ``module.<attr>`` (in place when one exists)."""
     existing = find_mask(module, attr)
@@ -69,6 +81,8 @@ def set_mask(module: nn.Module, attr: str, mask: Tensor) -> None:
         existing.mask.copy_(mask)
         return
     ref = getattr(module, attr)
+    if parametrize.is_parametrized(module):
+        _own_class(module)
     parametrize.register_parametrization(
         module, attr, WeightMask(mask.to(device=ref.device, dtype=ref.dtype))
     )
@@ -76,6 +90,7 @@ def set_mask(module: nn.Module, attr: str, mask: Tensor) -> None:
 
 def remove_mask(module: nn.Module, attr: str) -> None:
     """Make the mask permanent: ``module.<attr>`` becomes a plain zero-filled parameter."""
+    _own_class(module)
     parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
 
 

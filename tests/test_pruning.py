@@ -148,3 +148,16 @@ def test_bad_scores(mlp):
         mustat.prune(mlp, {}, sparsity=0.5)
     with pytest.raises(ValueError, match="global, layer"):
         mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.5, scope="row")
+
+
+def test_finalizing_a_deepcopy_leaves_the_original_intact(mlp, batch):
+    # parametrize shares its generated class between a module and its deep copy
+    mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.5)
+    X, _ = batch
+    out = mlp(X)
+    clone = mustat.finalize(copy.deepcopy(mlp))
+    assert torch.equal(clone(X), out)
+    assert torch.equal(mlp(X), out)
+    assert mlp[0].weight.shape == (16, 8)
+    mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.7)
+    assert mustat.sparsity(mlp) == pytest.approx(0.7, abs=1e-2)

@@ -1,6 +1,7 @@
 """Standard-error estimators. Each gives, for every tracked tensor name, a tensor
 of standard errors with the weight's shape."""
 
+from mustat.uncertainty.hessian import Kind, fit_glm, hessian_se, information
 from mustat.uncertainty.pseudo import PseudoBootstrap, Window
 
-__all__ = ["PseudoBootstrap", "Window"]
+__all__ = ["Kind", "PseudoBootstrap", "Window", "fit_glm", "hessian_se", "information"]

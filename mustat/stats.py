@@ -1,0 +1,288 @@
+"""Wald statistics for network weights: a coefficient table like a regression's,
+multiple testing, and pruning at a chosen false discovery rate."""
+
+from __future__ import annotations
+
+import html
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from numbers import Real
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+from torch import Tensor, nn
+
+from mustat._checks import check_option, check_scalar
+from mustat._masking import find_mask, set_mask
+from mustat._params import resolve, select
+from mustat.pruning import PruningReport
+
+ADJUST_METHODS = ("bonferroni", "holm", "fdr_bh", "fdr_by", "sidak", "holm-sidak", "hommel")
+
+
+def _check_alpha(alpha: float) -> float:
+    return float(check_scalar(alpha, "alpha", kind=Real, low=0.0, high=1.0, closed="neither"))
+
+
+@dataclass(frozen=True, eq=False)
+class WaldResults:
+    r"""Wald tests of :math:`H_0: w = 0` for every entry of some tensors.
+
+    Statistics. :math:`z = \hat w / \widehat{se}` is referred to the standard
+    normal distribution: the two-sided p-value is :math:`2\,(1 - \Phi(|z|))` and
+    the interval :math:`\hat w \pm z_{1-\alpha/2}\,\widehat{se}`. This is valid
+    when :math:`\hat w` is asymptotically normal and unbiased around the true
+    value and :math:`\widehat{se}` is a consistent standard error (for example
+    the inverse observed information at a maximum-likelihood fit of an
+    identified model). Whether the pseudo-bootstrap SD is such an SE is what
+    the ``validation`` package measures; it is not by construction.
+
+    Conventions: an entry with ``se == 0`` and ``w != 0`` has ``z = ±inf``,
+    ``p = 0``; one with ``w == 0`` (for example a pruned weight) has ``z = 0``,
+    ``p = 1``. Pruned entries are excluded from the multiple-testing family.
+
+    Attributes (dicts keyed by tensor name, numpy float64 arrays in the weights'
+    shapes): ``params``, ``bse``, ``zvalues``, ``pvalues``; ``pruned`` (bool);
+    ``alpha`` (default level of :meth:`conf_int` and :meth:`summary`).
+    """
+
+    params: dict[str, np.ndarray]
+    bse: dict[str, np.ndarray]
+    pruned: dict[str, np.ndarray]
+    alpha: float = 0.05
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.params)
+
+    @property
+    def zvalues(self) -> dict[str, np.ndarray]:
+        out = {}
+        for k, w in self.params.items():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = w / self.bse[k]
+            out[k] = np.where(w == 0, 0.0, z)
+        return out
+
+    @property
+    def pvalues(self) -> dict[str, np.ndarray]:
+        return {k: 2 * sps.norm.sf(np.abs(z)) for k, z in self.zvalues.items()}
+
+    def conf_int(self, alpha: float | None = None) -> dict[str, np.ndarray]:
+        """``(lower, upper)`` stacked on a last axis of size 2, at level ``1 - alpha``."""
+        q = sps.norm.ppf(1 - _check_alpha(self.alpha if alpha is None else alpha) / 2)
+        return {k: np.stack([w - q * self.bse[k], w + q * self.bse[k]], axis=-1) for k, w in self.params.items()}
+
+    def pvalues_adjusted(self, method: str = "fdr_bh", params: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """p-values adjusted for multiple testing across all entries of ``params`` jointly.
+
+        ``method`` is any of ``statsmodels.stats.multitest.multipletests``' methods
+        listed in ``ADJUST_METHODS`` (``"holm"``, ``"fdr_bh"`` (Benjamini–Hochberg),
+        ``"bonferroni"``, ...). Pruned entries are not in the family and get 1.
+        """
+        check_option(method, "method", ADJUST_METHODS)
+        names = self._subset(params)
+        p = self.pvalues
+        flat = np.concatenate([p[k].ravel() for k in names])
+        live = ~np.concatenate([self.pruned[k].ravel() for k in names])
+        adj = np.ones_like(flat)
+        if live.any():
+            adj[live] = multipletests(flat[live], method=method)[1]
+        out, start = {}, 0
+        for k in names:
+            n = p[k].size
+            out[k] = adj[start : start + n].reshape(p[k].shape)
+            start += n
+        return out
+
+    def _subset(self, params: Iterable[str] | None) -> list[str]:
+        if params is None:
+            return self.names
+        names = list(params)
+        unknown = [n for n in names if n not in self.params]
+        if unknown:
+            raise ValueError(f"params {unknown} are not in these results; they hold {self.names}")
+        return names
+
+    def to_frame(self, alpha: float | None = None) -> pd.DataFrame:
+        """Tidy table: one row per entry (param, index as a tuple, flat, weight, se, z,
+        pvalue, ci_low, ci_high, pruned)."""
+        z, p, ci = self.zvalues, self.pvalues, self.conf_int(alpha)
+        frames = []
+        for k, w in self.params.items():
+            idx = list(np.ndindex(w.shape)) if w.ndim else [()]
+            frames.append(pd.DataFrame({
+                "param": k, "index": idx, "flat": np.arange(w.size), "weight": w.ravel(),
+                "se": self.bse[k].ravel(), "z": z[k].ravel(), "pvalue": p[k].ravel(),
+                "ci_low": ci[k][..., 0].ravel(), "ci_high": ci[k][..., 1].ravel(),
+                "pruned": self.pruned[k].ravel(),
+            }))
+        return pd.concat(frames, ignore_index=True)
+
+    def summary(self, max_rows: int = 12) -> WaldSummary:
+        """Per-tensor blocks: every entry for small tensors (``<= max_rows``), a digest for long ones."""
+        return WaldSummary(self, max_rows)
+
+
+class WaldSummary:
+    """Text (``str``) and HTML (notebooks) rendering of :class:`WaldResults`."""
+
+    def __init__(self, results: WaldResults, max_rows: int):
+        self.results, self.max_rows = results, max_rows
+        r = results
+        frame = r.to_frame()
+        bh = r.pvalues_adjusted("fdr_bh")
+        frame["p_bh"] = np.concatenate([bh[k].ravel() for k in r.names])
+        self.blocks = []
+        for k in r.names:
+            f = frame[frame["param"] == k]
+            live = f[~f["pruned"]]
+            head = {
+                "tensor": k, "shape": tuple(r.params[k].shape), "entries": len(f), "pruned": int(f["pruned"].sum()),
+                f"p<{r.alpha:g}": int((live["pvalue"] < r.alpha).sum()),
+                f"BH<{r.alpha:g}": int((live["p_bh"] < r.alpha).sum()),
+                "median |z|": float(np.median(np.abs(live["z"]))) if len(live) else float("nan"),
+            }
+            cols = ["index", "weight", "se", "z", "pvalue", "ci_low", "ci_high"]
+            if len(f) <= self.max_rows:
+                body, note = f[cols], ""
+            else:
+                body = f.iloc[np.argsort(-np.abs(f["z"].to_numpy()), kind="stable")[: self.max_rows // 2]][cols]
+                note = f"{self.max_rows // 2} entries with the largest |z| of {len(f)}"
+            self.blocks.append((head, body, note))
+
+    def _title(self) -> str:
+        a = self.results.alpha
+        return (f"Wald tests of H0: w = 0 (z = w / se, two-sided p from N(0, 1), "
+                f"{100 * (1 - a):g}% intervals; BH = Benjamini-Hochberg across all entries)")
+
+    def __str__(self) -> str:
+        out = [self._title(), "=" * 78]
+        for head, body, note in self.blocks:
+            out.append("  ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in head.items()))
+            if note:
+                out.append(f"  ({note})")
+            out.append(body.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+            out.append("-" * 78)
+        return "\n".join(out)
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        parts = [f"<p><b>{html.escape(self._title())}</b></p>"]
+        for head, body, note in self.blocks:
+            parts.append("<p>" + " &middot; ".join(
+                f"{html.escape(k)}: <b>{v:.3g}</b>" if isinstance(v, float) else f"{html.escape(k)}: <b>{html.escape(str(v))}</b>"
+                for k, v in head.items()) + (f" <i>({html.escape(note)})</i>" if note else "") + "</p>")
+            parts.append(body.to_html(index=False, float_format=lambda x: f"{x:.4g}"))
+        return "\n".join(parts)
+
+
+def wald(
+    model: nn.Module,
+    se: Mapping[str, Tensor],
+    *,
+    alpha: float = 0.05,
+    params: Iterable[str] | None = None,
+    weights: Mapping[str, Tensor] | None = None,
+) -> WaldResults:
+    """Wald table for the model's weights given their standard errors.
+
+    Parameters
+    ----------
+    model
+        The network (read only).
+    se
+        Standard errors keyed by tensor name: from :meth:`PseudoBootstrap.std`,
+        :func:`mustat.uncertainty.hessian_se`, a bootstrap, ...
+    alpha
+        Default level for intervals and summaries, in (0, 1).
+    params
+        Tensors to include; default: every key of ``se``.
+    weights
+        Estimates to test instead of the current weights (e.g. the window mean).
+
+    Raises
+    ------
+    ValueError
+        ``se`` with NaN, infinite or negative entries, or shapes that do not match.
+
+    Warns
+    -----
+    UserWarning
+        When some ``se`` are exactly 0 for nonzero, unpruned weights: those get
+        ``z = ±inf`` and ``p = 0`` (treated as known exactly), which usually means
+        the weight never moved (a dead unit, a constant input), not that it matters.
+    """
+    alpha = _check_alpha(alpha)
+    if not isinstance(se, Mapping) or not se:
+        raise ValueError("se must be a non-empty dict of standard errors keyed by tensor name")
+    names = list(se) if params is None else select(model, params, "params")
+    est, bse, pruned = {}, {}, {}
+    n_zero = 0
+    for name in names:
+        if name not in se:
+            raise ValueError(f"se has no entry {name!r}; it has {sorted(se)}")
+        module, attr = resolve(model, name)
+        w = (weights[name] if weights is not None and name in weights else getattr(module, attr)).detach()
+        s = se[name].detach() if isinstance(se[name], Tensor) else torch.as_tensor(se[name])
+        if s.shape != w.shape:
+            raise ValueError(f"se[{name!r}] has shape {tuple(s.shape)}, the weight has {tuple(w.shape)}")
+        s64 = s.to("cpu", torch.float64).numpy()
+        if not np.isfinite(s64).all() or (s64 < 0).any():
+            raise ValueError(
+                f"se[{name!r}] has {int((~np.isfinite(s64)).sum())} non-finite and {int((s64 < 0).sum())} "
+                "negative entries; standard errors must be finite and >= 0 (a failed Hessian "
+                "inversion? see hessian_se's damping)"
+            )
+        w64 = w.to("cpu", torch.float64).numpy()
+        m = find_mask(module, attr)
+        pruned[name] = np.zeros(w64.shape, bool) if m is None else (m.mask == 0).cpu().numpy()
+        n_zero += int(((s64 == 0) & (w64 != 0) & ~pruned[name]).sum())
+        est[name], bse[name] = w64, s64
+    if n_zero:
+        warnings.warn(
+            f"{n_zero} nonzero weights have se == 0: they get z = inf and p = 0. Zero variance "
+            "usually means the weight never moved (a dead unit or a constant input), not that it is "
+            "significant",
+            stacklevel=2,
+        )
+    return WaldResults(est, bse, pruned, alpha)
+
+
+def prune_fdr(
+    model: nn.Module,
+    results: WaldResults,
+    *,
+    fdr: float = 0.05,
+    method: str = "fdr_bh",
+    params: Iterable[str] | None = None,
+) -> PruningReport:
+    """Prune every weight whose Wald test is not significant at false discovery rate ``fdr``.
+
+    The family is all unpruned entries of ``params`` (default: the model's
+    prunable weights that ``results`` covers); weights kept are exactly those
+    whose Benjamini–Hochberg-adjusted p-value (``method``) is ``<= fdr``. The
+    sparsity is thus chosen by the data: read it from the returned report.
+    Pruned weights are never revived.
+    """
+    check_scalar(fdr, "fdr", kind=Real, low=0.0, high=1.0, closed="neither")
+    if params is None:
+        names = [n for n in select(model, None) if n in results.params]
+        if not names:
+            raise ValueError(f"results cover none of the model's prunable weights {select(model, None)}")
+    else:
+        names = results._subset(params)
+    adj = results.pvalues_adjusted(method, names)
+    for name in names:
+        module, attr = resolve(model, name)
+        keep = torch.as_tensor((adj[name] <= fdr) & ~results.pruned[name])
+        existing = find_mask(module, attr)
+        if existing is not None:
+            keep &= (existing.mask != 0).cpu()
+        set_mask(module, attr, keep)
+    return PruningReport.from_model(model, names)
