@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/mustat demo
+	$(VENV)/bin/mustat prune --seeds 0,1,2 --out runs/main
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -4,60 +4,90 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import torch
-    from sklearn.datasets import load_digits
-    from torch import nn
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like '0 1 2' or '0,1,2', got {text!r}") from None
 
-    import mustat
 
-    X, y = load_digits(return_X_y=True)
-    g = torch.Generator().manual_seed(args.seed)
-    perm = torch.randperm(len(y), generator=g)
-    X = torch.tensor(X, dtype=torch.float32)[perm] / 16.0
-    y = torch.tensor(y)[perm]
-    Xtr, ytr, Xte, yte = X[:1400], y[:1400], X[1400:], y[1400:]
-    results = {}
-    for criterion in ("mu", "magnitude", "random"):
-        torch.manual_seed(args.seed)
-        model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        tracker = mustat.PseudoBootstrap(model)
-        tracker.attach(opt)
-        for sparsity in (0.0, 0.5, 0.75, 0.9, 0.95):
-            if sparsity:
-                scores = mustat.score(model, criterion, se=tracker.std(), seed=args.seed)
-                mustat.prune(model, scores, sparsity=sparsity)
-            for epoch in range(5):
-                if epoch == 3:  # the window: the last 2 epochs, after the transient
-                    tracker.reset()
-                for idx in torch.randperm(len(ytr), generator=g).split(64):
-                    opt.zero_grad()
-                    nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-                    opt.step()
-            with torch.no_grad():
-                acc = (model(Xte).argmax(1) == yte).float().mean().item()
-            results.setdefault(sparsity, {})[criterion] = acc
-    print("sparsity  " + "  ".join(f"{c:>9s}" for c in ("mu", "magnitude", "random")))
-    for s, row in results.items():
-        print(f"{s:8.3f}  " + "  ".join(f"{row[c]:9.3f}" for c in ("mu", "magnitude", "random")))
+def _names(text: str) -> list[str]:
+    return [s for s in text.replace(",", " ").split() if s]
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from mustat.pipeline import run, table
+    from mustat.training import TrainConfig
+
+    config = TrainConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                         batch_size=args.batch_size, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
+                         track_epochs=args.track_epochs or args.retrain_epochs, sampler=args.sampler)
+    t0 = time.perf_counter()
+    results = run(dataset=args.dataset, data_dir=args.data_dir, model=args.model, criteria=args.criteria,
+                  scope=args.scope, schedule_kind=args.schedule, target_sparsity=args.target_sparsity,
+                  rounds=args.rounds, seeds=args.seeds, config=config, device=args.device, out=args.out,
+                  quiet=args.quiet)
+    print(f"\ntest accuracy ({args.dataset}, {args.model}, {args.scope} scope, "
+          f"seeds {' '.join(map(str, args.seeds))}; mean ± sd over seeds)")
+    print(table(results).to_string())
+    print(f"\n{len(results)} rows in {time.perf_counter() - t0:.1f} s; results in {results.attrs['out']}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mustat.criteria import CRITERIA
+    from mustat.data import DATASETS
+    from mustat.models import MODELS
+
     parser = argparse.ArgumentParser(prog="mustat", description="Magnitude-and-uncertainty pruning with calibrated statistics.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train, prune by mu/magnitude/random, retrain (digits, seconds)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.set_defaults(func=_demo)
+    p = sub.add_parser(
+        "prune", help="train, prune by each criterion, retrain; print and save accuracy vs sparsity",
+        description="Train a model, then prune it in rounds by each criterion (retraining after each round), "
+                    "and report test accuracy against sparsity. Writes params.json, results.csv and "
+                    "accuracy_vs_sparsity.png into --out; rerunning with the same --out resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", default="digits", choices=sorted(DATASETS), metavar="NAME",
+                   help=f"dataset: {', '.join(sorted(DATASETS))}")
+    p.add_argument("--data-dir", default=None, help="folder with your files for mnist/fashion_mnist (IDX) or cifar10 (python batches)")
+    p.add_argument("--model", default="mlp", choices=sorted(MODELS), metavar="NAME", help=f"model: {', '.join(sorted(MODELS))}")
+    p.add_argument("--criteria", type=_names, default=["mu", "magnitude", "random"],
+                   help=f"criteria to compare, comma- or space-separated, from: {', '.join(sorted(CRITERIA))}")
+    p.add_argument("--scope", default="global", choices=["global", "layer"], help="rank all weights together, or each layer separately")
+    p.add_argument("--schedule", default="geometric", choices=["geometric", "oneshot", "gradual"],
+                   help="sparsity per round: geometric (0.5, 0.75, ... then the target), oneshot, or gradual (Zhu & Gupta cubic)")
+    p.add_argument("--rounds", type=int, default=5, help="number of rounds of the gradual schedule")
+    p.add_argument("--target-sparsity", type=float, default=0.95, help="final fraction of pruned weights, in (0, 1)")
+    p.add_argument("--optimizer", default="adam", choices=["sgd", "adam"], help="optimizer (sgd uses --momentum)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    p.add_argument("--batch-size", type=int, default=64, help="minibatch size")
+    p.add_argument("--sampler", default="shuffle", choices=["shuffle", "replacement"],
+                   help="minibatches by epoch-wise reshuffling, or drawn with replacement")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of dense training before pruning")
+    p.add_argument("--retrain-epochs", type=int, default=5, help="epochs of retraining after each pruning round")
+    p.add_argument("--track-epochs", type=int, default=None,
+                   help="pseudo-bootstrap window: the last N epochs of each phase (default: --retrain-epochs)")
+    p.add_argument("--seeds", type=_ints, default=[0], help="seeds, e.g. '0 1 2'; the table shows mean ± sd")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default=None, help="output folder (default runs/<id derived from the settings>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prune)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        parser.exit(2, f"mustat {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

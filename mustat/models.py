@@ -64,3 +64,86 @@ def nll(family: str | Family, output: Tensor, target: Tensor) -> Tensor:
     if family is Family.SOFTMAX:
         return F.cross_entropy(output, target.long(), reduction="sum")
     return 0.5 * (output - target.to(output.dtype)).square().sum()
+
+
+def mlp(input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """LeNet-300-100: ``input -> 300 -> 100 -> n_outputs`` with ReLU; the input is flattened."""
+    d = int(torch.tensor(input_shape).prod())
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(d, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, n_outputs)
+    )
+
+
+def _flat_size(features: nn.Module, input_shape) -> int:
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *input_shape)).numel())
+
+
+def lenet5(input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """LeNet-5 (conv 6@5x5 pad 2, pool, conv 16@5x5, pool, 120, 84) for images ``(C, H, W)``, H, W >= 12."""
+    if len(input_shape) != 3 or min(input_shape[1:]) < 12:
+        raise ValueError(f"lenet5 needs images (C, H, W) with H, W >= 12, the data has shape {tuple(input_shape)}; use model='mlp'")
+    features = nn.Sequential(
+        nn.Conv2d(input_shape[0], 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+    )
+    return nn.Sequential(
+        *features, nn.Linear(_flat_size(features, input_shape), 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_outputs),
+    )
+
+
+def vgg(input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """A small VGG-style CNN for 32x32 images: (conv3x3-ReLU)x2 + pool, three stages (32, 64, 128), then 256."""
+    if len(input_shape) != 3 or tuple(input_shape[1:]) != (32, 32):
+        raise ValueError(f"vgg expects 32x32 images (C, 32, 32), the data has shape {tuple(input_shape)}")
+    layers, c = [], input_shape[0]
+    for width in (32, 64, 128):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c = width
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, n_outputs))
+
+
+def glm(input_shape: tuple[int, ...], n_outputs: int, *, task: str = "classification") -> GLM:
+    """No hidden layer: logistic (2 classes), softmax (more) or linear regression."""
+    d = int(torch.tensor(input_shape).prod())
+    if task == "regression":
+        return _Flat(GLM(d, "linear"))
+    return _Flat(GLM(d, "logistic") if n_outputs == 2 else GLM(d, "softmax", n_classes=n_outputs))
+
+
+class _Flat(nn.Sequential):
+    """Flatten, then a GLM; keeps the GLM's ``nll``."""
+
+    def __init__(self, glm_: GLM):
+        super().__init__(nn.Flatten(), glm_)
+
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+        return self[1].nll(output, target)
+
+
+MODELS = {"mlp": mlp, "lenet5": lenet5, "vgg": vgg, "glm": glm}
+
+
+def build(name: str, input_shape: tuple[int, ...], n_outputs: int, *, task: str = "classification") -> nn.Module:
+    """Build a model by name (see ``MODELS``); unknown names list the valid ones."""
+    check_option(name, "model", MODELS)
+    if name == "glm":
+        return glm(input_shape, n_outputs, task=task)
+    if task == "regression":
+        raise ValueError(f"model={name!r} is a classifier; for a regression dataset use model='glm'")
+    return MODELS[name](input_shape, n_outputs)
+
+
+def loss_fn(model: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+    """Mean training loss: the model's own NLL when it has one (GLMs), else cross-entropy."""
+    if hasattr(model, "nll"):
+        return model.nll(output, target) / len(target)
+    return F.cross_entropy(output, target)
+
+
+def predict(model: nn.Module, output: Tensor) -> Tensor:
+    """Class predictions from outputs (logistic GLMs output one logit)."""
+    if output.ndim == 1:
+        return (output > 0).long()
+    return output.argmax(1)

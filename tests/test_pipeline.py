@@ -1,0 +1,105 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import mustat
+from mustat.cli import main
+from mustat.models import build
+from mustat.pipeline import RESULT_COLUMNS, run
+from mustat.training import TrainConfig, schedule
+
+TINY = ["--epochs", "2", "--retrain-epochs", "1", "--target-sparsity", "0.8", "--quiet"]
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", "--out", str(out), "--seeds", "0,1", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "mu" in printed and "magnitude" in printed and "dense" in printed and "±" in printed
+    params = json.loads((out / "params.json").read_text())
+    assert params["settings"]["seeds"] == [0, 1] and "torch" in params["versions"]
+    df = pd.read_csv(out / "results.csv")
+    assert list(df.columns) == RESULT_COLUMNS
+    assert set(df.criterion) == {"dense", "mu", "magnitude", "random"}
+    assert len(df) == 2 * (1 + 3 * len(schedule("geometric", 0.8)))
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 10_000
+    # reported sparsities are the real fraction of zeros in the saved models
+    data = mustat.data.load("digits")
+    for crit in ("mu", "magnitude", "random"):
+        state = torch.load(out / "checkpoints" / f"seed1-{crit}.pt")
+        model = build("mlp", data.input_shape, 10)
+        mustat.load_pruned_state_dict(model, state["model"])
+        last = df[(df.criterion == crit) & (df.seed == 1)].iloc[-1]
+        zeros = sum(int((p == 0).sum()) for n, p in mustat.finalize(model).named_parameters() if n.endswith("weight"))
+        total = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+        assert last.sparsity == pytest.approx(zeros / total, abs=1e-12)
+        assert last.sparsity == pytest.approx(0.8, abs=1e-4)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_gives_identical_results(tmp_path):
+    cfg = TrainConfig(epochs=2, retrain_epochs=1, track_epochs=1)
+    kw = dict(criteria=["mu", "random"], target_sparsity=0.9, config=cfg, quiet=True)
+    full = run(out=tmp_path / "full", **kw)
+    seen = []
+
+    def stop_after_two(row):
+        seen.append(row)
+        if len(seen) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(out=tmp_path / "cut", on_round=stop_after_two, **kw)
+    partial = pd.read_csv(tmp_path / "cut" / "results.csv") if (tmp_path / "cut" / "results.csv").exists() else None
+    assert partial is None or len(partial) < len(full)
+    done_after = []
+    resumed = run(out=tmp_path / "cut", on_round=done_after.append, **kw)
+    assert len(done_after) == len(full) - 1 - 2  # neither the dense phase nor finished rounds rerun
+    pd.testing.assert_frame_equal(resumed, full, check_exact=True)
+
+
+def test_other_settings_in_same_folder_refused(tmp_path):
+    cfg = TrainConfig(epochs=1, retrain_epochs=1, track_epochs=1)
+    run(out=tmp_path, criteria=["magnitude"], target_sparsity=0.5, config=cfg, quiet=True)
+    with pytest.raises(ValueError, match="other settings"):
+        run(out=tmp_path, criteria=["magnitude"], target_sparsity=0.6, config=cfg, quiet=True)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--dataset", "imagenet"], "invalid choice.*digits"),
+    (["--model", "resnet"], "invalid choice.*lenet5"),
+    (["--criteria", "mu,psychic"], "criterion='psychic' is not valid; choose one of: magnitude, mu, random"),
+    (["--target-sparsity", "1.0"], r"target_sparsity must be in \(0.0, 1.0\)"),
+    (["--target-sparsity", "-0.5"], "target_sparsity must be in"),
+    (["--dataset", "mnist", "--data-dir", "EMPTY"], "lacks the mnist IDX files"),
+    (["--model", "lenet5"], "lenet5 needs images .* H, W >= 12"),
+    (["--lr", "0"], "lr must be in"),
+])
+def test_cli_bad_input(tmp_path, capsys, args, match):
+    args = [a.replace("EMPTY", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--out", str(tmp_path / "o"), *TINY, *args])
+    assert exc.value.code == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+
+
+def test_schedules():
+    assert schedule("geometric", 0.95) == [0.5, 0.75, 0.875, 0.9375, 0.95]
+    assert schedule("oneshot", 0.9) == [0.9]
+    g = schedule("gradual", 0.9, rounds=4)
+    assert g[-1] == pytest.approx(0.9) and all(a < b for a, b in zip(g, g[1:]))
+    assert g[0] == pytest.approx(0.9 * (1 - 0.75**3))
+
+
+def test_models_build_and_run():
+    assert build("lenet5", (1, 28, 28), 10)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert build("vgg", (3, 32, 32), 10)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert build("glm", (5,), 1, task="regression")(torch.zeros(3, 5)).shape == (3,)
+    assert build("glm", (5,), 3)(torch.zeros(3, 5)).shape == (3, 3)
+    with pytest.raises(ValueError, match="vgg expects 32x32"):
+        build("vgg", (1, 28, 28), 10)
