@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from numbers import Integral, Real
 from pathlib import Path
@@ -225,6 +225,3 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
             on_round(rows[-1])
     return rows
 
-
-def config_dict(config: TrainConfig) -> dict:
-    return asdict(config)
