@@ -74,6 +74,19 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
 
 
+def leaf(module: nn.Module, attr: str) -> nn.Parameter | None:
+    """The trainable leaf behind ``module.<attr>`` (the parameter, or a mustat-masked
+    weight's ``original``), or None under other parametrizations."""
+    p = module._parameters.get(attr)
+    if p is not None:
+        return p
+    if parametrize.is_parametrized(module, attr):
+        plist = module.parametrizations[attr]
+        if len(plist) == 1 and isinstance(plist[0], WeightMask):
+            return plist.original
+    return None
+
+
 def set_mask(module: nn.Module, attr: str, mask: Tensor) -> None:
     """Install or update the mask on ``module.<attr>`` (in place when one exists)."""
     existing = find_mask(module, attr)

@@ -37,6 +37,19 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from validation.study import Grid, load_grid, run_study
+
+    grid = load_grid(args.grid) if args.grid else Grid()
+    t0 = time.perf_counter()
+    summary, _ = run_study(grid, args.out, scheduler=args.scheduler, workers=args.workers, quiet=args.quiet)
+    cols = ["design", "setting", "estimator", "se_ratio_median", "loglog_slope", "spearman_z", "coverage95", "type1_05"]
+    head = summary[summary.estimator.isin(["pseudo", "calibrated", "bootstrap", "wald"])][cols]
+    print(head.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    print(f"\n{len(summary)} summary rows in {time.perf_counter() - t0:.1f} s; report: {args.out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mustat.criteria import CRITERIA
     from mustat.data import DATASETS
@@ -78,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/<id derived from the settings>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prune)
+
+    c = sub.add_parser(
+        "calibrate", help="calibration study of standard-error estimators (pseudo bootstrap, calibrated, bootstrap, Wald)",
+        description="Compare standard-error estimators with exact references on small designs and report how well "
+                    "they are calibrated. Writes params.json, cells.csv, summary.csv, figures and report.md into --out; "
+                    "rerunning with the same --out resumes, recomputing only unfinished cells.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("--grid", default=None, help="TOML grid file (default: the quick study, a few minutes on 2 cores)")
+    c.add_argument("--out", default="runs/calibration", help="output folder")
+    c.add_argument("--scheduler", default="local",
+                   help="'local' (a Dask LocalCluster), 'serial' (no Dask), or an existing Dask scheduler address")
+    c.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_calibrate)
     return parser
 
 

@@ -25,23 +25,30 @@ CriterionFn = Callable[..., Tensor]
 
 @dataclass(frozen=True)
 class Criterion:
-    """A registered criterion: its name, its function and whether it needs ``se``."""
+    """A registered criterion: its name, its function, whether it needs ``se``, and
+    which estimator the training pipeline feeds it (``"pseudo"``: the raw pseudo-bootstrap
+    SD; ``"calibrated"``: :func:`mustat.uncertainty.calibrated_se` with the window mean
+    as the estimate)."""
 
     name: str
     fn: CriterionFn
     requires_se: bool = False
+    se_kind: str | None = None
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, *, requires_se: bool = False) -> Callable[[CriterionFn], CriterionFn]:
+def register_criterion(
+    name: str, *, requires_se: bool = False, se_kind: str | None = None
+) -> Callable[[CriterionFn], CriterionFn]:
     """Register ``fn(weight, *, se, generator) -> scores`` under ``name``."""
+    check_option(se_kind, "se_kind", [None, "pseudo", "calibrated"])
 
     def deco(fn: CriterionFn) -> CriterionFn:
         if name in CRITERIA:
             raise ValueError(f"a criterion named {name!r} is already registered")
-        CRITERIA[name] = Criterion(name, fn, requires_se)
+        CRITERIA[name] = Criterion(name, fn, requires_se, se_kind or ("pseudo" if requires_se else None))
         return fn
 
     return deco
@@ -62,10 +69,14 @@ def magnitude(weight: Tensor, *, se: Tensor | None = None, generator=None) -> Te
 def mu(weight: Tensor, *, se: Tensor, generator=None) -> Tensor:
     """``|w| / se(w)``: the Wald statistic for H0: w = 0 (Ko et al. 2019).
 
-    ``se == 0`` with ``w != 0`` (a frozen weight) scores ``+inf``; ``w == 0``
-    scores 0 whatever its ``se``.
+    ``se == 0`` with ``w != 0`` (a frozen weight) scores ``+inf``; ``se == inf``
+    (an unidentified weight) and ``w == 0`` score 0.
     """
     return torch.where(weight == 0, torch.zeros_like(weight), weight.abs() / se)
+
+
+register_criterion("mu-calibrated", requires_se=True, se_kind="calibrated")(mu)
+"""``|w| / se(w)`` with the calibrated SE (the pipeline passes ``calibrated_se`` and the window mean)."""
 
 
 @register_criterion("random")
@@ -90,7 +101,9 @@ def score(
     model
         The network (read only).
     criterion
-        A registered name: ``"magnitude"``, ``"mu"``, ``"random"``, ... (see ``CRITERIA``).
+        A registered name: ``"magnitude"``, ``"mu"``, ``"mu-calibrated"``, ``"random"``, ...
+        (see ``CRITERIA``). ``"mu"`` and ``"mu-calibrated"`` compute the same ``|w| / se``;
+        they differ in the ``se`` (and estimate) the training pipeline supplies.
     se
         Standard errors keyed by tensor name, as :meth:`PseudoBootstrap.std` returns;
         required by ``"mu"``. Extra keys are ignored.
@@ -130,8 +143,8 @@ def score(
         s = None
         if crit.requires_se:
             s = _lookup(se, name, w, "se")
-            if not torch.isfinite(s).all() or (s < 0).any():
-                raise ValueError(f"se[{name!r}] has negative or non-finite entries; standard errors must be finite and >= 0")
+            if torch.isnan(s).any() or (s < 0).any():
+                raise ValueError(f"se[{name!r}] has NaN or negative entries; standard errors must be >= 0 (+inf: unidentified)")
         scores = crit.fn(w, se=s, generator=generator)
         mask = find_mask(module, attr)
         if mask is not None:

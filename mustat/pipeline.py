@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -74,6 +75,12 @@ def run(
     check_option(dataset, "dataset", mustat.data.DATASETS)
     check_option(model, "model", mustat.models.MODELS)
     targets = schedule(schedule_kind, target_sparsity, rounds)
+    if any(CRITERIA[c].se_kind == "calibrated" for c in criteria) and config.sampler != "replacement":
+        warnings.warn(
+            "calibrated standard errors assume minibatches drawn with replacement; with "
+            f"sampler={config.sampler!r} they are biased (use --sampler replacement)",
+            stacklevel=2,
+        )
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed")
     dev = resolve_device(device)

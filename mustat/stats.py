@@ -42,8 +42,9 @@ class WaldResults:
     the ``validation`` package measures; it is not by construction.
 
     Conventions: an entry with ``se == 0`` and ``w != 0`` has ``z = ±inf``,
-    ``p = 0``; one with ``w == 0`` (for example a pruned weight) has ``z = 0``,
-    ``p = 1``. Pruned entries are excluded from the multiple-testing family.
+    ``p = 0``; one with ``w == 0`` (for example a pruned weight) or ``se == inf``
+    (unidentified: the weight does not enter the likelihood) has ``z = 0``,
+    ``p = 1`` and an infinite interval. Pruned entries are excluded from the multiple-testing family.
 
     Attributes (dicts keyed by tensor name, numpy float64 arrays in the weights'
     shapes): ``params``, ``bse``, ``zvalues``, ``pvalues``; ``pruned`` (bool);
@@ -209,7 +210,7 @@ def wald(
     Raises
     ------
     ValueError
-        ``se`` with NaN, infinite or negative entries, or shapes that do not match.
+        ``se`` with NaN or negative entries, or shapes that do not match.
 
     Warns
     -----
@@ -233,11 +234,11 @@ def wald(
         if s.shape != w.shape:
             raise ValueError(f"se[{name!r}] has shape {tuple(s.shape)}, the weight has {tuple(w.shape)}")
         s64 = s.to("cpu", torch.float64).numpy()
-        if not np.isfinite(s64).all() or (s64 < 0).any():
+        if np.isnan(s64).any() or (s64 < 0).any():
             raise ValueError(
-                f"se[{name!r}] has {int((~np.isfinite(s64)).sum())} non-finite and {int((s64 < 0).sum())} "
-                "negative entries; standard errors must be finite and >= 0 (a failed Hessian "
-                "inversion? see hessian_se's damping)"
+                f"se[{name!r}] has {int(np.isnan(s64).sum())} NaN and {int((s64 < 0).sum())} "
+                "negative entries; standard errors must be >= 0, +inf meaning unidentified "
+                "(a failed Hessian inversion? see hessian_se's damping)"
             )
         w64 = w.to("cpu", torch.float64).numpy()
         m = find_mask(module, attr)

@@ -22,6 +22,7 @@ from mustat._checks import check_option, check_scalar
 from mustat._io import atomic_write
 from mustat.data import Dataset
 from mustat.models import build, loss_fn, predict
+from mustat.uncertainty import calibrated_se
 
 
 class Sampler(str, Enum):
@@ -175,7 +176,7 @@ def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: in
         model = build(model_name, data.input_shape, n_out, task=data.task)
     model.to(data.X_train.device)
     opt = config.make_optimizer(model.parameters())
-    tracker = mustat.PseudoBootstrap(model)
+    tracker = mustat.PseudoBootstrap(model, grad_moment=True)
     tracker.attach(opt)
     gen = torch.Generator().manual_seed(seed)
     train_epochs(model, opt, data, config.epochs, config, tracker=tracker, generator=gen, progress=progress)
@@ -183,6 +184,14 @@ def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: in
     state = dict(model=copy.deepcopy(model.state_dict()), optimizer=copy.deepcopy(opt.state_dict()),
                  tracker=tracker.state_dict(), generator=gen.get_state(), round=0, rows=[])
     return state, row
+
+
+def _scores(model, criterion: str, tracker, opt, data: Dataset, config: TrainConfig, *, seed: int):
+    kind = mustat.CRITERIA[criterion].se_kind
+    if kind == "calibrated":
+        se = calibrated_se(tracker, opt, n=len(data.y_train), batch_size=config.batch_size)
+        return mustat.score(model, criterion, se=se, seed=seed, weights=tracker.mean())
+    return mustat.score(model, criterion, se=tracker.std() if kind == "pseudo" else None, seed=seed)
 
 
 def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: PruneConfig, start: dict, *,
@@ -203,7 +212,7 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
     opt = config.make_optimizer(model.parameters())
     mustat.load_pruned_state_dict(model, start["model"])
     opt.load_state_dict(start["optimizer"])
-    tracker = mustat.PseudoBootstrap(model)
+    tracker = mustat.PseudoBootstrap(model, grad_moment=True)
     tracker.load_state_dict(start["tracker"])
     tracker.attach(opt)
     gen = torch.Generator()
@@ -212,8 +221,7 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
     targets = schedule(prune.schedule, prune.target_sparsity, prune.rounds)
     for rnd in range(start["round"] + 1, len(targets) + 1):
         target = targets[rnd - 1]
-        se = tracker.std() if mustat.CRITERIA[prune.criterion].requires_se else None
-        scores = mustat.score(model, prune.criterion, se=se, seed=seed * 1000 + rnd)
+        scores = _scores(model, prune.criterion, tracker, opt, data, config, seed=seed * 1000 + rnd)
         mustat.prune(model, scores, sparsity=target, scope=prune.scope)
         train_epochs(model, opt, data, config.retrain_epochs, config, tracker=tracker, generator=gen, progress=progress)
         rows.append(_row(model, data, criterion=prune.criterion, scope=prune.scope, seed=seed, rnd=rnd, target=target))

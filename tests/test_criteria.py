@@ -91,7 +91,7 @@ def test_score_uses_given_weights(mlp):
 
 
 def test_bad_input(mlp):
-    with pytest.raises(ValueError, match="magnitude, mu, random"):
+    with pytest.raises(ValueError, match="magnitude, mu, mu-calibrated, random"):
         mustat.score(mlp, "wald-ish")
     with pytest.raises(ValueError, match="needs se="):
         mustat.score(mlp, "mu")
@@ -102,7 +102,7 @@ def test_bad_input(mlp):
     with pytest.raises(ValueError, match=r"se\['4.weight'\] has shape \(3, 3\)"):
         mustat.score(mlp, "mu", se=se)
     se["4.weight"] = torch.full((3, 12), float("nan"))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="NaN or negative"):
         mustat.score(mlp, "mu", se=se)
     with pytest.raises(ValueError, match="nothing to prune"):
         mustat.score(nn.Sequential(nn.ReLU()), "magnitude")

@@ -73,7 +73,7 @@ def test_other_settings_in_same_folder_refused(tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["--dataset", "imagenet"], "invalid choice.*digits"),
     (["--model", "resnet"], "invalid choice.*lenet5"),
-    (["--criteria", "mu,psychic"], "criterion='psychic' is not valid; choose one of: magnitude, mu, random"),
+    (["--criteria", "mu,psychic"], "criterion=.psychic. is not valid; choose one of: magnitude, mu, mu-calibrated, random"),
     (["--target-sparsity", "1.0"], r"target_sparsity must be in \(0.0, 1.0\)"),
     (["--target-sparsity", "-0.5"], "target_sparsity must be in"),
     (["--dataset", "mnist", "--data-dir", "EMPTY"], "lacks the mnist IDX files"),

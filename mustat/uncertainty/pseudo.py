@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mustat._checks import check_option, check_scalar
-from mustat._masking import source
+from mustat._masking import leaf, source
 from mustat._params import resolve, select
 
 
@@ -69,6 +69,10 @@ class PseudoBootstrap:
     params
         Names of the tensors to track (``"0.weight"``); default: the ``weight`` of
         every ``nn.Linear`` and ``nn.Conv{1,2,3}d``.
+    grad_moment
+        Also keep the window mean (``"ema"``: the EMA) of the squared minibatch
+        gradient ``p.grad ** 2`` of each tracked tensor, read by :meth:`grad_sq`;
+        the calibrated estimator (:func:`mustat.uncertainty.calibrated_se`) needs it.
 
     Notes
     -----
@@ -87,6 +91,7 @@ class PseudoBootstrap:
         beta: float | None = None,
         every: int = 1,
         params: Iterable[str] | None = None,
+        grad_moment: bool = False,
     ):
         self.window = check_option(window, "window", Window)
         if self.window is Window.EMA:
@@ -99,8 +104,14 @@ class PseudoBootstrap:
         self.every = int(check_scalar(every, "every", kind=Integral, low=1))
         self.names: list[str] = select(model, params)
         self._targets = [resolve(model, n) for n in self.names]
+        self.grad_moment = bool(grad_moment)
+        if self.grad_moment:
+            unsupported = [n for n, t in zip(self.names, self._targets) if leaf(*t) is None]
+            if unsupported:
+                raise ValueError(f"grad_moment=True needs plain or mustat-masked parameters; {unsupported} are not")
         self._mean: list[Tensor] = []
         self._m2: list[Tensor] = []
+        self._g2: list[Tensor] = []
         self._steps = 0
         self.count = 0
 
@@ -126,6 +137,7 @@ class PseudoBootstrap:
         if self._steps % self.every:
             return
         x = self._current()
+        g2 = self._grad_sq_now() if self.grad_moment else None
         if self.count == 0:
             if not self._mean or any(
                 m.shape != v.shape or m.device != v.device or m.dtype != v.dtype
@@ -136,10 +148,13 @@ class PseudoBootstrap:
             else:
                 torch._foreach_copy_(self._mean, x)
                 torch._foreach_zero_(self._m2)
+            self._g2 = g2 if g2 is not None else []
             self.count = 1
             return
         self.count += 1
         delta = torch._foreach_sub(x, self._mean)
+        if g2 is not None:
+            torch._foreach_lerp_(self._g2, g2, (1.0 - self.beta) if self.window is Window.EMA else 1.0 / self.count)
         if self.window is Window.EMA:
             a = 1.0 - self.beta
             torch._foreach_add_(self._mean, delta, alpha=a)
@@ -150,6 +165,15 @@ class PseudoBootstrap:
             n = self.count
             torch._foreach_add_(self._mean, delta, alpha=1.0 / n)
             torch._foreach_addcmul_(self._m2, delta, delta, value=(n - 1) / n)
+
+    def _grad_sq_now(self) -> list[Tensor]:
+        grads = []
+        for name, (module, attr) in zip(self.names, self._targets):
+            g = leaf(module, attr).grad
+            if g is None:
+                raise RuntimeError(f"grad_moment=True but {name!r} has no .grad: call update() after backward() and step()")
+            grads.append(g.detach())
+        return torch._foreach_mul(grads, grads)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Call :meth:`update` after every ``optimizer.step()``; returns a removable handle."""
@@ -194,6 +218,18 @@ class PseudoBootstrap:
         scale = 1.0 / (self.count - 1)
         return dict(zip(self.names, torch._foreach_mul(self._m2, scale)))
 
+    def grad_sq(self) -> dict[str, Tensor]:
+        """Window mean (``"ema"``: EMA) of the squared minibatch gradient; needs ``grad_moment=True``."""
+        if not self.grad_moment:
+            raise RuntimeError("this tracker was built without grad_moment=True, so it has no gradient moment")
+        self._need(1, "grad_sq")
+        return {n: g.clone() for n, g in zip(self.names, self._g2)}
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps seen in the window (recorded or skipped by ``every``)."""
+        return self._steps
+
     def std(self) -> dict[str, Tensor]:
         """Standard deviation of the recorded weights: the pseudo-bootstrap ``se(w)``."""
         var = self.var()
@@ -211,13 +247,15 @@ class PseudoBootstrap:
             "steps": self._steps,
             "mean": {n: m.clone() for n, m in zip(self.names, self._mean)},
             "m2": {n: m.clone() for n, m in zip(self.names, self._m2)},
+            "grad_moment": self.grad_moment,
+            "g2": {n: g.clone() for n, g in zip(self.names, self._g2)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; settings and tensor names must match this tracker."""
-        for key in ("window", "beta", "every", "names"):
+        for key in ("window", "beta", "every", "names", "grad_moment"):
             mine = self.window.value if key == "window" else getattr(self, key)
-            if state.get(key) != mine:
+            if state.get(key, False if key == "grad_moment" else None) != mine:
                 raise ValueError(
                     f"state_dict was saved with {key}={state.get(key)!r}, this tracker has "
                     f"{key}={mine!r}; construct the tracker with the same settings"
@@ -236,6 +274,8 @@ class PseudoBootstrap:
         if mean and len(mean) != len(self.names):
             raise ValueError("state_dict holds moments for only some of the tracked tensors")
         self._mean, self._m2 = mean, m2
+        self._g2 = [state["g2"][n].to(device=m.device, dtype=m.dtype).clone() for n, m in zip(self.names, mean)] \
+            if self.grad_moment and mean else []
         self.count, self._steps = int(state["count"]), int(state["steps"])
 
     def __repr__(self) -> str:

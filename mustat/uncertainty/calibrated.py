@@ -1,0 +1,181 @@
+r"""Calibrated pseudo bootstrap: standard errors of the estimate from the
+training trajectory, by the stationary theory of constant-rate SGD.
+
+Derivation (per weight, diagonal approximation). Train on the *mean* loss
+:math:`L = \frac1N \sum_i \ell_i` with minibatches of size :math:`S` drawn
+*with replacement*; the minibatch gradient has variance :math:`c/S`, with
+:math:`c` the per-sample gradient variance at the optimum and :math:`h` the
+curvature. A preconditioned step :math:`\theta \leftarrow \theta - \eta_e\,p\,g`
+has, near the optimum (Mandt, Hoffman & Blei 2017, to first order in
+:math:`\eta_e h p`), the stationary iterate variance
+
+.. math:: \Sigma = \frac{\eta_e\, p\, c}{2\, h\, S},
+
+while the sampling variance of the estimate is :math:`v = c / (h^2 N)` (the
+sandwich's diagonal). With :math:`m = E[g^2] \approx c/S`, tracked during the
+same window, eliminating the unknown :math:`h = \eta_e p m / (2\Sigma)` gives
+
+.. math:: \widehat{se}^2 = \frac{4\, S\, \Sigma^2}{N\, \eta_e^2\, p^2\, m}.
+
+* SGD, heavy-ball momentum :math:`\beta`, dampening :math:`d`: :math:`p = 1`,
+  :math:`\eta_e = \eta (1-d)/(1-\beta)` (slow directions see the geometric sum
+  of the momentum buffer; Nesterov likewise).
+* Adam / AdamW: :math:`p = 1/(\sqrt{\hat v}+\epsilon)` from the optimizer's own
+  bias-corrected second moment; :math:`\eta_e = \eta` (the first moment is an
+  average with weights summing to one, not a heavy-ball sum). With
+  :math:`\epsilon \to 0`, :math:`p^2 m \approx 1` and
+  :math:`\widehat{se} = 2\sqrt{S}\,\Sigma / (\eta\sqrt N)`.
+* Weight decay drops out: it adds to :math:`h` in both formulas, so
+  :math:`m` must be the *data* gradient (``p.grad``, which excludes the decay
+  PyTorch's optimizers add).
+* A summed (not mean) loss multiplies every gradient by :math:`S`: pass the
+  effective learning rate :math:`\eta S` yourself or use a mean loss.
+
+Assumptions: stationarity over the window (the implied autocorrelation time
+:math:`\tau = 2\Sigma/(\eta_e^2 p^2 m)` steps must be well below the window),
+with-replacement minibatches (with epoch-wise reshuffling the gradient noise of
+an epoch sums to zero and the formula fails), a diagonal-dominant Hessian, and
+:math:`\eta_e h p \ll 1`. A weight whose data gradient is identically zero does
+not enter the likelihood: it is unidentified and gets ``se = inf`` (z = 0).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from numbers import Integral
+
+import torch
+from torch import Tensor
+
+from mustat._checks import check_scalar
+from mustat._masking import leaf
+from mustat.uncertainty.pseudo import PseudoBootstrap
+
+
+@dataclass(frozen=True)
+class StationarityReport:
+    """Effective sample size of the window per weight: ``steps / (2 tau)``."""
+
+    n_eff_median: float
+    frac_short: float  # fraction of live weights with n_eff < min_n_eff
+    min_n_eff: float
+    steps: int
+
+    @property
+    def ok(self) -> bool:
+        return self.frac_short <= 0.1
+
+
+def _group(optimizer: torch.optim.Optimizer, param) -> dict:
+    for g in optimizer.param_groups:
+        if any(q is param for q in g["params"]):
+            return g
+    raise ValueError("a tracked parameter is not optimised by this optimizer; pass the optimizer that trains the model")
+
+
+def _components(tracker: PseudoBootstrap, optimizer: torch.optim.Optimizer):
+    """Per tracked tensor: (var, m, eta_e, p) on the tensors' device."""
+    if not tracker.grad_moment:
+        raise ValueError("calibrated_se needs a tracker built with grad_moment=True")
+    kind = type(optimizer).__name__
+    if kind not in ("SGD", "Adam", "AdamW"):
+        raise ValueError(f"calibrated_se supports SGD, Adam and AdamW, not {kind}")
+    var, g2 = tracker.var(), tracker.grad_sq()
+    out = {}
+    for name, (module, attr) in zip(tracker.names, tracker._targets):
+        param = leaf(module, attr)
+        group = _group(optimizer, param)
+        lr = float(group["lr"])
+        if kind == "SGD":
+            beta, damp = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
+            eta = lr * (1 - damp) / (1 - beta) if beta > 0 else lr
+            p = torch.ones_like(var[name])
+        else:
+            state = optimizer.state.get(param, {})
+            if "exp_avg_sq" not in state:
+                raise ValueError(f"Adam has no state for {name!r} yet: train before calibrating")
+            b2 = float(group["betas"][1])
+            step = float(state["step"])
+            vhat = (state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]) / (1 - b2**step)
+            eta = lr
+            p = 1.0 / (vhat.sqrt() + float(group["eps"]))
+        out[name] = (var[name], g2[name], eta, p)
+    return out
+
+
+def calibrated_se(
+    tracker: PseudoBootstrap,
+    optimizer: torch.optim.Optimizer,
+    *,
+    n: int,
+    batch_size: int,
+    check: bool = True,
+    min_n_eff: float = 10.0,
+) -> dict[str, Tensor]:
+    """Standard errors of the estimate from a pseudo-bootstrap window (see module notes).
+
+    Parameters
+    ----------
+    tracker
+        A :class:`PseudoBootstrap` with ``grad_moment=True`` that recorded the window
+        (``every=1`` recommended: thinning does not change the variance but shortens
+        nothing here).
+    optimizer
+        The ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` that trained the model (its
+        learning rate, momentum and, for Adam, its second-moment state are read).
+    n
+        Number of training samples ``N``.
+    batch_size
+        Minibatch size ``S`` (minibatches drawn with replacement, mean loss).
+    check
+        Warn when the window is too short for stationarity (:func:`stationarity`).
+    min_n_eff
+        Effective sample size below which a weight counts as under-sampled.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        Standard errors keyed like ``tracker.std()``; usable as ``se`` in
+        :func:`mustat.score` (criterion ``"mu"``) and :func:`mustat.wald`.
+    """
+    check_scalar(n, "n", kind=Integral, low=1)
+    check_scalar(batch_size, "batch_size", kind=Integral, low=1)
+    comps = _components(tracker, optimizer)
+    out = {}
+    for name, (var, m, eta, p) in comps.items():
+        se = (2.0 * var / (eta * p)) * torch.sqrt(batch_size / (n * m))
+        se = torch.where(m > 0, se, torch.full_like(se, float("inf")))  # no data gradient: unidentified
+        out[name] = torch.where(var > 0, se, torch.where(m > 0, torch.zeros_like(se), se))
+    if check:
+        rep = stationarity(tracker, optimizer, min_n_eff=min_n_eff, _comps=comps)
+        if not rep.ok:
+            warnings.warn(
+                f"the pseudo-bootstrap window ({rep.steps} steps) looks too short for stationarity: "
+                f"{100 * rep.frac_short:.0f}% of weights have an effective sample size below {min_n_eff:g} "
+                f"(median {rep.n_eff_median:.3g}); calibrated SEs of slow directions are unreliable. "
+                "Track over more epochs or raise the learning rate",
+                stacklevel=2,
+            )
+    return out
+
+
+def stationarity(tracker: PseudoBootstrap, optimizer: torch.optim.Optimizer, *, min_n_eff: float = 10.0,
+                 _comps=None) -> StationarityReport:
+    """Effective sample size of the window, ``steps / (2 tau)`` with the implied
+    autocorrelation time ``tau = 2 var / (eta_e^2 p^2 m)`` of each weight.
+
+    Drift (a window that starts before convergence) inflates ``var`` and hence
+    ``tau``, so a too-short or non-stationary window shows as a low effective size.
+    """
+    comps = _comps or _components(tracker, optimizer)
+    steps = tracker.steps
+    n_eff = []
+    for var, m, eta, p in comps.values():
+        live = (var > 0) & (m > 0)
+        tau = 2.0 * var[live] / (eta**2 * p[live] ** 2 * m[live])
+        n_eff.append((steps / (2.0 * tau)).flatten().double().cpu())
+    n_eff = torch.cat(n_eff) if n_eff else torch.zeros(0)
+    if not len(n_eff):
+        return StationarityReport(float("nan"), 0.0, min_n_eff, steps)
+    return StationarityReport(float(n_eff.median()), float((n_eff < min_n_eff).double().mean()), min_n_eff, steps)

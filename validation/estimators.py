@@ -1,0 +1,82 @@
+"""Train one model under one setting and read every standard-error estimator
+from that single run: pseudo-bootstrap variants and the calibrated estimator."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mustat._checks import check_option
+from mustat.training import Sampler, _batches
+from mustat.uncertainty import PseudoBootstrap, calibrated_se
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One training setting: optimizer, its learning rate (and SGD momentum), batch
+    size, epochs, the tracking window (last ``window`` epochs) and the sampler."""
+
+    optimizer: str = "adam"
+    lr: float = 0.01
+    momentum: float = 0.0
+    batch_size: int = 32
+    epochs: int = 40
+    window: int = 30
+    sampler: str = "replacement"
+
+    def __post_init__(self):
+        check_option(self.optimizer, "optimizer", ["sgd", "adam"])
+        check_option(self.sampler, "sampler", Sampler)
+        if not 0 < self.window <= self.epochs:
+            raise ValueError(f"window must be in [1, epochs={self.epochs}], got {self.window}")
+
+    @property
+    def label(self) -> str:
+        opt = "sgd+momentum" if self.optimizer == "sgd" and self.momentum else self.optimizer
+        return f"{opt} lr={self.lr:g} S={self.batch_size} {self.sampler} {self.window}/{self.epochs}ep"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+#: pseudo-bootstrap variants read from every run: name -> tracker options
+PSEUDO_VARIANTS = {
+    "pseudo": dict(),
+    "pseudo-every10": dict(every=10),
+    "pseudo-ema": dict(window="ema", beta=0.999),
+    "pseudo-epoch": dict(window="epoch"),
+}
+
+
+def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Setting, *, seed: int) -> dict[str, dict[str, Tensor]]:
+    """Train ``model`` in place; return ``{estimator: {name: se}}`` plus ``"_weights"``
+    (the final weights, the estimate the paper's M&U tests) and ``"_mean"`` (the window
+    mean, the averaged-SGD estimate that goes with the calibrated SE)."""
+    if setting.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=setting.lr, momentum=setting.momentum)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=setting.lr)
+    trackers = {k: PseudoBootstrap(model, **kw) for k, kw in PSEUDO_VARIANTS.items()}
+    trackers["calibrated"] = PseudoBootstrap(model, grad_moment=True)
+    for t in trackers.values():
+        t.attach(opt)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = Sampler(setting.sampler)
+    for epoch in range(setting.epochs):
+        if epoch == setting.epochs - setting.window:
+            for t in trackers.values():
+                t.reset()
+        for t in trackers.values():
+            t.new_epoch()
+        for idx in _batches(len(y), setting.batch_size, sampler, gen):
+            opt.zero_grad(set_to_none=True)
+            loss(model(X[idx]), y[idx]).backward()
+            opt.step()
+    out = {k: t.std() for k, t in trackers.items() if k != "calibrated"}
+    out["calibrated"] = calibrated_se(trackers["calibrated"], opt, n=len(y), batch_size=setting.batch_size, check=False)
+    names = trackers["pseudo"].names
+    out["_weights"] = {n: getattr(model.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]).detach().clone() for n in names}
+    out["_mean"] = trackers["calibrated"].mean()
+    return out

@@ -1,0 +1,276 @@
+"""The calibration study runner: a grid of (design x training setting) cells,
+each evaluating every standard-error estimator against a reference.
+
+A cell writes ``cells/<key>.csv`` (one row per weight, estimator and
+replication) and then ``cells/<key>.summary.csv`` (one row per estimator), both
+atomically; a cell is finished when its summary exists, so an interrupted study
+resumes without recomputing finished cells. Cells run in parallel through Dask
+distributed (a local cluster by default, or an existing scheduler), or serially.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import mustat
+from mustat._io import atomic_write, write_json
+from validation import metrics as M
+from validation.bootstrap import bootstrap_se
+from validation.designs import DESIGNS, get_design
+from validation.estimators import Setting, train_and_estimate
+
+SUMMARY_COLUMNS = [
+    "design", "setting", "optimizer", "lr", "momentum", "batch_size", "epochs", "window", "sampler", "estimator",
+    "reference", "se_ratio_median", "se_ratio_iqr", "se_ratio_gmean", "loglog_slope", "spearman_se", "spearman_z",
+    "jaccard_50", "jaccard_90", "coverage95", "type1_05", "ks_null", "ks_null_pvalue", "power_05", "n_truth",
+    "n_zero_se", "replications",
+]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a study computes: designs x settings, with ``replications`` simulated
+    datasets per cell (designs with known truth) and ``bootstrap_B`` bootstrap refits."""
+
+    designs: tuple[str, ...] = ("logistic", "linear", "teacher-mlp", "breast_cancer")
+    settings: tuple[Setting, ...] = field(default_factory=lambda: QUICK_SETTINGS)
+    replications: int = 6
+    bootstrap_B: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        for d in self.designs:
+            if d not in DESIGNS:
+                raise ValueError(f"design={d!r} is not valid; choose one of: {', '.join(DESIGNS)}")
+        if self.replications < 1 or self.bootstrap_B < 2:
+            raise ValueError(f"replications must be >= 1 and bootstrap_B >= 2, got {self.replications}, {self.bootstrap_B}")
+
+    def cells(self) -> list[Cell]:
+        return [Cell(d, s, self.replications, self.bootstrap_B, self.seed) for d in self.designs for s in self.settings]
+
+    def as_dict(self) -> dict:
+        return dict(designs=list(self.designs), settings=[s.as_dict() for s in self.settings],
+                    replications=self.replications, bootstrap_B=self.bootstrap_B, seed=self.seed)
+
+
+QUICK_SETTINGS = tuple(
+    Setting(opt, lr, momentum=mom, batch_size=32, epochs=60, window=45, sampler=sampler)
+    for opt, lr, mom in (("sgd", 0.05, 0.0), ("sgd", 0.005, 0.9), ("adam", 0.01, 0.0))
+    for sampler in ("replacement", "shuffle")
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    design: str
+    setting: Setting
+    replications: int
+    bootstrap_B: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        s = self.setting
+        text = json.dumps([self.design, s.as_dict(), self.replications, self.bootstrap_B, self.seed], sort_keys=True)
+        return f"{self.design}-{s.optimizer}-{s.sampler}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def _flat(d: dict[str, torch.Tensor], names) -> np.ndarray:
+    return np.concatenate([d[n].detach().double().cpu().numpy().ravel() for n in names])
+
+
+def run_cell(cell: Cell, out: str | Path) -> str:
+    """Compute one cell and write its two files; returns the cell key."""
+    try:  # inside a Dask worker process: one thread per cell, the workers give the parallelism
+        from distributed import get_worker
+
+        get_worker()
+        torch.set_num_threads(1)
+    except (ImportError, ValueError):
+        pass
+    design = get_design(cell.design)
+    s = cell.setting
+    rows, per_rep = [], []
+    reps = cell.replications if design.simulated and design.glm else 1
+    for rep in range(reps):
+        X, y, truth = design.sample(rep)
+        X32, y32 = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+        model = design.model(cell.seed * 10_000 + rep)
+        est = train_and_estimate(model, design.loss(model), X32, y32, s, seed=cell.seed * 10_000 + rep)
+        names = list(est["_weights"])
+        w = _flat(est["_weights"], names)
+        w_mean = _flat(est["_mean"], names)
+        estimates = {k: (w_mean if k == "calibrated" else w, _flat(v, names)) for k, v in est.items() if not k.startswith("_")}
+        if design.glm:
+            X64, y64 = torch.tensor(X), torch.tensor(y)
+            mle = mustat.fit_glm(design.model(0), X64, y64)
+            w_ref = _flat(dict(mle.named_parameters()), names)
+            reference = "wald"
+            se_ref = _flat(mustat.hessian_se(mle, mle.nll, (X64, y64)), names)
+            estimates["wald"] = (w_ref, se_ref)
+            estimates["wald-sandwich"] = (w_ref, _flat(mustat.hessian_se(mle, mle.nll, (X64, y64), kind="sandwich"), names))
+            if rep == 0:
+                boot = bootstrap_se(mle, design.loss(mle), (X64, y64), B=cell.bootstrap_B, epochs=200, lr=0.02, seed=cell.seed)
+                estimates["bootstrap"] = (w_ref, _flat(boot, names))
+        else:
+            reference = "bootstrap"
+            boot = bootstrap_se(model, design.loss(model), (X32, y32), B=cell.bootstrap_B, epochs=300, lr=0.01, seed=cell.seed)
+            w_ref, se_ref = w, _flat(boot, names)
+            estimates["bootstrap"] = (w_ref, se_ref)
+        t = np.asarray(truth, dtype=float).ravel() if truth is not None else np.full(len(w), np.nan)
+        flat_names = np.concatenate([[n] * int(est["_weights"][n].numel()) for n in names])
+        flat_idx = np.concatenate([np.arange(est["_weights"][n].numel()) for n in names])
+        for name, (we, se) in estimates.items():
+            rows.append(pd.DataFrame(dict(design=cell.design, setting=s.label, estimator=name, replication=rep,
+                                          param=flat_names, index=flat_idx, weight=we, se=se, ref_weight=w_ref,
+                                          ref_se=se_ref, truth=t)))
+            per_rep.append((name, rep, we, se, w_ref, se_ref, t))
+    cells = pd.concat(rows, ignore_index=True)
+    summary = _summarise(cell, design, per_rep, reference)
+    out = Path(out)
+    atomic_write(out / "cells" / f"{cell.key}.csv", lambda p: cells.to_csv(p, index=False))
+    atomic_write(out / "cells" / f"{cell.key}.summary.csv", lambda p: summary.to_csv(p, index=False))
+    return cell.key
+
+
+def _summarise(cell: Cell, design, per_rep, reference: str) -> pd.DataFrame:
+    out = []
+    for name in dict.fromkeys(r[0] for r in per_rep):
+        reps = [r for r in per_rep if r[0] == name]
+        row = dict(design=cell.design, setting=cell.setting.label, **cell.setting.as_dict(), estimator=name,
+                   reference=reference, replications=len(reps))
+        agree = pd.DataFrame([M.agreement(we, se, wr, sr) for _, _, we, se, wr, sr, _ in reps])
+        row.update(agree.mean(numeric_only=True).to_dict())
+        row["n_zero_se"] = int(agree["n_zero_se"].sum())
+        if design.simulated and design.glm and len(reps) > 1:
+            row.update(M.truth_metrics(np.concatenate([r[2] for r in reps]), np.concatenate([r[3] for r in reps]),
+                                       np.concatenate([r[6] for r in reps])))
+        out.append(row)
+    return pd.DataFrame(out).reindex(columns=SUMMARY_COLUMNS)
+
+
+def run_study(
+    grid: Grid | None = None,
+    out: str | Path = "runs/calibration",
+    *,
+    scheduler: str = "local",
+    workers: int = 2,
+    quiet: bool = False,
+    on_cell: Callable[[str], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run (or resume) a study; writes ``params.json``, ``cells.csv``, ``summary.csv``,
+    the figures and ``report.md`` into ``out``; returns ``(summary, cells)``.
+
+    ``scheduler``: ``"local"`` (a Dask LocalCluster of ``workers`` processes),
+    ``"serial"`` (in this process), or the address of an existing Dask scheduler.
+    """
+    from tqdm.auto import tqdm
+
+    grid = grid or Grid()
+    out = Path(out)
+    params_path = out / "params.json"
+    settings = grid.as_dict()
+    if params_path.exists():
+        if json.loads(params_path.read_text()).get("grid") != json.loads(json.dumps(settings)):
+            raise ValueError(f"{out} holds a study with another grid (see {params_path}); choose another --out")
+    else:
+        write_json(params_path, dict(grid=settings, versions=dict(
+            mustat=mustat.__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version())))
+    cells = grid.cells()
+    todo = [c for c in cells if not (out / "cells" / f"{c.key}.summary.csv").exists()]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="calibration cells", disable=quiet, file=sys.stderr)
+    if todo and scheduler == "serial":
+        for c in todo:
+            key = run_cell(c, out)
+            bar.update(1)
+            if on_cell:
+                on_cell(key)
+    elif todo:
+        from distributed import Client, LocalCluster, as_completed
+
+        cluster = None
+        if scheduler == "local":
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+            client = Client(cluster)
+        else:
+            client = Client(scheduler)
+        try:
+            futures = client.map(run_cell, todo, out=str(out.resolve()), pure=False)
+            for fut in as_completed(futures):
+                key = fut.result()
+                bar.update(1)
+                if on_cell:
+                    on_cell(key)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    bar.close()
+    summary = pd.concat([pd.read_csv(out / "cells" / f"{c.key}.summary.csv") for c in cells], ignore_index=True)
+    table = pd.concat([pd.read_csv(out / "cells" / f"{c.key}.csv") for c in cells], ignore_index=True)
+    atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
+    atomic_write(out / "cells.csv", lambda p: table.to_csv(p, index=False))
+    from validation.report import write_report
+
+    write_report(out, summary, table)
+    return summary, table
+
+
+def load_grid(path: str | Path) -> Grid:
+    """A grid from TOML::
+
+        designs = ["logistic", "teacher-mlp"]
+        replications = 20
+        bootstrap_B = 200
+        [[setting]]                      # list-valued keys expand (a Cartesian product)
+        optimizer = "sgd"
+        lr = [0.01, 0.05]
+        sampler = ["replacement", "shuffle"]
+        epochs = 80
+        window = 60
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file not found: {path}")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from None
+    known = {"designs", "replications", "bootstrap_B", "seed", "setting"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    settings = []
+    fields = set(Setting.__dataclass_fields__)
+    for block in spec.get("setting", [{}]):
+        bad = set(block) - fields
+        if bad:
+            raise ValueError(f"{path}: unknown setting keys {sorted(bad)}; valid: {sorted(fields)}")
+        keys = list(block)
+        values = [v if isinstance(v, list) else [v] for v in block.values()]
+        for combo in _product(values):
+            settings.append(Setting(**dict(zip(keys, combo))))
+    kw = {k: spec[k] for k in ("replications", "bootstrap_B", "seed") if k in spec}
+    if "designs" in spec:
+        kw["designs"] = tuple(spec["designs"])
+    return Grid(settings=tuple(settings), **kw)
+
+
+def _product(values: Sequence[list]):
+    import itertools
+
+    return itertools.product(*values)
