@@ -69,19 +69,21 @@ def bench(name, model, device, min_run_time):
     t_masked = median("masked.update(); sync()", dict(masked=masked, sync=sync), min_run_time)
     print(f"  update, 50% pruned   {t_masked * 1e3:8.3f} ms   ratio {t_masked / t_adam:5.2f}x (masks applied on the fly)")
     rows = {}
+    configs = {"no tracker": None, "every=1": dict(every=1), "every=10": dict(every=10),
+               "every=1 + grad_moment (calibrated)": dict(every=1, grad_moment=True)}
     # alternate the configurations so drift in machine load hits them alike
     for _ in range(3):
-        for every in (None, 1, 10):
-            tr = PseudoBootstrap(model, every=every or 1)
-            handle = tr.attach(opt) if every else None
-            rows.setdefault(every, []).append(median("step()", env, min_run_time))
+        for label, kw in configs.items():
+            handle = PseudoBootstrap(model, **kw).attach(opt) if kw else None
+            rows.setdefault(label, []).append(median("step()", env, min_run_time))
             if handle:
                 handle.remove()
-    base = min(rows[None])
+    base = min(rows["no tracker"])
     print(f"  train step, no tracker {base * 1e3:8.3f} ms")
-    for every in (1, 10):
-        t = min(rows[every])
-        print(f"  train step, every={every:<3d} {t * 1e3:8.3f} ms   overhead {100 * (t / base - 1):+5.1f}%")
+    for label in list(configs)[1:]:
+        t = min(rows[label])
+        print(f"  train step, {label:<36s} {t * 1e3:8.3f} ms   overhead {100 * (t / base - 1):+5.1f}%"
+              f"   ({t / min(rows['every=1']):.3f}x every=1)")
 
 
 def main():

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mustat._checks import check_option
 from mustat.training import Sampler, _batches
-from mustat.uncertainty import PseudoBootstrap, calibrated_se
+from mustat.uncertainty import PseudoBootstrap, calibrated_se, stationarity
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ PSEUDO_VARIANTS = {
 def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Setting, *, seed: int) -> dict[str, dict[str, Tensor]]:
     """Train ``model`` in place; return ``{estimator: {name: se}}`` plus ``"_weights"``
     (the final weights, the estimate the paper's M&U tests) and ``"_mean"`` (the window
-    mean, the averaged-SGD estimate that goes with the calibrated SE)."""
+    mean, the averaged-SGD estimate that goes with the calibrated SE) and ``"_stationarity"``
+    (the calibrated window's :class:`~mustat.uncertainty.StationarityReport`)."""
     if setting.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=setting.lr, momentum=setting.momentum)
     else:
@@ -79,4 +80,5 @@ def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Se
     names = trackers["pseudo"].names
     out["_weights"] = {n: getattr(model.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]).detach().clone() for n in names}
     out["_mean"] = trackers["calibrated"].mean()
+    out["_stationarity"] = stationarity(trackers["calibrated"], opt)
     return out

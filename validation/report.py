@@ -44,7 +44,8 @@ def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
         lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
         hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
-    g.set_axis_labels("reference SE (Wald for GLMs, bootstrap for MLPs)", "estimator SE")
+    g.set_titles("{col_name} · {row_name}")
+    g.set_axis_labels("reference SE (Wald: GLMs; bootstrap: MLPs)", "estimator SE")
     _save(g.figure, path)
     return path
 
@@ -65,6 +66,7 @@ def qq_figure(cells: pd.DataFrame, path: Path) -> Path:
     g = sns.relplot(data=q, x="expected", y="observed", hue="estimator", col="sampler", kind="line", height=3)
     for ax in g.axes.flat:
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    g.set_titles("{col_name} minibatches")
     g.set_axis_labels("U(0, 1) quantile", "null p-value quantile")
     _save(g.figure, path)
     return path
@@ -85,7 +87,7 @@ def coverage_figure(summary: pd.DataFrame, path: Path) -> Path:
     ax.axvspan(0.95 - band, 0.95 + band, color="grey", alpha=0.2, label=f"0.95 ± 2 binomial SE (n={n:.0f})")
     ax.axvline(0.95, color="grey", lw=1)
     ax.set(xlabel="coverage of 95% intervals (GLM designs with known truth)", ylabel="")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path)
     return path
 

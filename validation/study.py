@@ -33,7 +33,7 @@ SUMMARY_COLUMNS = [
     "design", "setting", "optimizer", "lr", "momentum", "batch_size", "epochs", "window", "sampler", "estimator",
     "reference", "se_ratio_median", "se_ratio_iqr", "se_ratio_gmean", "loglog_slope", "spearman_se", "spearman_z",
     "jaccard_50", "jaccard_90", "coverage95", "type1_05", "ks_null", "ks_null_pvalue", "power_05", "n_truth",
-    "n_zero_se", "replications",
+    "n_zero_se", "n_eff_median", "frac_short_window", "replications",
 ]
 
 
@@ -100,13 +100,14 @@ def run_cell(cell: Cell, out: str | Path) -> str:
         pass
     design = get_design(cell.design)
     s = cell.setting
-    rows, per_rep = [], []
+    rows, per_rep, stat = [], [], []
     reps = cell.replications if design.simulated and design.glm else 1
     for rep in range(reps):
         X, y, truth = design.sample(rep)
         X32, y32 = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
         model = design.model(cell.seed * 10_000 + rep)
         est = train_and_estimate(model, design.loss(model), X32, y32, s, seed=cell.seed * 10_000 + rep)
+        stat.append(est["_stationarity"])
         names = list(est["_weights"])
         w = _flat(est["_weights"], names)
         w_mean = _flat(est["_mean"], names)
@@ -137,6 +138,9 @@ def run_cell(cell: Cell, out: str | Path) -> str:
             per_rep.append((name, rep, we, se, w_ref, se_ref, t))
     cells = pd.concat(rows, ignore_index=True)
     summary = _summarise(cell, design, per_rep, reference)
+    calibrated = summary.estimator == "calibrated"
+    summary.loc[calibrated, "n_eff_median"] = float(np.mean([r.n_eff_median for r in stat]))
+    summary.loc[calibrated, "frac_short_window"] = float(np.mean([r.frac_short for r in stat]))
     out = Path(out)
     atomic_write(out / "cells" / f"{cell.key}.csv", lambda p: cells.to_csv(p, index=False))
     atomic_write(out / "cells" / f"{cell.key}.summary.csv", lambda p: summary.to_csv(p, index=False))
@@ -174,7 +178,7 @@ def run_study(
     ``scheduler``: ``"local"`` (a Dask LocalCluster of ``workers`` processes),
     ``"serial"`` (in this process), or the address of an existing Dask scheduler.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     grid = grid or Grid()
     out = Path(out)
