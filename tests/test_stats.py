@@ -114,3 +114,28 @@ def test_bad_input(table):
         mustat.prune_fdr(model, res, fdr=0)
     with pytest.raises(ValueError, match="'9.weight' is not a parameter"):
         mustat.wald(model, {"9.weight": torch.ones(1)})
+
+
+def test_infinite_se_means_unidentified(table):
+    model, se = table
+    se["0.weight"][2, 3] = float("inf")
+    res = mustat.wald(model, se)
+    assert res.zvalues["0.weight"][2, 3] == 0 and res.pvalues["0.weight"][2, 3] == 1
+    assert np.isinf(res.conf_int()["0.weight"][2, 3]).all()
+
+
+def test_exact_wald_intervals_cover_at_the_nominal_rate():
+    # 200 simulated logistic datasets x 3 coefficients = 600 intervals; binomial SE of the
+    # coverage sqrt(0.95 * 0.05 / 600) = 0.0089: allow 3 of them
+    from mustat.data import glm_design
+
+    coef = np.array([0.8, 0.0, -0.4])
+    hits = []
+    for rep in range(200):
+        X, y, _ = glm_design("logistic", n=400, coef=coef, scales=(1.0, 2.0, 0.5), seed=10_000 + rep)
+        Xt, yt = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
+        fit = fit_glm(GLM(3), Xt, yt)
+        ci = mustat.wald(fit, hessian_se(fit, fit.nll, (Xt, yt)), params=["linear.weight"]).conf_int()["linear.weight"][0]
+        hits.append((ci[:, 0] <= coef) & (coef <= ci[:, 1]))
+    coverage = np.mean(hits)
+    assert abs(coverage - 0.95) < 3 * np.sqrt(0.95 * 0.05 / 600), coverage

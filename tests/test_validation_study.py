@@ -93,3 +93,10 @@ def test_cli_calibrate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "calibrated" in out and "report.md" in out
     assert (tmp_path / "o" / "summary.csv").exists()
+
+
+def test_digits_design_runs(tmp_path):
+    grid = Grid(designs=("digits",), settings=(Setting(epochs=2, window=1),), replications=1, bootstrap_B=4)
+    summary, cells = run_study(grid, tmp_path, scheduler="serial", quiet=True)
+    assert set(summary.estimator) >= {"pseudo", "calibrated", "bootstrap"}
+    assert len(cells[cells.estimator == "pseudo"]) == 64 * 16 + 16 * 10

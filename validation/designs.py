@@ -34,16 +34,15 @@ class Design:
     simulated: bool
     sample: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
     model: Callable[[int], nn.Module]
+    multiclass: bool = False
 
     def loss(self, model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+        """The mean training loss (the NLL per sample)."""
         if self.glm:
             return lambda out, y: model.nll(out, y) / len(y)
+        if self.multiclass:
+            return lambda out, y: nn.functional.cross_entropy(out, y.long())
         return lambda out, y: nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), y.to(out.dtype))
-
-    def sum_loss(self, model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-        if self.glm:
-            return model.nll
-        return lambda out, y: nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), y.to(out.dtype), reduction="sum")
 
 
 def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -89,11 +88,26 @@ def _breast_cancer() -> Design:
     return Design("breast_cancer", True, False, sample, lambda seed: _seeded(lambda: GLM(8, "logistic"), seed))
 
 
+def _digits(hidden: int = 16) -> Design:
+    from sklearn.datasets import load_digits
+
+    def sample(rep):
+        X, y = load_digits(return_X_y=True)
+        std = X.std(0)
+        return (X - X.mean(0)) / np.where(std > 0, std, 1.0), y.astype(float), None
+
+    def model(seed):
+        return _seeded(lambda: nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)), seed)
+
+    return Design("digits", False, False, sample, model, multiclass=True)
+
+
 DESIGNS: dict[str, Callable[[], Design]] = {
     "logistic": lambda: _glm_design("logistic"),
     "linear": lambda: _glm_design("linear"),
     "teacher-mlp": _teacher_mlp,
     "breast_cancer": _breast_cancer,
+    "digits": _digits,
 }
 
 

@@ -67,7 +67,7 @@ QUICK_SETTINGS = tuple(
     Setting(opt, lr, momentum=mom, batch_size=32, epochs=60, window=45, sampler=sampler)
     for opt, lr, mom in (("sgd", 0.05, 0.0), ("sgd", 0.005, 0.9), ("adam", 0.01, 0.0))
     for sampler in ("replacement", "shuffle")
-)
+) + (Setting("adam", 0.01, batch_size=32, epochs=60, window=5, sampler="replacement"),)  # a short window
 
 
 @dataclass(frozen=True)
