@@ -112,8 +112,14 @@ def _batches(n: int, batch_size: int, sampler: Sampler, generator: torch.Generat
 
 
 def train_epochs(model, optimizer, data: Dataset, epochs: int, config: TrainConfig, *, tracker=None,
-                 generator: torch.Generator, progress=None) -> None:
-    """Train ``epochs`` epochs; reset ``tracker`` at the start of the last ``track_epochs``."""
+                 generator: torch.Generator, progress=None, loss=None) -> None:
+    """Train ``epochs`` epochs on ``data``'s training split.
+
+    Tracker contract: ``tracker.reset()`` at the start of the last ``config.track_epochs``
+    epochs, ``tracker.new_epoch()`` at the start of every epoch (anything with those two
+    methods works, e.g. a group of trackers). ``loss(output, target)`` is the mean
+    minibatch loss (default: :func:`mustat.models.loss_fn`).
+    """
     amp = data.X_train.device.type == "cuda"
     sampler = Sampler(config.sampler)
     was_training = model.training
@@ -128,7 +134,8 @@ def train_epochs(model, optimizer, data: Dataset, epochs: int, config: TrainConf
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(data.X_train.device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(data.X_train[idx])
-            loss_fn(model, out.float(), data.y_train[idx]).backward()
+            target = data.y_train[idx]
+            (loss(out.float(), target) if loss is not None else loss_fn(model, out.float(), target)).backward()
             optimizer.step()
         if progress is not None:
             progress.update(1)

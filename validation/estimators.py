@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_option
-from mustat.training import Sampler, _batches
+from mustat.data import Dataset
+from mustat.training import Sampler, TrainConfig, train_epochs
 from mustat.uncertainty import PseudoBootstrap, calibrated_se, stationarity
 
 
@@ -50,31 +51,37 @@ PSEUDO_VARIANTS = {
 }
 
 
+class _Group:
+    """Several trackers behind the training loop's tracker contract."""
+
+    def __init__(self, trackers):
+        self.trackers = list(trackers)
+
+    def reset(self):
+        for t in self.trackers:
+            t.reset()
+
+    def new_epoch(self):
+        for t in self.trackers:
+            t.new_epoch()
+
+
 def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Setting, *, seed: int) -> dict[str, dict[str, Tensor]]:
     """Train ``model`` in place; return ``{estimator: {name: se}}`` plus ``"_weights"``
-    (the final weights, the estimate the paper's M&U tests) and ``"_mean"`` (the window
+    (the final weights, the estimate the paper's M&U tests), ``"_mean"`` (the window
     mean, the averaged-SGD estimate that goes with the calibrated SE) and ``"_stationarity"``
     (the calibrated window's :class:`~mustat.uncertainty.StationarityReport`)."""
-    if setting.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=setting.lr, momentum=setting.momentum)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=setting.lr)
+    config = TrainConfig(optimizer=setting.optimizer, lr=setting.lr, momentum=setting.momentum,
+                         batch_size=setting.batch_size, epochs=setting.epochs, track_epochs=setting.window,
+                         sampler=setting.sampler)
+    opt = config.make_optimizer(model.parameters())
     trackers = {k: PseudoBootstrap(model, **kw) for k, kw in PSEUDO_VARIANTS.items()}
     trackers["calibrated"] = PseudoBootstrap(model, grad_moment=True)
     for t in trackers.values():
         t.attach(opt)
-    gen = torch.Generator().manual_seed(seed)
-    sampler = Sampler(setting.sampler)
-    for epoch in range(setting.epochs):
-        if epoch == setting.epochs - setting.window:
-            for t in trackers.values():
-                t.reset()
-        for t in trackers.values():
-            t.new_epoch()
-        for idx in _batches(len(y), setting.batch_size, sampler, gen):
-            opt.zero_grad(set_to_none=True)
-            loss(model(X[idx]), y[idx]).backward()
-            opt.step()
+    data = Dataset("study", X, y, X[:0], y[:0], X[:0], y[:0], "classification", None)
+    train_epochs(model, opt, data, setting.epochs, config, tracker=_Group(trackers.values()),
+                 generator=torch.Generator().manual_seed(seed), loss=loss)
     out = {k: t.std() for k, t in trackers.items() if k != "calibrated"}
     out["calibrated"] = calibrated_se(trackers["calibrated"], opt, n=len(y), batch_size=setting.batch_size, check=False)
     names = trackers["pseudo"].names
