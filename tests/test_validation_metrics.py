@@ -19,6 +19,12 @@ def test_se_ratio_and_slope_by_hand():
     assert r["se_ratio_gmean"] == pytest.approx(24 ** 0.25)
 
 
+def test_se_ratio_skips_uninformative_references():
+    r = M.se_ratio(np.array([2.0, 1.0, np.inf, 3.0]), np.array([1.0, 0.0, 1.0, 1.0]))
+    assert r["se_ratio_median"] == 2.5  # ratios 2 and 3; the 0-reference and inf-estimate entries are skipped
+    assert np.isnan(M.se_ratio(np.ones(2), np.zeros(2))["se_ratio_median"])
+
+
 def test_prune_sets_and_jaccard_by_hand():
     z = np.array([0.5, 3.0, 0.1, 2.0, 0.1])
     assert M.prune_set(z, 0.4) == {2, 4}  # round(0.4 * 5) = 2 smallest, ties by position

@@ -15,9 +15,16 @@ def _log_pairs(est: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def se_ratio(est: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """Median, interquartile range and geometric mean of ``est / ref`` (entries with
-    a zero or non-finite SE are left out of the geometric mean)."""
-    r = est / ref
+    """Median, interquartile range and geometric mean of ``est / ref``.
+
+    Entries whose reference SE is 0 or non-finite (a weight that never moved in any
+    refit, e.g. on a constant input: the reference says nothing) or whose estimate is
+    non-finite (unidentified) are left out; with none left the metrics are NaN.
+    """
+    ok = (ref > 0) & np.isfinite(ref) & np.isfinite(est)
+    if not ok.any():
+        return dict(se_ratio_median=np.nan, se_ratio_iqr=np.nan, se_ratio_gmean=np.nan)
+    r = est[ok] / ref[ok]
     le, lr = _log_pairs(est, ref)
     q25, q50, q75 = np.quantile(r, [0.25, 0.5, 0.75])
     return dict(se_ratio_median=float(q50), se_ratio_iqr=float(q75 - q25),
