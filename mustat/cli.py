@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+import warnings
 
 
 def _ints(text: str) -> list[int]:
@@ -26,10 +28,21 @@ def _prune(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
                          track_epochs=args.track_epochs or args.retrain_epochs, sampler=args.sampler)
     t0 = time.perf_counter()
-    results = run(dataset=args.dataset, data_dir=args.data_dir, model=args.model, criteria=args.criteria,
-                  scope=args.scope, schedule_kind=args.schedule, target_sparsity=args.target_sparsity,
-                  rounds=args.rounds, seeds=args.seeds, config=config, device=args.device, out=args.out,
-                  quiet=args.quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run(dataset=args.dataset, data_dir=args.data_dir, model=args.model, criteria=args.criteria,
+                      scope=args.scope, schedule_kind=args.schedule, target_sparsity=args.target_sparsity,
+                      rounds=args.rounds, seeds=args.seeds, config=config, device=args.device, out=args.out,
+                      quiet=args.quiet)
+    short = [w for w in caught if "too short for stationarity" in str(w.message)]
+    for w in caught:
+        if w not in short:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if short:
+        n_eff = [float(m) for w in short for m in re.findall(r"\(median ([0-9.eE+-]+)\)", str(w.message))]
+        print(f"\nstationarity check: {len(short)} calibrated windows too short for the calibrated SE "
+              f"(median effective sample size {min(n_eff):.2g}–{max(n_eff):.2g}, want >= 10); "
+              "see docs/CALIBRATION.md", file=sys.stderr)
     print(f"\ntest accuracy ({args.dataset}, {args.model}, {args.scope} scope, "
           f"seeds {' '.join(map(str, args.seeds))}; mean ± sd over seeds)")
     print(table(results).to_string())
@@ -68,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"dataset: {', '.join(sorted(DATASETS))}")
     p.add_argument("--data-dir", default=None, help="folder with your files for mnist/fashion_mnist (IDX) or cifar10 (python batches)")
     p.add_argument("--model", default="mlp", choices=sorted(MODELS), metavar="NAME", help=f"model: {', '.join(sorted(MODELS))}")
-    p.add_argument("--criteria", type=_names, default=["mu", "magnitude", "random"],
+    p.add_argument("--criteria", type=_names, default=["mu", "mu-calibrated", "magnitude", "random"],
                    help=f"criteria to compare, comma- or space-separated, from: {', '.join(sorted(CRITERIA))}")
     p.add_argument("--scope", default="global", choices=["global", "layer"], help="rank all weights together, or each layer separately")
     p.add_argument("--schedule", default="geometric", choices=["geometric", "oneshot", "gradual"],
@@ -78,12 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adam", choices=["sgd", "adam"], help="optimizer (sgd uses --momentum)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    p.add_argument("--weight-decay", type=float, default=1e-3,
+                   help="L2 weight decay (without it a perfectly fitting network has no finite optimum to estimate)")
     p.add_argument("--batch-size", type=int, default=64, help="minibatch size")
-    p.add_argument("--sampler", default="shuffle", choices=["shuffle", "replacement"],
-                   help="minibatches by epoch-wise reshuffling, or drawn with replacement")
-    p.add_argument("--epochs", type=int, default=20, help="epochs of dense training before pruning")
-    p.add_argument("--retrain-epochs", type=int, default=5, help="epochs of retraining after each pruning round")
+    p.add_argument("--sampler", default="replacement", choices=["shuffle", "replacement"],
+                   help="minibatches drawn with replacement (what the calibrated SE assumes), or by epoch-wise reshuffling")
+    p.add_argument("--epochs", type=int, default=60, help="epochs of dense training before pruning")
+    p.add_argument("--retrain-epochs", type=int, default=40, help="epochs of retraining after each pruning round")
     p.add_argument("--track-epochs", type=int, default=None,
                    help="pseudo-bootstrap window: the last N epochs of each phase (default: --retrain-epochs)")
     p.add_argument("--seeds", type=_ints, default=[0], help="seeds, e.g. '0 1 2'; the table shows mean ± sd")

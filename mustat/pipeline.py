@@ -50,7 +50,7 @@ def run(
     dataset: str = "digits",
     data_dir: str | None = None,
     model: str = "mlp",
-    criteria: Sequence[str] = ("mu", "magnitude", "random"),
+    criteria: Sequence[str] = ("mu", "mu-calibrated", "magnitude", "random"),
     scope: str = "global",
     schedule_kind: str = "geometric",
     target_sparsity: float = 0.95,

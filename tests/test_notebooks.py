@@ -9,7 +9,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 SMALL = {
-    "01_prune_with_mu.ipynb": "EPOCHS = 3\nRETRAIN_EPOCHS = 1\nSPARSITIES = [0.5, 0.9]\nSEED = 0",
+    "01_prune_with_mu.ipynb": "EPOCHS = 3\nRETRAIN_EPOCHS = 1\nSPARSITIES = [0.5, 0.9]\nWEIGHT_DECAY = 1e-3\nSEED = 0",
     "02_wald_statistics.ipynb": "MLP_EPOCHS = 4\nWINDOW = 3\nSEED = 0",
     "03_calibration_study.ipynb": 'REPLICATIONS = 2\nEPOCHS = 4\nWINDOW = 3\nBOOTSTRAP_B = 8\nOUT = "calibration_study"',
 }

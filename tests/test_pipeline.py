@@ -17,17 +17,17 @@ def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["prune", "--out", str(out), "--seeds", "0,1", *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "mu" in printed and "magnitude" in printed and "dense" in printed and "±" in printed
+    assert "mu-calibrated" in printed and "magnitude" in printed and "dense" in printed and "±" in printed
     params = json.loads((out / "params.json").read_text())
     assert params["settings"]["seeds"] == [0, 1] and "torch" in params["versions"]
     df = pd.read_csv(out / "results.csv")
     assert list(df.columns) == RESULT_COLUMNS
-    assert set(df.criterion) == {"dense", "mu", "magnitude", "random"}
-    assert len(df) == 2 * (1 + 3 * len(schedule("geometric", 0.8)))
+    assert set(df.criterion) == {"dense", "mu", "mu-calibrated", "magnitude", "random"}
+    assert len(df) == 2 * (1 + 4 * len(schedule("geometric", 0.8)))
     assert (out / "accuracy_vs_sparsity.png").stat().st_size > 10_000
     # reported sparsities are the real fraction of zeros in the saved models
     data = mustat.data.load("digits")
-    for crit in ("mu", "magnitude", "random"):
+    for crit in ("mu", "mu-calibrated", "magnitude", "random"):
         state = torch.load(out / "checkpoints" / f"seed1-{crit}.pt")
         model = build("mlp", data.input_shape, 10)
         mustat.load_pruned_state_dict(model, state["model"])
@@ -44,7 +44,7 @@ class Stop(Exception):
 
 def test_resume_gives_identical_results(tmp_path):
     cfg = TrainConfig(epochs=2, retrain_epochs=1, track_epochs=1)
-    kw = dict(criteria=["mu", "random"], target_sparsity=0.9, config=cfg, quiet=True)
+    kw = dict(criteria=["mu-calibrated", "random"], target_sparsity=0.9, config=cfg, quiet=True)
     full = run(out=tmp_path / "full", **kw)
     seen = []
 
