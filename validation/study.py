@@ -11,10 +11,11 @@ distributed (a local cluster by default, or an existing scheduler), or serially.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,15 +267,9 @@ def load_grid(path: str | Path) -> Grid:
             raise ValueError(f"{path}: unknown setting keys {sorted(bad)}; valid: {sorted(fields)}")
         keys = list(block)
         values = [v if isinstance(v, list) else [v] for v in block.values()]
-        for combo in _product(values):
+        for combo in itertools.product(*values):
             settings.append(Setting(**dict(zip(keys, combo))))
     kw = {k: spec[k] for k in ("replications", "bootstrap_B", "seed") if k in spec}
     if "designs" in spec:
         kw["designs"] = tuple(spec["designs"])
     return Grid(settings=tuple(settings), **kw)
-
-
-def _product(values: Sequence[list]):
-    import itertools
-
-    return itertools.product(*values)
