@@ -75,7 +75,8 @@ def run(
     check_option(dataset, "dataset", mustat.data.DATASETS)
     check_option(model, "model", mustat.models.MODELS)
     targets = schedule(schedule_kind, target_sparsity, rounds)
-    if any(CRITERIA[c].se_kind == "calibrated" for c in criteria) and config.sampler != "replacement":
+    calibrated = any(CRITERIA[c].se_kind == "calibrated" for c in criteria)
+    if calibrated and config.sampler != "replacement":
         warnings.warn(
             "calibrated standard errors assume minibatches drawn with replacement; with "
             f"sampler={config.sampler!r} they are biased (use --sampler replacement)",
@@ -101,7 +102,7 @@ def run(
             dense = torch.load(dense_path, map_location=dev)
             bar.update(config.epochs)
         else:
-            state, row = dense_phase(model, data, config, seed=seed, progress=bar)
+            state, row = dense_phase(model, data, config, seed=seed, progress=bar, grad_moment=calibrated)
             dense = dict(state, dense_row=row)
             atomic_write(dense_path, lambda t, s=dense: torch.save(s, t))
         rows.append(dense["dense_row"])

@@ -176,8 +176,11 @@ def _row(model, data, *, criterion, scope, seed, rnd, target):
                 test_accuracy=acc, test_loss=loss, val_accuracy=val_acc)
 
 
-def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: int, progress=None):
+def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: int, progress=None,
+                grad_moment: bool = True):
     """Initialise (seeded, without touching the global RNG) and train the dense model.
+
+    ``grad_moment``: also track the gradient moment (needed by calibrated criteria only).
 
     Returns ``(state, row)``: a checkpoint dict to start every criterion from, and the dense result row.
     """
@@ -187,7 +190,7 @@ def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: in
         model = build(model_name, data.input_shape, n_out, task=data.task)
     model.to(data.X_train.device)
     opt = config.make_optimizer(model.parameters())
-    tracker = mustat.PseudoBootstrap(model, grad_moment=True)
+    tracker = mustat.PseudoBootstrap(model, grad_moment=grad_moment)
     tracker.attach(opt)
     gen = torch.Generator().manual_seed(seed)
     train_epochs(model, opt, data, config.epochs, config, tracker=tracker, generator=gen, progress=progress)
@@ -223,7 +226,7 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
     opt = config.make_optimizer(model.parameters())
     mustat.load_pruned_state_dict(model, start["model"])
     opt.load_state_dict(start["optimizer"])
-    tracker = mustat.PseudoBootstrap(model, grad_moment=True)
+    tracker = mustat.PseudoBootstrap(model, grad_moment=start["tracker"].get("grad_moment", False))
     tracker.load_state_dict(start["tracker"])
     tracker.attach(opt)
     gen = torch.Generator()

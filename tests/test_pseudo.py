@@ -185,3 +185,23 @@ def test_cuda_matches_cpu():
         a.update()
         b.update()
     torch.testing.assert_close(b.var()["layers.0.weight"].cpu(), a.var()["layers.0.weight"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("window, beta", [("since_reset", None), ("ema", 0.9)])
+def test_grad_moment_matches_numpy(window, beta):
+    rng = np.random.default_rng(5)
+    grads = rng.standard_normal((30, 2, 3))
+    model = Trajectory((2, 3), dtype=torch.float64)
+    tr = PseudoBootstrap(model, window=window, beta=beta, grad_moment=True)
+    w = model.layers[0].weight
+    for g in grads:
+        w.grad = torch.from_numpy(g.copy())
+        tr.update()
+    sq = grads**2
+    if window == "ema":  # same weights as the documented EMA: x_1 beta^(n-1), x_i (1-beta) beta^(n-i)
+        n = len(sq)
+        wts = np.array([beta ** (n - 1)] + [(1 - beta) * beta ** (n - i) for i in range(2, n + 1)])
+        ref = np.tensordot(wts, sq, axes=1)
+    else:
+        ref = sq.mean(0)
+    np.testing.assert_allclose(tr.grad_sq()["layers.0.weight"].numpy(), ref, rtol=1e-12)

@@ -16,12 +16,13 @@ from mustat.uncertainty import PseudoBootstrap, calibrated_se, stationarity
 
 @dataclass(frozen=True)
 class Setting:
-    """One training setting: optimizer, its learning rate (and SGD momentum), batch
-    size, epochs, the tracking window (last ``window`` epochs) and the sampler."""
+    """One training setting: optimizer, its learning rate (and SGD momentum), weight
+    decay, batch size, epochs, the tracking window (last ``window`` epochs) and the sampler."""
 
     optimizer: str = "adam"
     lr: float = 0.01
     momentum: float = 0.0
+    weight_decay: float = 0.0
     batch_size: int = 32
     epochs: int = 40
     window: int = 30
@@ -36,7 +37,8 @@ class Setting:
     @property
     def label(self) -> str:
         opt = "sgd+momentum" if self.optimizer == "sgd" and self.momentum else self.optimizer
-        return f"{opt} lr={self.lr:g} S={self.batch_size} {self.sampler} {self.window}/{self.epochs}ep"
+        wd = f" wd={self.weight_decay:g}" if self.weight_decay else ""
+        return f"{opt} lr={self.lr:g}{wd} S={self.batch_size} {self.sampler} {self.window}/{self.epochs}ep"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -71,8 +73,9 @@ def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Se
     (the final weights, the estimate the paper's M&U tests), ``"_mean"`` (the window
     mean, the averaged-SGD estimate that goes with the calibrated SE) and ``"_stationarity"``
     (the calibrated window's :class:`~mustat.uncertainty.StationarityReport`)."""
+    # every field explicit: a change of the pipeline's defaults must not move a study
     config = TrainConfig(optimizer=setting.optimizer, lr=setting.lr, momentum=setting.momentum,
-                         batch_size=setting.batch_size, epochs=setting.epochs, track_epochs=setting.window,
+                         weight_decay=setting.weight_decay, batch_size=setting.batch_size, epochs=setting.epochs, track_epochs=setting.window,
                          sampler=setting.sampler)
     opt = config.make_optimizer(model.parameters())
     trackers = {k: PseudoBootstrap(model, **kw) for k, kw in PSEUDO_VARIANTS.items()}

@@ -137,7 +137,7 @@ class PseudoBootstrap:
         if self._steps % self.every:
             return
         x = self._current()
-        g2 = self._grad_sq_now() if self.grad_moment else None
+        grads = self._grads() if self.grad_moment else None
         if self.count == 0:
             if not self._mean or any(
                 m.shape != v.shape or m.device != v.device or m.dtype != v.dtype
@@ -148,13 +148,16 @@ class PseudoBootstrap:
             else:
                 torch._foreach_copy_(self._mean, x)
                 torch._foreach_zero_(self._m2)
-            self._g2 = g2 if g2 is not None else []
+            self._g2 = torch._foreach_mul(grads, grads) if grads is not None else []
             self.count = 1
             return
         self.count += 1
         delta = torch._foreach_sub(x, self._mean)
-        if g2 is not None:
-            torch._foreach_lerp_(self._g2, g2, (1.0 - self.beta) if self.window is Window.EMA else 1.0 / self.count)
+        if grads is not None:
+            # g2 += w (g^2 - g2), in place: no per-step temporary
+            w = (1.0 - self.beta) if self.window is Window.EMA else 1.0 / self.count
+            torch._foreach_mul_(self._g2, 1.0 - w)
+            torch._foreach_addcmul_(self._g2, grads, grads, value=w)
         if self.window is Window.EMA:
             a = 1.0 - self.beta
             torch._foreach_add_(self._mean, delta, alpha=a)
@@ -166,14 +169,14 @@ class PseudoBootstrap:
             torch._foreach_add_(self._mean, delta, alpha=1.0 / n)
             torch._foreach_addcmul_(self._m2, delta, delta, value=(n - 1) / n)
 
-    def _grad_sq_now(self) -> list[Tensor]:
+    def _grads(self) -> list[Tensor]:
         grads = []
         for name, (module, attr) in zip(self.names, self._targets):
             g = leaf(module, attr).grad
             if g is None:
                 raise RuntimeError(f"grad_moment=True but {name!r} has no .grad: call update() after backward() and step()")
             grads.append(g.detach())
-        return torch._foreach_mul(grads, grads)
+        return grads
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Call :meth:`update` after every ``optimizer.step()``; returns a removable handle."""
