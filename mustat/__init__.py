@@ -9,27 +9,45 @@ from mustat.pruning import (
     prune,
     sparsity,
 )
-from mustat.stats import WaldResults, prune_fdr, wald
-from mustat.uncertainty import PseudoBootstrap, Window, fit_glm, hessian_se
+from mustat.stats import WaldResults, prune_fdr, pvalues, wald, zvalues
+from mustat.uncertainty import (
+    ESTIMATORS,
+    Estimator,
+    FitContext,
+    PseudoBootstrap,
+    Window,
+    WindowWarning,
+    fit_glm,
+    hessian_se,
+    make_estimator,
+    register_estimator,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CRITERIA",
+    "ESTIMATORS",
     "Criterion",
+    "Estimator",
+    "FitContext",
     "PruningReport",
     "PseudoBootstrap",
     "Scope",
     "WaldResults",
     "Window",
+    "WindowWarning",
     "finalize",
     "fit_glm",
     "hessian_se",
     "load_pruned_state_dict",
+    "make_estimator",
     "prune",
     "prune_fdr",
-    "register_criterion",
+    "pvalues",
+    "register_estimator",
     "score",
     "sparsity",
     "wald",
+    "zvalues",
 ]

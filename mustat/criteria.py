@@ -1,5 +1,7 @@
-"""Pruning criteria: pure functions from a weight tensor (and its standard
-errors) to scores. Low scores are pruned first.
+"""Pruning criteria: pure functions of a weight tensor and its standard errors
+``(w, se)`` to scores. Low scores are pruned first. Where ``se`` comes from is
+the estimator's business (:mod:`mustat.uncertainty`), so one criterion such as
+``mu`` combines with every registered estimator (``mu[batch-means]``).
 
 A new criterion is one decorated function::
 
@@ -19,39 +21,51 @@ from torch import Tensor, nn
 from mustat._checks import check_option
 from mustat._masking import find_mask
 from mustat._params import resolve, select
+from mustat.stats import zvalues
 
 CriterionFn = Callable[..., Tensor]
 
 
 @dataclass(frozen=True)
 class Criterion:
-    """A registered criterion: its name, its function, whether it needs ``se``, and
-    which estimator the training pipeline feeds it (``"pseudo"``: the raw pseudo-bootstrap
-    SD; ``"calibrated"``: :func:`mustat.uncertainty.calibrated_se` with the window mean
-    as the estimate)."""
+    """A registered criterion: its name, its function ``fn(weight, *, se, generator)``,
+    and whether it needs standard errors."""
 
     name: str
     fn: CriterionFn
     requires_se: bool = False
-    se_kind: str | None = None
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(
-    name: str, *, requires_se: bool = False, se_kind: str | None = None
-) -> Callable[[CriterionFn], CriterionFn]:
+def register_criterion(name: str, *, requires_se: bool = False) -> Callable[[CriterionFn], CriterionFn]:
     """Register ``fn(weight, *, se, generator) -> scores`` under ``name``."""
-    check_option(se_kind, "se_kind", [None, "pseudo", "calibrated"])
+    if "[" in name or "]" in name:
+        raise ValueError(f"criterion names cannot contain brackets (they mark the estimator: 'mu[pseudo]'), got {name!r}")
 
     def deco(fn: CriterionFn) -> CriterionFn:
         if name in CRITERIA:
             raise ValueError(f"a criterion named {name!r} is already registered")
-        CRITERIA[name] = Criterion(name, fn, requires_se, se_kind or ("pseudo" if requires_se else None))
+        CRITERIA[name] = Criterion(name, fn, requires_se)
         return fn
 
     return deco
+
+
+def label(criterion: str, se: str | None = None) -> str:
+    """Row label: ``"mu[batch-means]"`` for criteria that use an estimator, else the name."""
+    return f"{criterion}[{se}]" if se is not None else criterion
+
+
+def parse_label(text: str) -> tuple[str, str | None]:
+    """``"mu[batch-means]"`` -> ``("mu", "batch-means")``; ``"magnitude"`` -> ``("magnitude", None)``."""
+    name, bracket, rest = text.partition("[")
+    if not bracket:
+        return text, None
+    if not rest.endswith("]") or not rest[:-1]:
+        raise ValueError(f"criterion {text!r} is malformed; write a name, or name[estimator] such as 'mu[pseudo]'")
+    return name, rest[:-1]
 
 
 def get_criterion(name: str) -> Criterion:
@@ -67,16 +81,10 @@ def magnitude(weight: Tensor, *, se: Tensor | None = None, generator=None) -> Te
 
 @register_criterion("mu", requires_se=True)
 def mu(weight: Tensor, *, se: Tensor, generator=None) -> Tensor:
-    """``|w| / se(w)``: the Wald statistic for H0: w = 0 (Ko et al. 2019).
-
-    ``se == 0`` with ``w != 0`` (a frozen weight) scores ``+inf``; ``se == inf``
-    (an unidentified weight) and ``w == 0`` score 0.
-    """
-    return torch.where(weight == 0, torch.zeros_like(weight), weight.abs() / se)
-
-
-register_criterion("mu-calibrated", requires_se=True, se_kind="calibrated")(mu)
-"""``|w| / se(w)`` with the calibrated SE (the pipeline passes ``calibrated_se`` and the window mean)."""
+    """``|w| / se(w)``: the Wald statistic for H0: w = 0 (Ko et al. 2019), with the
+    conventions of :func:`mustat.stats.zvalues`. With the constant ``se`` it is
+    magnitude pruning; with the curvature SE, Optimal Brain Damage's ranking."""
+    return zvalues(weight, se).abs()
 
 
 @register_criterion("random")
@@ -101,20 +109,18 @@ def score(
     model
         The network (read only).
     criterion
-        A registered name: ``"magnitude"``, ``"mu"``, ``"mu-calibrated"``, ``"random"``, ...
-        (see ``CRITERIA``). ``"mu"`` and ``"mu-calibrated"`` compute the same ``|w| / se``;
-        they differ in the ``se`` (and estimate) the training pipeline supplies.
+        A registered name: ``"magnitude"``, ``"mu"``, ``"random"``, ... (see ``CRITERIA``).
     se
-        Standard errors keyed by tensor name, as :meth:`PseudoBootstrap.std` returns;
-        required by ``"mu"``. Extra keys are ignored.
+        Standard errors keyed by tensor name, as any estimator's ``se()`` returns
+        (:mod:`mustat.uncertainty`); required by ``"mu"``. Extra keys are ignored.
     seed
         Seed of the ``"random"`` criterion (``None``: a fresh nondeterministic seed).
     params
         Names of the tensors to score; default: every ``nn.Linear``/``nn.Conv*d`` weight
         and every masked tensor.
     weights
-        Values to score instead of the current weights (for example the window mean,
-        ``tracker.mean()``).
+        Values to score instead of the current weights: the estimate the ``se``
+        belongs with, ``estimator.estimate()`` (for example the window mean).
 
     Returns
     -------
@@ -126,7 +132,7 @@ def score(
     if crit.requires_se and se is None:
         raise ValueError(
             f"criterion {crit.name!r} needs se=..., a dict of standard errors keyed by tensor "
-            "name such as PseudoBootstrap.std() returns"
+            "name such as an estimator's se() returns (mustat.uncertainty)"
         )
     names = select(model, params)
     generator = torch.Generator()

@@ -93,7 +93,7 @@ def _alive(module: nn.Module, attr: str, like: Tensor) -> Tensor:
     return (m.mask != 0).to(like.device)
 
 
-def _ranked_cut(scores: Tensor, alive: Tensor, k: int) -> Tensor:
+def ranked_cut(scores: Tensor, alive: Tensor, k: int) -> Tensor:
     """Boolean ``keep`` of the flattened scores: the ``k`` lowest are cut.
 
     Already dead entries are cut first (never revived); ties fall to the lower
@@ -157,7 +157,7 @@ def prune(
         flat = torch.cat([s.flatten().to(device, torch.float64) for _, _, s, _ in targets.values()])
         alive = torch.cat([a.flatten().to(device) for *_, a in targets.values()])
         k = round(sparsity * flat.numel())
-        keep_all = _ranked_cut(flat, alive, max(k, int((~alive).sum())))
+        keep_all = ranked_cut(flat, alive, max(k, int((~alive).sum())))
         keeps, start = {}, 0
         for name, (_, _, s, _) in targets.items():
             keeps[name] = keep_all[start : start + s.numel()].view(s.shape)
@@ -169,7 +169,7 @@ def prune(
             k = round(sparsity * s.numel())
             dead = int((~a).sum())
             below |= k < dead
-            keeps[name] = _ranked_cut(s.flatten(), a.flatten(), max(k, dead)).view(s.shape)
+            keeps[name] = ranked_cut(s.flatten(), a.flatten(), max(k, dead)).view(s.shape)
     if below:
         warnings.warn(
             f"sparsity={sparsity} is below the current sparsity; pruned weights are never revived, "

@@ -24,6 +24,25 @@ from mustat.pruning import PruningReport
 ADJUST_METHODS = ("bonferroni", "holm", "fdr_bh", "fdr_by", "sidak", "holm-sidak", "hommel")
 
 
+def zvalues(w, se):
+    """Wald ``z = w / se`` with mustat's conventions, for numpy arrays or torch tensors.
+
+    ``w == 0`` (for example a pruned weight) gives 0; ``se == 0`` with ``w != 0``
+    (known exactly) gives ``±inf``; ``se == inf`` (unidentified) gives 0.
+    """
+    if isinstance(w, Tensor):
+        return torch.where(w == 0, torch.zeros_like(w), w / se)
+    w, se = np.asarray(w, dtype=float), np.asarray(se, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = w / se
+    return np.where(w == 0, 0.0, z)
+
+
+def pvalues(z) -> np.ndarray:
+    """Two-sided p-values of Wald ``z`` against N(0, 1): ``2 (1 - Phi(|z|))``."""
+    return 2 * sps.norm.sf(np.abs(np.asarray(z, dtype=float)))
+
+
 def _check_alpha(alpha: float) -> float:
     return float(check_scalar(alpha, "alpha", kind=Real, low=0.0, high=1.0, closed="neither"))
 
@@ -62,16 +81,11 @@ class WaldResults:
 
     @property
     def zvalues(self) -> dict[str, np.ndarray]:
-        out = {}
-        for k, w in self.params.items():
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z = w / self.bse[k]
-            out[k] = np.where(w == 0, 0.0, z)
-        return out
+        return {k: zvalues(w, self.bse[k]) for k, w in self.params.items()}
 
     @property
     def pvalues(self) -> dict[str, np.ndarray]:
-        return {k: 2 * sps.norm.sf(np.abs(z)) for k, z in self.zvalues.items()}
+        return {k: pvalues(z) for k, z in self.zvalues.items()}
 
     def conf_int(self, alpha: float | None = None) -> dict[str, np.ndarray]:
         """``(lower, upper)`` stacked on a last axis of size 2, at level ``1 - alpha``."""

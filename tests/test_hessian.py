@@ -138,3 +138,61 @@ def test_hessian_se_bad_arguments(kwargs, match):
     model = GLM(2).double()
     with pytest.raises(ValueError, match=match):
         hessian_se(model, model.nll, (torch.randn(10, 2), torch.ones(10)), **kwargs)
+
+
+def _penalised_reference(family, X, y, wd):
+    """Penalised GLM in numpy float64: Newton on mean NLL + wd/2 |theta|^2 (bias included), then
+    H = sum_i w_i x_i x_i^T + n wd I, psi_i = x_i r_i + wd theta, sandwich H^-1 (sum psi psi^T) H^-1."""
+    n = len(X)
+    Xc = np.c_[np.ones(n), X]
+    theta = np.zeros(Xc.shape[1])
+    for _ in range(100):
+        eta = Xc @ theta
+        mu = eta if family == "linear" else 1 / (1 + np.exp(-eta))
+        w = np.ones(n) if family == "linear" else mu * (1 - mu)
+        grad = Xc.T @ (mu - y) + n * wd * theta
+        H = (Xc * w[:, None]).T @ Xc + n * wd * np.eye(len(theta))
+        theta -= np.linalg.solve(H, grad)
+    psi = Xc * (mu - y)[:, None] + wd * theta
+    Hinv = np.linalg.inv(H)
+    return theta, np.sqrt(np.diag(Hinv)), np.sqrt(np.diag(Hinv @ psi.T @ psi @ Hinv))
+
+
+@pytest.mark.parametrize("family", ["logistic", "linear"])
+def test_penalised_fit_and_standard_errors_match_numpy(family):
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((400, 3)) * [0.5, 1, 2]
+    X[:, 2] += X[:, 1]
+    eta = 0.2 + X @ np.array([1.0, -0.5, 0.0])
+    y = (rng.binomial(1, 1 / (1 + np.exp(-eta))) if family == "logistic" else eta + rng.standard_normal(400)).astype(float)
+    wd = 0.03
+    theta, se_obs, se_sand = _penalised_reference(family, X, y, wd)
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    fit = fit_glm(GLM(3, family), Xt, yt, weight_decay=wd)
+    coef = np.r_[fit.linear.bias.detach().numpy(), fit.linear.weight.detach().numpy().ravel()]
+    np.testing.assert_allclose(coef, theta, rtol=1e-9, atol=1e-12)
+    for kind, ref in (("observed", se_obs), ("sandwich", se_sand)):
+        se = hessian_se(fit, fit.nll, (Xt, yt), kind=kind, weight_decay=wd)
+        ours = np.r_[se["linear.bias"].numpy(), se["linear.weight"].numpy().ravel()]
+        np.testing.assert_allclose(ours, ref, rtol=1e-9)
+    # the penalty is not negligible here, so leaving it out would fail this test
+    unpen = hessian_se(fit, fit.nll, (Xt, yt), kind="observed")["linear.weight"].numpy().ravel()
+    assert np.max(np.abs(unpen / se_obs[1:] - 1)) > 1e-3
+
+
+def test_subset_standard_errors_do_not_require_grad():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    X, y = torch.randn(50, 3), torch.randn(50)
+    se = hessian_se(model, lambda o, t: 0.5 * (o.squeeze(-1) - t).square().sum(), (X, y), params=["2.weight"], damping=1.0)
+    assert list(se) == ["2.weight"] and not se["2.weight"].requires_grad
+
+
+def test_information_has_one_shape():
+    from mustat.uncertainty import information
+
+    glm = GLM(2)
+    X, y = torch.randn(20, 2), torch.randint(0, 2, (20,)).double()
+    a = information(glm, glm.nll, (X, y))
+    b = information(glm, glm.nll, (X, y), sandwich=True, weight_decay=0.1)
+    assert a.J is None and b.J is not None and a.gradient.shape == b.gradient.shape == (3,)
+    torch.testing.assert_close(b.H - a.H, 20 * 0.1 * torch.eye(3, dtype=torch.float64))

@@ -197,11 +197,21 @@ def test_grad_moment_matches_numpy(window, beta):
     for g in grads:
         w.grad = torch.from_numpy(g.copy())
         tr.update()
-    sq = grads**2
     if window == "ema":  # same weights as the documented EMA: x_1 beta^(n-1), x_i (1-beta) beta^(n-i)
-        n = len(sq)
+        n = len(grads)
         wts = np.array([beta ** (n - 1)] + [(1 - beta) * beta ** (n - i) for i in range(2, n + 1)])
-        ref = np.tensordot(wts, sq, axes=1)
+        mean = np.tensordot(wts, grads, axes=1)
+        # Finch's EMA variance equals the same weights applied to squared deviations from the
+        # running means; written out as the documented recursion in float64
+        var = np.zeros_like(grads[0])
+        m = grads[0].copy()
+        for g in grads[1:]:
+            d = g - m
+            m = m + (1 - beta) * d
+            var = beta * (var + (1 - beta) * d**2)
     else:
-        ref = sq.mean(0)
-    np.testing.assert_allclose(tr.grad_sq()["layers.0.weight"].numpy(), ref, rtol=1e-12)
+        mean, var = grads.mean(0), grads.var(0, ddof=1)  # the centred (unbiased) gradient variance
+    np.testing.assert_allclose(tr.grad_mean()["layers.0.weight"].numpy(), mean, rtol=1e-12)
+    np.testing.assert_allclose(tr.grad_var()["layers.0.weight"].numpy(), var, rtol=1e-10)
+    # the weights' own moments are unaffected by tracking gradients alongside
+    assert torch.all(tr.var()["layers.0.weight"] == 0)

@@ -1,23 +1,25 @@
-"""Train one model under one setting and read every standard-error estimator
-from that single run: pseudo-bootstrap variants and the calibrated estimator."""
+"""Train one model under one setting and read every requested standard-error
+estimator from that single run, through the registry (:mod:`mustat.uncertainty`)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_option
-from mustat.data import Dataset
-from mustat.training import Sampler, TrainConfig, train_epochs
-from mustat.uncertainty import PseudoBootstrap, calibrated_se, stationarity
+from mustat.training import OPTIMIZERS, Sampler, TrackWindow, make_optimizer, steps_per_epoch, train_epochs
+from mustat.uncertainty import ESTIMATORS, FitContext, WindowWarning, get_estimator, make_estimator
 
 
 @dataclass(frozen=True)
 class Setting:
     """One training setting: optimizer, its learning rate (and SGD momentum), weight
-    decay, batch size, epochs, the tracking window (last ``window`` epochs) and the sampler."""
+    decay, batch size, epochs, the tracking window (last ``window`` epochs) and the sampler.
+    Every field is explicit: a change of the pipeline's defaults must not move a study."""
 
     optimizer: str = "adam"
     lr: float = 0.01
@@ -29,7 +31,7 @@ class Setting:
     sampler: str = "replacement"
 
     def __post_init__(self):
-        check_option(self.optimizer, "optimizer", ["sgd", "adam"])
+        check_option(self.optimizer, "optimizer", OPTIMIZERS)
         check_option(self.sampler, "sampler", Sampler)
         if not 0 < self.window <= self.epochs:
             raise ValueError(f"window must be in [1, epochs={self.epochs}], got {self.window}")
@@ -44,51 +46,53 @@ class Setting:
         return asdict(self)
 
 
-#: pseudo-bootstrap variants read from every run: name -> tracker options
-PSEUDO_VARIANTS = {
-    "pseudo": dict(),
-    "pseudo-every10": dict(every=10),
-    "pseudo-ema": dict(window="ema", beta=0.999),
-    "pseudo-epoch": dict(window="epoch"),
+#: study labels of estimator variants: label -> (registered name, options)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "pseudo-every10": ("pseudo", dict(every=10)),
+    "pseudo-ema": ("pseudo", dict(window="ema", beta=0.999)),
+    "pseudo-epoch": ("pseudo", dict(window="epoch")),
 }
+#: batch-means splits the window into this many batches
+BATCH_MEANS_BATCHES = 20
 
 
-class _Group:
-    """Several trackers behind the training loop's tracker contract."""
-
-    def __init__(self, trackers):
-        self.trackers = list(trackers)
-
-    def reset(self):
-        for t in self.trackers:
-            t.reset()
-
-    def new_epoch(self):
-        for t in self.trackers:
-            t.new_epoch()
+def resolve(label: str) -> tuple[str, dict]:
+    """``(registered name, options)`` of a study label: a variant above or any registered estimator."""
+    if label in VARIANTS:
+        return VARIANTS[label]
+    check_option(label, "estimator", sorted(ESTIMATORS) + sorted(VARIANTS))
+    return label, {}
 
 
-def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Setting, *, seed: int) -> dict[str, dict[str, Tensor]]:
-    """Train ``model`` in place; return ``{estimator: {name: se}}`` plus ``"_weights"``
-    (the final weights, the estimate the paper's M&U tests), ``"_mean"`` (the window
-    mean, the averaged-SGD estimate that goes with the calibrated SE) and ``"_stationarity"``
-    (the calibrated window's :class:`~mustat.uncertainty.StationarityReport`)."""
-    # every field explicit: a change of the pipeline's defaults must not move a study
-    config = TrainConfig(optimizer=setting.optimizer, lr=setting.lr, momentum=setting.momentum,
-                         weight_decay=setting.weight_decay, batch_size=setting.batch_size, epochs=setting.epochs, track_epochs=setting.window,
-                         sampler=setting.sampler)
-    opt = config.make_optimizer(model.parameters())
-    trackers = {k: PseudoBootstrap(model, **kw) for k, kw in PSEUDO_VARIANTS.items()}
-    trackers["calibrated"] = PseudoBootstrap(model, grad_moment=True)
-    for t in trackers.values():
-        t.attach(opt)
-    data = Dataset("study", X, y, X[:0], y[:0], X[:0], y[:0], "classification", None)
-    train_epochs(model, opt, data, setting.epochs, config, tracker=_Group(trackers.values()),
-                 generator=torch.Generator().manual_seed(seed), loss=loss)
-    out = {k: t.std() for k, t in trackers.items() if k != "calibrated"}
-    out["calibrated"] = calibrated_se(trackers["calibrated"], opt, n=len(y), batch_size=setting.batch_size, check=False)
-    names = trackers["pseudo"].names
-    out["_weights"] = {n: getattr(model.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]).detach().clone() for n in names}
-    out["_mean"] = trackers["calibrated"].mean()
-    out["_stationarity"] = stationarity(trackers["calibrated"], opt)
-    return out
+def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Setting, *, seed: int,
+                       estimators: tuple[str, ...]) -> tuple[dict[str, tuple[dict, dict, dict]], dict[str, Tensor]]:
+    """Train ``model`` in place and fit every estimator label in ``estimators``.
+
+    Returns ``({label: (estimate, se, diagnostics)}, final_weights)``; a window
+    warning is not raised but kept in the diagnostics (``ok``).
+    """
+    opt = make_optimizer(setting.optimizer, model.parameters(), lr=setting.lr, momentum=setting.momentum,
+                         weight_decay=setting.weight_decay)
+    window_steps = setting.window * steps_per_epoch(len(y), setting.batch_size)
+    ests = {}
+    for lab in estimators:
+        name, options = resolve(lab)
+        if name == "batch-means":
+            options = dict(options, batch_steps=max(1, window_steps // BATCH_MEANS_BATCHES))
+        ests[lab] = make_estimator(name, model, **options)
+    trajectory = [e for e in ests.values() if get_estimator(e.name).trajectory]
+    for e in trajectory:
+        e.attach(opt)
+    train_epochs(model, opt, X, y, epochs=setting.epochs, batch_size=setting.batch_size, sampler=setting.sampler,
+                 generator=torch.Generator().manual_seed(seed), loss=loss,
+                 callbacks=[TrackWindow(trajectory, setting.window)])
+    ctx = FitContext(X=X, y=y, loss=loss, optimizer=opt, batch_size=setting.batch_size,
+                     weight_decay=setting.weight_decay)
+    out: dict[str, tuple[dict, dict, dict[str, Any]]] = {}
+    for lab, est in ests.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", WindowWarning)  # recorded in the diagnostics instead
+            est.fit(ctx)
+        out[lab] = (est.estimate(), est.se(), est.diagnostics())
+    final = {n: getattr(m, a).detach().clone() for n, (m, a) in zip(est.names, est._targets)}
+    return out, final

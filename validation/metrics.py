@@ -4,9 +4,15 @@ where the truth is known, against it. Inputs are flat numpy arrays."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import stats as sps
 
+from mustat.pruning import ranked_cut
+from mustat.stats import pvalues, zvalues
+
 Z95 = sps.norm.ppf(0.975)
+__all__ = ["Z95", "agreement", "jaccard", "loglog_slope", "prune_set", "pvalues", "se_ratio", "spearman",
+           "truth_metrics", "zvalues"]
 
 
 def _log_pairs(est: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,24 +52,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def prune_set(abs_z: np.ndarray, sparsity: float) -> set[int]:
-    """Indices of the ``round(sparsity * n)`` smallest |z| (ties by position, as mustat.prune)."""
-    k = round(sparsity * len(abs_z))
-    return set(np.argsort(abs_z, kind="stable")[:k].tolist())
+    """Indices of the ``round(sparsity * n)`` smallest |z|, ranked exactly as :func:`mustat.prune` ranks."""
+    scores = torch.as_tensor(np.nan_to_num(abs_z, posinf=np.inf), dtype=torch.float64)
+    keep = ranked_cut(scores, torch.ones(len(scores), dtype=torch.bool), round(sparsity * len(abs_z)))
+    return set(torch.nonzero(~keep).flatten().tolist())
 
 
 def jaccard(a: set, b: set) -> float:
     return 1.0 if not a and not b else len(a & b) / len(a | b)
-
-
-def zvalues(w: np.ndarray, se: np.ndarray) -> np.ndarray:
-    """Wald z with mustat's conventions: w == 0 -> 0; se == 0, w != 0 -> ±inf."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = w / se
-    return np.where(w == 0, 0.0, z)
-
-
-def pvalues(z: np.ndarray) -> np.ndarray:
-    return 2 * sps.norm.sf(np.abs(z))
 
 
 def agreement(w: np.ndarray, se: np.ndarray, w_ref: np.ndarray, se_ref: np.ndarray) -> dict[str, float]:

@@ -10,7 +10,8 @@ import pandas as pd
 from mustat._io import atomic_write
 from validation.metrics import pvalues, zvalues
 
-MAIN_ESTIMATORS = ["pseudo", "calibrated", "bootstrap", "wald"]
+MAIN_ESTIMATORS = ["pseudo", "calibrated", "batch-means", "curvature", "bootstrap", "wald"]
+TRAJECTORY = ["pseudo", "calibrated", "batch-means"]
 
 
 def _save(fig, path: Path) -> None:
@@ -33,7 +34,7 @@ def _setup():
 def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
     """Estimator SE against the reference SE, log-log, one panel per estimator (replication 0)."""
     sns = _setup()
-    d = cells[(cells.replication == 0) & cells.estimator.isin(MAIN_ESTIMATORS[:3]) & (cells.se > 0)
+    d = cells[(cells.replication == 0) & cells.estimator.isin(TRAJECTORY + ["curvature"]) & (cells.se > 0)
               & np.isfinite(cells.se) & (cells.ref_se > 0)].copy()
     d["optimizer"] = d["setting"].str.split(" ").str[0]
     d["sampler"] = np.where(d["setting"].str.contains("replacement"), "replacement", "shuffle")
@@ -53,7 +54,7 @@ def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
 def qq_figure(cells: pd.DataFrame, path: Path) -> Path:
     """QQ plot of null-weight p-values against U(0, 1), per estimator and sampler."""
     sns = _setup()
-    d = cells[cells.truth.notna() & (cells.truth == 0) & cells.estimator.isin(MAIN_ESTIMATORS[:2] + ["wald"])].copy()
+    d = cells[cells.truth.notna() & (cells.truth == 0) & cells.estimator.isin(TRAJECTORY + ["wald"])].copy()
     if d.empty:
         return path
     d["p"] = pvalues(zvalues(d["weight"].to_numpy(), d["se"].to_numpy()))
@@ -103,11 +104,13 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
     qq_figure(cells, out / "qq_null_pvalues.png")
     coverage_figure(summary, out / "coverage.png")
     cols = ["design", "setting", "estimator", "se_ratio_median", "loglog_slope", "spearman_z", "jaccard_50",
-            "coverage95", "type1_05", "ks_null"]
+            "coverage95", "type1_05", "ks_null", "window_ok"]
     head = summary[summary.estimator.isin(MAIN_ESTIMATORS)][cols]
     lines = ["# Calibration study", "",
-             "Standard errors of each estimator against a reference: the exact Wald SE at the MLE for",
-             "GLM designs (no hidden layer), the warm-started bootstrap for MLPs. Truth metrics",
+             "Standard errors of each estimator against a reference: the exact Wald SE at the (penalised)",
+             "optimum for GLM designs (no hidden layer; the sandwich when the fit has weight decay), the",
+             "warm-started bootstrap with the same weight decay for MLPs. `window_ok`: the fraction of runs",
+             "whose window the estimator's own diagnostic accepts. Truth metrics",
              "(coverage, type-I error, KS of null p-values, power) pool the simulated replications.",
              "Tables: `summary.csv` (one row per cell and estimator), `cells.csv` (one row per weight).", "",
              "## Reading", ""]
@@ -120,22 +123,22 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
 
 def _reading(summary: pd.DataFrame) -> list[str]:
     out = []
-    for est in ["pseudo", "calibrated", "bootstrap", "wald"]:
+    for est in MAIN_ESTIMATORS:
         s = summary[summary.estimator == est]
         if s.empty:
             continue
         for sampler in ("replacement", "shuffle"):
-            t = s[s.sampler == sampler] if est in ("pseudo", "calibrated") else s
+            t = s[s.sampler == sampler] if est in TRAJECTORY else s
             if t.empty:
                 continue
             cov = t.coverage95.dropna()
-            where = f" ({sampler} minibatches)" if est in ("pseudo", "calibrated") else ""
+            where = f" ({sampler} minibatches)" if est in TRAJECTORY else ""
             text = (f"- **{est}**{where}: median SE ratio {t.se_ratio_median.min():.2f}–{t.se_ratio_median.max():.2f}, "
                     f"log-log slope {t.loglog_slope.min():.2f}–{t.loglog_slope.max():.2f}, "
                     f"Spearman of |z| {t.spearman_z.min():.2f}–{t.spearman_z.max():.2f}")
             if len(cov):
                 text += f"; 95% coverage {cov.min():.2f}–{cov.max():.2f}, type-I error {t.type1_05.min():.2f}–{t.type1_05.max():.2f}"
             out.append(text + ".")
-            if est not in ("pseudo", "calibrated"):
+            if est not in TRAJECTORY:
                 break
     return out

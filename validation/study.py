@@ -16,7 +16,7 @@ import json
 import platform
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,29 +25,57 @@ import torch
 
 import mustat
 from mustat._io import atomic_write, write_json
+from mustat.uncertainty import bootstrap_se, information
 from validation import metrics as M
-from validation.bootstrap import bootstrap_se
 from validation.designs import DESIGNS, get_design
-from validation.estimators import Setting, train_and_estimate
+from validation.estimators import Setting, resolve, train_and_estimate
 
+SETTING_COLUMNS = ["optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs", "window", "sampler"]
 SUMMARY_COLUMNS = [
-    "design", "setting", "optimizer", "lr", "momentum", "batch_size", "epochs", "window", "sampler", "estimator",
-    "reference", "se_ratio_median", "se_ratio_iqr", "se_ratio_gmean", "loglog_slope", "spearman_se", "spearman_z",
-    "jaccard_50", "jaccard_90", "coverage95", "type1_05", "ks_null", "ks_null_pvalue", "power_05", "n_truth",
-    "n_zero_se", "n_eff_median", "frac_short_window", "replications",
+    "design", "setting", *SETTING_COLUMNS, "estimator", "reference", "se_ratio_median", "se_ratio_iqr",
+    "se_ratio_gmean", "loglog_slope", "spearman_se", "spearman_z", "jaccard_50", "jaccard_90", "coverage95",
+    "type1_05", "ks_null", "ks_null_pvalue", "power_05", "n_truth", "n_zero_se", "inv_sqrt_vif_median",
+    "window_ok", "n_eff_median", "frac_short_window", "tau_median", "batches", "replications", "bootstrap_B",
+    "bootstrap_epochs", "bootstrap_lr",
 ]
+
+#: every estimator label a default study reads (see validation.estimators.resolve)
+DEFAULT_ESTIMATORS = ("pseudo", "pseudo-every10", "pseudo-ema", "pseudo-epoch", "calibrated", "batch-means",
+                      "curvature")
+
+
+@dataclass(frozen=True)
+class References:
+    """Hyperparameters of the reference computations. They are part of every cell's
+    key, so changing one in code recomputes the cells it shapes on resume."""
+
+    glm_bootstrap_epochs: int = 200
+    glm_bootstrap_lr: float = 0.02
+    mlp_bootstrap_epochs: int = 300
+    mlp_bootstrap_lr: float = 0.01
+    glm_gtol: float = 1e-8
+
+    def bootstrap(self, glm: bool) -> dict:
+        return (dict(epochs=self.glm_bootstrap_epochs, lr=self.glm_bootstrap_lr) if glm
+                else dict(epochs=self.mlp_bootstrap_epochs, lr=self.mlp_bootstrap_lr))
+
+
+REFERENCES = References()
 
 
 @dataclass(frozen=True)
 class Grid:
     """What a study computes: designs x settings, with ``replications`` simulated
-    datasets per cell (designs with known truth) and ``bootstrap_B`` bootstrap refits."""
+    datasets per cell (designs with known truth), ``bootstrap_B`` bootstrap refits,
+    and the ``estimators`` read from every run."""
 
     designs: tuple[str, ...] = ("logistic", "linear", "teacher-mlp", "breast_cancer")
     settings: tuple[Setting, ...] = field(default_factory=lambda: QUICK_SETTINGS)
     replications: int = 6
     bootstrap_B: int = 100
     seed: int = 0
+    estimators: tuple[str, ...] = DEFAULT_ESTIMATORS
+    references: References = field(default_factory=lambda: REFERENCES)
 
     def __post_init__(self):
         for d in self.designs:
@@ -55,13 +83,19 @@ class Grid:
                 raise ValueError(f"design={d!r} is not valid; choose one of: {', '.join(DESIGNS)}")
         if self.replications < 1 or self.bootstrap_B < 2:
             raise ValueError(f"replications must be >= 1 and bootstrap_B >= 2, got {self.replications}, {self.bootstrap_B}")
+        for e in self.estimators:
+            resolve(e)
+        if not self.estimators:
+            raise ValueError("estimators is empty; give at least one estimator label")
 
     def cells(self) -> list[Cell]:
-        return [Cell(d, s, self.replications, self.bootstrap_B, self.seed) for d in self.designs for s in self.settings]
+        return [Cell(d, s, self.replications, self.bootstrap_B, self.seed, tuple(self.estimators), self.references)
+                for d in self.designs for s in self.settings]
 
     def as_dict(self) -> dict:
         return dict(designs=list(self.designs), settings=[s.as_dict() for s in self.settings],
-                    replications=self.replications, bootstrap_B=self.bootstrap_B, seed=self.seed)
+                    replications=self.replications, bootstrap_B=self.bootstrap_B, seed=self.seed,
+                    estimators=list(self.estimators), references=asdict(self.references))
 
 
 QUICK_SETTINGS = tuple(
@@ -78,16 +112,42 @@ class Cell:
     replications: int
     bootstrap_B: int
     seed: int
+    estimators: tuple[str, ...] = DEFAULT_ESTIMATORS
+    references: References = field(default_factory=lambda: REFERENCES)
 
     @property
     def key(self) -> str:
+        """Derived from everything that shapes the cell's result (reference settings included)."""
         s = self.setting
-        text = json.dumps([self.design, s.as_dict(), self.replications, self.bootstrap_B, self.seed], sort_keys=True)
+        text = json.dumps([self.design, s.as_dict(), self.replications, self.bootstrap_B, self.seed,
+                           list(self.estimators), asdict(self.references)], sort_keys=True)
         return f"{self.design}-{s.optimizer}-{s.sampler}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def _flat(d: dict[str, torch.Tensor], names) -> np.ndarray:
     return np.concatenate([d[n].detach().double().cpu().numpy().ravel() for n in names])
+
+
+def _glm_references(design, cell: Cell, X: np.ndarray, y: np.ndarray, names, first: bool):
+    """Exact Wald SEs at the (penalised) optimum, the per-weight 1/sqrt(VIF), and on the
+    first replication the converged penalised bootstrap."""
+    wd = cell.setting.weight_decay
+    X64, y64 = torch.tensor(X), torch.tensor(y)
+    fitted = mustat.fit_glm(design.model(0), X64, y64, weight_decay=wd, gtol=cell.references.glm_gtol)
+    w_ref = _flat(dict(fitted.named_parameters()), names)
+    out = {}
+    for kind, lab in (("observed", "wald"), ("sandwich", "wald-sandwich")):
+        out[lab] = (w_ref, _flat(mustat.hessian_se(fitted, fitted.nll, (X64, y64), kind=kind, weight_decay=wd), names))
+    # the reference: the sampling SE of the estimate; for a penalised fit only the sandwich is one
+    reference = "wald-sandwich" if wd > 0 else "wald"
+    info = information(fitted, fitted.nll, (X64, y64), weight_decay=wd)
+    vif = (info.H.diagonal() * torch.linalg.inv(info.H).diagonal()).numpy()
+    vif = _flat(info.layout.unflatten(torch.as_tensor(vif)), names)
+    if first:
+        boot = bootstrap_se(fitted, design.loss(fitted), (X64, y64), B=cell.bootstrap_B, weight_decay=wd,
+                            seed=cell.seed, **cell.references.bootstrap(glm=True))
+        out["bootstrap"] = (w_ref, _flat(boot, names))
+    return out, reference, 1 / np.sqrt(vif)
 
 
 def run_cell(cell: Cell, out: str | Path) -> str:
@@ -101,65 +161,70 @@ def run_cell(cell: Cell, out: str | Path) -> str:
         pass
     design = get_design(cell.design)
     s = cell.setting
-    rows, per_rep, stat = [], [], []
+    rows, per_rep, diags = [], [], {}
     reps = cell.replications if design.simulated and design.glm else 1
     for rep in range(reps):
         X, y, truth = design.sample(rep)
         X32, y32 = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
         model = design.model(cell.seed * 10_000 + rep)
-        est = train_and_estimate(model, design.loss(model), X32, y32, s, seed=cell.seed * 10_000 + rep)
-        stat.append(est["_stationarity"])
-        names = list(est["_weights"])
-        w = _flat(est["_weights"], names)
-        w_mean = _flat(est["_mean"], names)
-        estimates = {k: (w_mean if k == "calibrated" else w, _flat(v, names)) for k, v in est.items() if not k.startswith("_")}
+        fits, final = train_and_estimate(model, design.loss(model), X32, y32, s, seed=cell.seed * 10_000 + rep,
+                                         estimators=cell.estimators)
+        names = list(final)
+        estimates = {}
+        for lab, (est, se, diag) in fits.items():
+            estimates[lab] = (_flat(est, names), _flat(se, names))
+            diags.setdefault(lab, []).append(diag)
         if design.glm:
-            X64, y64 = torch.tensor(X), torch.tensor(y)
-            mle = mustat.fit_glm(design.model(0), X64, y64)
-            w_ref = _flat(dict(mle.named_parameters()), names)
-            reference = "wald"
-            se_ref = _flat(mustat.hessian_se(mle, mle.nll, (X64, y64)), names)
-            estimates["wald"] = (w_ref, se_ref)
-            estimates["wald-sandwich"] = (w_ref, _flat(mustat.hessian_se(mle, mle.nll, (X64, y64), kind="sandwich"), names))
-            if rep == 0:
-                boot = bootstrap_se(mle, design.loss(mle), (X64, y64), B=cell.bootstrap_B, epochs=200, lr=0.02, seed=cell.seed)
-                estimates["bootstrap"] = (w_ref, _flat(boot, names))
+            refs, reference, inv_sqrt_vif = _glm_references(design, cell, X, y, names, first=rep == 0)
+            estimates.update(refs)
+            w_ref, se_ref = refs[reference]
         else:
             reference = "bootstrap"
-            boot = bootstrap_se(model, design.loss(model), (X32, y32), B=cell.bootstrap_B, epochs=300, lr=0.01, seed=cell.seed)
-            w_ref, se_ref = w, _flat(boot, names)
+            inv_sqrt_vif = np.full(len(estimates[next(iter(estimates))][0]), np.nan)
+            boot = bootstrap_se(model, design.loss(model), (X32, y32), B=cell.bootstrap_B, weight_decay=s.weight_decay,
+                                seed=cell.seed, **cell.references.bootstrap(glm=False))
+            w_ref, se_ref = _flat(final, names), _flat(boot, names)
             estimates["bootstrap"] = (w_ref, se_ref)
-        t = np.asarray(truth, dtype=float).ravel() if truth is not None else np.full(len(w), np.nan)
-        flat_names = np.concatenate([[n] * int(est["_weights"][n].numel()) for n in names])
-        flat_idx = np.concatenate([np.arange(est["_weights"][n].numel()) for n in names])
+        t = np.asarray(truth, dtype=float).ravel() if truth is not None else np.full(len(w_ref), np.nan)
+        flat_names = np.concatenate([[n] * int(final[n].numel()) for n in names])
+        flat_idx = np.concatenate([np.arange(final[n].numel()) for n in names])
         for name, (we, se) in estimates.items():
             rows.append(pd.DataFrame(dict(design=cell.design, setting=s.label, estimator=name, replication=rep,
                                           param=flat_names, index=flat_idx, weight=we, se=se, ref_weight=w_ref,
-                                          ref_se=se_ref, truth=t)))
-            per_rep.append((name, rep, we, se, w_ref, se_ref, t))
+                                          ref_se=se_ref, truth=t, inv_sqrt_vif=inv_sqrt_vif)))
+            per_rep.append((name, rep, we, se, w_ref, se_ref, t, inv_sqrt_vif))
     cells = pd.concat(rows, ignore_index=True)
-    summary = _summarise(cell, design, per_rep, reference)
-    calibrated = summary.estimator == "calibrated"
-    summary.loc[calibrated, "n_eff_median"] = float(np.mean([r.n_eff_median for r in stat]))
-    summary.loc[calibrated, "frac_short_window"] = float(np.mean([r.frac_short for r in stat]))
+    summary = _summarise(cell, design, per_rep, reference, diags)
     out = Path(out)
     atomic_write(out / "cells" / f"{cell.key}.csv", lambda p: cells.to_csv(p, index=False))
     atomic_write(out / "cells" / f"{cell.key}.summary.csv", lambda p: summary.to_csv(p, index=False))
     return cell.key
 
 
-def _summarise(cell: Cell, design, per_rep, reference: str) -> pd.DataFrame:
+def _summarise(cell: Cell, design, per_rep, reference: str, diags: dict[str, list[dict]]) -> pd.DataFrame:
     out = []
+    boot = cell.references.bootstrap(design.glm)
     for name in dict.fromkeys(r[0] for r in per_rep):
         reps = [r for r in per_rep if r[0] == name]
         row = dict(design=cell.design, setting=cell.setting.label, **cell.setting.as_dict(), estimator=name,
-                   reference=reference, replications=len(reps))
-        agree = pd.DataFrame([M.agreement(we, se, wr, sr) for _, _, we, se, wr, sr, _ in reps])
+                   reference=reference, replications=len(reps), bootstrap_B=cell.bootstrap_B,
+                   bootstrap_epochs=boot["epochs"], bootstrap_lr=boot["lr"])
+        agree = pd.DataFrame([M.agreement(we, se, wr, sr) for _, _, we, se, wr, sr, _, _ in reps])
         row.update(agree.mean(numeric_only=True).to_dict())
         row["n_zero_se"] = int(agree["n_zero_se"].sum())
+        row["inv_sqrt_vif_median"] = float(np.median(np.concatenate([r[7] for r in reps])))
         if design.simulated and design.glm and len(reps) > 1:
             row.update(M.truth_metrics(np.concatenate([r[2] for r in reps]), np.concatenate([r[3] for r in reps]),
                                        np.concatenate([r[6] for r in reps])))
+        d = diags.get(name, [])
+        if d and "ok" in d[0]:
+            row["window_ok"] = float(np.mean([bool(x["ok"]) for x in d]))
+            row["frac_short_window"] = float(np.mean([x["frac_short"] for x in d]))
+        if d and "n_eff_median" in d[0]:
+            row["n_eff_median"] = float(np.mean([x["n_eff_median"] for x in d]))
+        if d and "tau_median" in d[0]:
+            row["tau_median"] = float(np.mean([x["tau_median"] for x in d]))
+            row["batches"] = float(np.mean([x["batches"] for x in d]))
         out.append(row)
     return pd.DataFrame(out).reindex(columns=SUMMARY_COLUMNS)
 
@@ -184,11 +249,14 @@ def run_study(
     grid = grid or Grid()
     out = Path(out)
     params_path = out / "params.json"
-    settings = grid.as_dict()
+    settings = json.loads(json.dumps(grid.as_dict()))
     if params_path.exists():
-        if json.loads(params_path.read_text()).get("grid") != json.loads(json.dumps(settings)):
+        old = json.loads(params_path.read_text()).get("grid", {})
+        # the user's grid must match; reference settings may change in code: they are in every
+        # cell's key, so the cells they shape are recomputed rather than mixed with stale ones
+        if {k: v for k, v in old.items() if k != "references"} != {k: v for k, v in settings.items() if k != "references"}:
             raise ValueError(f"{out} holds a study with another grid (see {params_path}); choose another --out")
-    else:
+    if not params_path.exists() or old.get("references") != settings["references"]:
         write_json(params_path, dict(grid=settings, versions=dict(
             mustat=mustat.__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version())))
     cells = grid.cells()
@@ -235,6 +303,7 @@ def load_grid(path: str | Path) -> Grid:
     """A grid from TOML::
 
         designs = ["logistic", "teacher-mlp"]
+        estimators = ["pseudo", "calibrated", "batch-means", "curvature"]   # optional
         replications = 20
         bootstrap_B = 200
         [[setting]]                      # list-valued keys expand (a Cartesian product)
@@ -255,7 +324,7 @@ def load_grid(path: str | Path) -> Grid:
         spec = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path} is not valid TOML: {err}") from None
-    known = {"designs", "replications", "bootstrap_B", "seed", "setting"}
+    known = {"designs", "replications", "bootstrap_B", "seed", "setting", "estimators"}
     unknown = set(spec) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
@@ -270,6 +339,7 @@ def load_grid(path: str | Path) -> Grid:
         for combo in itertools.product(*values):
             settings.append(Setting(**dict(zip(keys, combo))))
     kw = {k: spec[k] for k in ("replications", "bootstrap_B", "seed") if k in spec}
-    if "designs" in spec:
-        kw["designs"] = tuple(spec["designs"])
+    for key in ("designs", "estimators"):
+        if key in spec:
+            kw[key] = tuple(spec[key])
     return Grid(settings=tuple(settings), **kw)

@@ -25,9 +25,13 @@ same window, eliminating the unknown :math:`h = \eta_e p m / (2\Sigma)` gives
   average with weights summing to one, not a heavy-ball sum). With
   :math:`\epsilon \to 0`, :math:`p^2 m \approx 1` and
   :math:`\widehat{se} = 2\sqrt{S}\,\Sigma / (\eta\sqrt N)`.
-* Weight decay drops out: it adds to :math:`h` in both formulas, so
-  :math:`m` must be the *data* gradient (``p.grad``, which excludes the decay
-  PyTorch's optimizers add).
+* Weight decay drops out: it adds to :math:`h` in both formulas, provided
+  :math:`m` is the *centred* variance of the *data* gradient (``p.grad``,
+  which excludes the decay PyTorch's optimizers add). At a penalised optimum
+  the data gradient has mean :math:`-\lambda w`, so its uncentred second
+  moment would overstate :math:`c/S` by :math:`\lambda^2 w^2`. The target is
+  then the penalised sandwich's diagonal (see :func:`mustat.hessian_se` with
+  ``weight_decay``).
 * A summed (not mean) loss multiplies every gradient by :math:`S`: pass the
   effective learning rate :math:`\eta S` yourself or use a mean loss.
 
@@ -42,14 +46,17 @@ not enter the likelihood: it is unidentified and gets ``se = inf`` (z = 0).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from numbers import Integral
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from numbers import Integral, Real
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mustat._checks import check_scalar
 from mustat._masking import leaf
+from mustat.uncertainty.base import Estimator, FitContext, NotFittedError, WindowWarning, register_estimator
 from mustat.uncertainty.pseudo import PseudoBootstrap
 
 
@@ -64,7 +71,8 @@ class StationarityReport:
 
     @property
     def ok(self) -> bool:
-        return self.frac_short <= 0.1
+        """At most 10% of live weights under-sampled; False when no weight is live."""
+        return self.frac_short <= 0.1 and self.n_eff_median == self.n_eff_median
 
 
 def _group(optimizer: torch.optim.Optimizer, param) -> dict:
@@ -81,7 +89,7 @@ def _components(tracker: PseudoBootstrap, optimizer: torch.optim.Optimizer):
     kind = type(optimizer).__name__
     if kind not in ("SGD", "Adam", "AdamW"):
         raise ValueError(f"calibrated_se supports SGD, Adam and AdamW, not {kind}")
-    var, g2 = tracker.var(), tracker.grad_sq()
+    var, g2 = tracker.var(), tracker.grad_var()
     out = {}
     for name, (module, attr) in zip(tracker.names, tracker._targets):
         param = leaf(module, attr)
@@ -119,8 +127,7 @@ def calibrated_se(
     ----------
     tracker
         A :class:`PseudoBootstrap` with ``grad_moment=True`` that recorded the window
-        (``every=1`` recommended: thinning does not change the variance but shortens
-        nothing here).
+        (``every=1``: the gradient variance must see every step).
     optimizer
         The ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` that trained the model (its
         learning rate, momentum and, for Adam, its second-moment state are read).
@@ -150,13 +157,12 @@ def calibrated_se(
     if check:
         rep = stationarity(tracker, optimizer, min_n_eff=min_n_eff, _comps=comps)
         if not rep.ok:
-            warnings.warn(
+            warnings.warn(WindowWarning(
                 f"the pseudo-bootstrap window ({rep.steps} steps) looks too short for stationarity: "
                 f"{100 * rep.frac_short:.0f}% of weights have an effective sample size below {min_n_eff:g} "
                 f"(median {rep.n_eff_median:.3g}); calibrated SEs of slow directions are unreliable. "
                 "Track over more epochs or raise the learning rate",
-                stacklevel=2,
-            )
+                estimator="calibrated", diagnostics=asdict(rep)), stacklevel=2)
     return out
 
 
@@ -167,6 +173,8 @@ def stationarity(tracker: PseudoBootstrap, optimizer: torch.optim.Optimizer, *, 
 
     Drift (a window that starts before convergence) inflates ``var`` and hence
     ``tau``, so a too-short or non-stationary window shows as a low effective size.
+    With no live weight (every one pruned, frozen or without data gradient) the
+    median is NaN and the report is not ``ok``.
     """
     comps = _comps or _components(tracker, optimizer)
     steps = tracker.steps
@@ -177,5 +185,81 @@ def stationarity(tracker: PseudoBootstrap, optimizer: torch.optim.Optimizer, *, 
         n_eff.append((steps / (2.0 * tau)).flatten().double().cpu())
     n_eff = torch.cat(n_eff) if n_eff else torch.zeros(0)
     if not len(n_eff):
-        return StationarityReport(float("nan"), 0.0, min_n_eff, steps)
+        return StationarityReport(float("nan"), 1.0, min_n_eff, steps)
     return StationarityReport(float(n_eff.median()), float((n_eff < min_n_eff).double().mean()), min_n_eff, steps)
+
+
+@register_estimator("calibrated")
+class Calibrated(Estimator):
+    """The pseudo bootstrap's window turned into a standard error by stationary-SGD
+    theory (module notes): :func:`calibrated_se` on a tracker with the centred
+    gradient variance, paired with the window mean.
+
+    Needs minibatches drawn with replacement, a mean loss, SGD (with or without
+    momentum) or Adam, and a window long enough for stationarity, which
+    :meth:`fit` checks (a :class:`~mustat.uncertainty.WindowWarning` when not).
+    ``fit`` needs ``FitContext(optimizer=..., batch_size=..., n=...)`` (``n`` or ``y``).
+    """
+
+    trajectory = True
+
+    def __init__(self, model: nn.Module, *, params: Iterable[str] | None = None, min_n_eff: float = 10.0,
+                 check: bool = True):
+        super().__init__(model, params=params)
+        self.min_n_eff = float(check_scalar(min_n_eff, "min_n_eff", kind=Real, low=0.0, closed="neither"))
+        self.check = bool(check)
+        self.tracker = PseudoBootstrap(model, params=self.names, grad_moment=True)
+        self._se: dict[str, Tensor] | None = None
+        self._report: StationarityReport | None = None
+
+    def update(self) -> None:
+        self.tracker.update()
+
+    def reset(self) -> None:
+        self.tracker.reset()
+        self._se = None
+
+    def new_epoch(self) -> None:
+        self.tracker.new_epoch()
+
+    def fit(self, context: FitContext) -> Calibrated:
+        context.need(self.name, "optimizer", "batch_size", "n")
+        comps = _components(self.tracker, context.optimizer)
+        self._report = stationarity(self.tracker, context.optimizer, min_n_eff=self.min_n_eff, _comps=comps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", WindowWarning)  # warned once below, from here
+            self._se = calibrated_se(self.tracker, context.optimizer, n=context.n, batch_size=context.batch_size,
+                                     check=False)
+        if self.check and not self._report.ok:
+            rep = self._report
+            warnings.warn(WindowWarning(
+                f"the calibrated window ({rep.steps} steps) looks too short for stationarity: "
+                f"{100 * rep.frac_short:.0f}% of live weights have an effective sample size below "
+                f"{self.min_n_eff:g} (median {rep.n_eff_median:.3g}); calibrated SEs of slow directions "
+                "are unreliable. Track over more epochs or raise the learning rate",
+                estimator=self.name, diagnostics=self.diagnostics()), stacklevel=2)
+        return self
+
+    def se(self) -> dict[str, Tensor]:
+        if self._se is None:
+            raise NotFittedError("calibrated is not fitted: after training call "
+                                 "fit(FitContext(optimizer=..., batch_size=..., n=...))")
+        return {k: v.clone() for k, v in self._se.items()}
+
+    def estimate(self) -> dict[str, Tensor]:
+        """The window mean (averaged SGD)."""
+        return self.tracker.mean()
+
+    def diagnostics(self) -> dict[str, Any]:
+        out = dict(steps=self.tracker.steps)
+        if self._report is not None:
+            out.update(n_eff_median=self._report.n_eff_median, frac_short=self._report.frac_short,
+                       ok=self._report.ok)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(tracker=self.tracker.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self._se = None

@@ -65,9 +65,29 @@ def _prepare(model: nn.Module, params: Iterable[str] | None):
     from mustat.pruning import finalize
 
     finalize(work).eval()
+    # parameters left out of ``params`` are held fixed: no autograd through them
+    work.requires_grad_(False)
     shapes = [getattr(*resolve(work, n)).shape for n in names]
     theta = torch.cat([getattr(*resolve(work, n)).detach().flatten()[i] for n, i in zip(names, free)])
     return work, _Layout(names, shapes, free), theta
+
+
+@dataclass(frozen=True)
+class Information:
+    """Curvature of the (penalised) summed loss at the current parameters, float64 on CPU.
+
+    ``H``: Hessian of ``sum_i loss_i + n * weight_decay / 2 * |theta|^2``; ``J``:
+    ``sum_i psi_i psi_i^T`` with the per-sample penalised scores
+    ``psi_i = grad loss_i + weight_decay * theta`` (None unless asked for);
+    ``gradient``: gradient of the penalised total; ``value``: the unpenalised summed loss.
+    """
+
+    H: Tensor
+    J: Tensor | None
+    gradient: Tensor
+    layout: _Layout
+    theta: Tensor
+    value: float
 
 
 def information(
@@ -77,31 +97,36 @@ def information(
     *,
     params: Iterable[str] | None = None,
     sandwich: bool = False,
-    gradient: bool = False,
-):
-    """Observed information ``H`` (Hessian of the summed loss) at the current
-    parameters, and with ``sandwich=True`` also ``J = sum_i g_i g_i^T``.
+    weight_decay: float = 0.0,
+) -> Information:
+    """Observed information of the penalised summed loss (see :class:`Information`).
 
-    Returns ``(H, J or None, layout, theta, loss_value)``, and the gradient last
-    with ``gradient=True``; float64, CPU.
+    ``loss`` returns the *summed* loss of a batch; ``weight_decay`` is PyTorch's L2
+    coefficient on the *mean* loss, so on the summed loss the penalty is
+    ``n * weight_decay / 2 * |theta|^2`` over the included ``params``.
     """
+    check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
     work, layout, theta = _prepare(model, params)
     buffers = dict(work.named_buffers())
     X, y = (t.to("cpu") for t in data)
     X = X.to(torch.float64) if X.is_floating_point() else X
+    n = len(X)
 
     def total(th, xb, yb):
         p = layout.unflatten(th)
         return loss(functional_call(work, (p, buffers), (xb,)), yb)
 
-    H = hessian(total)(theta, X, y)
+    def penalised(th, xb, yb):
+        return total(th, xb, yb) + 0.5 * n * weight_decay * th.square().sum()
+
+    H = hessian(penalised)(theta, X, y)
     J = None
     if sandwich:
         per_sample = vmap(grad(lambda th, xi, yi: total(th, xi[None], yi[None])), in_dims=(None, 0, 0))
-        G = per_sample(theta, X, y)
+        G = per_sample(theta, X, y) + weight_decay * theta
         J = G.T @ G
-    out = (H, J, layout, theta, float(total(theta, X, y)))
-    return (*out, grad(total)(theta, X, y)) if gradient else out
+    return Information(H.detach(), None if J is None else J.detach(), grad(penalised)(theta, X, y).detach(),
+                       layout, theta, float(total(theta, X, y)))
 
 
 @torch.no_grad()
@@ -126,6 +151,7 @@ def hessian_se(
     damping: float = 0.0,
     params: Iterable[str] | None = None,
     scale: float | str = 1.0,
+    weight_decay: float = 0.0,
 ) -> dict[str, Tensor]:
     r"""Wald standard errors of every parameter from the observed information.
 
@@ -138,6 +164,16 @@ def hessian_se(
     :math:`\hat\theta` is a (local) minimum, so fit to convergence first, and
     independent samples. For a GLM this is exactly statsmodels' ``cov_params()``
     (``cov_type="nonrobust"`` and ``"HC0"``).
+
+    Penalised fits (``weight_decay`` = :math:`\lambda`, PyTorch's convention: an
+    L2 term :math:`\frac{\lambda}{2}\|\theta\|^2` added to the *mean* loss) are
+    M-estimators of :math:`\frac1n\sum_i \ell_i + \frac{\lambda}{2}\|\theta\|^2`:
+    :math:`H` becomes the penalised Hessian :math:`\nabla^2\ell + n\lambda I` and
+    :math:`J = \sum_i \psi_i\psi_i^\top` uses the per-sample penalised scores
+    :math:`\psi_i = \nabla\ell_i + \lambda\theta` (they sum to zero at the
+    penalised optimum, so :math:`J` is the data-only score covariance, centred).
+    ``"sandwich"`` is then the sampling covariance of the penalised estimate;
+    ``"observed"``, :math:`H^{-1}`, the Laplace (Gaussian-prior posterior) covariance.
 
     Parameters
     ----------
@@ -162,6 +198,8 @@ def hessian_se(
         scale (Bernoulli, categorical). ``"estimate"`` for a Gaussian loss written as
         ``0.5 * sum (y - f)^2``: ``scale = 2 * loss / (n - p)`` = RSS / (n - p), the
         OLS convention (statsmodels ``OLS.bse``). Not used by ``"sandwich"``.
+    weight_decay
+        The L2 coefficient the fit used (see above), ``>= 0``.
 
     Returns
     -------
@@ -182,18 +220,18 @@ def hessian_se(
         check_option(scale, "scale", ["estimate"])
     else:
         check_scalar(scale, "scale", kind=Real, low=0.0, closed="neither")
-    H, J, layout, theta, value = information(model, loss, data, params=params, sandwich=kind is Kind.SANDWICH)
-    cov = _inverse_pd(H, damping)
+    info = information(model, loss, data, params=params, sandwich=kind is Kind.SANDWICH, weight_decay=weight_decay)
+    cov = _inverse_pd(info.H, damping)
     if kind is Kind.SANDWICH:
-        cov = cov @ J @ cov
+        cov = cov @ info.J @ cov
     else:
         if scale == "estimate":
-            dof = len(data[0]) - layout.size()
+            dof = len(data[0]) - info.layout.size()
             if dof <= 0:
-                raise ValueError(f"scale='estimate' needs more samples than parameters: n={len(data[0])}, p={layout.size()}")
-            scale = 2.0 * value / dof
+                raise ValueError(f"scale='estimate' needs more samples than parameters: n={len(data[0])}, p={info.layout.size()}")
+            scale = 2.0 * info.value / dof
         cov = cov * scale
-    return layout.unflatten(cov.diagonal().clamp_min(0).sqrt())
+    return info.layout.unflatten(cov.diagonal().clamp_min(0).sqrt())
 
 
 def _inverse_pd(H: Tensor, damping: float) -> Tensor:
@@ -227,8 +265,12 @@ def fit_glm(
     loss: Loss | None = None,
     max_iter: int = 1000,
     gtol: float = 1e-8,
+    weight_decay: float = 0.0,
 ) -> nn.Module:
     """Fit a copy of ``model`` to convergence by full-batch L-BFGS in float64.
+
+    Minimises the mean loss plus ``weight_decay / 2 * |theta|^2`` over every
+    parameter (PyTorch's ``weight_decay`` on a mean loss; 0: maximum likelihood).
 
     For reference use (Wald standard errors need the exact optimum): the
     returned model is a float64 copy; ``model`` itself is not modified.
@@ -236,6 +278,7 @@ def fit_glm(
     if the gradient's max-norm per sample has not reached ``gtol`` (for
     example under separation in logistic regression, where the MLE does not exist).
     """
+    check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
     fitted = copy.deepcopy(model).to(torch.float64)
     loss = loss or fitted.nll
     X = X.to(torch.float64)
@@ -247,7 +290,7 @@ def fit_glm(
 
     def closure():
         opt.zero_grad()
-        value = loss(fitted(X), y) / n
+        value = loss(fitted(X), y) / n + 0.5 * weight_decay * sum(p.square().sum() for p in fitted.parameters())
         value.backward()
         return value
 
@@ -260,8 +303,8 @@ def fit_glm(
     # Newton polish: L-BFGS stops at |g| ~ 1e-9, which leaves ~1e-7 in coefficients
     # near zero; two exact Newton steps reach the optimum to machine precision.
     for _ in range(2):
-        H, _, layout, theta, _, g = information(fitted, loss, (X, y), gradient=True)
-        _write(fitted, layout, theta - torch.linalg.solve(H, g))
+        info = information(fitted, loss, (X, y), weight_decay=weight_decay)
+        _write(fitted, info.layout, info.theta - torch.linalg.solve(info.H, info.gradient))
     closure()
     gmax = max(float(p.grad.abs().max()) for p in fitted.parameters())
     if gmax > gtol:

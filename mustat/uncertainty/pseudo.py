@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from mustat._checks import check_option, check_scalar
 from mustat._masking import leaf, source
-from mustat._params import resolve, select
+from mustat.uncertainty.base import Estimator, register_estimator
 
 
 class Window(str, Enum):
@@ -30,14 +29,24 @@ class Window(str, Enum):
     """Exponentially weighted mean and variance with decay ``beta``; never needs a reset."""
 
 
-class PseudoBootstrap:
+class Center(str, Enum):
+    """Which point estimate the pseudo-bootstrap SD is paired with."""
+
+    CURRENT = "current"
+    """The current weights (the paper's M&U)."""
+    MEAN = "mean"
+    """The window mean of the iterates (averaged SGD)."""
+
+
+@register_estimator("pseudo")
+class PseudoBootstrap(Estimator):
     r"""Running mean and variance of each weight across optimizer steps.
 
     Each recorded optimizer step contributes the current value of every tracked
     weight as one *pseudo-bootstrap replicate* (each step saw a random
     mini-batch, as a bootstrap refit sees a random resample). The standard
-    deviation of the replicates, :meth:`std`, is the paper's uncertainty
-    ``se(w)`` and feeds the M&U score ``|w| / se(w)``.
+    deviation of the replicates, :meth:`std` (= :meth:`se`), is the paper's
+    uncertainty ``se(w)`` and feeds the M&U score ``|w| / se(w)``.
 
     Statistics. For the ``"since_reset"`` and ``"epoch"`` windows, after
     :math:`n` recorded replicates :math:`x_1, \dots, x_n`, :meth:`mean` is
@@ -70,18 +79,24 @@ class PseudoBootstrap:
         Names of the tensors to track (``"0.weight"``); default: the ``weight`` of
         every ``nn.Linear`` and ``nn.Conv{1,2,3}d``.
     grad_moment
-        Also keep the window mean (``"ema"``: the EMA) of the squared minibatch
-        gradient ``p.grad ** 2`` of each tracked tensor, read by :meth:`grad_sq`;
-        the calibrated estimator (:func:`mustat.uncertainty.calibrated_se`) needs it.
+        Also keep the window mean and (centred) variance of the minibatch data
+        gradient ``p.grad`` of each tracked tensor (:meth:`grad_mean`,
+        :meth:`grad_var`), by the same Welford/EMA update; the calibrated
+        estimator needs the variance.
+    center
+        The estimate :meth:`estimate` returns: ``"current"`` weights (default, the
+        paper's M&U) or the window ``"mean"``.
 
     Notes
     -----
     The tracked value is the *effective* weight: a weight masked by
     :func:`mustat.prune` is a constant zero with zero variance. The update is
-    a handful of fused ``torch._foreach_*`` ops on the weights' own device and
-    dtype, with no host synchronisation. After moving the model to another
-    device, call :meth:`reset`.
+    three fused ``torch._foreach_*`` ops over the weights (and gradients) on
+    their own device and dtype, with no host synchronisation. After moving the
+    model to another device, call :meth:`reset`.
     """
+
+    trajectory = True
 
     def __init__(
         self,
@@ -92,6 +107,7 @@ class PseudoBootstrap:
         every: int = 1,
         params: Iterable[str] | None = None,
         grad_moment: bool = False,
+        center: str | Center = "current",
     ):
         self.window = check_option(window, "window", Window)
         if self.window is Window.EMA:
@@ -102,16 +118,17 @@ class PseudoBootstrap:
             raise ValueError(f"beta={beta!r} is only used with window='ema', not {self.window.value!r}")
         self.beta = None if beta is None else float(beta)
         self.every = int(check_scalar(every, "every", kind=Integral, low=1))
-        self.names: list[str] = select(model, params)
-        self._targets = [resolve(model, n) for n in self.names]
+        self.center = check_option(center, "center", Center)
+        super().__init__(model, params=params)
         self.grad_moment = bool(grad_moment)
         if self.grad_moment:
             unsupported = [n for n, t in zip(self.names, self._targets) if leaf(*t) is None]
             if unsupported:
                 raise ValueError(f"grad_moment=True needs plain or mustat-masked parameters; {unsupported} are not")
+        # one list for weights and, with grad_moment, gradients after them: a single
+        # set of fused ops updates both
         self._mean: list[Tensor] = []
         self._m2: list[Tensor] = []
-        self._g2: list[Tensor] = []
         self._steps = 0
         self.count = 0
 
@@ -137,9 +154,12 @@ class PseudoBootstrap:
         if self._steps % self.every:
             return
         x = self._current()
-        grads = self._grads() if self.grad_moment else None
+        self._record(x + self._grads() if self.grad_moment else x)
+
+    def _record(self, x: list[Tensor]) -> None:
+        """One Welford (or EMA) step over the list ``x`` (weights, then gradients)."""
         if self.count == 0:
-            if not self._mean or any(
+            if len(self._mean) != len(x) or any(
                 m.shape != v.shape or m.device != v.device or m.dtype != v.dtype
                 for m, v in zip(self._mean, x)
             ):
@@ -148,16 +168,10 @@ class PseudoBootstrap:
             else:
                 torch._foreach_copy_(self._mean, x)
                 torch._foreach_zero_(self._m2)
-            self._g2 = torch._foreach_mul(grads, grads) if grads is not None else []
             self.count = 1
             return
         self.count += 1
         delta = torch._foreach_sub(x, self._mean)
-        if grads is not None:
-            # g2 += w (g^2 - g2), in place: no per-step temporary
-            w = (1.0 - self.beta) if self.window is Window.EMA else 1.0 / self.count
-            torch._foreach_mul_(self._g2, 1.0 - w)
-            torch._foreach_addcmul_(self._g2, grads, grads, value=w)
         if self.window is Window.EMA:
             a = 1.0 - self.beta
             torch._foreach_add_(self._mean, delta, alpha=a)
@@ -177,10 +191,6 @@ class PseudoBootstrap:
                 raise RuntimeError(f"grad_moment=True but {name!r} has no .grad: call update() after backward() and step()")
             grads.append(g.detach())
         return grads
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Call :meth:`update` after every ``optimizer.step()``; returns a removable handle."""
-        return optimizer.register_step_post_hook(lambda *_: self.update())
 
     def reset(self) -> None:
         """Start a new window: forget every recorded step (buffers are reused)."""
@@ -208,6 +218,15 @@ class PseudoBootstrap:
                 "train longer (or lower every=) before reading it"
             )
 
+    def _variances(self, lists: list[Tensor]) -> list[Tensor]:
+        if self.window is Window.EMA:
+            return [v.clone() for v in lists]
+        return torch._foreach_mul(lists, 1.0 / (self.count - 1))
+
+    def _need_grad(self, what: str) -> None:
+        if not self.grad_moment:
+            raise RuntimeError(f"this tracker was built without grad_moment=True, so it has no {what}")
+
     def mean(self) -> dict[str, Tensor]:
         """Mean of the recorded weights, keyed by tensor name."""
         self._need(1, "mean")
@@ -216,43 +235,65 @@ class PseudoBootstrap:
     def var(self) -> dict[str, Tensor]:
         """Variance of the recorded weights (unbiased for Welford windows, see class notes)."""
         self._need(2, "var")
-        if self.window is Window.EMA:
-            return {n: v.clone() for n, v in zip(self.names, self._m2)}
-        scale = 1.0 / (self.count - 1)
-        return dict(zip(self.names, torch._foreach_mul(self._m2, scale)))
-
-    def grad_sq(self) -> dict[str, Tensor]:
-        """Window mean (``"ema"``: EMA) of the squared minibatch gradient; needs ``grad_moment=True``."""
-        if not self.grad_moment:
-            raise RuntimeError("this tracker was built without grad_moment=True, so it has no gradient moment")
-        self._need(1, "grad_sq")
-        return {n: g.clone() for n, g in zip(self.names, self._g2)}
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps seen in the window (recorded or skipped by ``every``)."""
-        return self._steps
+        return dict(zip(self.names, self._variances(self._m2[: len(self.names)])))
 
     def std(self) -> dict[str, Tensor]:
         """Standard deviation of the recorded weights: the pseudo-bootstrap ``se(w)``."""
         var = self.var()
         return dict(zip(var, torch._foreach_sqrt(list(var.values()))))
 
+    def grad_mean(self) -> dict[str, Tensor]:
+        """Window mean of the minibatch data gradient; needs ``grad_moment=True``."""
+        self._need_grad("gradient moments")
+        self._need(1, "grad_mean")
+        return {n: g.clone() for n, g in zip(self.names, self._mean[len(self.names):])}
+
+    def grad_var(self) -> dict[str, Tensor]:
+        """Window variance (centred) of the minibatch data gradient; needs ``grad_moment=True``.
+
+        At a penalised optimum the data gradient has mean ``-weight_decay * w``, so
+        its uncentred second moment overstates the gradient noise by ``(weight_decay * w)^2``.
+        """
+        self._need_grad("gradient moments")
+        self._need(2, "grad_var")
+        return dict(zip(self.names, self._variances(self._m2[len(self.names):])))
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps seen in the window (recorded or skipped by ``every``)."""
+        return self._steps
+
+    # ------------------------------------------------------------------ estimator protocol
+    def se(self) -> dict[str, Tensor]:
+        """The pseudo-bootstrap SD, :meth:`std`."""
+        return self.std()
+
+    def estimate(self) -> dict[str, Tensor]:
+        """The current weights, or the window mean with ``center="mean"``."""
+        return self.mean() if self.center is Center.MEAN else self._current_weights()
+
+    def diagnostics(self) -> dict[str, Any]:
+        return dict(recorded=self.count, steps=self._steps)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: settings, counters and the running moments."""
-        return {
+        k = len(self.names)
+        out = {
             "window": self.window.value,
             "beta": self.beta,
             "every": self.every,
             "names": list(self.names),
             "count": self.count,
             "steps": self._steps,
-            "mean": {n: m.clone() for n, m in zip(self.names, self._mean)},
-            "m2": {n: m.clone() for n, m in zip(self.names, self._m2)},
+            "mean": {n: m.clone() for n, m in zip(self.names, self._mean[:k])},
+            "m2": {n: m.clone() for n, m in zip(self.names, self._m2[:k])},
             "grad_moment": self.grad_moment,
-            "g2": {n: g.clone() for n, g in zip(self.names, self._g2)},
         }
+        if self.grad_moment:
+            out["grad_mean"] = {n: m.clone() for n, m in zip(self.names, self._mean[k:])}
+            out["grad_m2"] = {n: m.clone() for n, m in zip(self.names, self._m2[k:])}
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; settings and tensor names must match this tracker."""
@@ -263,22 +304,26 @@ class PseudoBootstrap:
                     f"state_dict was saved with {key}={state.get(key)!r}, this tracker has "
                     f"{key}={mine!r}; construct the tracker with the same settings"
                 )
+        if self.grad_moment and state["mean"] and "grad_m2" not in state:
+            raise ValueError("state_dict has no centred gradient moment (grad_m2): it was saved by an older "
+                             "mustat; start a new window instead of resuming this one")
         current = self._current()
+        keys = [("mean", "m2")] + ([("grad_mean", "grad_m2")] if self.grad_moment else [])
         mean, m2 = [], []
-        for name, ref in zip(self.names, current):
-            if name in state["mean"]:
-                if state["mean"][name].shape != ref.shape:
+        for k_mean, k_m2 in keys:
+            for name, ref in zip(self.names, current):
+                if name not in state[k_mean]:
+                    continue
+                if state[k_mean][name].shape != ref.shape:
                     raise ValueError(
-                        f"state_dict['mean'][{name!r}] has shape {tuple(state['mean'][name].shape)}, "
+                        f"state_dict[{k_mean!r}][{name!r}] has shape {tuple(state[k_mean][name].shape)}, "
                         f"the model's tensor has {tuple(ref.shape)}"
                     )
-                mean.append(state["mean"][name].to(device=ref.device, dtype=ref.dtype).clone())
-                m2.append(state["m2"][name].to(device=ref.device, dtype=ref.dtype).clone())
-        if mean and len(mean) != len(self.names):
+                mean.append(state[k_mean][name].to(device=ref.device, dtype=ref.dtype).clone())
+                m2.append(state[k_m2][name].to(device=ref.device, dtype=ref.dtype).clone())
+        if mean and len(mean) != len(self.names) * len(keys):
             raise ValueError("state_dict holds moments for only some of the tracked tensors")
         self._mean, self._m2 = mean, m2
-        self._g2 = [state["g2"][n].to(device=m.device, dtype=m.dtype).clone() for n, m in zip(self.names, mean)] \
-            if self.grad_moment and mean else []
         self.count, self._steps = int(state["count"]), int(state["steps"])
 
     def __repr__(self) -> str:
@@ -287,5 +332,3 @@ class PseudoBootstrap:
             f"PseudoBootstrap(window={self.window.value!r}{extra}, every={self.every}, "
             f"tensors={len(self.names)}, count={self.count})"
         )
-
-

@@ -7,19 +7,29 @@ time; for hidden-layer networks it is necessary: permutation and ReLU-rescaling
 symmetries make the optima of independent refits incomparable weight by
 weight, while a warm start keeps each replicate in the full-data fit's basin,
 so the spread measures sampling variability around *that* solution.
+
+Every refit minimises its resample's mean loss plus the training's L2 penalty
+(``weight_decay``, PyTorch's convention), so the bootstrap targets the same
+penalised estimator as the Wald references; whether each refit converged is
+checked (the max-abs gradient of its penalised objective) and reported.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from mustat._checks import check_option, check_scalar
+from mustat.uncertainty.base import Estimator, FitContext, NotFittedError, register_estimator
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -36,18 +46,28 @@ def plan(n: int, *, B: int, epochs: int, seed: int) -> tuple[Tensor, Iterator[Te
     return resample, orders()
 
 
-def _make_optimizer(kind: str, params, lr: float, momentum: float):
+def _make_optimizer(kind: str, params, lr: float, momentum: float, weight_decay: float):
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    return torch.optim.Adam(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-def _check(B, epochs, lr, batch_size, optimizer):
+def _check(B, epochs, lr, batch_size, optimizer, weight_decay):
     check_scalar(B, "B", kind=Integral, low=2)
     check_scalar(epochs, "epochs", kind=Integral, low=1)
     check_scalar(lr, "lr", kind=Real, low=0.0, closed="neither")
     check_scalar(batch_size, "batch_size", kind=Integral, low=1)
     check_option(optimizer, "optimizer", ["sgd", "adam"])
+    check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
+
+
+@dataclass(frozen=True)
+class Replicates:
+    """Stacked refits: ``params[name]`` has shape ``(B, *param.shape)``; ``grad_max[b]`` is
+    replicate b's max-abs gradient of its penalised mean loss on its own resample at the end."""
+
+    params: dict[str, Tensor]
+    grad_max: Tensor
 
 
 def bootstrap_replicates(
@@ -61,10 +81,11 @@ def bootstrap_replicates(
     batch_size: int | None = None,
     optimizer: str = "adam",
     momentum: float = 0.0,
+    weight_decay: float = 0.0,
     seed: int = 0,
-) -> dict[str, Tensor]:
+) -> Replicates:
     """Refit ``model`` on ``B`` bootstrap resamples at once; returns the stacked
-    parameters, each of shape ``(B, *param.shape)``.
+    parameters (each of shape ``(B, *param.shape)``) and each refit's final gradient.
 
     ``loss(output, target)`` is the batch's *mean* training loss (a mean of
     per-sample terms, which the MLP fast path relies on). Each replicate
@@ -72,17 +93,17 @@ def bootstrap_replicates(
     minibatches (``batch_size``, default ``n``: full batch) in its own random
     order, with its own optimizer state (a ``torch.optim`` optimizer over the
     stacked tensors is exactly ``B`` independent ones: SGD and Adam act
-    elementwise). ``model`` is not modified.
+    elementwise, weight decay included). ``model`` is not modified.
     """
     X, y = data
     n = len(X)
     batch_size = batch_size or n
-    _check(B, epochs, lr, batch_size, optimizer)
+    _check(B, epochs, lr, batch_size, optimizer, weight_decay)
     base = copy.deepcopy(model)
     params, buffers = stack_module_state([base] * B)
     params = {k: nn.Parameter(v.detach().clone()) for k, v in params.items()}
     base = base.to("meta")
-    opt = _make_optimizer(optimizer, list(params.values()), lr, momentum)
+    opt = _make_optimizer(optimizer, list(params.values()), lr, momentum, weight_decay)
     resample, orders = plan(n, B=B, epochs=epochs, seed=seed)
 
     def one(p, b, xb, yb):
@@ -106,7 +127,13 @@ def bootstrap_replicates(
             opt.zero_grad(set_to_none=True)
             losses(params, buffers, X[idx], y[idx]).sum().backward()
             opt.step()
-    return {k: v.detach() for k, v in params.items()}
+    # convergence: each refit's full-resample gradient of its penalised objective
+    opt.zero_grad(set_to_none=True)
+    losses(params, buffers, X[resample], y[resample]).sum().backward()
+    grad_max = torch.stack([
+        (p.grad + weight_decay * p.detach()).abs().flatten(1).amax(1) for p in params.values()
+    ]).amax(0)
+    return Replicates({k: v.detach() for k, v in params.items()}, grad_max.detach())
 
 
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
@@ -147,15 +174,16 @@ def bootstrap_se(model: nn.Module, loss: Loss, data: tuple[Tensor, Tensor], **kw
 
     Keys are ``model.named_parameters()`` names. The bootstrap SE estimates the
     sampling SD of the estimator *as trained* (finite epochs included); it equals
-    the Wald SE of the exact MLE only when the refits converge.
+    the Wald SE of the exact (penalised) optimum only when the refits converge.
     """
     reps = bootstrap_replicates(model, loss, data, **kwargs)
-    return {k: v.std(dim=0, unbiased=True) for k, v in reps.items()}
+    return {k: v.std(dim=0, unbiased=True) for k, v in reps.params.items()}
 
 
 def bootstrap_replicates_loop(
     model: nn.Module, loss: Loss, data: tuple[Tensor, Tensor], *, B: int = 200, epochs: int = 50,
-    lr: float = 1e-2, batch_size: int | None = None, optimizer: str = "adam", momentum: float = 0.0, seed: int = 0,
+    lr: float = 1e-2, batch_size: int | None = None, optimizer: str = "adam", momentum: float = 0.0,
+    weight_decay: float = 0.0, seed: int = 0,
 ) -> dict[str, Tensor]:
     """The same bootstrap as a plain Python loop of B fits (same resamples and orders).
 
@@ -164,13 +192,13 @@ def bootstrap_replicates_loop(
     X, y = data
     n = len(X)
     batch_size = batch_size or n
-    _check(B, epochs, lr, batch_size, optimizer)
+    _check(B, epochs, lr, batch_size, optimizer, weight_decay)
     resample, orders = plan(n, B=B, epochs=epochs, seed=seed)
     orders = list(orders)
     fits = []
     for b in range(B):
         m = copy.deepcopy(model)
-        opt = _make_optimizer(optimizer, m.parameters(), lr, momentum)
+        opt = _make_optimizer(optimizer, m.parameters(), lr, momentum, weight_decay)
         for order in orders:
             rows = resample[b, order[b]]
             for start in range(0, n, batch_size):
@@ -180,3 +208,67 @@ def bootstrap_replicates_loop(
                 opt.step()
         fits.append({k: v.detach() for k, v in m.named_parameters()})
     return {k: torch.stack([f[k] for f in fits]) for k in fits[0]}
+
+
+@register_estimator("bootstrap")
+class Bootstrap(Estimator):
+    """The true nonparametric bootstrap (module notes): ``B`` warm-started refits
+    on resampled data, trained together, with the training's weight decay; the SE
+    is their SD (``ddof = 1``), paired with the weights the refits started from.
+
+    Its Monte-Carlo relative error is about ``1 / sqrt(2 (B - 1))`` (diagnostics:
+    ``mc_rel_error``). Refits whose final max-abs penalised gradient exceeds
+    ``gtol`` count as not converged (``converged_frac``; a warning when any).
+    ``fit`` needs ``FitContext(X=..., y=..., loss=...)``.
+    """
+
+    def __init__(self, model: nn.Module, *, B: int = 200, epochs: int = 50, lr: float = 1e-2,
+                 batch_size: int | None = None, optimizer: str = "adam", momentum: float = 0.0, seed: int = 0,
+                 gtol: float = 1e-3, params: Iterable[str] | None = None):
+        super().__init__(model, params=params)
+        _check(B, epochs, lr, batch_size or 1, optimizer, 0.0)
+        self.options = dict(B=B, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                            momentum=momentum, seed=seed)
+        self.gtol = float(check_scalar(gtol, "gtol", kind=Real, low=0.0, closed="neither"))
+        self._se: dict[str, Tensor] | None = None
+        self._estimate: dict[str, Tensor] | None = None
+        self._diag: dict[str, Any] = {}
+
+    def fit(self, context: FitContext) -> Bootstrap:
+        context.need(self.name, "X", "y", "loss")
+        from mustat.pruning import finalize
+
+        work = finalize(copy.deepcopy(self._model))  # refits train the effective weights
+        missing = [n for n in self.names if n not in dict(work.named_parameters())]
+        if missing:
+            raise ValueError(f"bootstrap: {missing} are not parameters of the model")
+        reps = bootstrap_replicates(work, context.loss, (context.X, context.y), weight_decay=context.penalty(),
+                                    **self.options)
+        self._se = {n: reps.params[n].std(dim=0, unbiased=True) for n in self.names}
+        self._estimate = self._current_weights()
+        B = self.options["B"]
+        converged = reps.grad_max <= self.gtol
+        self._diag = dict(B=B, mc_rel_error=1 / math.sqrt(2 * (B - 1)),
+                          grad_max_median=float(reps.grad_max.median()), grad_max=float(reps.grad_max.max()),
+                          converged_frac=float(converged.double().mean()), weight_decay=context.penalty())
+        if not bool(converged.all()):
+            warnings.warn(
+                f"bootstrap: {int((~converged).sum())} of {B} refits did not converge (max |gradient| of the "
+                f"penalised loss {self._diag['grad_max']:.3g} > gtol={self.gtol:g}); raise epochs or lr",
+                stacklevel=2,
+            )
+        return self
+
+    def se(self) -> dict[str, Tensor]:
+        if self._se is None:
+            raise NotFittedError("bootstrap is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after training")
+        return {k: v.clone() for k, v in self._se.items()}
+
+    def estimate(self) -> dict[str, Tensor]:
+        """The weights every refit started from."""
+        if self._estimate is None:
+            return self._current_weights()
+        return {k: v.clone() for k, v in self._estimate.items()}
+
+    def diagnostics(self) -> dict[str, Any]:
+        return dict(self._diag)

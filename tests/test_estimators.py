@@ -1,0 +1,142 @@
+"""The estimator protocol and registry: every registered estimator honours the same
+contract, and a new one plugs into the pipeline and the study without other changes."""
+
+import pandas as pd
+import pytest
+import torch
+from conftest import train_steps
+from torch import nn
+
+import mustat
+from mustat.cli import main
+from mustat.uncertainty import (
+    ESTIMATORS,
+    Estimator,
+    FitContext,
+    NotFittedError,
+    get_estimator,
+    make_estimator,
+    register_estimator,
+)
+
+#: options that make each built-in estimator cheap (and wald well-posed) on the tiny MLP
+OPTIONS = {"batch-means": dict(batch_steps=3), "bootstrap": dict(B=4, epochs=2, gtol=1e3), "wald": dict(damping=50.0)}  # far from a minimum after 12 steps
+
+
+def _context(model, batch, opt):
+    X, y = batch
+    return FitContext(X=X, y=y, loss=nn.functional.cross_entropy, optimizer=opt, batch_size=len(y))
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_honours_the_contract(name, mlp, batch):
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.05, weight_decay=1e-3)
+    est = make_estimator(name, mlp, **OPTIONS.get(name, {}))
+    assert est.name == name and est.trajectory is get_estimator(name).trajectory
+    names = ["0.weight", "2.weight", "4.weight"]
+    assert est.names == names
+    if est.trajectory:
+        est.attach(opt)
+        est.reset()
+    train_steps(mlp, opt, batch, 12)
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    mode = mlp.training
+    est.fit(_context(mlp, batch, opt))
+    se, estimate = est.se(), est.estimate()
+    assert list(se) == names and list(estimate) == names
+    for n in names:
+        w = mlp.get_parameter(n)
+        assert se[n].shape == w.shape and estimate[n].shape == w.shape
+        assert not se[n].requires_grad and not torch.isnan(se[n]).any() and (se[n] >= 0).all()
+    assert isinstance(est.diagnostics(), dict)
+    # the user's model is untouched: parameters, buffers and mode
+    assert all(torch.equal(v, mlp.state_dict()[k]) for k, v in before.items()) and mlp.training == mode
+    # it plugs into the criteria
+    scores = mustat.score(mlp, "mu", se=se, weights=estimate)
+    assert set(scores) == set(names)
+    # state round-trip: a fresh estimator loaded from the state gives the same answer
+    fresh = make_estimator(name, mlp, **OPTIONS.get(name, {}))
+    fresh.load_state_dict(est.state_dict())
+    if est.trajectory:
+        fresh.fit(_context(mlp, batch, opt))
+        for n in names:
+            torch.testing.assert_close(fresh.se()[n], se[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(set(ESTIMATORS) - {"pseudo"}))
+def test_reading_before_fit_says_what_to_do(name, mlp):
+    est = make_estimator(name, mlp, **OPTIONS.get(name, {}))
+    with pytest.raises(NotFittedError, match="fit"):
+        est.se()
+
+
+@pytest.mark.parametrize("name, need", [("calibrated", "optimizer"), ("batch-means", "batch_size"),
+                                        ("curvature", "X=.*y=.*loss="), ("wald", "X="), ("bootstrap", "X=.*loss=")])
+def test_missing_context_names_the_fields(name, need, mlp, batch):
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.05)
+    est = make_estimator(name, mlp, **OPTIONS.get(name, {}))
+    if est.trajectory:
+        est.attach(opt)
+    train_steps(mlp, opt, batch, 8)
+    with pytest.raises(ValueError, match=f"needs FitContext\\({need}"):
+        est.fit(FitContext())
+
+
+def test_unknown_estimator_lists_the_valid_ones(mlp):
+    with pytest.raises(ValueError, match="se='oracle' is not valid; choose one of: batch-means, bootstrap, calibrated"):
+        make_estimator("oracle", mlp)
+    with pytest.raises(TypeError, match="Estimator subclasses"):
+        register_estimator("x")(object)
+    with pytest.raises(ValueError, match="already registered"):
+        register_estimator("pseudo")(type("Other", (Estimator,), {"se": lambda self: {}}))
+
+
+def test_penalty_read_from_the_optimizer(mlp):
+    assert FitContext(optimizer=torch.optim.SGD(mlp.parameters(), lr=0.1, weight_decay=0.01)).penalty() == 0.01
+    groups = [{"params": mlp[0].parameters(), "weight_decay": 0.1}, {"params": mlp[2].parameters()}]
+    with pytest.raises(ValueError, match="different weight_decay"):
+        FitContext(optimizer=torch.optim.SGD(groups, lr=0.1)).penalty()
+    with pytest.raises(ValueError, match="AdamW's decoupled"):
+        FitContext(optimizer=torch.optim.AdamW(mlp.parameters(), weight_decay=0.01)).penalty()
+    with pytest.raises(ValueError, match="X has 3 rows but y has 2"):
+        FitContext(X=torch.zeros(3, 8), y=torch.zeros(2))
+
+
+class Constant(Estimator):
+    """se = 1 everywhere: mu with it is magnitude pruning."""
+
+    def se(self):
+        return {n: torch.ones_like(w) for n, w in self._current_weights().items()}
+
+
+@pytest.fixture
+def toy():
+    register_estimator("toy-constant")(Constant)
+    try:
+        yield "toy-constant"
+    finally:
+        ESTIMATORS.pop("toy-constant")
+
+
+def test_a_new_estimator_runs_through_mustat_prune(toy, tmp_path, capsys):
+    assert main(["prune", "--se", toy, "--criteria", "mu,magnitude", "--epochs", "2", "--retrain-epochs", "1",
+                 "--target-sparsity", "0.8", "--quiet", "--out", str(tmp_path)]) == 0
+    assert "mu[toy-constant]" in capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "results.csv")
+    mu, mag = df[df.label == "mu[toy-constant]"], df[df.label == "magnitude"]
+    # |w| / 1 ranks exactly as |w|: the same masks, hence the same accuracies and losses
+    assert len(mu) == len(mag) > 0
+    pd.testing.assert_series_equal(mu.test_loss.reset_index(drop=True), mag.test_loss.reset_index(drop=True))
+
+
+def test_a_new_estimator_runs_through_a_study(toy, tmp_path):
+    from validation.estimators import Setting
+    from validation.study import Grid, run_study
+
+    grid = Grid(designs=("logistic",), settings=(Setting("sgd", 0.05, epochs=2, window=1),), replications=2,
+                bootstrap_B=4, estimators=("pseudo", toy))
+    summary, cells = run_study(grid, tmp_path, scheduler="serial", quiet=True)
+    row = summary[summary.estimator == toy].iloc[0]
+    ref = cells[(cells.estimator == toy)]
+    assert (ref.se == 1).all()
+    assert row.se_ratio_median == pytest.approx((1 / ref.ref_se).groupby(ref.replication).median().mean())
