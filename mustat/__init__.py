@@ -9,6 +9,7 @@ from mustat.pruning import (
     prune,
     sparsity,
 )
+from mustat.sparse import load_sparse, save_sparse, sparse_inference
 from mustat.stats import WaldResults, prune_fdr, pvalues, wald, zvalues
 from mustat.uncertainty import (
     ESTIMATORS,
@@ -41,12 +42,15 @@ __all__ = [
     "fit_glm",
     "hessian_se",
     "load_pruned_state_dict",
+    "load_sparse",
     "make_estimator",
     "prune",
     "prune_fdr",
     "pvalues",
     "register_estimator",
+    "save_sparse",
     "score",
+    "sparse_inference",
     "sparsity",
     "wald",
     "zvalues",

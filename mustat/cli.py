@@ -32,7 +32,11 @@ def _prune(args: argparse.Namespace) -> int:
         results = run(dataset=args.dataset, data_dir=args.data_dir, model=args.model, criteria=args.criteria,
                       se=args.se, scope=args.scope, schedule_kind=args.schedule, target_sparsity=args.target_sparsity,
                       rounds=args.rounds, seeds=args.seeds, config=config, device=args.device, out=args.out,
-                      quiet=args.quiet)
+                      quiet=args.quiet, save_sparse=args.save_sparse)
+    from mustat.distributed import is_main
+
+    if not is_main():
+        return 0
     windows = [w.message for w in caught if issubclass(w.category, WindowWarning)]
     for w in caught:
         if not issubclass(w.category, WindowWarning):
@@ -79,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prune", help="train, prune by each criterion, retrain; print and save accuracy vs sparsity",
         description="Train a model, then prune it in rounds by each criterion (retraining after each round), "
                     "and report test accuracy against sparsity. Writes params.json, results.csv and "
-                    "accuracy_vs_sparsity.png into --out; rerunning with the same --out resumes.",
+                    "accuracy_vs_sparsity.png into --out; rerunning with the same --out resumes. "
+                    "Data-parallel on N processes: torchrun --nproc-per-node N -m mustat prune ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", default="digits", choices=sorted(DATASETS), metavar="NAME",
@@ -112,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default=[0], help="seeds, e.g. '0 1 2'; the table shows mean ± sd")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=None, help="output folder (default runs/<id derived from the settings>)")
+    p.add_argument("--save-sparse", action="store_true",
+                   help="also save each run's final pruned model, compactly, as models/seed<S>-<label>.safetensors "
+                        "(load with mustat.load_sparse)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prune)
 

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import mustat
+from mustat import distributed
 from mustat._checks import check_option, check_scalar
 from mustat._io import atomic_write, write_json
 from mustat.criteria import get_criterion, label, parse_label
@@ -260,11 +261,12 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
         else:
             scores = mustat.score(model, prune.criterion, seed=seed * 1000 + rnd)
         mustat.prune(model, scores, sparsity=target, scope=prune.scope)
+        distributed.broadcast_masks(model)
         train_epochs(model, opt, data.X_train, data.y_train, epochs=config.retrain_epochs,
                      batch_size=config.batch_size, sampler=config.sampler, generator=gen, callbacks=callbacks,
                      progress=progress)
         rows.append(_row(model, data, prune=prune, seed=seed, rnd=rnd, target=target, se_ok=se_ok))
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             state = dict(model=model.state_dict(), optimizer=opt.state_dict(),
                          estimators={prune.se: est.state_dict()} if est is not None and est.trajectory else {},
                          generator=gen.get_state(), round=rnd, rows=rows)
@@ -301,6 +303,7 @@ def run(
     device: str = "auto",
     out: str | Path | None = None,
     quiet: bool = False,
+    save_sparse: bool = False,
     on_round: Callable[[dict], None] | None = None,
 ) -> pd.DataFrame:
     """Run the pipeline for every seed and criterion; returns the tidy results
@@ -308,8 +311,13 @@ def run(
 
     ``criteria`` names registered criteria (``"mu"``, ``"magnitude"``, ...; or
     ``"mu[curvature]"`` for one pairing); each one that uses standard errors runs
-    with every estimator in ``se``. Raises ``ValueError`` for unknown names
-    (listing the valid ones), and when ``out`` already holds a run with different settings.
+    with every estimator in ``se``. ``save_sparse``: also write each run's final
+    pruned model as ``models/seed<S>-<label>.safetensors`` (:func:`mustat.save_sparse`).
+    Raises ``ValueError`` for unknown names (listing the valid ones), and when
+    ``out`` already holds a run with different settings.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the ranks train data-parallel
+    (:mod:`mustat.distributed`); only rank 0 writes, and every rank returns the results.
     """
     config = config or TrainConfig()
     pairs = expand(criteria, se)
@@ -326,42 +334,61 @@ def run(
         )
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed")
-    dev = resolve_device(device)
+    dev = distributed.init_from_env(resolve_device(device))
+    main = distributed.is_main()
     params = dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None, model=model,
                   runs=[label(c, s) for c, s in pairs], scope=scope, schedule=schedule_kind,
                   target_sparsity=target_sparsity, rounds=rounds, seeds=list(seeds), device=dev.type,
                   train=asdict(config), targets=targets, batch_means_batches=BATCH_MEANS_BATCHES)
     out = Path(out) if out is not None else Path("runs") / run_id(params)
-    _claim(out, params)
+    if main:
+        _claim(out, params)
+    distributed.barrier()
 
     total = len(seeds) * (config.epochs + len(pairs) * len(targets) * config.retrain_epochs)
-    bar = tqdm(total=total, desc="mustat prune", unit="epoch", disable=quiet)
+    bar = tqdm(total=total, desc="mustat prune", unit="epoch", disable=quiet or not main)
     rows = []
     ckpt = out / "checkpoints"
     for seed in seeds:
         data = load(dataset, data_dir=data_dir, seed=seed).to(dev)
         dense_path = ckpt / f"seed{seed}-dense.pt"
+        distributed.barrier()  # every rank sees the same files before deciding what to resume
         if dense_path.exists():
             dense = _load(dense_path)
             bar.update(config.epochs)
         else:
             state, row = dense_phase(model, data, config, seed=seed, estimators=used, progress=bar)
             dense = dict(state, dense_row=row)
-            atomic_write(dense_path, lambda t, s=dense: torch.save(s, t))
+            if main:
+                atomic_write(dense_path, lambda t, s=dense: torch.save(s, t))
         rows.append(dense["dense_row"])
         for crit, est in pairs:
             prune = PruneConfig(crit, est, scope, schedule_kind, target_sparsity, rounds)
-            path = ckpt / f"seed{seed}-{prune.label.replace('[', '-').replace(']', '')}.pt"
+            stem = f"seed{seed}-{prune.label.replace('[', '-').replace(']', '')}"
+            path = ckpt / f"{stem}.pt"
+            distributed.barrier()
             start = _load(path) if path.exists() else dict(dense, rows=[])
             bar.update(start["round"] * config.retrain_epochs)
             rows += prune_phase(model, data, config, prune, start, seed=seed, checkpoint=path,
                                 progress=bar, on_round=on_round)
-            _write_results(out, rows)
+            if main:
+                _write_results(out, rows)
+                if save_sparse:
+                    _save_model(model, data, _load(path)["model"], out / "models" / f"{stem}.safetensors")
     bar.close()
-    results = _write_results(out, rows)
-    plot(results, out / "accuracy_vs_sparsity.png")
+    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    if main:
+        _write_results(out, rows)
+        plot(results, out / "accuracy_vs_sparsity.png")
+    distributed.barrier()
     results.attrs["out"] = str(out)
     return results
+
+
+def _save_model(model_name: str, data: Dataset, state: dict, path: Path) -> None:
+    model = build(model_name, data.input_shape, data.n_classes or 1, task=data.task)
+    mustat.load_pruned_state_dict(model, state)
+    mustat.save_sparse(model, path)
 
 
 def _claim(out: Path, params: dict) -> None:
@@ -374,7 +401,8 @@ def _claim(out: Path, params: dict) -> None:
         return
     versions = dict(mustat=mustat.__version__, torch=torch.__version__, numpy=np.__version__,
                     pandas=pd.__version__, python=platform.python_version())
-    write_json(path, dict(settings=params, versions=versions))
+    # the world size does not shape the results (up to float reduction order): not a setting
+    write_json(path, dict(settings=params, versions=versions, world_size=distributed.rank_world()[1]))
 
 
 def _write_results(out: Path, rows: list[dict]) -> pd.DataFrame:

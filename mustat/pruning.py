@@ -154,6 +154,8 @@ def prune(
     already = sum(int((~a).sum()) for *_, a in targets.values())
     if scope is Scope.GLOBAL:
         device = next(iter(targets.values()))[2].device
+        if device.type == "mps":  # no float64 there: rank on the CPU
+            device = torch.device("cpu")
         flat = torch.cat([s.flatten().to(device, torch.float64) for _, _, s, _ in targets.values()])
         alive = torch.cat([a.flatten().to(device) for *_, a in targets.values()])
         k = round(sparsity * flat.numel())

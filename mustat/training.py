@@ -15,6 +15,7 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor, nn
 
+from mustat import distributed
 from mustat._checks import check_option, check_scalar
 from mustat.models import loss_fn, predict
 
@@ -124,6 +125,10 @@ def train_epochs(
     ``loss(output, target)`` is the mean minibatch loss (default
     :func:`mustat.models.loss_fn`). ``amp``: bf16 autocast of the forward pass
     (default: on for CUDA tensors). The model's train/eval mode is restored.
+
+    Inside a ``torch.distributed`` process group every rank draws the same global
+    minibatch from ``generator`` and trains on its shard; gradients are combined
+    as the global mean (:mod:`mustat.distributed`).
     """
     check_scalar(epochs, "epochs", kind=Integral, low=0)
     check_scalar(batch_size, "batch_size", kind=Integral, low=1)
@@ -132,6 +137,7 @@ def train_epochs(
     sampler = check_option(sampler, "sampler", Sampler)
     device = X.device.type
     amp = device == "cuda" if amp is None else bool(amp)
+    world = distributed.rank_world()[1]
     was_training = model.training
     model.train()
     try:
@@ -139,13 +145,21 @@ def train_epochs(
             for cb in callbacks:
                 cb.on_epoch_start(epoch, epochs)
             for idx in batches(len(y), batch_size, sampler, generator):
-                idx = idx.to(X.device, non_blocking=True)
+                total = len(idx)
+                idx = distributed.shard(idx).to(X.device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-                    out = model(X[idx])
-                target = y[idx]
-                value = loss(out.float(), target) if loss is not None else loss_fn(model, out.float(), target)
-                value.backward()
+                if len(idx):
+                    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+                        out = model(X[idx])
+                    target = y[idx]
+                    value = loss(out.float(), target) if loss is not None else loss_fn(model, out.float(), target)
+                    value.backward()
+                else:  # a final shuffled batch smaller than the world: this rank contributes nothing
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.grad = torch.zeros_like(p)
+                if world > 1:
+                    distributed.all_reduce_gradients(model, len(idx), total)
                 optimizer.step()
             for cb in callbacks:
                 cb.on_epoch_end(epoch, epochs)

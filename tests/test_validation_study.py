@@ -103,3 +103,26 @@ def test_digits_design_runs(tmp_path):
     # constant-zero pixels give weights that never move (reference SE 0): skipped, not NaN
     assert (cells[cells.estimator == "bootstrap"].se == 0).any()
     assert summary[["se_ratio_median", "loglog_slope", "spearman_z"]].notna().all().all()
+
+
+def test_a_code_level_change_of_a_reference_setting_recomputes_its_cells(tmp_path, monkeypatch):
+    import validation.study as study
+
+    grid = Grid(designs=("logistic",), settings=(Setting("sgd", 0.05, epochs=2, window=1, weight_decay=1e-3),),
+                replications=2, bootstrap_B=4, estimators=("pseudo", "curvature"))
+    first = []
+    summary, _ = run_study(grid, tmp_path, scheduler="serial", quiet=True, on_cell=first.append)
+    assert summary.weight_decay.eq(1e-3).all() and summary.bootstrap_epochs.eq(200).all()
+    assert set(summary.reference) == {"wald-sandwich"}  # a penalised fit: the sandwich is the reference
+    again = []
+    run_study(grid, tmp_path, scheduler="serial", quiet=True, on_cell=again.append)
+    assert again == []  # nothing changed: nothing recomputed
+    # someone edits a reference default in the code: the grid the user wrote is the same,
+    # but every cell the change shapes is recomputed instead of mixed with stale ones
+    monkeypatch.setattr(study, "REFERENCES", study.References(glm_bootstrap_epochs=7))
+    changed = Grid(designs=grid.designs, settings=grid.settings, replications=2, bootstrap_B=4,
+                   estimators=grid.estimators)
+    redone = []
+    summary, _ = run_study(changed, tmp_path, scheduler="serial", quiet=True, on_cell=redone.append)
+    assert len(redone) == 1 and redone != first
+    assert summary.bootstrap_epochs.eq(7).all()

@@ -1,0 +1,232 @@
+"""Pruned models that are actually small: a compact file format and sparse inference.
+
+File format: a `safetensors <https://github.com/huggingface/safetensors>`_ file
+(safe to load, widely read) holding the model's *effective* state (masks
+applied). Each tensor is stored in whichever encoding is smallest:
+
+* ``dense``: as it is (biases, buffers, barely pruned weights);
+* ``bitmask``: the kept entries' values plus one bit per entry (``uint8``, bit
+  ``i % 8`` of byte ``i // 8`` for flat index ``i``);
+* ``csr``: the tensor viewed as ``(shape[0], -1)``, row pointers (``int32``),
+  column indices (``int16`` when there are at most 32767 columns, else
+  ``int32``) and values.
+
+A masked tensor's pattern is its mask (so a kept weight that happens to be 0
+stays kept); an unmasked tensor's is its nonzeros. The header's metadata
+(``mustat``) records each tensor's encoding, shape, dtype and whether it was
+masked, so :func:`load_sparse` can restore an identical model, masks included.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from mustat._checks import check_option, check_scalar
+from mustat._io import atomic_write
+from mustat._masking import find_mask, masked_names, set_mask
+from mustat._params import resolve
+
+FORMAT = "mustat-sparse/1"
+_BITS = 1 << torch.arange(8, dtype=torch.int32)
+
+
+def _pack(keep: Tensor) -> Tensor:
+    flat = keep.flatten().to(torch.int32)
+    flat = F.pad(flat, (0, (-len(flat)) % 8))
+    return (flat.view(-1, 8) * _BITS).sum(1).to(torch.uint8)
+
+
+def _unpack(packed: Tensor, numel: int) -> Tensor:
+    return ((packed.to(torch.int32).unsqueeze(1) & _BITS) != 0).flatten()[:numel]
+
+
+def _encodings(key: str, value: Tensor, keep: Tensor) -> dict[str, dict[str, Tensor]]:
+    """Every candidate encoding of one tensor: name -> stored tensors."""
+    out = {"dense": {key: value}}
+    vals = value.flatten()[keep.flatten()]
+    out["bitmask"] = {f"{key}.values": vals, f"{key}.bitmask": _pack(keep)}
+    rows = value.shape[0] if value.dim() > 1 else 1
+    grid = keep.reshape(rows, -1)
+    crow = F.pad(grid.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    cols = torch.nonzero(grid)[:, 1]
+    cols = cols.to(torch.int16 if grid.shape[1] <= 32767 else torch.int32)
+    out["csr"] = {f"{key}.values": vals, f"{key}.crow": crow, f"{key}.col": cols}
+    return out
+
+
+def _nbytes(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_sparse(model: nn.Module, path: str | Path) -> Path:
+    """Save ``model``'s effective state compactly (module notes); written atomically.
+
+    Pruned weights (masks from :func:`mustat.prune`) and any tensor that is mostly
+    zero are stored as values plus a bitmask or CSR indices, whichever is smaller;
+    the rest as they are. The model itself is not modified. Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    masked = set(masked_names(model))
+    patterns = {}
+    for name in masked:
+        module, attr = resolve(model, name)
+        patterns[name] = (find_mask(module, attr).mask != 0).cpu()
+    from mustat.pruning import finalize
+
+    state = finalize(copy.deepcopy(model)).state_dict()
+    tensors, meta = {}, {}
+    for key, value in state.items():
+        value = value.detach().cpu().contiguous()
+        keep = patterns.get(key)
+        if keep is None:
+            keep = value != 0 if value.is_floating_point() and value.numel() else None
+        if keep is None:
+            choice, stored = "dense", {key: value}
+        else:
+            options = _encodings(key, value, keep)
+            choice = min(options, key=lambda k: _nbytes(options[k]))
+            stored = options[choice]
+        tensors.update({k: v.contiguous() for k, v in stored.items()})
+        meta[key] = dict(encoding=choice, shape=list(value.shape), dtype=str(value.dtype).removeprefix("torch."),
+                         masked=key in masked)
+    header = {"format": FORMAT, "mustat": json.dumps(meta)}
+    return atomic_write(path, lambda t: save_file(tensors, t, metadata=header))
+
+
+def read_sparse(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(state, masks)`` from a :func:`save_sparse` file: the dense effective state dict
+    (plain keys, CPU) and the keep-patterns of the tensors that were masked."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no sparse model file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a mustat sparse model (format {header.get('format')!r}, "
+                             f"want {FORMAT!r}); save it with mustat.save_sparse")
+        meta = json.loads(header["mustat"])
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    state, masks = {}, {}
+    for key, info in meta.items():
+        shape, dtype = torch.Size(info["shape"]), getattr(torch, info["dtype"])
+        if info["encoding"] == "dense":
+            state[key] = stored[key]
+            continue
+        if info["encoding"] == "bitmask":
+            keep = _unpack(stored[f"{key}.bitmask"], shape.numel())
+        else:
+            crow = stored[f"{key}.crow"].long()
+            rows = len(crow) - 1
+            cols = stored[f"{key}.col"].long()
+            row_of = torch.repeat_interleave(torch.arange(rows), crow.diff())
+            width = shape.numel() // max(rows, 1)
+            keep = torch.zeros(shape.numel(), dtype=torch.bool)
+            keep[row_of * width + cols] = True
+        dense = torch.zeros(shape.numel(), dtype=dtype)
+        dense[keep] = stored[f"{key}.values"]
+        state[key] = dense.view(shape)
+        if info["masked"]:
+            masks[key] = keep.view(shape)
+    return state, masks
+
+
+def load_sparse(path: str | Path, model: nn.Module, *, masks: bool = True) -> nn.Module:
+    """Load a :func:`save_sparse` file into ``model`` (same architecture); returns it.
+
+    ``masks=True`` re-installs the masks of tensors that were pruned, so further
+    training keeps them at zero; ``masks=False`` loads plain zero-filled weights
+    (a finalized model). Either way the outputs equal the saved model's exactly.
+    """
+    state, patterns = read_sparse(path)
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in patterns:
+            try:
+                target = getattr(*resolve(model, key))
+            except ValueError as err:
+                raise ValueError(f"{path} does not fit this model: {err}") from None
+        elif key in own:
+            target = own[key]
+        else:
+            continue  # reported by load_state_dict below
+        if target.shape != value.shape:
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model's has "
+                             f"{tuple(target.shape)}: is it the same architecture?")
+    plain = {}
+    for key, value in state.items():
+        if masks and key in patterns:
+            module, attr = resolve(model, key)
+            set_mask(module, attr, patterns[key])
+            head, _, tail = key.rpartition(".")
+            prefix = f"{head}.parametrizations.{tail}" if head else f"parametrizations.{tail}"
+            plain[f"{prefix}.original"] = value
+            plain[f"{prefix}.0.mask"] = patterns[key].to(value.dtype)
+        else:
+            plain[key] = value
+    try:
+        model.load_state_dict(plain, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit this model: {err}") from None
+    return model
+
+
+class SparseLinear(nn.Module):
+    """``nn.Linear`` with its weight in compressed sparse row form (inference only).
+
+    ``y = x W^T + b`` by torch's CSR kernels; equal to the dense layer up to float
+    summation order.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with warnings.catch_warnings():  # torch calls its CSR support beta; it is what we measure
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            weight = linear.weight.detach().to_sparse_csr()
+        self.register_buffer("weight", weight)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if len(flat) == 1:
+            y = F.linear(flat, self.weight, self.bias)
+        elif self.bias is not None:
+            y = torch.addmm(self.bias.unsqueeze(1), self.weight, flat.t()).t()
+        else:
+            y = (self.weight @ flat.t()).t()
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.weight.values().numel()}"
+
+
+def sparse_inference(model: nn.Module, *, min_sparsity: float = 0.5, kinds: tuple[str, ...] = ("linear",)) -> nn.Module:
+    """A copy of ``model`` for inference with every ``nn.Linear`` at least
+    ``min_sparsity`` zero replaced by a :class:`SparseLinear`.
+
+    Masks are applied first (the copy is finalized). Only Linear layers are
+    converted: torch's CPU kernels have no sparse convolution that beats the dense
+    one at these sizes (``benchmarks/sparse_export.py``). ``model`` is not modified.
+    """
+    check_scalar(min_sparsity, "min_sparsity", low=0.0, high=1.0)
+    for k in kinds:
+        check_option(k, "kinds", ["linear"])
+    from mustat.pruning import finalize
+
+    work = finalize(copy.deepcopy(model)).eval()
+    for path, module in list(work.named_modules()):
+        if type(module) is nn.Linear and float((module.weight == 0).double().mean()) >= min_sparsity:
+            parent, _, child = path.rpartition(".")
+            setattr(work.get_submodule(parent) if parent else work, child, SparseLinear(module))
+    return work
