@@ -2,6 +2,7 @@
 
 from mustat.criteria import CRITERIA, Criterion, register_criterion, score
 from mustat.pruning import (
+    LayerCollapseWarning,
     PruningReport,
     Scope,
     finalize,
@@ -32,6 +33,7 @@ __all__ = [
     "Criterion",
     "Estimator",
     "FitContext",
+    "LayerCollapseWarning",
     "PruningReport",
     "PseudoBootstrap",
     "Scope",

@@ -31,6 +31,7 @@ def _prune(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         results = run(dataset=args.dataset, data_dir=args.data_dir, model=args.model, criteria=args.criteria,
                       se=args.se, scope=args.scope, schedule_kind=args.schedule, target_sparsity=args.target_sparsity,
+                      max_tensor_sparsity=args.max_tensor_sparsity or None,
                       rounds=args.rounds, seeds=args.seeds, config=config, device=args.device, out=args.out,
                       quiet=args.quiet, save_sparse=args.save_sparse)
     from mustat.distributed import is_main
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mustat.criteria import CRITERIA
     from mustat.data import DATASETS
     from mustat.models import MODELS
-    from mustat.pipeline import DEFAULT_CRITERIA, DEFAULT_SE, TrainConfig
+    from mustat.pipeline import DEFAULT_CRITERIA, DEFAULT_MAX_TENSOR_SPARSITY, DEFAULT_SE, TrainConfig
     from mustat.uncertainty import ESTIMATORS
 
     d = TrainConfig()  # the defaults, written once
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="geometric", choices=["geometric", "oneshot", "gradual"],
                    help="sparsity per round: geometric (0.5, 0.75, ... then the target), oneshot, or gradual (Zhu & Gupta cubic)")
     p.add_argument("--rounds", type=int, default=5, help="number of rounds of the gradual schedule")
+    p.add_argument("--max-tensor-sparsity", type=float, default=DEFAULT_MAX_TENSOR_SPARSITY,
+                   help="prune at most this fraction of any one tensor, so global ranking cannot empty a layer "
+                        "(0: no cap)")
     p.add_argument("--target-sparsity", type=float, default=0.95, help="final fraction of pruned weights, in (0, 1)")
     p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam"], help="optimizer (sgd uses --momentum)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate")

@@ -56,6 +56,8 @@ DEFAULT_CRITERIA = ("mu", "magnitude", "random")
 DEFAULT_SE = ("pseudo", "calibrated", "batch-means", "curvature")
 #: batch-means splits the tracking window into this many batches
 BATCH_MEANS_BATCHES = 20
+#: the CLI's per-tensor cap: global ranking may not empty a layer (not yet tuned by a benchmark)
+DEFAULT_MAX_TENSOR_SPARSITY = 0.99
 
 
 class Schedule(str, Enum):
@@ -135,6 +137,7 @@ class PruneConfig:
     schedule: str = "geometric"
     target_sparsity: float = 0.95
     rounds: int = 5
+    max_tensor_sparsity: float | None = None
 
     @property
     def label(self) -> str:
@@ -260,7 +263,7 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
             scores = mustat.score(model, prune.criterion, se=est.se(), weights=est.estimate())
         else:
             scores = mustat.score(model, prune.criterion, seed=seed * 1000 + rnd)
-        mustat.prune(model, scores, sparsity=target, scope=prune.scope)
+        mustat.prune(model, scores, sparsity=target, scope=prune.scope, max_tensor_sparsity=prune.max_tensor_sparsity)
         distributed.broadcast_masks(model)
         train_epochs(model, opt, data.X_train, data.y_train, epochs=config.retrain_epochs,
                      batch_size=config.batch_size, sampler=config.sampler, generator=gen, callbacks=callbacks,
@@ -298,6 +301,7 @@ def run(
     schedule_kind: str = "geometric",
     target_sparsity: float = 0.95,
     rounds: int = 5,
+    max_tensor_sparsity: float | None = None,
     seeds: Sequence[int] = (0,),
     config: TrainConfig | None = None,
     device: str = "auto",
@@ -311,7 +315,8 @@ def run(
 
     ``criteria`` names registered criteria (``"mu"``, ``"magnitude"``, ...; or
     ``"mu[curvature]"`` for one pairing); each one that uses standard errors runs
-    with every estimator in ``se``. ``save_sparse``: also write each run's final
+    with every estimator in ``se``. ``max_tensor_sparsity`` caps the pruned fraction of
+    any one tensor (:func:`mustat.prune`). ``save_sparse``: also write each run's final
     pruned model as ``models/seed<S>-<label>.safetensors`` (:func:`mustat.save_sparse`).
     Raises ``ValueError`` for unknown names (listing the valid ones), and when
     ``out`` already holds a run with different settings.
@@ -338,7 +343,7 @@ def run(
     main = distributed.is_main()
     params = dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None, model=model,
                   runs=[label(c, s) for c, s in pairs], scope=scope, schedule=schedule_kind,
-                  target_sparsity=target_sparsity, rounds=rounds, seeds=list(seeds), device=dev.type,
+                  target_sparsity=target_sparsity, rounds=rounds, max_tensor_sparsity=max_tensor_sparsity, seeds=list(seeds), device=dev.type,
                   train=asdict(config), targets=targets, batch_means_batches=BATCH_MEANS_BATCHES)
     out = Path(out) if out is not None else Path("runs") / run_id(params)
     if main:
@@ -363,7 +368,7 @@ def run(
                 atomic_write(dense_path, lambda t, s=dense: torch.save(s, t))
         rows.append(dense["dense_row"])
         for crit, est in pairs:
-            prune = PruneConfig(crit, est, scope, schedule_kind, target_sparsity, rounds)
+            prune = PruneConfig(crit, est, scope, schedule_kind, target_sparsity, rounds, max_tensor_sparsity)
             stem = f"seed{seed}-{prune.label.replace('[', '-').replace(']', '')}"
             path = ckpt / f"{stem}.pt"
             distributed.barrier()

@@ -3,6 +3,7 @@ applied through ``torch.nn.utils.parametrize`` (see ``mustat._masking`` for why)
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -106,12 +107,34 @@ def ranked_cut(scores: Tensor, alive: Tensor, k: int) -> Tensor:
     return keep
 
 
+class LayerCollapseWarning(UserWarning):
+    """A prune removed every weight of some tensors (``tensors`` names them): the network
+    cannot pass signal through them any more."""
+
+    def __init__(self, message: str, tensors: list[str]):
+        super().__init__(message)
+        self.tensors = list(tensors)
+
+
+def _protect(scores: Tensor, alive: Tensor, max_pruned: int) -> Tensor:
+    """Scores with the highest-scoring live entries beyond ``max_pruned`` cuts set to +inf."""
+    n_keep = scores.numel() - max_pruned
+    if n_keep <= 0:
+        return scores
+    ranked = torch.where(alive, scores, torch.full_like(scores, float("-inf")))
+    top = torch.topk(ranked, n_keep).indices
+    out = scores.clone()
+    out[top] = float("inf")
+    return out
+
+
 def prune(
     model: nn.Module,
     scores: Mapping[str, Tensor],
     *,
     sparsity: float,
     scope: str | Scope = "global",
+    max_tensor_sparsity: float | None = None,
 ) -> PruningReport:
     """Mask the lowest-scoring weights so that ``sparsity`` of them are zero.
 
@@ -130,14 +153,26 @@ def prune(
         leaves the masks as they are, with a warning.
     scope
         ``"global"`` or ``"layer"``; see :class:`Scope`.
+    max_tensor_sparsity
+        At most this fraction of any one tensor is pruned (``floor(c * n_t)``
+        entries; weights already pruned stay pruned). Global ranking can otherwise
+        empty a whole layer when a criterion's scale differs between layers
+        (``None``: no cap). A target the cap makes unreachable is an error.
 
     Returns
     -------
     PruningReport
         Counts for the scored tensors after the call.
+
+    Warns
+    -----
+    LayerCollapseWarning
+        When a tensor that still had live weights ends fully pruned.
     """
     check_scalar(sparsity, "sparsity", kind=Real, low=0.0, high=1.0, closed="left")
     scope = check_option(scope, "scope", Scope)
+    if max_tensor_sparsity is not None:
+        check_scalar(max_tensor_sparsity, "max_tensor_sparsity", kind=Real, low=0.0, high=1.0, closed="right")
     if not isinstance(scores, Mapping) or not scores:
         raise ValueError("scores must be a non-empty dict of tensors keyed by tensor name, as mustat.score returns")
     targets = {}
@@ -156,9 +191,23 @@ def prune(
         device = next(iter(targets.values()))[2].device
         if device.type == "mps":  # no float64 there: rank on the CPU
             device = torch.device("cpu")
-        flat = torch.cat([s.flatten().to(device, torch.float64) for _, _, s, _ in targets.values()])
+        parts = []
+        cap_total = 0
+        for _, _, s, a in targets.values():
+            flat_s, flat_a = s.flatten().to(device, torch.float64), a.flatten().to(device)
+            if max_tensor_sparsity is not None:
+                most = max(math.floor(max_tensor_sparsity * s.numel()), int((~flat_a).sum()))
+                cap_total += most
+                flat_s = _protect(flat_s, flat_a, most)
+            parts.append(flat_s)
+        flat = torch.cat(parts)
         alive = torch.cat([a.flatten().to(device) for *_, a in targets.values()])
         k = round(sparsity * flat.numel())
+        if max_tensor_sparsity is not None and k > cap_total:
+            raise ValueError(
+                f"sparsity={sparsity} cannot be reached with max_tensor_sparsity={max_tensor_sparsity}: "
+                f"the cap allows at most {cap_total / flat.numel():.4f}; raise the cap or lower the target"
+            )
         keep_all = ranked_cut(flat, alive, max(k, int((~alive).sum())))
         keeps, start = {}, 0
         for name, (_, _, s, _) in targets.items():
@@ -167,6 +216,9 @@ def prune(
         below = k < already
     else:
         keeps, below = {}, False
+        if max_tensor_sparsity is not None and sparsity > max_tensor_sparsity:
+            raise ValueError(f"sparsity={sparsity} cannot be reached with scope='layer' and "
+                             f"max_tensor_sparsity={max_tensor_sparsity}: every tensor would exceed the cap")
         for name, (_, _, s, a) in targets.items():
             k = round(sparsity * s.numel())
             dead = int((~a).sum())
@@ -178,6 +230,13 @@ def prune(
             "so those masks are left as they are",
             stacklevel=2,
         )
+    collapsed = [name for name, (*_, a) in targets.items() if bool(a.any()) and not bool(keeps[name].any())]
+    if collapsed:
+        warnings.warn(LayerCollapseWarning(
+            f"this prune removes every weight of {', '.join(collapsed)}: nothing passes through "
+            f"{'it' if len(collapsed) == 1 else 'them'} any more. Global ranking compares scores across layers; "
+            "cap each tensor with max_tensor_sparsity=... (the CLI's --max-tensor-sparsity) or use scope='layer'",
+            collapsed), stacklevel=2)
     for name, (module, attr, _, _) in targets.items():
         set_mask(module, attr, keeps[name])
     return PruningReport.from_model(model, list(targets))

@@ -1,5 +1,6 @@
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ def masks(model):
             for n in ["0.weight", "2.weight", "4.weight"]}
 
 
+# random sizes at high sparsity may empty a tiny layer: that warning is tested on its own below
+@pytest.mark.filterwarnings("ignore::mustat.LayerCollapseWarning")
 @settings(max_examples=40, deadline=None)
 @given(
     sizes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=4),
@@ -44,6 +47,7 @@ def test_global_prunes_lowest_scores_and_breaks_ties_by_position():
     assert m1.tolist() == [[0, 0], [1, 1]]
 
 
+@pytest.mark.filterwarnings("ignore::mustat.LayerCollapseWarning")  # "favour" scores empty layer 0 on purpose
 def test_cumulative_semantics_and_no_revival(mlp):
     mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.5)
     first = masks(mlp)
@@ -161,3 +165,33 @@ def test_finalizing_a_deepcopy_leaves_the_original_intact(mlp, batch):
     assert mlp[0].weight.shape == (16, 8)
     mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.7)
     assert mustat.sparsity(mlp) == pytest.approx(0.7, abs=1e-2)
+
+
+def test_global_prune_warns_when_a_tensor_would_vanish_and_the_cap_prevents_it():
+    model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 4))
+    # a criterion whose scale differs between layers: the small layer scores lowest everywhere
+    scores = {"0.weight": torch.rand(10, 20) + 1.0, "2.weight": torch.rand(4, 10)}
+    with pytest.warns(mustat.LayerCollapseWarning, match="removes every weight of 2.weight") as rec:
+        mustat.prune(copy.deepcopy(model), scores, sparsity=0.3)
+    assert rec[0].message.tensors == ["2.weight"]
+    capped = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = mustat.prune(capped, scores, sparsity=0.3, max_tensor_sparsity=0.9)
+    frame = report.to_frame().set_index("tensor")
+    assert frame.loc["2.weight", "pruned"] == 36  # floor(0.9 * 40): the 4 highest-scoring survive
+    assert frame.loc["total", "pruned"] == round(0.3 * 240)  # the target is still met exactly
+    kept = capped[2].parametrizations.weight[0].mask.bool()
+    assert torch.equal(kept.flatten().nonzero().flatten().sort().values,
+                       torch.topk(scores["2.weight"].flatten(), 4).indices.sort().values)
+
+
+def test_unreachable_cap_is_an_error():
+    model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 4))
+    scores = mustat.score(model, "magnitude")
+    with pytest.raises(ValueError, match="cannot be reached with max_tensor_sparsity=0.5: the cap allows at most 0.5"):
+        mustat.prune(model, scores, sparsity=0.6, max_tensor_sparsity=0.5)
+    with pytest.raises(ValueError, match="scope='layer'"):
+        mustat.prune(model, scores, sparsity=0.6, scope="layer", max_tensor_sparsity=0.5)
+    with pytest.raises(ValueError, match="max_tensor_sparsity must be in"):
+        mustat.prune(model, scores, sparsity=0.6, max_tensor_sparsity=0.0)
