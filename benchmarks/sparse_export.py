@@ -65,8 +65,8 @@ def main():
                 x = torch.randn(batch, 1, 28, 28)
                 with torch.no_grad():
                     assert torch.allclose(fast(x), dense(x), rtol=1e-4, atol=1e-4)
-                    t_dense = median(lambda x=x: dense(x), args.min_run_time)
-                    t_sparse = median(lambda x=x: fast(x), args.min_run_time)
+                    t_dense = median(lambda x=x, f=dense: f(x), args.min_run_time)
+                    t_sparse = median(lambda x=x, f=fast: f(x), args.min_run_time)
                 times.append(f"{t_sparse / t_dense:.2f}x ({t_sparse * 1e6:.0f} / {t_dense * 1e6:.0f} us)")
             print(f"| {label} | {s:.0%} | {sparse_bytes / dense_bytes:.3f} | {sparse_bytes:,} / {dense_bytes:,} | "
                   f"{times[0]} | {times[1]} |")

@@ -49,6 +49,7 @@ __all__ = [
     "prune",
     "prune_fdr",
     "pvalues",
+    "register_criterion",
     "register_estimator",
     "save_sparse",
     "score",

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 import warnings
+from pathlib import Path
 
 
 def _ints(text: str) -> list[int]:
@@ -56,6 +57,57 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from mustat.benchmark import load_grid, run_benchmark
+    from mustat.uncertainty import WindowWarning
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        # windows too short for an estimator's theory are recorded per row (se_ok), not printed per round
+        warnings.simplefilter("ignore", WindowWarning)
+        summary, results = run_benchmark(load_grid(args.grid), args.out, scheduler=args.scheduler,
+                                         workers=args.workers, device=args.device, quiet=args.quiet)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"{len(results)} result rows, {len(summary)} summary rows in {time.perf_counter() - t0:.1f} s; "
+          f"written to {args.out}")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like '0.1 1 10' or '0.1,1,10', got {text!r}") from None
+
+
+def _scale(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from mustat.pipeline import TrainConfig
+    from mustat.scaling import plot, scale_experiment
+    from mustat.uncertainty import WindowWarning
+
+    config = TrainConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs)
+    frames = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WindowWarning)
+        for mode in args.modes:
+            frames.append(scale_experiment(dataset=args.dataset, model=args.model, cs=args.cs, labels=args.criteria,
+                                           sparsity=args.sparsity, mode=mode, track_epochs=args.track_epochs,
+                                           config=config, seeds=args.seeds, out=args.out))
+    df = pd.concat(frames, ignore_index=True)
+    plot(df, Path(args.out) / "scale_invariance.png")
+    for mode, g in df.groupby("mode", sort=False):
+        t = g.pivot_table(index="c", columns="label", values="test_accuracy", aggfunc="mean", sort=False)
+        print(f"\ntest accuracy after global one-shot pruning to {args.sparsity:g}, no retraining; rescaled "
+              f"{'after training' if mode == 'after' else 'at initialisation'} (mean over seeds "
+              f"{' '.join(map(str, args.seeds))}; largest logit change from the rescaling "
+              f"{g.output_change.max():.1e})")
+        print(t.round(3).to_string())
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from validation.study import Grid, load_grid, run_study
 
@@ -73,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     from mustat.criteria import CRITERIA
     from mustat.data import DATASETS
     from mustat.models import MODELS
-    from mustat.pipeline import DEFAULT_CRITERIA, DEFAULT_MAX_TENSOR_SPARSITY, DEFAULT_SE, TrainConfig
+    from mustat.pipeline import (
+        DEFAULT_CRITERIA,
+        DEFAULT_MAX_TENSOR_SPARSITY,
+        DEFAULT_SE,
+        TrainConfig,
+    )
     from mustat.uncertainty import ESTIMATORS
 
     d = TrainConfig()  # the defaults, written once
@@ -141,6 +198,48 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_calibrate)
+
+    b = sub.add_parser(
+        "benchmark", help="pruning benchmark over a grid: criteria against magnitude, over seeds, with paired tests",
+        description="Run a grid of train -> prune -> retrain experiments (TOML: see mustat.benchmark) and report each "
+                    "criterion's accuracy against sparsity with 95%% CIs over seeds and paired tests against magnitude. "
+                    "Writes params.json, results.csv, summary.csv, report.md and accuracy_vs_sparsity.png into --out; "
+                    "rerunning with the same --out resumes, recomputing only unfinished cells.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--grid", required=True, help="TOML grid file (docs/pruning/grid.toml is the one the docs report)")
+    b.add_argument("--out", default="runs/benchmark", help="output folder")
+    b.add_argument("--scheduler", default="local",
+                   help="'local' (a Dask LocalCluster), 'serial' (no Dask), or an existing Dask scheduler address")
+    b.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster")
+    b.add_argument("--device", default="cpu", help="device of every cell: cpu, cuda, auto")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_benchmark)
+
+    s = sub.add_parser(
+        "scale", help="scale-invariance experiment: rescale a hidden layer (function unchanged), prune globally",
+        description="Rescale hidden layer 1 of an MLP by c and the next by 1/c (the same function), track every "
+                    "estimator after the rescaling, prune globally one-shot without retraining, and report accuracy "
+                    "against c for each criterion (mustat.scaling). Writes scale-<mode>.csv and scale_invariance.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument("--dataset", default="digits", help="dataset")
+    s.add_argument("--model", default="mlp", help="an MLP whose submodules '1' and '3' are the Linear layers to rescale")
+    s.add_argument("--cs", type=_floats, default=[0.1, 0.3, 1.0, 3.0, 10.0], help="scale factors c")
+    s.add_argument("--criteria", type=_names,
+                   default=["magnitude", "mu[pseudo]", "mu[calibrated]", "mu[batch-means]", "mu[curvature]"],
+                   help="criterion labels")
+    s.add_argument("--modes", type=_names, default=["after", "init"],
+                   help="'after' (rescale the trained network) and/or 'init' (rescale the initialisation, then train)")
+    s.add_argument("--sparsity", type=float, default=0.95, help="global one-shot sparsity")
+    s.add_argument("--optimizer", default="adam", choices=["sgd", "adam"], help="optimizer")
+    s.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    s.add_argument("--weight-decay", type=float, default=1e-3, help="L2 weight decay")
+    s.add_argument("--epochs", type=int, default=30, help="dense training epochs")
+    s.add_argument("--track-epochs", type=int, default=10, help="epochs of tracking after the rescaling")
+    s.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds")
+    s.add_argument("--out", default="runs/scale", help="output folder")
+    s.set_defaults(func=_scale)
     return parser
 
 

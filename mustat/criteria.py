@@ -29,25 +29,28 @@ CriterionFn = Callable[..., Tensor]
 @dataclass(frozen=True)
 class Criterion:
     """A registered criterion: its name, its function ``fn(weight, *, se, generator)``,
-    and whether it needs standard errors."""
+    and whether it needs standard errors, or the loss gradient (then ``fn`` also takes ``grad``)."""
 
     name: str
     fn: CriterionFn
     requires_se: bool = False
+    requires_grad: bool = False
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, *, requires_se: bool = False) -> Callable[[CriterionFn], CriterionFn]:
-    """Register ``fn(weight, *, se, generator) -> scores`` under ``name``."""
+def register_criterion(name: str, *, requires_se: bool = False,
+                       requires_grad: bool = False) -> Callable[[CriterionFn], CriterionFn]:
+    """Register ``fn(weight, *, se, generator) -> scores`` under ``name``
+    (``fn(weight, *, se, generator, grad)`` with ``requires_grad=True``)."""
     if "[" in name or "]" in name:
         raise ValueError(f"criterion names cannot contain brackets (they mark the estimator: 'mu[pseudo]'), got {name!r}")
 
     def deco(fn: CriterionFn) -> CriterionFn:
         if name in CRITERIA:
             raise ValueError(f"a criterion named {name!r} is already registered")
-        CRITERIA[name] = Criterion(name, fn, requires_se)
+        CRITERIA[name] = Criterion(name, fn, requires_se, requires_grad)
         return fn
 
     return deco
@@ -93,6 +96,47 @@ def random(weight: Tensor, *, se: Tensor | None = None, generator: torch.Generat
     return torch.rand(weight.shape, generator=generator, dtype=torch.float64).to(weight.device)
 
 
+@register_criterion("gradient-weight", requires_grad=True)
+def gradient_weight(weight: Tensor, *, se: Tensor | None = None, generator=None, grad: Tensor) -> Tensor:
+    """``|w * g|`` with ``g`` the gradient of the mean *data* loss: SNIP's connection
+    sensitivity (Lee, Ajanthan & Torr 2019), the first-order estimate of the loss change
+    when the weight is removed, here at the current weights rather than at initialisation.
+    At a penalised optimum ``g = -weight_decay * w``, so it ranks like ``w^2``: magnitude."""
+    return (weight * grad).abs()
+
+
+def loss_gradient(model: nn.Module, X: Tensor, y: Tensor, loss: Callable[[Tensor, Tensor], Tensor], *,
+                  params: Iterable[str] | None = None, batch_size: int = 1024) -> dict[str, Tensor]:
+    """The gradient of the mean loss over ``(X, y)`` with respect to every scored weight
+    (keyed like :func:`score`), accumulated over chunks of ``batch_size``; ``loss(output, target)``
+    is a batch mean. The model is evaluated in eval mode (restored afterwards) and its ``.grad``
+    fields are left as they were."""
+    names = select(model, params)
+    targets = [_leaf(*resolve(model, n)) for n in names]
+    total = {n: torch.zeros_like(t) for n, t in zip(names, targets)}
+    mode = model.training
+    model.eval()
+    try:
+        for start in range(0, len(y), batch_size):
+            xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+            out = model(xb)
+            grads = torch.autograd.grad(loss(out, yb) * len(yb) / len(y), targets, allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    total[n] += g.detach()
+    finally:
+        model.train(mode)
+    return total
+
+
+def _leaf(module: nn.Module, attr: str) -> Tensor:
+    """The parameter behind ``module.attr``: under a mask, the unmasked original (its gradient is
+    the effective weight's gradient times the mask, equal on every live entry)."""
+    if find_mask(module, attr) is not None:
+        return module.parametrizations[attr].original
+    return getattr(module, attr)
+
+
 def score(
     model: nn.Module,
     criterion: str,
@@ -101,6 +145,7 @@ def score(
     seed: int | None = None,
     params: Iterable[str] | None = None,
     weights: Mapping[str, Tensor] | None = None,
+    grads: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Score every prunable weight of ``model`` by ``criterion``.
 
@@ -121,6 +166,9 @@ def score(
     weights
         Values to score instead of the current weights: the estimate the ``se``
         belongs with, ``estimator.estimate()`` (for example the window mean).
+    grads
+        Loss gradients keyed by tensor name (:func:`loss_gradient`); required by
+        criteria registered with ``requires_grad`` (``"gradient-weight"``).
 
     Returns
     -------
@@ -133,6 +181,11 @@ def score(
         raise ValueError(
             f"criterion {crit.name!r} needs se=..., a dict of standard errors keyed by tensor "
             "name such as an estimator's se() returns (mustat.uncertainty)"
+        )
+    if crit.requires_grad and grads is None:
+        raise ValueError(
+            f"criterion {crit.name!r} needs grads=..., the loss gradient per tensor: "
+            "mustat.criteria.loss_gradient(model, X, y, loss)"
         )
     names = select(model, params)
     generator = torch.Generator()
@@ -151,7 +204,8 @@ def score(
             s = _lookup(se, name, w, "se")
             if torch.isnan(s).any() or (s < 0).any():
                 raise ValueError(f"se[{name!r}] has NaN or negative entries; standard errors must be >= 0 (+inf: unidentified)")
-        scores = crit.fn(w, se=s, generator=generator)
+        extra = {"grad": _lookup(grads, name, w, "grads")} if crit.requires_grad else {}
+        scores = crit.fn(w, se=s, generator=generator, **extra)
         mask = find_mask(module, attr)
         if mask is not None:
             scores = scores.masked_fill(mask.mask == 0, float("-inf"))

@@ -1,5 +1,5 @@
-"""Model zoo: generalized linear models (no hidden layer), LeNet-300-100, LeNet-5
-and a small VGG-style CNN."""
+"""Model zoo: generalized linear models (no hidden layer), LeNet-300-100, LeNet-5,
+the CNN of PyTorch's MNIST example, a small 1-D CNN and a small VGG-style CNN."""
 
 from __future__ import annotations
 
@@ -93,6 +93,32 @@ def lenet5(input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     )
 
 
+def torch_example(input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """The CNN of PyTorch's MNIST example (``pytorch/examples``, ``mnist/main.py``): conv 32@3x3,
+    conv 64@3x3, max-pool, dropout 0.25, 128, dropout 0.5; for 28x28 images (``(C, 28, 28)``)."""
+    if len(input_shape) != 3 or tuple(input_shape[1:]) != (28, 28):
+        raise ValueError(f"torch-example expects 28x28 images (C, 28, 28), the data has shape {tuple(input_shape)}")
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Dropout(0.25), nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, n_outputs),
+    )
+
+
+def cnn1d(input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """A small 1-D CNN for sequences ``(L,)`` or ``(C, L)`` such as MNIST-1D (L = 40): conv 16@5,
+    pool, conv 32@5, pool, 64, with ReLU."""
+    if len(input_shape) not in (1, 2) or input_shape[-1] < 16:
+        raise ValueError(f"cnn1d expects sequences (L,) or (C, L) with L >= 16, the data has shape {tuple(input_shape)}")
+    channels = 1 if len(input_shape) == 1 else input_shape[0]
+    features = nn.Sequential(
+        nn.Unflatten(1, (channels, input_shape[-1])) if len(input_shape) == 1 else nn.Identity(),
+        nn.Conv1d(channels, 16, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(),
+    )
+    return nn.Sequential(*features, nn.Linear(_flat_size(features, input_shape), 64), nn.ReLU(),
+                         nn.Linear(64, n_outputs))
+
+
 def vgg(input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     """A small VGG-style CNN for 32x32 images: (conv3x3-ReLU)x2 + pool, three stages (32, 64, 128), then 256."""
     if len(input_shape) != 3 or tuple(input_shape[1:]) != (32, 32):
@@ -122,7 +148,7 @@ class _Flat(nn.Sequential):
         return self[1].nll(output, target)
 
 
-MODELS = {"mlp": mlp, "lenet5": lenet5, "vgg": vgg, "glm": glm}
+MODELS = {"mlp": mlp, "lenet5": lenet5, "torch-example": torch_example, "cnn1d": cnn1d, "vgg": vgg, "glm": glm}
 
 
 def build(name: str, input_shape: tuple[int, ...], n_outputs: int, *, task: str = "classification") -> nn.Module:
@@ -133,6 +159,33 @@ def build(name: str, input_shape: tuple[int, ...], n_outputs: int, *, task: str 
     if task == "regression":
         raise ValueError(f"model={name!r} is a classifier; for a regression dataset use model='glm'")
     return MODELS[name](input_shape, n_outputs)
+
+
+def flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """Multiply-accumulates of one forward pass through the ``Linear`` and ``Conv`` layers:
+    ``(dense, sparse)``, where *sparse* counts only nonzero weights (each nonzero weight of a
+    convolution is used once per output position). The theoretical speed-up of a pruned model is
+    ``dense / sparse``; biases, activations and pooling are not counted. Read only: ``model``'s
+    mode is restored."""
+    sizes: dict[nn.Module, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, _, out: sizes.__setitem__(mod, out[0, 0].numel()))
+             for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    mode = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device))
+    finally:
+        model.train(mode)
+        for h in hooks:
+            h.remove()
+    dense = sparse = 0
+    for m, positions in sizes.items():
+        w = m.weight
+        dense += w.numel() * positions
+        sparse += int((w != 0).sum()) * positions
+    return dense, sparse
 
 
 def loss_fn(model: nn.Module, output: Tensor, target: Tensor) -> Tensor:

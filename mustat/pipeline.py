@@ -35,9 +35,9 @@ import mustat
 from mustat import distributed
 from mustat._checks import check_option, check_scalar
 from mustat._io import atomic_write, write_json
-from mustat.criteria import get_criterion, label, parse_label
+from mustat.criteria import get_criterion, label, loss_gradient, parse_label
 from mustat.data import Dataset, load
-from mustat.models import build, loss_fn
+from mustat.models import build, flops, loss_fn
 from mustat.pruning import Scope
 from mustat.training import (
     OPTIMIZERS,
@@ -49,7 +49,7 @@ from mustat.training import (
     steps_per_epoch,
     train_epochs,
 )
-from mustat.uncertainty import ESTIMATORS, FitContext, get_estimator, make_estimator
+from mustat.uncertainty import ESTIMATORS, FitContext, make_estimator
 
 #: the default comparison: criteria, and the estimators each se-based criterion is run with
 DEFAULT_CRITERIA = ("mu", "magnitude", "random")
@@ -181,14 +181,15 @@ def _row(model, data, *, prune: PruneConfig | None, seed, rnd, target, se_ok=Non
     acc, loss = evaluate(model, data.X_test, data.y_test)
     val_acc, _ = evaluate(model, data.X_val, data.y_val)
     rep = mustat.PruningReport.from_model(model)
+    dense_macs, sparse_macs = flops(model, data.input_shape)
     return dict(label=prune.label if prune else "dense", criterion=prune.criterion if prune else "dense",
                 se=(prune.se or "-") if prune else "-", scope=prune.scope if prune else "-", seed=seed, round=rnd,
                 target_sparsity=target, sparsity=mustat.sparsity(model), compression_ratio=rep.compression_ratio,
-                test_accuracy=acc, test_loss=loss, val_accuracy=val_acc, se_ok=se_ok)
+                flop_speedup=dense_macs / max(sparse_macs, 1), test_accuracy=acc, test_loss=loss, val_accuracy=val_acc, se_ok=se_ok)
 
 
 RESULT_COLUMNS = ["label", "criterion", "se", "scope", "seed", "round", "target_sparsity", "sparsity",
-                  "compression_ratio", "test_accuracy", "test_loss", "val_accuracy", "se_ok"]
+                  "compression_ratio", "flop_speedup", "test_accuracy", "test_loss", "val_accuracy", "se_ok"]
 
 
 def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: int, estimators: Sequence[str] = (),
@@ -261,6 +262,9 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
             est.fit(_context(model, data, opt, config))
             se_ok = est.diagnostics().get("ok")
             scores = mustat.score(model, prune.criterion, se=est.se(), weights=est.estimate())
+        elif get_criterion(prune.criterion).requires_grad:
+            grads = loss_gradient(model, data.X_train, data.y_train, lambda out, t: loss_fn(model, out, t))
+            scores = mustat.score(model, prune.criterion, grads=grads)
         else:
             scores = mustat.score(model, prune.criterion, seed=seed * 1000 + rnd)
         mustat.prune(model, scores, sparsity=target, scope=prune.scope, max_tensor_sparsity=prune.max_tensor_sparsity)

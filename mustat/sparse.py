@@ -199,15 +199,16 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if len(flat) == 1:  # one sample: a sparse matrix-vector product (measured fastest)
-            v = flat[0]
-            y = (torch.addmv(self.bias, self.weight, v) if self.bias is not None else torch.mv(self.weight, v)).unsqueeze(0)
-        elif self.bias is not None:
+        # Batch 1 is the case sparsity can speed up on a CPU (a sparse matrix-vector product);
+        # its branch is kept to the fewest Python-level tensor calls, which cost microseconds here.
+        if x.dim() == 2 and x.shape[0] == 1 and self.bias is not None:
+            return torch.addmv(self.bias, self.weight, x[0]).unsqueeze(0)
+        flat = x.reshape(-1, self.in_features)
+        if self.bias is not None:
             y = torch.addmm(self.bias.unsqueeze(1), self.weight, flat.t()).t()
         else:
             y = (self.weight @ flat.t()).t()
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.weight.values().numel()}"
@@ -219,11 +220,12 @@ def sparse_inference(model: nn.Module, *, min_sparsity: float = 0.9, min_params:
     ``min_params`` weights, at least ``min_sparsity`` of them zero, replaced by a
     :class:`SparseLinear`.
 
-    Masks are applied first (the copy is finalized). Small layers stay dense: on a
-    2-core CPU torch's dense kernels beat its CSR ones below ~100k weights at batch 1
-    (a 300x100 layer at 95% sparsity: 4.6 vs 3.8 us), while a 784x300 layer gains
-    (8.9 vs 14.3 us); see ``benchmarks/sparse_export.py``. Convolutions stay dense:
-    torch has no sparse CPU convolution. ``model`` is not modified.
+    Masks are applied first (the copy is finalized). Small layers stay dense: torch's
+    dense kernels beat its CSR ones on them, and whether the large ones gain depends on
+    the batch size and the machine (``benchmarks/sparse_export.py``, figures in
+    docs/PERFORMANCE.md: on a 2-core CPU the CSR model is faster at batch 128 and not
+    at batch 1, where per-call overheads dominate). Convolutions stay dense: torch has
+    no sparse CPU convolution. ``model`` is not modified.
     """
     check_scalar(min_sparsity, "min_sparsity", low=0.0, high=1.0)
     check_scalar(min_params, "min_params", kind=Integral, low=0)

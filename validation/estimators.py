@@ -11,7 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_option
-from mustat.training import OPTIMIZERS, Sampler, TrackWindow, make_optimizer, steps_per_epoch, train_epochs
+from mustat.training import (
+    OPTIMIZERS,
+    Sampler,
+    TrackWindow,
+    make_optimizer,
+    steps_per_epoch,
+    train_epochs,
+)
 from mustat.uncertainty import ESTIMATORS, FitContext, WindowWarning, get_estimator, make_estimator
 
 

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import platform
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import pandas as pd
 import torch
 
 import mustat
+from mustat._cells import one_thread_in_dask_worker, run_cells
 from mustat._io import atomic_write, write_json
 from mustat.uncertainty import bootstrap_se, information
 from validation import metrics as M
@@ -152,13 +152,7 @@ def _glm_references(design, cell: Cell, X: np.ndarray, y: np.ndarray, names, fir
 
 def run_cell(cell: Cell, out: str | Path) -> str:
     """Compute one cell and write its two files; returns the cell key."""
-    try:  # inside a Dask worker process: one thread per cell, the workers give the parallelism
-        from distributed import get_worker
-
-        get_worker()
-        torch.set_num_threads(1)
-    except (ImportError, ValueError):
-        pass
+    one_thread_in_dask_worker()
     design = get_design(cell.design)
     s = cell.setting
     rows, per_rep, diags = [], [], {}
@@ -244,8 +238,6 @@ def run_study(
     ``scheduler``: ``"local"`` (a Dask LocalCluster of ``workers`` processes),
     ``"serial"`` (in this process), or the address of an existing Dask scheduler.
     """
-    from tqdm import tqdm
-
     grid = grid or Grid()
     out = Path(out)
     params_path = out / "params.json"
@@ -261,34 +253,8 @@ def run_study(
             mustat=mustat.__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version())))
     cells = grid.cells()
     todo = [c for c in cells if not (out / "cells" / f"{c.key}.summary.csv").exists()]
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="calibration cells", disable=quiet, file=sys.stderr)
-    if todo and scheduler == "serial":
-        for c in todo:
-            key = run_cell(c, out)
-            bar.update(1)
-            if on_cell:
-                on_cell(key)
-    elif todo:
-        from distributed import Client, LocalCluster, as_completed
-
-        cluster = None
-        if scheduler == "local":
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-            client = Client(cluster)
-        else:
-            client = Client(scheduler)
-        try:
-            futures = client.map(run_cell, todo, out=str(out.resolve()), pure=False)
-            for fut in as_completed(futures):
-                key = fut.result()
-                bar.update(1)
-                if on_cell:
-                    on_cell(key)
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-    bar.close()
+    run_cells(run_cell, todo, total=len(cells), scheduler=scheduler, workers=workers, quiet=quiet,
+              desc="calibration cells", on_cell=on_cell, out=str(out.resolve()))
     summary = pd.concat([pd.read_csv(out / "cells" / f"{c.key}.summary.csv") for c in cells], ignore_index=True)
     table = pd.concat([pd.read_csv(out / "cells" / f"{c.key}.csv") for c in cells], ignore_index=True)
     atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))

@@ -9,6 +9,7 @@ Built in: ``pseudo`` (the paper's pseudo bootstrap), ``calibrated``
 Hessian or sandwich) and ``bootstrap`` (B warm-started refits).
 """
 
+# ruff: noqa: I001  (the pseudo bootstrap registers before the estimators built on it)
 from mustat.uncertainty.base import (
     ESTIMATORS,
     Estimator,

@@ -125,13 +125,13 @@ class Estimator(abc.ABC):
         self._model = model
 
     # ---------------------------------------------------------------- training hooks
-    def update(self) -> None:
+    def update(self) -> None:  # noqa: B027  (an optional hook)
         """Record the current weights (after each optimizer step)."""
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027  (an optional hook)
         """Start a new tracking window."""
 
-    def new_epoch(self) -> None:
+    def new_epoch(self) -> None:  # noqa: B027  (an optional hook)
         """Called at the start of every epoch."""
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
@@ -158,7 +158,7 @@ class Estimator(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027  (an optional hook)
         pass
 
     def _current_weights(self) -> dict[str, Tensor]:

@@ -57,7 +57,13 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_scalar
-from mustat.uncertainty.base import Estimator, FitContext, NotFittedError, WindowWarning, register_estimator
+from mustat.uncertainty.base import (
+    Estimator,
+    FitContext,
+    NotFittedError,
+    WindowWarning,
+    register_estimator,
+)
 from mustat.uncertainty.pseudo import PseudoBootstrap
 
 

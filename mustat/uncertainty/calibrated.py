@@ -56,7 +56,13 @@ from torch import Tensor, nn
 
 from mustat._checks import check_scalar
 from mustat._masking import leaf
-from mustat.uncertainty.base import Estimator, FitContext, NotFittedError, WindowWarning, register_estimator
+from mustat.uncertainty.base import (
+    Estimator,
+    FitContext,
+    NotFittedError,
+    WindowWarning,
+    register_estimator,
+)
 from mustat.uncertainty.pseudo import PseudoBootstrap
 
 

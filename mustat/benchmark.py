@@ -1,0 +1,319 @@
+"""The pruning benchmark: a grid of train -> prune -> retrain runs, each criterion against
+magnitude pruning, with the statistics a comparison needs (mean, sd and 95% CI over seeds,
+paired tests), from a TOML grid::
+
+    criteria = ["magnitude", "random", "gradient-weight", "mu"]
+    se = ["pseudo", "calibrated", "batch-means", "curvature"]   # each se-based criterion runs with each
+    seeds = [0, 1, 2, 3, 4]
+    target_sparsity = 0.99            # geometric rounds 50, 75, 87.5, 93.75, 96.9, 99 %
+    [[experiment]]                    # list-valued keys expand (a Cartesian product)
+    dataset = "mnist5k"
+    model = ["mlp", "lenet5"]
+    scope = ["global", "layer"]
+    weight_decay = 1e-3
+    epochs = 30
+    retrain_epochs = 10
+    track_epochs = 10
+
+A *cell* is one experiment setting and one seed: every criterion of the grid runs in it
+from the same dense model (one :func:`mustat.pipeline.run`), so criteria are compared
+paired, seed by seed. A cell writes ``cells/<key>.csv`` atomically when it is complete;
+its key is derived from every setting that shapes it, so a resumed benchmark never
+reuses a stale cell, and an interrupted cell resumes from its own checkpoints. Cells run
+serially or on Dask distributed (:mod:`mustat._cells`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import platform
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+import mustat
+from mustat._cells import one_thread_in_dask_worker, run_cells
+from mustat._checks import check_option
+from mustat._io import atomic_write, write_json
+from mustat.data import DATASETS
+from mustat.models import MODELS
+from mustat.pipeline import (
+    BATCH_MEANS_BATCHES,
+    DEFAULT_CRITERIA,
+    DEFAULT_SE,
+    TrainConfig,
+    expand,
+    metric,
+    run,
+    schedule,
+)
+from mustat.pruning import Scope
+
+#: the keys of an ``[[experiment]]`` block that are not :class:`TrainConfig` fields
+EXPERIMENT_KEYS = ("dataset", "model", "scope", "schedule", "max_tensor_sparsity")
+BASELINE = "magnitude"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One setting of the benchmark (everything but the seed and the criteria).
+    ``max_tensor_sparsity = 0`` means no per-tensor cap."""
+
+    dataset: str = "digits"
+    model: str = "mlp"
+    scope: str = "global"
+    schedule: str = "geometric"
+    max_tensor_sparsity: float = 0.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def as_dict(self) -> dict:
+        return dict(dataset=self.dataset, model=self.model, scope=self.scope, schedule=self.schedule,
+                    max_tensor_sparsity=self.max_tensor_sparsity, **asdict(self.train))
+
+
+@dataclass(frozen=True)
+class BenchmarkGrid:
+    experiments: tuple[Experiment, ...]
+    criteria: tuple[str, ...] = DEFAULT_CRITERIA
+    se: tuple[str, ...] = DEFAULT_SE
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    target_sparsity: float = 0.99
+    rounds: int = 5
+
+    def __post_init__(self):
+        if not self.experiments:
+            raise ValueError("the grid has no [[experiment]] block")
+        if not self.seeds:
+            raise ValueError("seeds is empty; give at least one seed")
+        expand(self.criteria, self.se)  # unknown names fail here, listing the valid ones
+        schedule("geometric", self.target_sparsity, self.rounds)
+        for e in self.experiments:
+            check_option(e.dataset, "dataset", DATASETS)
+            check_option(e.model, "model", MODELS)
+            check_option(e.scope, "scope", Scope)
+            schedule(e.schedule, self.target_sparsity, self.rounds)
+
+    def cells(self) -> list[Cell]:
+        return [Cell(e, seed, self.criteria, self.se, self.target_sparsity, self.rounds)
+                for e in self.experiments for seed in self.seeds]
+
+    def as_dict(self) -> dict:
+        return dict(experiments=[e.as_dict() for e in self.experiments], criteria=list(self.criteria),
+                    se=list(self.se), seeds=list(self.seeds), target_sparsity=self.target_sparsity, rounds=self.rounds)
+
+
+@dataclass(frozen=True)
+class Cell:
+    experiment: Experiment
+    seed: int
+    criteria: tuple[str, ...]
+    se: tuple[str, ...]
+    target_sparsity: float
+    rounds: int
+
+    def settings(self) -> dict:
+        # code-level constants that shape a result belong in the key too
+        return dict(self.experiment.as_dict(), seed=self.seed, criteria=list(self.criteria), se=list(self.se),
+                    target_sparsity=self.target_sparsity, rounds=self.rounds, batch_means_batches=BATCH_MEANS_BATCHES)
+
+    @property
+    def key(self) -> str:
+        e = self.experiment
+        digest = hashlib.sha1(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:10]
+        return f"{e.dataset}-{e.model}-{e.scope}-s{self.seed}-{digest}"
+
+
+def run_cell(cell: Cell, out: str | Path, device: str = "cpu") -> str:
+    """Run one cell (resuming its own checkpoints) and write ``cells/<key>.csv``; returns the key."""
+    one_thread_in_dask_worker()
+    out = Path(out)
+    e = cell.experiment
+    results = run(dataset=e.dataset, model=e.model, criteria=cell.criteria, se=cell.se, scope=e.scope,
+                  schedule_kind=e.schedule, target_sparsity=cell.target_sparsity, rounds=cell.rounds,
+                  max_tensor_sparsity=e.max_tensor_sparsity or None, seeds=[cell.seed], config=e.train,
+                  device=device, out=out / "runs" / cell.key, quiet=True)
+    for k, v in e.as_dict().items():
+        results[k] = v  # the dense row too (the pipeline labels its scope "-"): it is this setting's baseline
+    atomic_write(out / "cells" / f"{cell.key}.csv", lambda p: results.to_csv(p, index=False))
+    return cell.key
+
+
+def run_benchmark(grid: BenchmarkGrid, out: str | Path = "runs/benchmark", *, scheduler: str = "local",
+                  workers: int = 2, device: str = "cpu", quiet: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run (or resume) a benchmark; writes ``params.json``, ``results.csv`` (every round of every
+    cell), ``summary.csv``, ``report.md`` and ``accuracy_vs_sparsity.png`` into ``out``; returns
+    ``(summary, results)``. ``scheduler``: ``"local"``, ``"serial"`` or a Dask scheduler address."""
+    out = Path(out)
+    params_path = out / "params.json"
+    settings = json.loads(json.dumps(grid.as_dict()))
+    if params_path.exists():
+        if json.loads(params_path.read_text()).get("grid") != settings:
+            raise ValueError(f"{out} holds a benchmark with another grid (see {params_path}); choose another --out")
+    else:
+        write_json(params_path, dict(grid=settings, versions=dict(
+            mustat=mustat.__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version())))
+    cells = grid.cells()
+    todo = [c for c in cells if not (out / "cells" / f"{c.key}.csv").exists()]
+    run_cells(run_cell, todo, total=len(cells), scheduler=scheduler, workers=workers, quiet=quiet,
+              desc="benchmark cells", out=str(out.resolve()), device=device)
+    results = pd.concat([pd.read_csv(out / "cells" / f"{c.key}.csv") for c in cells], ignore_index=True)
+    summary = summarise(results)
+    atomic_write(out / "results.csv", lambda p: results.to_csv(p, index=False))
+    atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
+    plot(results, out / "accuracy_vs_sparsity.png")
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(report(summary)))
+    return summary, results
+
+
+#: the columns that identify one comparison (one experiment setting), besides seed and criterion
+SETTING = ["dataset", "model", "scope", "schedule", "max_tensor_sparsity", "optimizer", "lr", "weight_decay",
+           "epochs", "retrain_epochs", "track_epochs"]
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting, criterion and sparsity: the metric's mean, sd and 95% t-interval over
+    seeds, the mean sparsity, compression ratio and theoretical FLOP speed-up, the dense
+    baseline, and a paired comparison with magnitude pruning on the same seeds (mean
+    difference; Wilcoxon signed-rank, sign-test and paired t p-values, two-sided)."""
+    metric_col = metric(results)
+    keys = [c for c in SETTING if c in results]
+    dense = results[results.label == "dense"].groupby(keys, dropna=False)[metric_col].mean().rename("dense")
+    pruned = results[results.label != "dense"]
+    rows = []
+    group_cols = keys + ["label", "target_sparsity"]
+    for values, g in pruned.groupby(group_cols, dropna=False, sort=False):
+        row = dict(zip(group_cols, values))
+        x = g[metric_col].to_numpy(float)
+        n = len(x)
+        sd = float(np.std(x, ddof=1)) if n > 1 else float("nan")
+        half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
+        row.update(metric=metric_col, n_seeds=n, mean=float(x.mean()), sd=sd, ci_low=float(x.mean()) - half,
+                   ci_high=float(x.mean()) + half, sparsity=float(g.sparsity.mean()),
+                   compression_ratio=float(g.compression_ratio.mean()),
+                   flop_speedup=float(g.flop_speedup.mean()) if "flop_speedup" in g else float("nan"))
+        row.update(_paired(pruned, row, keys, metric_col))
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    if len(summary):
+        summary = summary.merge(dense.reset_index(), on=keys, how="left")
+    return summary
+
+
+def _paired(pruned: pd.DataFrame, row: dict, keys: list[str], metric: str) -> dict:
+    nan = dict(diff_vs_magnitude=np.nan, wilcoxon_p=np.nan, sign_p=np.nan, paired_t_p=np.nan)
+    if row["label"] == BASELINE:
+        return nan
+    same = np.ones(len(pruned), bool)
+    for k in keys + ["target_sparsity"]:
+        same &= (pruned[k] == row[k]).to_numpy() | (pruned[k].isna().to_numpy() & pd.isna(row[k]))
+    here = pruned[same]
+    a = here[here.label == row["label"]].set_index("seed")[metric]
+    b = here[here.label == BASELINE].set_index("seed")[metric]
+    seeds = a.index.intersection(b.index)
+    if len(seeds) < 2:
+        return nan
+    d = (a[seeds] - b[seeds]).to_numpy(float)
+    out = dict(diff_vs_magnitude=float(d.mean()))
+    nonzero = d[d != 0]
+    out["wilcoxon_p"] = float(stats.wilcoxon(d).pvalue) if len(nonzero) else 1.0
+    out["sign_p"] = (float(stats.binomtest(int((nonzero > 0).sum()), len(nonzero)).pvalue)
+                     if len(nonzero) else 1.0)
+    out["paired_t_p"] = float(stats.ttest_rel(a[seeds], b[seeds]).pvalue) if d.std() > 0 else (1.0 if not d.any() else 0.0)
+    return out
+
+
+def report(summary: pd.DataFrame) -> str:
+    """Markdown tables of the summary: per setting, the metric ``mean ± sd [95% CI]`` by sparsity
+    and criterion, with a star where the paired t-test against magnitude has p < 0.05."""
+    lines = ["# Pruning benchmark", "",
+             "Mean ± sd over seeds with the 95% t-interval; `*`: differs from magnitude on the same seeds "
+             "(paired t, two-sided p < 0.05; Wilcoxon and sign-test p-values are in summary.csv: with 5 seeds "
+             "their smallest possible two-sided p is 0.0625). `x`: compression ratio, FLOP speed-up "
+             "(theoretical, nonzero multiply-accumulates).", ""]
+    if summary.empty:
+        return "\n".join(lines + ["(no results)"]) + "\n"
+    keys = [c for c in SETTING if c in summary]
+    for values, g in summary.groupby(keys, dropna=False, sort=False):
+        s = dict(zip(keys, values))
+        lines.append(f"## {s['dataset']} / {s['model']} / {s['scope']} scope, weight decay {s['weight_decay']:g}"
+                     + (f", cap {s['max_tensor_sparsity']:g}" if s.get("max_tensor_sparsity") else ""))
+        lines.append(f"dense {g['metric'].iloc[0].replace('_', ' ')}: {g['dense'].iloc[0]:.4f}")
+        lines.append("")
+        labels = list(dict.fromkeys(g.label))
+        lines.append("| sparsity | compression, FLOP speed-up | " + " | ".join(labels) + " |")
+        lines.append("| --- | --- | " + " | ".join("---" for _ in labels) + " |")
+        for target, t in g.groupby("target_sparsity", sort=True):
+            cells = []
+            for lab in labels:
+                r = t[t.label == lab]
+                if r.empty:
+                    cells.append("")
+                    continue
+                r = r.iloc[0]
+                star = "*" if (r.paired_t_p < 0.05) else ""
+                cells.append(f"{r['mean']:.4f} ± {r.sd:.4f} [{r.ci_low:.3f}, {r.ci_high:.3f}]{star}")
+            first = t.iloc[0]
+            lines.append(f"| {target:.4g} | {first.compression_ratio:.1f}x, {first.flop_speedup:.1f}x | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: pd.DataFrame, path: Path) -> Path:
+    """The metric against sparsity, one panel per dataset / model / scope, bands = 95% CI over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    metric_col = metric(results)
+    pruned = results[results.label != "dense"].copy()
+    pruned["panel"] = (pruned.dataset + " / " + pruned.model + " / " + pruned.scope
+                       + " / wd " + pruned.weight_decay.map("{:g}".format))
+    grid = sns.relplot(data=pruned, x="target_sparsity", y=metric_col, hue="label", col="panel", col_wrap=min(3, pruned.panel.nunique()),
+                       kind="line", marker="o", errorbar=("ci", 95), height=3.2, aspect=1.2, facet_kws=dict(sharey=False))
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("sparsity", metric_col.replace("_", " "))
+    atomic_write(path, lambda t: grid.savefig(t, format="png", dpi=110))
+    plt.close(grid.figure)
+    return path
+
+
+def load_grid(path: str | Path) -> BenchmarkGrid:
+    """A :class:`BenchmarkGrid` from TOML (module notes); unknown keys are errors listing the valid ones."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file not found: {path}")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from None
+    top = {"criteria", "se", "seeds", "target_sparsity", "rounds", "experiment"}
+    if set(spec) - top:
+        raise ValueError(f"{path}: unknown keys {sorted(set(spec) - top)}; valid: {sorted(top)}")
+    train_keys = {f.name for f in fields(TrainConfig)}
+    valid = set(EXPERIMENT_KEYS) | train_keys
+    experiments = []
+    for block in spec.get("experiment", []):
+        bad = set(block) - valid
+        if bad:
+            raise ValueError(f"{path}: unknown experiment keys {sorted(bad)}; valid: {sorted(valid)}")
+        keys = list(block)
+        for combo in itertools.product(*[v if isinstance(v, list) else [v] for v in block.values()]):
+            d = dict(zip(keys, combo))
+            train = TrainConfig(**{k: v for k, v in d.items() if k in train_keys})
+            experiments.append(Experiment(**{k: v for k, v in d.items() if k in EXPERIMENT_KEYS}, train=train))
+    kw = {k: tuple(spec[k]) for k in ("criteria", "se", "seeds") if k in spec}
+    kw.update({k: spec[k] for k in ("target_sparsity", "rounds") if k in spec})
+    return BenchmarkGrid(experiments=tuple(experiments), **kw)

@@ -1,0 +1,131 @@
+"""The pruning benchmark runner: a small grid end to end, resume, stale cells, the statistics."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+import mustat
+from mustat.benchmark import load_grid, run_benchmark, summarise
+from mustat.cli import main
+from mustat.models import build, flops
+
+GRID = """
+criteria = ["magnitude", "random", "gradient-weight", "mu"]
+se = ["pseudo"]
+seeds = [0, 1]
+target_sparsity = 0.8
+[[experiment]]
+dataset = "digits"
+model = "mlp"
+scope = ["global", "layer"]
+epochs = 2
+retrain_epochs = 1
+track_epochs = 1
+"""
+
+
+def test_small_grid_end_to_end_and_resume(tmp_path, capsys):
+    (tmp_path / "g.toml").write_text(GRID)
+    out = tmp_path / "out"
+    assert main(["benchmark", "--grid", str(tmp_path / "g.toml"), "--out", str(out), "--scheduler", "serial",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "digits / mlp / global scope" in printed and "digits / mlp / layer scope" in printed
+    results = pd.read_csv(out / "results.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    labels = {"magnitude", "random", "gradient-weight", "mu[pseudo]"}
+    assert set(results.label) == labels | {"dense"}
+    # 2 scopes x 2 seeds x (dense + 4 criteria x 3 rounds)
+    assert len(results) == 2 * 2 * (1 + 4 * 3)
+    assert len(summary) == 2 * 4 * 3 and set(summary.n_seeds) == {2}
+    assert summary.dense.notna().all()
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 10_000
+    # resume: a lost cell is recomputed, identically; the others are read back
+    cells = sorted((out / "cells").glob("*.csv"))
+    assert len(cells) == 4
+    before = {p.name: p.stat().st_mtime_ns for p in cells}
+    cells[0].unlink()
+    run_benchmark(load_grid(tmp_path / "g.toml"), out, scheduler="serial", quiet=True)
+    after = {p.name: p.stat().st_mtime_ns for p in sorted((out / "cells").glob("*.csv"))}
+    assert set(after) == set(before)
+    assert [n for n in after if after[n] != before[n]] == [cells[0].name]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), results)
+    # another grid in the same folder is refused; a changed setting gets new keys
+    (tmp_path / "h.toml").write_text(GRID.replace("epochs = 2", "epochs = 3"))
+    with pytest.raises(ValueError, match="another grid"):
+        run_benchmark(load_grid(tmp_path / "h.toml"), out, scheduler="serial", quiet=True)
+    keys_g = {c.key for c in load_grid(tmp_path / "g.toml").cells()}
+    keys_h = {c.key for c in load_grid(tmp_path / "h.toml").cells()}
+    assert not keys_g & keys_h
+
+
+def test_summary_statistics_match_scipy():
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(5):
+        base = 0.9 + 0.01 * rng.standard_normal()
+        rows.append(dict(label="dense", seed=seed, target_sparsity=0.0, test_accuracy=0.95))
+        for lab, shift in (("magnitude", 0.0), ("mu[pseudo]", 0.02)):
+            rows.append(dict(label=lab, seed=seed, target_sparsity=0.9, test_accuracy=base + shift + 0.005 * rng.standard_normal()))
+    df = pd.DataFrame(rows).assign(dataset="d", model="m", scope="global", weight_decay=0.0, sparsity=0.9,
+                                   compression_ratio=10.0, flop_speedup=10.0, test_loss=1.0)
+    s = summarise(df).set_index("label")
+    mu = df[df.label == "mu[pseudo]"].test_accuracy.to_numpy()
+    mag = df[df.label == "magnitude"].test_accuracy.to_numpy()
+    lo, hi = stats.t.interval(0.95, 4, loc=mu.mean(), scale=stats.sem(mu))
+    assert s.loc["mu[pseudo]", "ci_low"] == pytest.approx(lo) and s.loc["mu[pseudo]", "ci_high"] == pytest.approx(hi)
+    assert s.loc["mu[pseudo]", "diff_vs_magnitude"] == pytest.approx((mu - mag).mean())
+    assert s.loc["mu[pseudo]", "paired_t_p"] == pytest.approx(stats.ttest_rel(mu, mag).pvalue)
+    assert s.loc["mu[pseudo]", "wilcoxon_p"] == pytest.approx(stats.wilcoxon(mu - mag).pvalue)
+    assert np.isnan(s.loc["magnitude", "paired_t_p"]) and s.loc["mu[pseudo]", "dense"] == 0.95
+
+
+def test_grid_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GRID.replace('dataset = "digits"', 'dataset = "digits"\nlearning_rate = 0.1'))
+    with pytest.raises(ValueError, match="unknown experiment keys \\['learning_rate'\\]; valid: .*'lr'"):
+        load_grid(bad)
+    bad.write_text(GRID.replace('"digits"', '"imagenet"'))
+    with pytest.raises(ValueError, match="dataset='imagenet' is not valid"):
+        load_grid(bad)
+    with pytest.raises(FileNotFoundError):
+        load_grid(tmp_path / "missing.toml")
+
+
+def test_flops_count_nonzero_macs():
+    model = build("lenet5", (1, 28, 28), 10)
+    dense, sparse = flops(model, (1, 28, 28))
+    # conv1 6x25 weights at 28x28, conv2 16x150 at 10x10, then the three Linear layers
+    expected = 6 * 25 * 28 * 28 + 16 * 150 * 10 * 10 + 400 * 120 + 120 * 84 + 84 * 10
+    assert dense == sparse == expected
+    mustat.prune(model, mustat.score(model, "magnitude"), sparsity=0.9, scope="layer")
+    mode = model.training
+    dense2, sparse2 = flops(model, (1, 28, 28))
+    assert dense2 == expected and model.training == mode
+    conv1 = int((model[0].weight != 0).sum())
+    assert conv1 == round(0.1 * 150)
+    assert sparse2 < expected / 5
+
+
+def test_gradient_weight_matches_autograd_and_needs_grads(mlp, batch):
+    from mustat.criteria import loss_gradient
+
+    X, y = batch
+    mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.5)
+    grads = loss_gradient(mlp, X, y, nn.functional.cross_entropy, batch_size=7)
+    plain = mustat.finalize(__import__("copy").deepcopy(mlp))
+    nn.functional.cross_entropy(plain(X), y).backward()
+    for name, g in grads.items():
+        module = plain.get_submodule(name.rpartition(".")[0])
+        live = module.weight != 0
+        torch.testing.assert_close(g[live], module.weight.grad[live], rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in mlp.parameters())
+    scores = mustat.score(mlp, "gradient-weight", grads=grads)
+    w = mlp[0].weight.detach()
+    expected = (w * grads["0.weight"]).abs().masked_fill(w == 0, float("-inf"))
+    torch.testing.assert_close(scores["0.weight"], expected)
+    with pytest.raises(ValueError, match="needs grads="):
+        mustat.score(mlp, "gradient-weight")
