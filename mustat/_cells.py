@@ -62,3 +62,25 @@ def run_cells(fn: Callable[..., str], todo: Sequence[Any], *, total: int, schedu
                     cluster.close()
     finally:
         bar.close()
+
+
+def read_grid(path, known: set[str]) -> dict:
+    """The TOML grid file at ``path`` as a dict; a missing file, invalid TOML or a top-level key
+    outside ``known`` is an error naming the file (and the valid keys)."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file not found: {path}")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from None
+    unknown = set(spec) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    return spec

@@ -38,7 +38,7 @@ import torch
 from scipy import stats
 
 import mustat
-from mustat._cells import one_thread_in_dask_worker, run_cells
+from mustat._cells import one_thread_in_dask_worker, read_grid, run_cells
 from mustat._checks import check_option
 from mustat._io import atomic_write, write_json
 from mustat.data import DATASETS
@@ -288,20 +288,7 @@ def plot(results: pd.DataFrame, path: Path) -> Path:
 
 def load_grid(path: str | Path) -> BenchmarkGrid:
     """A :class:`BenchmarkGrid` from TOML (module notes); unknown keys are errors listing the valid ones."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"grid file not found: {path}")
-    try:
-        spec = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML: {err}") from None
-    top = {"criteria", "se", "seeds", "target_sparsity", "rounds", "experiment"}
-    if set(spec) - top:
-        raise ValueError(f"{path}: unknown keys {sorted(set(spec) - top)}; valid: {sorted(top)}")
+    spec = read_grid(path, {"criteria", "se", "seeds", "target_sparsity", "rounds", "experiment"})
     train_keys = {f.name for f in fields(TrainConfig)}
     valid = set(EXPERIMENT_KEYS) | train_keys
     experiments = []

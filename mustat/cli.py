@@ -121,6 +121,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runner_options(p: argparse.ArgumentParser, out: str) -> None:
+    """The options of a grid runner (calibrate, benchmark)."""
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--scheduler", default="local",
+                   help="'local' (a Dask LocalCluster), 'serial' (no Dask), or an existing Dask scheduler address")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mustat.criteria import CRITERIA
     from mustat.data import DATASETS
@@ -162,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune at most this fraction of any one tensor, so global ranking cannot empty a layer "
                         "(0: no cap)")
     p.add_argument("--target-sparsity", type=float, default=0.95, help="final fraction of pruned weights, in (0, 1)")
-    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam"], help="optimizer (sgd uses --momentum)")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "adadelta"],
+                   help="optimizer (sgd uses --momentum)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
@@ -192,11 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c.add_argument("--grid", default=None, help="TOML grid file (default: the quick study, a few minutes on 2 cores)")
-    c.add_argument("--out", default="runs/calibration", help="output folder")
-    c.add_argument("--scheduler", default="local",
-                   help="'local' (a Dask LocalCluster), 'serial' (no Dask), or an existing Dask scheduler address")
-    c.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    _runner_options(c, "runs/calibration")
     c.set_defaults(func=_calibrate)
 
     b = sub.add_parser(
@@ -208,12 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--grid", required=True, help="TOML grid file (docs/pruning/grid.toml is the one the docs report)")
-    b.add_argument("--out", default="runs/benchmark", help="output folder")
-    b.add_argument("--scheduler", default="local",
-                   help="'local' (a Dask LocalCluster), 'serial' (no Dask), or an existing Dask scheduler address")
-    b.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster")
+    _runner_options(b, "runs/benchmark")
     b.add_argument("--device", default="cpu", help="device of every cell: cpu, cuda, auto")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_benchmark)
 
     s = sub.add_parser(

@@ -46,6 +46,7 @@ from mustat.training import (
     evaluate,
     make_optimizer,
     resolve_device,
+    seeded,
     steps_per_epoch,
     train_epochs,
 )
@@ -185,11 +186,12 @@ def _row(model, data, *, prune: PruneConfig | None, seed, rnd, target, se_ok=Non
     return dict(label=prune.label if prune else "dense", criterion=prune.criterion if prune else "dense",
                 se=(prune.se or "-") if prune else "-", scope=prune.scope if prune else "-", seed=seed, round=rnd,
                 target_sparsity=target, sparsity=mustat.sparsity(model), compression_ratio=rep.compression_ratio,
-                flop_speedup=dense_macs / max(sparse_macs, 1), test_accuracy=acc, test_loss=loss, val_accuracy=val_acc, se_ok=se_ok)
+                flop_speedup=dense_macs / max(sparse_macs, 1),
+                empty_tensors=sum(int(p == s) for p, s in zip(rep.pruned, rep.sizes)), test_accuracy=acc, test_loss=loss, val_accuracy=val_acc, se_ok=se_ok)
 
 
 RESULT_COLUMNS = ["label", "criterion", "se", "scope", "seed", "round", "target_sparsity", "sparsity",
-                  "compression_ratio", "flop_speedup", "test_accuracy", "test_loss", "val_accuracy", "se_ok"]
+                  "compression_ratio", "flop_speedup", "empty_tensors", "test_accuracy", "test_loss", "val_accuracy", "se_ok"]
 
 
 def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: int, estimators: Sequence[str] = (),
@@ -216,9 +218,10 @@ def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: in
             trackers[name] = est
             est.attach(opt)
     gen = torch.Generator().manual_seed(seed)
-    train_epochs(model, opt, data.X_train, data.y_train, epochs=config.epochs, batch_size=config.batch_size,
-                 sampler=config.sampler, generator=gen, callbacks=[TrackWindow(trackers.values(), config.track_epochs)],
-                 progress=progress)
+    with seeded(model, seed):
+        train_epochs(model, opt, data.X_train, data.y_train, epochs=config.epochs, batch_size=config.batch_size,
+                     sampler=config.sampler, generator=gen, callbacks=[TrackWindow(trackers.values(), config.track_epochs)],
+                     progress=progress)
     row = _row(model, data, prune=None, seed=seed, rnd=0, target=0.0)
     state = dict(model=copy.deepcopy(model.state_dict()), optimizer=copy.deepcopy(opt.state_dict()),
                  estimators={k: t.state_dict() for k, t in trackers.items()}, generator=gen.get_state(), round=0,
@@ -238,7 +241,8 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
     # otherwise mutate ``start``, the dense state every criterion starts from.
     start = copy.deepcopy(start)
     n_out = data.n_classes or 1
-    model = build(model_name, data.input_shape, n_out, task=data.task).to(data.X_train.device)
+    with torch.random.fork_rng(devices=[]):  # its initial values are overwritten: leave the caller's RNG alone
+        model = build(model_name, data.input_shape, n_out, task=data.task).to(data.X_train.device)
     # The optimizer first: installing masks reorders model.parameters() (a parametrized
     # weight moves after its bias), and optimizer state is matched by position.
     opt = config.make_optimizer(model.parameters())
@@ -269,9 +273,10 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
             scores = mustat.score(model, prune.criterion, seed=seed * 1000 + rnd)
         mustat.prune(model, scores, sparsity=target, scope=prune.scope, max_tensor_sparsity=prune.max_tensor_sparsity)
         distributed.broadcast_masks(model)
-        train_epochs(model, opt, data.X_train, data.y_train, epochs=config.retrain_epochs,
-                     batch_size=config.batch_size, sampler=config.sampler, generator=gen, callbacks=callbacks,
-                     progress=progress)
+        with seeded(model, seed * 1000 + rnd):
+            train_epochs(model, opt, data.X_train, data.y_train, epochs=config.retrain_epochs,
+                         batch_size=config.batch_size, sampler=config.sampler, generator=gen, callbacks=callbacks,
+                         progress=progress)
         rows.append(_row(model, data, prune=prune, seed=seed, rnd=rnd, target=target, se_ok=se_ok))
         if checkpoint is not None and distributed.is_main():
             state = dict(model=model.state_dict(), optimizer=opt.state_dict(),
@@ -395,7 +400,8 @@ def run(
 
 
 def _save_model(model_name: str, data: Dataset, state: dict, path: Path) -> None:
-    model = build(model_name, data.input_shape, data.n_classes or 1, task=data.task)
+    with torch.random.fork_rng(devices=[]):
+        model = build(model_name, data.input_shape, data.n_classes or 1, task=data.task)
     mustat.load_pruned_state_dict(model, state)
     mustat.save_sparse(model, path)
 

@@ -39,7 +39,7 @@ from mustat.criteria import get_criterion, loss_gradient, parse_label
 from mustat.data import load
 from mustat.models import build, loss_fn
 from mustat.pipeline import TrainConfig, estimator_options
-from mustat.training import TrackWindow, evaluate, train_epochs
+from mustat.training import TrackWindow, evaluate, seeded, train_epochs
 from mustat.uncertainty import FitContext, make_estimator
 
 MODES = ("after", "init")
@@ -94,9 +94,9 @@ def scale_experiment(
             base = build(model, data.input_shape, n_out)
         gen = torch.Generator().manual_seed(seed)
         if mode == "after":
-            opt = config.make_optimizer(base.parameters())
-            train_epochs(base, opt, data.X_train, data.y_train, epochs=config.epochs, batch_size=config.batch_size,
-                         sampler=config.sampler, generator=gen)
+            with seeded(base, seed):
+                train_epochs(base, config.make_optimizer(base.parameters()), data.X_train, data.y_train,
+                             epochs=config.epochs, batch_size=config.batch_size, sampler=config.sampler, generator=gen)
         for c in cs:
             net = rescale(copy.deepcopy(base), layer, next_layer, c)
             with torch.no_grad():
@@ -104,8 +104,9 @@ def scale_experiment(
             net.train()
             g = torch.Generator().manual_seed(seed * 1000 + 1)
             if mode == "init":
-                train_epochs(net, config.make_optimizer(net.parameters()), data.X_train, data.y_train,
-                             epochs=config.epochs, batch_size=config.batch_size, sampler=config.sampler, generator=g)
+                with seeded(net, seed):
+                    train_epochs(net, config.make_optimizer(net.parameters()), data.X_train, data.y_train,
+                                 epochs=config.epochs, batch_size=config.batch_size, sampler=config.sampler, generator=g)
             rows += _track_and_prune(net, data, config, pairs, track_epochs, sparsity, layer, g,
                                      dict(seed=seed, c=c, mode=mode, output_change=change))
     df = pd.DataFrame(rows)
@@ -124,8 +125,9 @@ def _track_and_prune(net, data, config: TrainConfig, pairs, track_epochs, sparsi
             ests[se] = make_estimator(se, net, **estimator_options(se, config, len(data.y_train)))
     trackers = [e for e in ests.values() if e.trajectory]
     handles = [e.attach(opt) for e in trackers]
-    train_epochs(net, opt, data.X_train, data.y_train, epochs=track_epochs, batch_size=config.batch_size,
-                 sampler=config.sampler, generator=gen, callbacks=[TrackWindow(trackers, track_epochs)])
+    with seeded(net, info["seed"] * 1000 + 1):
+        train_epochs(net, opt, data.X_train, data.y_train, epochs=track_epochs, batch_size=config.batch_size,
+                     sampler=config.sampler, generator=gen, callbacks=[TrackWindow(trackers, track_epochs)])
     for h in handles:
         h.remove()
     context = FitContext(X=data.X_train, y=data.y_train, loss=lambda o, t: loss_fn(net, o, t), optimizer=opt,

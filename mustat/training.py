@@ -1,6 +1,7 @@
 """The training loop: tensors in, callbacks out.
 
-Nothing global is seeded: batches come from the caller's ``torch.Generator``.
+The caller's random state is never changed: batches come from the caller's ``torch.Generator``,
+and :func:`seeded` runs a phase on forked, seeded global generators (for dropout).
 Estimators record through the optimizer's step hook (``estimator.attach``);
 callbacks see epoch boundaries (:class:`TrackWindow` opens a tracking window).
 The prune/retrain orchestration lives in :mod:`mustat.pipeline`.
@@ -9,6 +10,7 @@ The prune/retrain orchestration lives in :mod:`mustat.pipeline`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from enum import Enum
 from numbers import Integral, Real
 
@@ -30,18 +32,22 @@ class Sampler(str, Enum):
     and what the calibrated and batch-means standard errors assume."""
 
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adadelta")
 
 
 def make_optimizer(name: str, params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
                    ) -> torch.optim.Optimizer:
-    """``"sgd"`` (heavy-ball ``momentum``) or ``"adam"``, with L2 ``weight_decay`` on the mean loss."""
+    """``"sgd"`` (heavy-ball ``momentum``), ``"adam"`` or ``"adadelta"`` (the optimizer of PyTorch's
+    MNIST example, usually with ``lr=1.0``), with L2 ``weight_decay`` on the mean loss. The calibrated
+    estimator supports SGD and Adam only."""
     check_option(name, "optimizer", OPTIMIZERS)
     check_scalar(lr, "lr", kind=Real, low=0.0, closed="neither")
     check_scalar(momentum, "momentum", kind=Real, low=0.0, high=1.0, closed="left")
     check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -63,6 +69,16 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"device={device!r} is not supported (mustat needs float64 for its references); "
                          f"available: {', '.join(available)}")
     return dev
+
+
+@contextmanager
+def seeded(model: nn.Module, seed: int):
+    """Run a training phase with torch's global generators forked and seeded, so layers that draw
+    from them (dropout) are reproducible and resume identically; the caller's RNG state is restored."""
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class Callback:

@@ -42,6 +42,10 @@ def test_small_grid_end_to_end_and_resume(tmp_path, capsys):
     assert len(results) == 2 * 2 * (1 + 4 * 3)
     assert len(summary) == 2 * 4 * 3 and set(summary.n_seeds) == {2}
     assert summary.dense.notna().all()
+    # layer scope prunes every tensor to 80%: none is emptied; the dense rows have nothing pruned
+    assert (results.empty_tensors == 0).all()
+    assert (results[results.label == "dense"].flop_speedup == 1).all()
+    assert (results[results.label != "dense"].flop_speedup > 1).all()
     assert (out / "accuracy_vs_sparsity.png").stat().st_size > 10_000
     # resume: a lost cell is recomputed, identically; the others are read back
     cells = sorted((out / "cells").glob("*.csv"))

@@ -186,6 +186,22 @@ def test_global_prune_warns_when_a_tensor_would_vanish_and_the_cap_prevents_it()
                        torch.topk(scores["2.weight"].flatten(), 4).indices.sort().values)
 
 
+def test_empty_tensors_are_counted_in_pipeline_rows():
+    from mustat.pipeline import RESULT_COLUMNS, _row
+
+    class Data:
+        input_shape = (20,)
+        X_test = X_val = torch.randn(5, 20)
+        y_test = y_val = torch.zeros(5, dtype=torch.long)
+
+    model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 4))
+    scores = {"0.weight": torch.rand(10, 20) + 1.0, "2.weight": torch.rand(4, 10)}
+    with pytest.warns(mustat.LayerCollapseWarning):
+        mustat.prune(model, scores, sparsity=0.3)
+    row = _row(model, Data, prune=None, seed=0, rnd=1, target=0.3)
+    assert set(row) == set(RESULT_COLUMNS) and row["empty_tensors"] == 1
+
+
 def test_unreachable_cap_is_an_error():
     model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 4))
     scores = mustat.score(model, "magnitude")

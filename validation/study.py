@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 import mustat
-from mustat._cells import one_thread_in_dask_worker, run_cells
+from mustat._cells import one_thread_in_dask_worker, read_grid, run_cells
 from mustat._io import atomic_write, write_json
 from mustat.uncertainty import bootstrap_se, information
 from validation import metrics as M
@@ -279,21 +279,7 @@ def load_grid(path: str | Path) -> Grid:
         epochs = 80
         window = 60
     """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"grid file not found: {path}")
-    try:
-        spec = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML: {err}") from None
-    known = {"designs", "replications", "bootstrap_B", "seed", "setting", "estimators"}
-    unknown = set(spec) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    spec = read_grid(path, {"designs", "replications", "bootstrap_B", "seed", "setting", "estimators"})
     settings = []
     fields = set(Setting.__dataclass_fields__)
     for block in spec.get("setting", [{}]):
