@@ -241,8 +241,9 @@ def report(summary: pd.DataFrame) -> str:
     keys = [c for c in SETTING if c in summary]
     for values, g in summary.groupby(keys, dropna=False, sort=False):
         s = dict(zip(keys, values))
-        lines.append(f"## {s['dataset']} / {s['model']} / {s['scope']} scope, weight decay {s['weight_decay']:g}"
-                     + (f", cap {s['max_tensor_sparsity']:g}" if s.get("max_tensor_sparsity") else ""))
+        lines.append(f"## {s['dataset']} / {s['model']} / {s['scope']} scope, {s['optimizer']} lr {s['lr']:g}, "
+                     f"weight decay {s['weight_decay']:g}"
+                     + (f", cap {s['max_tensor_sparsity']:g}" if s.get("max_tensor_sparsity") else ", no cap"))
         lines.append(f"dense {g['metric'].iloc[0].replace('_', ' ')}: {g['dense'].iloc[0]:.4f}")
         lines.append("")
         labels = list(dict.fromkeys(g.label))

@@ -94,13 +94,16 @@ def _alive(module: nn.Module, attr: str, like: Tensor) -> Tensor:
     return (m.mask != 0).to(like.device)
 
 
-def ranked_cut(scores: Tensor, alive: Tensor, k: int) -> Tensor:
+def ranked_cut(scores: Tensor, alive: Tensor, k: int, protected: Tensor | None = None) -> Tensor:
     """Boolean ``keep`` of the flattened scores: the ``k`` lowest are cut.
 
-    Already dead entries are cut first (never revived); ties fall to the lower
-    flat index (a stable sort), so the result is deterministic.
+    Already dead entries are cut first (never revived) and ``protected`` entries last,
+    whatever their scores (``+inf`` included); ties fall to the lower flat index (a
+    stable sort), so the result is deterministic.
     """
     order = torch.sort(scores, stable=True).indices
+    if protected is not None:
+        order = order[torch.sort(protected[order].to(torch.uint8), stable=True).indices]
     order = order[torch.sort(alive[order].to(torch.uint8), stable=True).indices]
     keep = torch.ones_like(alive)
     keep[order[:k]] = False
@@ -116,15 +119,13 @@ class LayerCollapseWarning(UserWarning):
         self.tensors = list(tensors)
 
 
-def _protect(scores: Tensor, alive: Tensor, max_pruned: int) -> Tensor:
-    """Scores with the highest-scoring live entries beyond ``max_pruned`` cuts set to +inf."""
+def _protected(scores: Tensor, alive: Tensor, max_pruned: int) -> Tensor:
+    """The live entries a per-tensor cap keeps: the highest-scoring ones beyond ``max_pruned`` cuts."""
+    out = torch.zeros_like(alive)
     n_keep = scores.numel() - max_pruned
-    if n_keep <= 0:
-        return scores
-    ranked = torch.where(alive, scores, torch.full_like(scores, float("-inf")))
-    top = torch.topk(ranked, n_keep).indices
-    out = scores.clone()
-    out[top] = float("inf")
+    if n_keep > 0:
+        ranked = torch.where(alive, scores, torch.full_like(scores, float("-inf")))
+        out[torch.sort(ranked, descending=True, stable=True).indices[:n_keep]] = True
     return out
 
 
@@ -191,16 +192,17 @@ def prune(
         device = next(iter(targets.values()))[2].device
         if device.type == "mps":  # no float64 there: rank on the CPU
             device = torch.device("cpu")
-        parts = []
+        parts, guards = [], []
         cap_total = 0
         for _, _, s, a in targets.values():
             flat_s, flat_a = s.flatten().to(device, torch.float64), a.flatten().to(device)
             if max_tensor_sparsity is not None:
                 most = max(math.floor(max_tensor_sparsity * s.numel()), int((~flat_a).sum()))
                 cap_total += most
-                flat_s = _protect(flat_s, flat_a, most)
+                guards.append(_protected(flat_s, flat_a, most))
             parts.append(flat_s)
         flat = torch.cat(parts)
+        protected = torch.cat(guards) if guards else None
         alive = torch.cat([a.flatten().to(device) for *_, a in targets.values()])
         k = round(sparsity * flat.numel())
         if max_tensor_sparsity is not None and k > cap_total:
@@ -208,7 +210,7 @@ def prune(
                 f"sparsity={sparsity} cannot be reached with max_tensor_sparsity={max_tensor_sparsity}: "
                 f"the cap allows at most {cap_total / flat.numel():.4f}; raise the cap or lower the target"
             )
-        keep_all = ranked_cut(flat, alive, max(k, int((~alive).sum())))
+        keep_all = ranked_cut(flat, alive, max(k, int((~alive).sum())), protected)
         keeps, start = {}, 0
         for name, (_, _, s, _) in targets.items():
             keeps[name] = keep_all[start : start + s.numel()].view(s.shape)

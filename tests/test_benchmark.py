@@ -33,7 +33,8 @@ def test_small_grid_end_to_end_and_resume(tmp_path, capsys):
     assert main(["benchmark", "--grid", str(tmp_path / "g.toml"), "--out", str(out), "--scheduler", "serial",
                  "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "digits / mlp / global scope" in printed and "digits / mlp / layer scope" in printed
+    assert "digits / mlp / global scope, adam lr 0.001, weight decay 0.001, no cap" in printed
+    assert "digits / mlp / layer scope" in printed
     results = pd.read_csv(out / "results.csv")
     summary = pd.read_csv(out / "summary.csv")
     labels = {"magnitude", "random", "gradient-weight", "mu[pseudo]"}

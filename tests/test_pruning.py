@@ -211,3 +211,17 @@ def test_unreachable_cap_is_an_error():
         mustat.prune(model, scores, sparsity=0.6, scope="layer", max_tensor_sparsity=0.5)
     with pytest.raises(ValueError, match="max_tensor_sparsity must be in"):
         mustat.prune(model, scores, sparsity=0.6, max_tensor_sparsity=0.0)
+
+
+def test_cap_holds_when_other_tensors_score_infinite():
+    # frozen weights (se = 0) score +inf under mu; the cap must still keep its share of a low-scoring tensor
+    model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10))
+    scores = {"0.weight": torch.rand(10, 10), "2.weight": torch.full((10, 10), float("inf"))}
+    scores["2.weight"][0, :5] = 2.0
+    rep = mustat.prune(model, scores, sparsity=0.5, max_tensor_sparsity=0.9)
+    frame = rep.to_frame().set_index("tensor")
+    assert frame.loc["0.weight", "pruned"] == 90  # floor(0.9 * 100), not all 100
+    assert frame.loc["total", "pruned"] == 100
+    kept = model[0].parametrizations.weight[0].mask.bool().flatten()
+    assert torch.equal(kept.nonzero().flatten().sort().values,
+                       torch.topk(scores["0.weight"].flatten(), 10).indices.sort().values)
