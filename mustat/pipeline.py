@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from tqdm import tqdm
 
 import mustat
@@ -187,7 +188,8 @@ def _row(model, data, *, prune: PruneConfig | None, seed, rnd, target, se_ok=Non
                 se=(prune.se or "-") if prune else "-", scope=prune.scope if prune else "-", seed=seed, round=rnd,
                 target_sparsity=target, sparsity=mustat.sparsity(model), compression_ratio=rep.compression_ratio,
                 flop_speedup=dense_macs / max(sparse_macs, 1),
-                empty_tensors=sum(int(p == s) for p, s in zip(rep.pruned, rep.sizes)), test_accuracy=acc, test_loss=loss, val_accuracy=val_acc, se_ok=se_ok)
+                empty_tensors=sum(int(p == s) for p, s in zip(rep.pruned, rep.sizes)),
+                test_accuracy=acc, test_loss=loss, val_accuracy=val_acc, se_ok=se_ok)
 
 
 RESULT_COLUMNS = ["label", "criterion", "se", "scope", "seed", "round", "target_sparsity", "sparsity",
@@ -229,6 +231,17 @@ def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: in
     return state, row
 
 
+def criterion_scores(model: nn.Module, criterion: str, data: Dataset, *, estimator=None, seed: int) -> dict:
+    """Scores of ``criterion`` with what it needs: a fitted ``estimator``'s ``se()`` and
+    ``estimate()``, the training loss gradient, or the ``seed`` (random)."""
+    if estimator is not None:
+        return mustat.score(model, criterion, se=estimator.se(), weights=estimator.estimate())
+    if get_criterion(criterion).requires_grad:
+        grads = loss_gradient(model, data.X_train, data.y_train, lambda out, t: loss_fn(model, out, t))
+        return mustat.score(model, criterion, grads=grads)
+    return mustat.score(model, criterion, seed=seed)
+
+
 def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: PruneConfig, start: dict, *,
                 seed: int, checkpoint: Path | None = None, progress=None,
                 on_round: Callable[[dict], None] | None = None) -> list[dict]:
@@ -265,12 +278,7 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
         if est is not None:
             est.fit(_context(model, data, opt, config))
             se_ok = est.diagnostics().get("ok")
-            scores = mustat.score(model, prune.criterion, se=est.se(), weights=est.estimate())
-        elif get_criterion(prune.criterion).requires_grad:
-            grads = loss_gradient(model, data.X_train, data.y_train, lambda out, t: loss_fn(model, out, t))
-            scores = mustat.score(model, prune.criterion, grads=grads)
-        else:
-            scores = mustat.score(model, prune.criterion, seed=seed * 1000 + rnd)
+        scores = criterion_scores(model, prune.criterion, data, estimator=est, seed=seed * 1000 + rnd)
         mustat.prune(model, scores, sparsity=target, scope=prune.scope, max_tensor_sparsity=prune.max_tensor_sparsity)
         distributed.broadcast_masks(model)
         with seeded(model, seed * 1000 + rnd):

@@ -35,10 +35,10 @@ from torch import nn
 import mustat
 from mustat._checks import check_option, check_scalar
 from mustat._io import atomic_write
-from mustat.criteria import get_criterion, loss_gradient, parse_label
+from mustat.criteria import get_criterion, parse_label
 from mustat.data import load
 from mustat.models import build, loss_fn
-from mustat.pipeline import TrainConfig, estimator_options
+from mustat.pipeline import TrainConfig, criterion_scores, estimator_options
 from mustat.training import TrackWindow, evaluate, seeded, train_epochs
 from mustat.uncertainty import FitContext, make_estimator
 
@@ -137,13 +137,8 @@ def _track_and_prune(net, data, config: TrainConfig, pairs, track_epochs, sparsi
     rows = []
     for crit, se in pairs:
         pruned = copy.deepcopy(net)
-        if se is not None:
-            scores = mustat.score(pruned, crit, se=ests[se].se(), weights=ests[se].estimate())
-        elif get_criterion(crit).requires_grad:
-            grads = loss_gradient(pruned, data.X_train, data.y_train, lambda o, t, m=pruned: loss_fn(m, o, t))
-            scores = mustat.score(pruned, crit, grads=grads)
-        else:
-            scores = mustat.score(pruned, crit, seed=info["seed"])
+        scores = criterion_scores(pruned, crit, data, estimator=ests[se] if se is not None else None,
+                                  seed=info["seed"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mustat.LayerCollapseWarning)  # collapse is what this measures
             report = mustat.prune(pruned, scores, sparsity=sparsity)
