@@ -109,13 +109,15 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from validation.study import Grid, load_grid, run_study
+    from validation.study import load_grid, quick_grid, run_study
 
-    grid = load_grid(args.grid) if args.grid else Grid()
+    grid = load_grid(args.grid) if args.grid else quick_grid()
     t0 = time.perf_counter()
     summary, _ = run_study(grid, args.out, scheduler=args.scheduler, workers=args.workers, quiet=args.quiet)
-    cols = ["design", "setting", "estimator", "se_ratio_median", "loglog_slope", "spearman_z", "coverage95", "type1_05"]
-    head = summary[summary.estimator.isin(["pseudo", "calibrated", "bootstrap", "wald"])][cols]
+    cols = ["design", "setting", "estimator", "reference", "se_ratio_median", "spearman_z", "coverage95",
+            "coverage95_lo", "coverage95_hi", "type1_05"]
+    head = summary[summary.estimator.isin(["pseudo", "calibrated", "batch-means", "curvature", "bootstrap",
+                                           "teacher", "wald", "wald-sandwich"])][cols]
     print(head.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     print(f"\n{len(summary)} summary rows in {time.perf_counter() - t0:.1f} s; report: {args.out}/report.md")
     return 0

@@ -38,9 +38,12 @@ def zvalues(w, se):
     return np.where(w == 0, 0.0, z)
 
 
-def pvalues(z) -> np.ndarray:
-    """Two-sided p-values of Wald ``z`` against N(0, 1): ``2 (1 - Phi(|z|))``."""
-    return 2 * sps.norm.sf(np.abs(np.asarray(z, dtype=float)))
+def pvalues(z, dof: float | None = None) -> np.ndarray:
+    """Two-sided p-values of Wald ``z`` against N(0, 1): ``2 (1 - Phi(|z|))``; with ``dof``,
+    against Student's t with ``dof`` degrees of freedom (an SE estimated from ``dof + 1``
+    batch means is chi-square noisy, so ``w / se`` is t-distributed, not normal)."""
+    z = np.abs(np.asarray(z, dtype=float))
+    return 2 * (sps.norm.sf(z) if dof is None else sps.t.sf(z, dof))
 
 
 def _check_alpha(alpha: float) -> float:

@@ -11,7 +11,8 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 SMALL = {
     "01_prune_with_mu.ipynb": "EPOCHS = 3\nRETRAIN_EPOCHS = 1\nSPARSITIES = [0.5, 0.9]\nWEIGHT_DECAY = 1e-3\nSEED = 0",
     "02_wald_statistics.ipynb": "MLP_EPOCHS = 4\nWINDOW = 3\nSEED = 0",
-    "03_calibration_study.ipynb": 'REPLICATIONS = 2\nEPOCHS = 4\nWINDOW = 3\nBOOTSTRAP_B = 8\nOUT = "calibration_study"',
+    "03_calibration_study.ipynb": ('REPLICATIONS = 2\nEPOCHS = 4\nWINDOW = 3\nBOOTSTRAP_B = 8\nTEACHER_REPLICATES = 4\n'
+                                   'MLP_EPOCHS = 3\nMLP_WINDOW = 2\nOUT = "calibration_study"'),
 }
 
 

@@ -9,7 +9,8 @@ def test_se_ratio_and_slope_by_hand():
     ref = np.array([1.0, 2.0, 4.0, 8.0])
     est = np.array([2.0, 4.0, 8.0, 16.0])
     r = M.se_ratio(est, ref)
-    assert r == {"se_ratio_median": 2.0, "se_ratio_iqr": 0.0, "se_ratio_gmean": pytest.approx(2.0)}
+    assert (r["se_ratio_median"], r["se_ratio_iqr"]) == (2.0, 0.0) and r["se_ratio_gmean"] == pytest.approx(2.0)
+    assert (r["n_weights"], r["n_ref_uninformative"], r["n_est_inf"], r["n_est_zero"]) == (4, 0, 0, 0)
     assert M.loglog_slope(est, ref) == pytest.approx(1.0)
     assert M.loglog_slope(np.full(4, 3.0), ref) == pytest.approx(0.0)
     assert M.loglog_slope(ref**0.5, ref) == pytest.approx(0.5)
@@ -19,10 +20,44 @@ def test_se_ratio_and_slope_by_hand():
     assert r["se_ratio_gmean"] == pytest.approx(24 ** 0.25)
 
 
-def test_se_ratio_skips_uninformative_references():
-    r = M.se_ratio(np.array([2.0, 1.0, np.inf, 3.0]), np.array([1.0, 0.0, 1.0, 1.0]))
-    assert r["se_ratio_median"] == 2.5  # ratios 2 and 3; the 0-reference and inf-estimate entries are skipped
+def test_failures_count_and_move_the_median():
+    # references 1, 0 (uninformative), 1, 1, 1; estimates 2, 1, inf, 3, 0
+    r = M.se_ratio(np.array([2.0, 1.0, np.inf, 3.0, 0.0]), np.array([1.0, 0.0, 1.0, 1.0, 1.0]))
+    assert (r["n_weights"], r["n_ref_uninformative"], r["n_est_inf"], r["n_est_zero"]) == (5, 1, 1, 1)
+    assert r["frac_est_inf"] == 0.25 and r["frac_est_zero"] == 0.25
+    # the median is over the four informative references, failures included: ratios 0, 2, 3, inf
+    assert r["se_ratio_median"] == 2.5
+    # the geometric mean and the slope cannot take a failure: they use ratios 2 and 3
+    assert r["se_ratio_gmean"] == pytest.approx(6 ** 0.5)
+    # an estimator that calls every weight unidentified has median ratio inf, not NaN
+    assert M.se_ratio(np.full(3, np.inf), np.ones(3))["se_ratio_median"] == np.inf
     assert np.isnan(M.se_ratio(np.ones(2), np.zeros(2))["se_ratio_median"])
+
+
+def test_wilson_interval_matches_statsmodels_and_brackets_the_rate():
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = M.wilson(950, 1000)
+    assert (lo, hi) == pytest.approx(proportion_confint(950, 1000, alpha=0.05, method="wilson"))
+    assert lo < 0.95 < hi and hi - lo < 0.03  # 1000 intervals: half-width about 0.0135
+    assert np.isnan(M.wilson(0, 0)[0])
+
+
+def test_t_intervals_with_few_batches():
+    rng = np.random.default_rng(0)
+    dof, n = 9, 40_000
+    truth = np.zeros(n)
+    # a weight N(0, 1) with an SE estimated from dof degrees of freedom: se^2 ~ chi2_dof / dof
+    w = rng.standard_normal(n)
+    se = np.sqrt(rng.chisquare(dof, n) / dof)
+    normal, student = M.truth_metrics(w, se, truth), M.truth_metrics(w, se, truth, dof=dof)
+    expected = 2 * sps.t.cdf(M.Z95, dof) - 1  # what the normal interval covers: 0.918 at 9 dof
+    tol = 4 * np.sqrt(0.95 * 0.05 / n)
+    assert normal["coverage95"] == pytest.approx(expected, abs=tol)
+    assert student["coverage95"] == pytest.approx(0.95, abs=tol)
+    assert student["type1_05"] == pytest.approx(0.05, abs=tol)
+    assert student["coverage95_lo"] < student["coverage95"] < student["coverage95_hi"]
+    assert student["n_null"] == n
 
 
 def test_prune_sets_and_jaccard_by_hand():

@@ -1,13 +1,17 @@
+import numpy as np
 import pandas as pd
 import pytest
 
 from mustat.cli import main
 from validation.estimators import Setting
-from validation.study import SUMMARY_COLUMNS, Grid, load_grid, run_study
+from validation.study import SUMMARY_COLUMNS, Grid, References, Scoped, load_grid, run_study
 
-TINY = Grid(designs=("logistic", "teacher-mlp"),
+TINY = Grid(designs=("logistic",),
             settings=(Setting("sgd", 0.05, epochs=3, window=2), Setting("adam", 0.01, epochs=3, window=2, sampler="shuffle")),
-            replications=2, bootstrap_B=8)
+            scoped=(Scoped(("teacher-regression",), Setting("adam", 0.01, weight_decay=1e-2, epochs=3, window=2)),),
+            replications=2, bootstrap_B=8, teacher_replicates=4)
+#: wall times differ between runs; everything else must be identical
+TIMING = ["cell_seconds"]
 
 
 class Stop(Exception):
@@ -28,7 +32,7 @@ def test_resume_computes_only_missing_cells_and_matches(tmp_path):
     again = []
     summary, cells = run_study(TINY, tmp_path / "cut", scheduler="serial", quiet=True, on_cell=again.append)
     assert len(again) == len(TINY.cells()) - 1 and done[0] not in again
-    pd.testing.assert_frame_equal(summary, full_summary)
+    pd.testing.assert_frame_equal(summary.drop(columns=TIMING), full_summary.drop(columns=TIMING))
     pd.testing.assert_frame_equal(cells, full_cells)
 
 
@@ -38,16 +42,65 @@ def test_outputs_and_columns(tmp_path):
     for name in ("params.json", "cells.csv", "summary.csv", "report.md", "loglog_se.png", "qq_null_pvalues.png", "coverage.png"):
         assert (tmp_path / name).stat().st_size > 100, name
     glm = summary[summary.design == "logistic"]
-    mlp = summary[summary.design == "teacher-mlp"]
+    mlp = summary[summary.design == "teacher-regression"]
     # truth metrics only where the truth is known and there are replications (bootstrap: one dataset)
     assert glm[glm.estimator != "bootstrap"].coverage95.notna().all() and mlp.coverage95.isna().all()
     assert glm[glm.estimator == "bootstrap"].coverage95.isna().all()
     assert set(glm.estimator) >= {"pseudo", "calibrated", "wald", "bootstrap"}
     wald = glm[glm.estimator == "wald"]
     assert (wald.se_ratio_median == 1).all() and (wald.loglog_slope.round(9) == 1).all()  # the reference itself
+    # Wilson intervals bracket the coverage; each GLM cell pools replications x weights intervals
+    cov = glm.dropna(subset=["coverage95"])
+    assert len(cov) == len(glm) - 2  # all but the two bootstrap rows (one dataset: no coverage)
+    assert ((cov.coverage95_lo <= cov.coverage95) & (cov.coverage95 <= cov.coverage95_hi)).all()
+    assert (glm[glm.estimator == "pseudo"].n_truth == 2 * 8).all() and (glm.n_null.dropna() == 2 * 4).all()
     assert len(cells[(cells.design == "logistic") & (cells.estimator == "pseudo")]) == 2 * 2 * 8  # settings x reps x weights
+    # the interval centres are stated; batch means' intervals use t with (batches - 1) degrees of freedom
+    centre = glm.groupby("estimator").centre.first()
+    assert centre["pseudo"] == "current weights" and centre["batch-means"] == "window mean"
+    assert centre["calibrated"] == "window mean" and "optimum" in centre["wald"]
+    bm = glm[glm.estimator == "batch-means"]
+    assert (bm.interval_dof == bm.batches - 1).all() and (glm[glm.estimator == "pseudo"].interval_dof == float("inf")).all()
+    # hidden layers: every estimator against each of the three references, and the references
+    # against each other; the penalised fit is balanced and the references report their precision
+    assert set(mlp.reference) == {"wald-sandwich", "bootstrap", "teacher"}
+    boot = mlp[mlp.reference == "bootstrap"]
+    assert set(boot.estimator) >= {"pseudo", "batch-means", "curvature", "wald-sandwich", "teacher"}
+    assert boot.ref_mc_rel_error.to_numpy() == pytest.approx(np.full(len(boot), 1 / (2 * 7) ** 0.5))
+    assert (mlp[mlp.reference == "wald-sandwich"].ref_mc_rel_error == 0).all()
+    assert mlp.balance_max.max() < 1e-3 and (mlp.ref_converged_frac >= 0).all() and mlp.basin_z_median.notna().all()
+    assert (mlp.n_weights == 8 * 6 + 8).all()  # the tracked weights of 6-8-1
     report = (tmp_path / "report.md").read_text()
-    assert "![log-log SE](loglog_se.png)" in report and "| design" in report
+    assert "![log-log SE](loglog_se.png)" in report and "| design" in report and "## Hidden layers" in report
+    assert (tmp_path / "references").is_dir()  # the teacher replicates are cached for other settings
+
+
+def test_hidden_layer_design_without_weight_decay_is_refused():
+    with pytest.raises(ValueError, match="'teacher-regression' has a hidden layer.*weight_decay=0"):
+        Grid(designs=(), settings=(), scoped=(Scoped(("teacher-regression",), Setting(epochs=2, window=1)),))
+
+
+def test_stacked_replicates_train_exactly_as_separate_fits():
+    import numpy as np
+    import torch
+
+    from mustat.training import train_epochs
+    from validation.designs import get_design
+
+    design = get_design("logistic")
+    data = [design.sample(r) for r in range(3)]
+    X = torch.tensor(np.stack([a[0] for a in data]).transpose(1, 0, 2), dtype=torch.float32)
+    y = torch.tensor(np.stack([a[1] for a in data]).T.copy(), dtype=torch.float32)
+    stack = design.stacked_model([10, 11, 12])
+    opt = torch.optim.Adam(stack.parameters(), lr=0.01, weight_decay=1e-3)
+    train_epochs(stack, opt, X, y, epochs=2, batch_size=32, generator=torch.Generator().manual_seed(5),
+                 loss=design.stacked_loss())
+    for r in range(3):
+        single = design.model(10 + r)
+        opt = torch.optim.Adam(single.parameters(), lr=0.01, weight_decay=1e-3)
+        train_epochs(single, opt, X[:, r], y[:, r], epochs=2, batch_size=32,
+                     generator=torch.Generator().manual_seed(5), loss=design.loss())
+        torch.testing.assert_close(stack.linear.weight[r], single.linear.weight[0], rtol=0, atol=2e-6)
 
 
 def test_other_grid_in_same_folder_refused(tmp_path):
@@ -63,16 +116,20 @@ def test_dask_local_cluster_gives_the_serial_tables(tmp_path):
                 replications=2, bootstrap_B=4)
     serial, _ = run_study(grid, tmp_path / "a", scheduler="serial", quiet=True)
     parallel, _ = run_study(grid, tmp_path / "b", scheduler="local", workers=2, quiet=True)
-    pd.testing.assert_frame_equal(parallel, serial, rtol=1e-6)
+    pd.testing.assert_frame_equal(parallel.drop(columns=TIMING), serial.drop(columns=TIMING), rtol=1e-6)
 
 
 def test_load_grid(tmp_path):
     p = tmp_path / "grid.toml"
     p.write_text('designs = ["linear"]\nreplications = 3\n[[setting]]\noptimizer = "sgd"\nlr = [0.01, 0.05]\n'
-                 'sampler = ["replacement", "shuffle"]\nepochs = 10\nwindow = 5\n[[setting]]\noptimizer = "adam"\n')
+                 'sampler = ["replacement", "shuffle"]\nepochs = 10\nwindow = 5\n[[setting]]\noptimizer = "adam"\n'
+                 '[[setting]]\ndesigns = ["teacher-regression"]\nweight_decay = [1e-3, 1e-2]\n')
     g = load_grid(p)
     assert g.designs == ("linear",) and g.replications == 3 and len(g.settings) == 5
     assert {s.lr for s in g.settings[:4]} == {0.01, 0.05}
+    assert [(sc.designs, sc.setting.weight_decay) for sc in g.scoped] == [(("teacher-regression",), 1e-3),
+                                                                           (("teacher-regression",), 1e-2)]
+    assert len(g.cells()) == 7
     p.write_text('[[setting]]\nlearning_rate = 0.1\n')
     with pytest.raises(ValueError, match="unknown setting keys \\['learning_rate'\\]"):
         load_grid(p)
@@ -96,33 +153,34 @@ def test_cli_calibrate(tmp_path, capsys):
 
 
 def test_digits_design_runs(tmp_path):
-    grid = Grid(designs=("digits",), settings=(Setting(epochs=2, window=1),), replications=1, bootstrap_B=4)
+    grid = Grid(designs=(), settings=(), scoped=(Scoped(("digits",), Setting(epochs=2, window=1, weight_decay=1e-2)),),
+                bootstrap_B=3, estimators=("pseudo", "curvature"), references=References(newton_max_iter=4))
     summary, cells = run_study(grid, tmp_path, scheduler="serial", quiet=True)
-    assert set(summary.estimator) >= {"pseudo", "calibrated", "bootstrap"}
-    assert len(cells[cells.estimator == "pseudo"]) == 64 * 16 + 16 * 10
-    # constant-zero pixels give weights that never move (reference SE 0): skipped, not NaN
-    assert (cells[cells.estimator == "bootstrap"].se == 0).any()
-    assert summary[["se_ratio_median", "loglog_slope", "spearman_z"]].notna().all().all()
+    assert set(summary.reference) == {"wald-sandwich", "bootstrap"}  # no teacher: two references
+    assert len(cells[(cells.estimator == "pseudo") & (cells.reference == "bootstrap")]) == 64 * 8 + 8 * 10
+    # constant-zero pixels: with weight decay their weights sit at 0 in every refit (reference SE 0),
+    # and they are counted as uninformative, not turned into NaN metrics
+    boot = summary[(summary.reference == "bootstrap") & (summary.estimator == "pseudo")].iloc[0]
+    assert boot.n_ref_uninformative > 0 and boot.n_weights == 64 * 8 + 8 * 10
 
 
 def test_a_code_level_change_of_a_reference_setting_recomputes_its_cells(tmp_path, monkeypatch):
     import validation.study as study
 
     grid = Grid(designs=("logistic",), settings=(Setting("sgd", 0.05, epochs=2, window=1, weight_decay=1e-3),),
-                replications=2, bootstrap_B=4, estimators=("pseudo", "curvature"))
+                scoped=(), replications=2, bootstrap_B=4, estimators=("pseudo", "curvature"))
     first = []
     summary, _ = run_study(grid, tmp_path, scheduler="serial", quiet=True, on_cell=first.append)
-    assert summary.weight_decay.eq(1e-3).all() and summary.bootstrap_epochs.eq(200).all()
+    assert summary.weight_decay.eq(1e-3).all()
     assert set(summary.reference) == {"wald-sandwich"}  # a penalised fit: the sandwich is the reference
     again = []
     run_study(grid, tmp_path, scheduler="serial", quiet=True, on_cell=again.append)
     assert again == []  # nothing changed: nothing recomputed
     # someone edits a reference default in the code: the grid the user wrote is the same,
     # but every cell the change shapes is recomputed instead of mixed with stale ones
-    monkeypatch.setattr(study, "REFERENCES", study.References(glm_bootstrap_epochs=7))
-    changed = Grid(designs=grid.designs, settings=grid.settings, replications=2, bootstrap_B=4,
+    monkeypatch.setattr(study, "REFERENCES", study.References(glm_gtol=1e-9))
+    changed = Grid(designs=grid.designs, settings=grid.settings, scoped=(), replications=2, bootstrap_B=4,
                    estimators=grid.estimators)
     redone = []
-    summary, _ = run_study(changed, tmp_path, scheduler="serial", quiet=True, on_cell=redone.append)
+    run_study(changed, tmp_path, scheduler="serial", quiet=True, on_cell=redone.append)
     assert len(redone) == 1 and redone != first
-    assert summary.bootstrap_epochs.eq(7).all()

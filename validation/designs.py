@@ -2,8 +2,14 @@
 
 GLM designs (no hidden layer) have an exact reference, the Wald SE at the MLE,
 and, when simulated, known coefficients (zeros are null weights), so coverage,
-type-I error and power are defined. Hidden-layer designs are compared with the
-warm-started bootstrap; their weights are not identified, so no truth metrics.
+type-I error and power are defined. Their replicate datasets train together as
+one stacked model (:class:`StackedGLM`: each replicate's parameters see only its
+own data, so stacking changes nothing but the cost).
+
+Hidden-layer designs are one-hidden-layer ReLU networks fitted with weight decay
+(without it they are not identified); the ``teacher-*`` ones simulate from a
+known teacher network, which gives the gauge-fixed teacher-replicate reference
+(:mod:`validation.references`).
 """
 
 from __future__ import annotations
@@ -27,22 +33,89 @@ SCALES = (0.2, 0.5, 1.0, 1.0, 2.0, 4.0, 4.0, 0.5)
 @dataclass(frozen=True)
 class Design:
     """``sample(replication)`` gives ``(X, y, truth)`` (float64 numpy; truth is None
-    when unknown); ``model(seed)`` the network to fit; ``loss(model)`` its mean loss."""
+    when unknown); ``model(seed)`` the network to fit; ``loss(model)`` its mean loss.
+
+    ``family``: the GLM family (GLM designs) or the hidden-layer network's likelihood
+    (``"logistic"``, ``"linear"``: unit-variance Gaussian, ``"softmax"``);
+    ``teacher()``: the float64 network that simulates the data, where there is one.
+    """
 
     name: str
     glm: bool
     simulated: bool
     sample: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
     model: Callable[[int], nn.Module]
-    multiclass: bool = False
+    family: str = "logistic"
+    teacher: Callable[[], nn.Module] | None = None
 
-    def loss(self, model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-        """The mean training loss (the NLL per sample)."""
-        if self.glm:
-            return lambda out, y: model.nll(out, y) / len(y)
-        if self.multiclass:
-            return lambda out, y: nn.functional.cross_entropy(out, y.long())
-        return lambda out, y: nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), y.to(out.dtype))
+    @property
+    def multiclass(self) -> bool:
+        return self.family == "softmax"
+
+    def loss(self, model: nn.Module | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """The mean training loss (the NLL per sample, the Gaussian's with unit variance)."""
+        return MEAN_LOSSES[self.family]
+
+    def stacked_model(self, seeds: list[int]) -> StackedGLM:
+        """One GLM per seed, stacked (GLM designs): replicate r initialised as ``model(seeds[r])``."""
+        if not self.glm:
+            raise ValueError(f"design {self.name!r} has a hidden layer; only GLM designs stack")
+        return StackedGLM([self.model(s) for s in seeds])
+
+    def stacked_loss(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """The sum over replicates of each replicate's mean loss: outputs and targets ``(S, R)``."""
+        per_sample = PER_SAMPLE_LOSSES[self.family]
+        return lambda out, y: per_sample(out, y).mean(0).sum()
+
+
+def _per_sample_logistic(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(out, y.to(out.dtype), reduction="none")
+
+
+def _per_sample_linear(out: Tensor, y: Tensor) -> Tensor:
+    return 0.5 * (out - y.to(out.dtype)).square()
+
+
+PER_SAMPLE_LOSSES = {"logistic": _per_sample_logistic, "linear": _per_sample_linear}
+#: mean losses; a single-output network's ``(n, 1)`` output is squeezed first
+MEAN_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "logistic": lambda out, y: _per_sample_logistic(_squeeze(out), y).mean(),
+    "linear": lambda out, y: _per_sample_linear(_squeeze(out), y).mean(),
+    "softmax": lambda out, y: nn.functional.cross_entropy(out, y.long()),
+}
+
+
+def _squeeze(out: Tensor) -> Tensor:
+    return out.squeeze(-1) if out.ndim > 1 and out.shape[-1] == 1 else out
+
+
+class _StackedLinear(nn.Linear):
+    """``R`` single-output linear predictors: ``x (S, R, d) -> (S, R)``; row r of ``weight``
+    belongs to replicate r. An ``nn.Linear``, so estimators track it by default."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("srd,rd->sr", x, self.weight) + self.bias
+
+
+class StackedGLM(nn.Module):
+    """Replicate GLMs (single output each) trained as one model, samples first.
+
+    Data ``X (n, R, d)``, targets ``(n, R)``; with :meth:`Design.stacked_loss` the gradient
+    of replicate r's parameters is exactly its own mean-loss gradient, and every optimizer
+    and estimator mustat has acts elementwise, so the stack trains ``R`` independent fits.
+    """
+
+    def __init__(self, glms: list[nn.Module]):
+        super().__init__()
+        if any(g.linear.out_features != 1 for g in glms):
+            raise ValueError("StackedGLM stacks single-output GLMs (logistic, linear)")
+        self.linear = _StackedLinear(glms[0].linear.in_features, len(glms))
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.cat([g.linear.weight for g in glms]))
+            self.linear.bias.copy_(torch.cat([g.linear.bias for g in glms]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
 
 
 def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -56,25 +129,50 @@ def _glm_design(family: str, n: int = 2000, corr: float = 0.3, name: str | None 
         X, y, truth = glm_design(family, n=n, coef=COEF, scales=SCALES, corr=corr, intercept=0.2, seed=1000 + rep)
         return X, y.astype(float), np.asarray(truth["coef"], dtype=float)
 
-    return Design(name or family, True, True, sample, lambda seed: _seeded(lambda: GLM(len(COEF), family), seed))
+    return Design(name or family, True, True, sample, lambda seed: _seeded(lambda: GLM(len(COEF), family), seed),
+                  family=family)
 
 
-def _teacher_mlp(n: int = 2000, d: int = 6, hidden: int = 8) -> Design:
-    teacher = _seeded(lambda: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1)), 123).double()
-    with torch.no_grad():
-        teacher[2].weight.mul_(3.0)
+def _mlp(d: int, hidden: int, k: int) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, k))
+
+
+def _teacher_design(name: str, family: str, *, d: int, hidden: int, k: int, n: int = 2000, seed: int = 123,
+                    in_scale: float = 2.0, out_weight: float = 1.0) -> Design:
+    """A one-hidden-layer ReLU teacher and Gaussian inputs; labels from its likelihood
+    (``family``); replication r draws its own data. The teacher is PyTorch's seeded init with
+    the first layer times ``in_scale`` and every output weight of magnitude ``out_weight``
+    (signs from the init): each unit matters, so weight decay up to 1e-2 keeps all of them
+    alive and the penalised optimum is a strict minimum (a unit that weight decay collapses
+    sits at the ReLU's kink, where no Wald reference exists)."""
+
+    def teacher():
+        t = _seeded(_mlp(d, hidden, k), seed).double()
+        with torch.no_grad():
+            t[0].weight.mul_(in_scale)
+            t[0].bias.mul_(in_scale)
+            t[2].weight.copy_(out_weight * t[2].weight.sign())
+        return t
+
+    net = teacher()
 
     def sample(rep):
         rng = np.random.default_rng(2000 + rep)
         X = rng.standard_normal((n, d))
         with torch.no_grad():
-            p = torch.sigmoid(teacher(torch.tensor(X))).squeeze(-1).numpy()
-        return X, rng.binomial(1, p).astype(float), None
+            f = net(torch.tensor(X)).numpy()
+        if family == "logistic":
+            y = rng.binomial(1, 1 / (1 + np.exp(-f[:, 0]))).astype(float)
+        elif family == "linear":
+            y = f[:, 0] + rng.standard_normal(n)
+        else:
+            P = np.exp(f - f.max(1, keepdims=True))
+            P /= P.sum(1, keepdims=True)
+            y = (P.cumsum(1) > rng.random((n, 1))).argmax(1).astype(float)
+        return X, y, None
 
-    def model(seed):
-        return _seeded(lambda: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1)), seed)
-
-    return Design("teacher-mlp", False, True, sample, model)
+    return Design(name, False, True, sample, lambda s: _seeded(_mlp(d, hidden, k), s), family=family,
+                  teacher=teacher)
 
 
 def _breast_cancer() -> Design:
@@ -88,7 +186,7 @@ def _breast_cancer() -> Design:
     return Design("breast_cancer", True, False, sample, lambda seed: _seeded(lambda: GLM(8, "logistic"), seed))
 
 
-def _digits(hidden: int = 16) -> Design:
+def _digits(hidden: int = 8) -> Design:
     from sklearn.datasets import load_digits
 
     def sample(rep):
@@ -96,10 +194,7 @@ def _digits(hidden: int = 16) -> Design:
         std = X.std(0)
         return (X - X.mean(0)) / np.where(std > 0, std, 1.0), y.astype(float), None
 
-    def model(seed):
-        return _seeded(lambda: nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)), seed)
-
-    return Design("digits", False, False, sample, model, multiclass=True)
+    return Design("digits", False, False, sample, lambda s: _seeded(_mlp(64, hidden, 10), s), family="softmax")
 
 
 DESIGNS: dict[str, Callable[[], Design]] = {
@@ -108,7 +203,10 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     # strongly correlated features: the diagonal approximations' VIF gap is large (1/sqrt(VIF) ~ 0.6)
     "logistic-r7": lambda: _glm_design("logistic", corr=0.7, name="logistic-r7"),
     "linear-r7": lambda: _glm_design("linear", corr=0.7, name="linear-r7"),
-    "teacher-mlp": _teacher_mlp,
+    # one-hidden-layer teachers: binary 6-8-1 (the first study's), regression 6-8-1, softmax 10-16-3
+    "teacher-mlp": lambda: _teacher_design("teacher-mlp", "logistic", d=6, hidden=8, k=1),
+    "teacher-regression": lambda: _teacher_design("teacher-regression", "linear", d=6, hidden=8, k=1),
+    "teacher-softmax": lambda: _teacher_design("teacher-softmax", "softmax", d=10, hidden=16, k=3),
     "breast_cancer": _breast_cancer,
     "digits": _digits,
 }

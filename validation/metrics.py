@@ -1,5 +1,14 @@
 """Calibration metrics of a standard-error estimator against a reference and,
-where the truth is known, against it. Inputs are flat numpy arrays."""
+where the truth is known, against it. Inputs are flat numpy arrays.
+
+Every failure counts. The ratio metrics use one subset: the weights whose
+*reference* SE is finite and positive (a reference of 0 or inf says nothing
+about that weight; their number is ``n_ref_uninformative``). On that subset an
+estimate of ``inf`` (the estimator calls an identified weight unidentified) or
+``0`` is a failure: it stays in the median and interquartile range of the ratio
+(as inf or 0) and is counted (``frac_est_inf``, ``frac_est_zero``); the
+geometric mean and the log-log slope, which cannot take it, leave it out.
+"""
 
 from __future__ import annotations
 
@@ -11,38 +20,52 @@ from mustat.pruning import ranked_cut
 from mustat.stats import pvalues, zvalues
 
 Z95 = sps.norm.ppf(0.975)
-__all__ = ["Z95", "agreement", "jaccard", "loglog_slope", "prune_set", "pvalues", "se_ratio", "spearman",
-           "truth_metrics", "zvalues"]
+__all__ = ["Z95", "agreement", "informative", "jaccard", "loglog_slope", "prune_set", "pvalues", "se_ratio",
+           "spearman", "truth_metrics", "wilson", "zvalues"]
 
 
-def _log_pairs(est: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    keep = (est > 0) & (ref > 0) & np.isfinite(est) & np.isfinite(ref)
-    return np.log(est[keep]), np.log(ref[keep])
+def informative(ref: np.ndarray) -> np.ndarray:
+    """Weights whose reference SE says something: finite and positive."""
+    return np.isfinite(ref) & (ref > 0)
+
+
+def _quantiles(x: np.ndarray, qs) -> list[float]:
+    """Linear-interpolation quantiles (numpy's default) that keep ``inf`` entries: between two
+    equal neighbours the quantile is that value, so inf is not turned into NaN by inf - inf."""
+    x = np.sort(x)
+    out = []
+    for q in qs:
+        h = (len(x) - 1) * q
+        a, b = x[int(np.floor(h))], x[int(np.ceil(h))]
+        out.append(float(a if a == b else a + (b - a) * (h - np.floor(h))))
+    return out
 
 
 def se_ratio(est: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """Median, interquartile range and geometric mean of ``est / ref``.
-
-    Entries whose reference SE is 0 or non-finite (a weight that never moved in any
-    refit, e.g. on a constant input: the reference says nothing) or whose estimate is
-    non-finite (unidentified) are left out; with none left the metrics are NaN.
-    """
-    ok = (ref > 0) & np.isfinite(ref) & np.isfinite(est)
-    if not ok.any():
-        return dict(se_ratio_median=np.nan, se_ratio_iqr=np.nan, se_ratio_gmean=np.nan)
-    r = est[ok] / ref[ok]
-    le, lr = _log_pairs(est, ref)
-    q25, q50, q75 = np.quantile(r, [0.25, 0.5, 0.75])
-    return dict(se_ratio_median=float(q50), se_ratio_iqr=float(q75 - q25),
-                se_ratio_gmean=float(np.exp(np.mean(le - lr))) if len(le) else np.nan)
+    """Ratio metrics of ``est / ref`` on the weights with an informative reference
+    (module notes): median, IQR (failures included), geometric mean and log-log
+    slope (failures left out), and the counts of what was left out or failed."""
+    ok = informative(ref)
+    e, r = est[ok], ref[ok]
+    failed_inf, failed_zero = ~np.isfinite(e), e == 0
+    good = ~failed_inf & ~failed_zero
+    out = dict(n_weights=int(len(ref)), n_ref_uninformative=int((~ok).sum()), n_est_inf=int(failed_inf.sum()),
+               n_est_zero=int(failed_zero.sum()), frac_est_inf=float(failed_inf.mean()) if len(e) else np.nan,
+               frac_est_zero=float(failed_zero.mean()) if len(e) else np.nan)
+    if not len(e):
+        return dict(out, se_ratio_median=np.nan, se_ratio_iqr=np.nan, se_ratio_gmean=np.nan, loglog_slope=np.nan)
+    q25, q50, q75 = _quantiles(np.where(failed_inf, np.inf, e / r), (0.25, 0.5, 0.75))
+    le, lr = np.log(e[good]), np.log(r[good])
+    slope = float(sps.linregress(lr, le).slope) if len(le) >= 3 and np.ptp(lr) > 0 else np.nan
+    iqr = float(q75 - q25) if np.isfinite(q75) else np.inf
+    return dict(out, se_ratio_median=float(q50), se_ratio_iqr=iqr,
+                se_ratio_gmean=float(np.exp(np.mean(le - lr))) if len(le) else np.nan, loglog_slope=slope)
 
 
 def loglog_slope(est: np.ndarray, ref: np.ndarray) -> float:
-    """OLS slope of log(est) on log(ref): 1 when est tracks ref proportionally, 0 when flat."""
-    le, lr = _log_pairs(est, ref)
-    if len(le) < 3 or np.ptp(lr) == 0:
-        return np.nan
-    return float(sps.linregress(lr, le).slope)
+    """OLS slope of log(est) on log(ref) (the subset of :func:`se_ratio`): 1 when est tracks
+    ref proportionally, 0 when flat."""
+    return se_ratio(est, ref)["loglog_slope"]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,9 +89,9 @@ def agreement(w: np.ndarray, se: np.ndarray, w_ref: np.ndarray, se_ref: np.ndarr
     """Ratio, slope, rank and pruning-overlap metrics of (w, se) against (w_ref, se_ref)."""
     z, z_ref = np.abs(zvalues(w, se)), np.abs(zvalues(w_ref, se_ref))
     out = se_ratio(se, se_ref)
+    ok = informative(se_ref)
     out.update(
-        loglog_slope=loglog_slope(se, se_ref),
-        spearman_se=spearman(se, se_ref),
+        spearman_se=spearman(np.nan_to_num(se[ok], posinf=1e300), se_ref[ok]),
         spearman_z=spearman(np.nan_to_num(z, posinf=1e300), np.nan_to_num(z_ref, posinf=1e300)),
         jaccard_50=jaccard(prune_set(z, 0.5), prune_set(z_ref, 0.5)),
         jaccard_90=jaccard(prune_set(z, 0.9), prune_set(z_ref, 0.9)),
@@ -77,17 +100,38 @@ def agreement(w: np.ndarray, se: np.ndarray, w_ref: np.ndarray, se_ref: np.ndarr
     return out
 
 
-def truth_metrics(w: np.ndarray, se: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Over repeated datasets, flattened: coverage of 95% Wald intervals, type-I error
-    and KS statistic of p-values on null weights (truth == 0), power on the others."""
-    p = pvalues(zvalues(w, se))
-    covered = np.abs(w - truth) <= Z95 * se
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """Wilson 95% interval of a proportion (statsmodels). It treats the ``n`` trials as
+    independent; intervals of one fit's correlated weights are not quite, so read it as a
+    lower bound on the uncertainty."""
+    if n == 0:
+        return np.nan, np.nan
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(successes, n, alpha=0.05, method="wilson")
+    return float(lo), float(hi)
+
+
+def truth_metrics(w: np.ndarray, se: np.ndarray, truth: np.ndarray, dof: float | None = None) -> dict[str, float]:
+    """Over repeated datasets, flattened: coverage of 95% Wald intervals (with its Wilson
+    interval), type-I error (with its Wilson interval) and the KS statistic of p-values on
+    null weights (truth == 0), power on the others. ``dof``: intervals and p-values from
+    Student's t (an SE estimated with ``dof`` degrees of freedom), else the normal.
+    An infinite SE gives an interval that covers and a p-value of 1: counted as such, not dropped."""
+    p = pvalues(zvalues(w, se), dof)
+    q = Z95 if dof is None else sps.t.ppf(0.975, dof)
+    covered = np.abs(w - truth) <= q * se
     null = truth == 0
-    out = dict(coverage95=float(covered.mean()), n_truth=int(len(w)))
+    lo, hi = wilson(int(covered.sum()), len(w))
+    out = dict(coverage95=float(covered.mean()), coverage95_lo=lo, coverage95_hi=hi, n_truth=int(len(w)),
+               n_null=int(null.sum()))
     if null.any():
         ks = sps.kstest(p[null], "uniform")
-        out.update(type1_05=float((p[null] < 0.05).mean()), ks_null=float(ks.statistic), ks_null_pvalue=float(ks.pvalue))
+        rejected = p[null] < 0.05
+        lo, hi = wilson(int(rejected.sum()), int(null.sum()))
+        out.update(type1_05=float(rejected.mean()), type1_05_lo=lo, type1_05_hi=hi, ks_null=float(ks.statistic),
+                   ks_null_pvalue=float(ks.pvalue))
     else:
-        out.update(type1_05=np.nan, ks_null=np.nan, ks_null_pvalue=np.nan)
+        out.update(type1_05=np.nan, type1_05_lo=np.nan, type1_05_hi=np.nan, ks_null=np.nan, ks_null_pvalue=np.nan)
     out["power_05"] = float((p[~null] < 0.05).mean()) if (~null).any() else np.nan
     return out

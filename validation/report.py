@@ -31,9 +31,25 @@ def _setup():
     return sns
 
 
+def hidden_designs(table: pd.DataFrame) -> set[str]:
+    """Designs scored against the bootstrap or the teacher as a reference: the hidden-layer ones
+    (a GLM's bootstrap is an estimator row, scored against exact Wald)."""
+    return set(table.loc[table.reference.isin(["bootstrap", "teacher"]), "design"])
+
+
+def _primary(cells: pd.DataFrame) -> pd.DataFrame:
+    """One reference per weight: the exact Wald SE for GLMs, the teacher replicates (else the
+    sandwich) for hidden layers."""
+    hidden = cells.design.isin(hidden_designs(cells))
+    teacher = cells.design.isin(set(cells.loc[cells.reference == "teacher", "design"]))
+    keep = ~hidden | np.where(teacher, cells.reference == "teacher", cells.reference == "wald-sandwich")
+    return cells[keep]
+
+
 def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
     """Estimator SE against the reference SE, log-log, one panel per estimator (replication 0)."""
     sns = _setup()
+    cells = _primary(cells)
     d = cells[(cells.replication == 0) & cells.estimator.isin(TRAJECTORY + ["curvature"]) & (cells.se > 0)
               & np.isfinite(cells.se) & (cells.ref_se > 0)].copy()
     d["optimizer"] = d["setting"].str.split(" ").str[0]
@@ -46,18 +62,22 @@ def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
         hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
     g.set_titles("{col_name} · {row_name}")
-    g.set_axis_labels("reference SE (Wald: GLMs; bootstrap: MLPs)", "estimator SE")
+    g.set_axis_labels("reference SE (Wald: GLMs; teacher replicates or sandwich: MLPs)", "estimator SE")
     _save(g.figure, path)
     return path
 
 
-def qq_figure(cells: pd.DataFrame, path: Path) -> Path:
+def qq_figure(cells: pd.DataFrame, path: Path, dof: float | None = None) -> Path:
     """QQ plot of null-weight p-values against U(0, 1), per estimator and sampler."""
     sns = _setup()
     d = cells[cells.truth.notna() & (cells.truth == 0) & cells.estimator.isin(TRAJECTORY + ["wald"])].copy()
     if d.empty:
         return path
+    # batch means' p-values use t with (batches - 1) degrees of freedom, as its summary rows do
     d["p"] = pvalues(zvalues(d["weight"].to_numpy(), d["se"].to_numpy()))
+    bm = d.estimator == "batch-means"
+    if bm.any() and dof is not None:
+        d.loc[bm, "p"] = pvalues(zvalues(d.loc[bm, "weight"].to_numpy(), d.loc[bm, "se"].to_numpy()), dof)
     d["sampler"] = np.where(d["setting"].str.contains("replacement"), "replacement", "shuffle")
     parts = []
     for (est, sampler), g in d.groupby(["estimator", "sampler"]):
@@ -78,18 +98,52 @@ def coverage_figure(summary: pd.DataFrame, path: Path) -> Path:
     sns = _setup()
     import matplotlib.pyplot as plt
 
-    d = summary[summary.coverage95.notna() & summary.estimator.isin(MAIN_ESTIMATORS)]
+    d = summary[summary.coverage95.notna() & summary.estimator.isin(MAIN_ESTIMATORS)].copy()
     if d.empty:
         return path
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    sns.pointplot(data=d, y="setting", x="coverage95", hue="estimator", linestyle="none", dodge=0.4, ax=ax)
+    d["cell"] = d["design"] + " · " + d["setting"]
+    cells = list(dict.fromkeys(d["cell"]))
+    ests = list(dict.fromkeys(d["estimator"]))
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(cells) * max(1, len(ests)) ** 0.5 + 1.5))
+    palette = sns.color_palette(n_colors=len(ests))
+    for j, est in enumerate(ests):
+        e = d[d.estimator == est]
+        ypos = np.array([cells.index(c) for c in e["cell"]]) + (j - (len(ests) - 1) / 2) * 0.8 / len(ests)
+        ax.errorbar(e["coverage95"], ypos, xerr=[e["coverage95"] - e["coverage95_lo"], e["coverage95_hi"] - e["coverage95"]],
+                    fmt="o", ms=3, color=palette[j], label=est, lw=1)
+    ax.set_yticks(range(len(cells)), cells, fontsize=7)
+    ax.invert_yaxis()
     n = float(d["n_truth"].median())
-    band = 2 * np.sqrt(0.95 * 0.05 / n)
-    ax.axvspan(0.95 - band, 0.95 + band, color="grey", alpha=0.2, label=f"0.95 ± 2 binomial SE (n={n:.0f})")
+    ax.axvspan(0.935, 0.965, color="grey", alpha=0.2, label=f"0.95 ± 0.015 (n = {n:.0f} intervals a cell)")
     ax.axvline(0.95, color="grey", lw=1)
-    ax.set(xlabel="coverage of 95% intervals (GLM designs with known truth)", ylabel="")
+    ax.set(xlabel="coverage of 95% intervals with Wilson 95% intervals (GLM designs with known truth)", ylabel="")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path)
+    return path
+
+
+def hidden_figure(summary: pd.DataFrame, path: Path) -> Path:
+    """Hidden-layer cells: each estimator's median SE ratio against each reference (log scale), with
+    the reference's own per-weight Monte-Carlo error as a band around 1 and [0.8, 1.25] shaded."""
+    designs = hidden_designs(summary)
+    d = summary[summary.design.isin(designs) & np.isfinite(summary.se_ratio_median)
+                & (summary.se_ratio_median > 0) & (summary.estimator != "wald")].copy()
+    if d.empty:
+        return path
+    sns = _setup()
+    d["cell"] = d["design"] + " · wd=" + d["weight_decay"].map("{:g}".format)
+    g = sns.catplot(data=d, x="se_ratio_median", y="estimator", hue="cell", col="reference", kind="point",
+                    linestyle="none", dodge=0.5 if d["cell"].nunique() > 1 else False, height=3.2, aspect=1.1,
+                    log_scale=(True, False))
+    for ax, ref in zip(g.axes.flat, g.col_names):
+        ax.axvspan(0.8, 1.25, color="grey", alpha=0.15)
+        mc = float(d.loc[d.reference == ref, "ref_mc_rel_error"].max())
+        if mc > 0:
+            ax.axvspan(1 - 2 * mc, 1 + 2 * mc, color="tab:orange", alpha=0.15)
+        ax.axvline(1, color="grey", lw=1)
+    g.set_titles("against {col_name}")
+    g.set_axis_labels("median SE ratio (grey: [0.8, 1.25]; orange: ±2 MC errors of one weight's reference)", "")
+    _save(g.figure, path)
     return path
 
 
@@ -101,11 +155,15 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
     """Figures plus ``report.md``: headline tables and a reading generated from the numbers."""
     out = Path(out)
     loglog_figure(cells, out / "loglog_se.png")
-    qq_figure(cells, out / "qq_null_pvalues.png")
+    bm = summary.loc[summary.estimator == "batch-means", "interval_dof"].dropna()
+    qq_figure(cells, out / "qq_null_pvalues.png", dof=float(bm.median()) if len(bm) else None)
     coverage_figure(summary, out / "coverage.png")
-    cols = ["design", "setting", "estimator", "se_ratio_median", "loglog_slope", "spearman_z", "jaccard_50",
-            "coverage95", "type1_05", "ks_null", "window_ok"]
-    head = summary[summary.estimator.isin(MAIN_ESTIMATORS)][cols]
+    hidden_figure(summary, out / "hidden_layers.png")
+    cols = ["design", "setting", "estimator", "centre", "se_ratio_median", "loglog_slope", "spearman_z",
+            "frac_est_inf", "coverage95", "coverage95_lo", "coverage95_hi", "type1_05", "type1_05_lo",
+            "type1_05_hi", "n_truth", "n_null", "ks_null_pvalue", "interval_dof", "window_ok"]
+    glm = summary[~summary.design.isin(hidden_designs(summary))]
+    head = glm[glm.estimator.isin(MAIN_ESTIMATORS)][cols]
     lines = ["# Calibration study", "",
              "Standard errors of each estimator against a reference: the exact Wald SE at the (penalised)",
              "optimum for GLM designs (no hidden layer; the sandwich when the fit has weight decay), the",
@@ -114,8 +172,10 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
              "(coverage, type-I error, KS of null p-values, power) pool the simulated replications.",
              "Tables: `summary.csv` (one row per cell and estimator), `cells.csv` (one row per weight).", "",
              "## Reading", ""]
-    lines += _reading(summary)
-    lines += ["", "## Headline rows", "", _fmt(head), "",
+    lines += _reading(glm)
+    lines += ["", "## GLM designs", "", _fmt(head), ""]
+    lines += _hidden(summary)
+    lines += ["",
               "## Figures", "", "![log-log SE](loglog_se.png)", "", "![QQ of null p-values](qq_null_pvalues.png)", "",
               "![coverage](coverage.png)", ""]
     return atomic_write(out / "report.md", lambda t: Path(t).write_text("\n".join(lines)))
@@ -142,3 +202,37 @@ def _reading(summary: pd.DataFrame) -> list[str]:
             if est not in TRAJECTORY:
                 break
     return out
+
+
+HIDDEN_COLS = ["design", "setting", "estimator", "reference", "se_ratio_median", "se_ratio_iqr", "spearman_z",
+               "frac_est_inf", "ref_mc_rel_error", "window_ok"]
+DIAG_COLS = ["design", "setting", "fit_grad_max", "fit_min_eig", "fit_at_minimum", "fit_drift_over_se", "ref_converged_frac",
+             "basin_z_median", "balance_max", "bootstrap_B", "teacher_replicates", "cell_seconds"]
+
+
+def _hidden(summary: pd.DataFrame) -> list[str]:
+    """Hidden-layer cells: first how far the references agree, then every estimator against each."""
+    designs = hidden_designs(summary)
+    if not designs:
+        return []
+    h = summary[summary.design.isin(designs)]
+    refs = {"wald-sandwich", "bootstrap", "teacher"}
+    agree = h[h.estimator.isin(refs | {"wald"})]
+    lines = ["", "## Hidden layers", "",
+             "One-hidden-layer networks with weight decay, scored against three references at the penalised",
+             "optimum the trained network sits near: the exact penalised sandwich (`wald-sandwich`), the",
+             "converged penalised bootstrap (`bootstrap`, Newton refits warm-started there) and the SD of",
+             "gauge-fixed teacher replicates (`teacher`, fresh datasets, hidden units matched to the teacher's).",
+             "`wald` (inverse observed information) is the Laplace posterior SD, not a sampling SE, with a penalty.",
+             "", "### How far the references agree", "", _fmt(agree[HIDDEN_COLS]), "",
+             "### Convergence and gauge of the references", "",
+             "`fit_drift_over_se`: how far the polished fit still moved over the second half of its Newton",
+             "iterations, in bootstrap SEs; `ref_converged_frac`: refits (and teacher fits) at a strict minimum",
+             "that moved less than 0.1 SE; `basin_z_median`: median |fit - teacher-replicate mean| / teacher SD",
+             "(0.67 if the fit is one more draw from the replicates' distribution); `balance_max`: the",
+             "largest unit imbalance of the teacher fits (0 at a penalised optimum).", "",
+             _fmt(h.drop_duplicates(["design", "setting"])[DIAG_COLS]), "",
+             "### Every estimator against each reference", "",
+             _fmt(h[~h.estimator.isin(refs | {"wald"})][HIDDEN_COLS]), "",
+             "![hidden layers](hidden_layers.png)", ""]
+    return lines

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,84 +26,145 @@ import torch
 import mustat
 from mustat._cells import one_thread_in_dask_worker, read_grid, run_cells
 from mustat._io import atomic_write, write_json
-from mustat.uncertainty import bootstrap_se, information
+from mustat.uncertainty import bootstrap_replicates
+from mustat.uncertainty.bootstrap import plan
 from validation import metrics as M
 from validation.designs import DESIGNS, get_design
 from validation.estimators import Setting, resolve, train_and_estimate
+from validation.references import (
+    converged_frac,
+    glm_fit,
+    glm_references,
+    match_units,
+    permute_units,
+    polish,
+    teacher_replicates,
+    unit_vectors,
+    wald_references,
+)
 
 SETTING_COLUMNS = ["optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs", "window", "sampler"]
 SUMMARY_COLUMNS = [
-    "design", "setting", *SETTING_COLUMNS, "estimator", "reference", "se_ratio_median", "se_ratio_iqr",
-    "se_ratio_gmean", "loglog_slope", "spearman_se", "spearman_z", "jaccard_50", "jaccard_90", "coverage95",
-    "type1_05", "ks_null", "ks_null_pvalue", "power_05", "n_truth", "n_zero_se", "inv_sqrt_vif_median",
-    "window_ok", "n_eff_median", "frac_short_window", "tau_median", "batches", "replications", "bootstrap_B",
-    "bootstrap_epochs", "bootstrap_lr",
+    "design", "setting", *SETTING_COLUMNS, "estimator", "centre", "reference", "ref_mc_rel_error",
+    "se_ratio_median", "se_ratio_iqr", "se_ratio_gmean", "loglog_slope", "spearman_se", "spearman_z", "jaccard_50",
+    "jaccard_90", "n_weights", "n_ref_uninformative", "n_est_inf", "n_est_zero", "frac_est_inf", "frac_est_zero",
+    "interval_dof", "coverage95", "coverage95_lo", "coverage95_hi", "type1_05", "type1_05_lo", "type1_05_hi", "ks_null",
+    "ks_null_pvalue", "power_05", "n_truth", "n_null", "n_zero_se", "inv_sqrt_vif_median", "window_ok",
+    "n_eff_median", "frac_short_window", "tau_median", "batches", "replications", "bootstrap_B",
+    "teacher_replicates", "ref_converged_frac", "ref_grad_max", "fit_grad_max", "fit_min_eig", "fit_at_minimum",
+    "fit_drift_over_se",
+    "basin_z_median", "balance_max", "cell_seconds",
 ]
 
 #: every estimator label a default study reads (see validation.estimators.resolve)
 DEFAULT_ESTIMATORS = ("pseudo", "pseudo-every10", "pseudo-ema", "pseudo-epoch", "calibrated", "batch-means",
                       "curvature")
+#: hidden-layer designs are scored against each of these
+MLP_REFERENCES = ("wald-sandwich", "bootstrap", "teacher")
+#: where the references' intervals are centred
+REFERENCE_CENTRE = "penalised optimum (Newton)"
 
 
 @dataclass(frozen=True)
 class References:
     """Hyperparameters of the reference computations. They are part of every cell's
-    key, so changing one in code recomputes the cells it shapes on resume."""
+    key, so changing one in code recomputes the cells it shapes on resume.
 
-    glm_bootstrap_epochs: int = 200
-    glm_bootstrap_lr: float = 0.02
-    mlp_bootstrap_epochs: int = 300
-    mlp_bootstrap_lr: float = 0.01
-    glm_gtol: float = 1e-8
+    Every reference is a converged penalised optimum: ``*_gtol`` bounds the max-abs
+    gradient of the penalised mean loss (GLM fits, and the Newton bootstrap refits of
+    GLMs; the polished hidden-layer fit, its bootstrap refits and the teacher replicates).
+    """
 
-    def bootstrap(self, glm: bool) -> dict:
-        return (dict(epochs=self.glm_bootstrap_epochs, lr=self.glm_bootstrap_lr) if glm
-                else dict(epochs=self.mlp_bootstrap_epochs, lr=self.mlp_bootstrap_lr))
+    glm_gtol: float = 1e-10
+    mlp_gtol: float = 1e-8
+    newton_max_iter: int = 100
 
 
 REFERENCES = References()
 
 
 @dataclass(frozen=True)
-class Grid:
-    """What a study computes: designs x settings, with ``replications`` simulated
-    datasets per cell (designs with known truth), ``bootstrap_B`` bootstrap refits,
-    and the ``estimators`` read from every run."""
+class Scoped:
+    """A training setting that applies to some designs only."""
 
-    designs: tuple[str, ...] = ("logistic", "linear", "teacher-mlp", "breast_cancer")
+    designs: tuple[str, ...]
+    setting: Setting
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a study computes: designs x settings (plus ``scoped`` settings for named
+    designs), with ``replications`` simulated datasets per GLM cell (trained together),
+    ``bootstrap_B`` bootstrap refits, ``teacher_replicates`` fresh datasets for the
+    teacher reference of hidden-layer designs, and the ``estimators`` read from every run.
+    Hidden-layer designs need weight decay (unpenalised, they are not identified)."""
+
+    designs: tuple[str, ...] = ("logistic", "linear", "breast_cancer")
     settings: tuple[Setting, ...] = field(default_factory=lambda: QUICK_SETTINGS)
-    replications: int = 6
+    replications: int = 125
     bootstrap_B: int = 100
     seed: int = 0
     estimators: tuple[str, ...] = DEFAULT_ESTIMATORS
     references: References = field(default_factory=lambda: REFERENCES)
+    scoped: tuple[Scoped, ...] = ()
+    teacher_replicates: int = 100
 
     def __post_init__(self):
-        for d in self.designs:
+        for d in list(self.designs) + [d for sc in self.scoped for d in sc.designs]:
             if d not in DESIGNS:
                 raise ValueError(f"design={d!r} is not valid; choose one of: {', '.join(DESIGNS)}")
-        if self.replications < 1 or self.bootstrap_B < 2:
-            raise ValueError(f"replications must be >= 1 and bootstrap_B >= 2, got {self.replications}, {self.bootstrap_B}")
+        if self.replications < 1 or self.bootstrap_B < 2 or self.teacher_replicates < 2:
+            raise ValueError(f"replications must be >= 1, bootstrap_B and teacher_replicates >= 2, got "
+                             f"{self.replications}, {self.bootstrap_B}, {self.teacher_replicates}")
         for e in self.estimators:
             resolve(e)
         if not self.estimators:
             raise ValueError("estimators is empty; give at least one estimator label")
+        for design, setting in self.pairs():
+            if not get_design(design).glm and setting.weight_decay <= 0:
+                raise ValueError(
+                    f"design {design!r} has a hidden layer, which is not identified without weight decay "
+                    f"(ReLU rescaling, permutations), but setting {setting.label!r} has weight_decay=0; give "
+                    "it weight_decay > 0, or scope the setting to GLM designs ([[setting]] designs = [...])")
+
+    def pairs(self) -> list[tuple[str, Setting]]:
+        """(design, setting) of every cell: scoped settings first (in practice the longest cells,
+        which should not be the last to start)."""
+        return ([(d, sc.setting) for sc in self.scoped for d in sc.designs]
+                + [(d, s) for d in self.designs for s in self.settings])
 
     def cells(self) -> list[Cell]:
-        return [Cell(d, s, self.replications, self.bootstrap_B, self.seed, tuple(self.estimators), self.references)
-                for d in self.designs for s in self.settings]
+        return [Cell(d, s, self.replications, self.bootstrap_B, self.seed, tuple(self.estimators), self.references,
+                     self.teacher_replicates) for d, s in self.pairs()]
 
     def as_dict(self) -> dict:
         return dict(designs=list(self.designs), settings=[s.as_dict() for s in self.settings],
-                    replications=self.replications, bootstrap_B=self.bootstrap_B, seed=self.seed,
-                    estimators=list(self.estimators), references=asdict(self.references))
+                    scoped=[dict(designs=list(sc.designs), setting=sc.setting.as_dict()) for sc in self.scoped],
+                    replications=self.replications, bootstrap_B=self.bootstrap_B,
+                    teacher_replicates=self.teacher_replicates, seed=self.seed, estimators=list(self.estimators),
+                    references=asdict(self.references))
 
 
-QUICK_SETTINGS = tuple(
-    Setting(opt, lr, momentum=mom, batch_size=32, epochs=60, window=45, sampler=sampler)
-    for opt, lr, mom in (("sgd", 0.05, 0.0), ("sgd", 0.005, 0.9), ("adam", 0.01, 0.0))
-    for sampler in ("replacement", "shuffle")
-) + (Setting("adam", 0.01, batch_size=32, epochs=60, window=5, sampler="replacement"),)  # a short window
+#: GLM settings of the quick study: SGD and Adam drawing minibatches with replacement, Adam
+#: reshuffling, and a short Adam window (plus, scoped below, the long window batch means need)
+QUICK_SETTINGS = (
+    Setting("sgd", 0.05, batch_size=32, epochs=60, window=45),
+    Setting("adam", 0.01, batch_size=32, epochs=60, window=45),
+    Setting("adam", 0.01, batch_size=32, epochs=60, window=45, sampler="shuffle"),
+    Setting("adam", 0.01, batch_size=32, epochs=60, window=5),
+)
+#: the quick study's hidden-layer cell (the regression teacher, weight decay 1e-2) and the long
+#: Adam window (38k steps) on the simulated GLMs
+QUICK_SCOPED = (
+    Scoped(("teacher-regression",), Setting("adam", 0.01, weight_decay=1e-2, batch_size=32, epochs=300, window=250)),
+    Scoped(("logistic", "linear"), Setting("adam", 0.02, batch_size=32, epochs=640, window=600)),
+)
+
+
+def quick_grid() -> Grid:
+    """The default study (``mustat calibrate``): 125 datasets (1,000 intervals) per simulated GLM
+    cell, the settings above, one hidden-layer cell; about 3 minutes on 2 cores."""
+    return Grid(scoped=QUICK_SCOPED)
 
 
 @dataclass(frozen=True)
@@ -114,13 +176,14 @@ class Cell:
     seed: int
     estimators: tuple[str, ...] = DEFAULT_ESTIMATORS
     references: References = field(default_factory=lambda: REFERENCES)
+    teacher_replicates: int = 200
 
     @property
     def key(self) -> str:
         """Derived from everything that shapes the cell's result (reference settings included)."""
         s = self.setting
         text = json.dumps([self.design, s.as_dict(), self.replications, self.bootstrap_B, self.seed,
-                           list(self.estimators), asdict(self.references)], sort_keys=True)
+                           list(self.estimators), asdict(self.references), self.teacher_replicates], sort_keys=True)
         return f"{self.design}-{s.optimizer}-{s.sampler}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
@@ -128,97 +191,198 @@ def _flat(d: dict[str, torch.Tensor], names) -> np.ndarray:
     return np.concatenate([d[n].detach().double().cpu().numpy().ravel() for n in names])
 
 
-def _glm_references(design, cell: Cell, X: np.ndarray, y: np.ndarray, names, first: bool):
-    """Exact Wald SEs at the (penalised) optimum, the per-weight 1/sqrt(VIF), and on the
-    first replication the converged penalised bootstrap."""
-    wd = cell.setting.weight_decay
-    X64, y64 = torch.tensor(X), torch.tensor(y)
-    fitted = mustat.fit_glm(design.model(0), X64, y64, weight_decay=wd, gtol=cell.references.glm_gtol)
-    w_ref = _flat(dict(fitted.named_parameters()), names)
+def _centres(cell: Cell, model) -> dict[str, str]:
+    from mustat.uncertainty import make_estimator
+
     out = {}
-    for kind, lab in (("observed", "wald"), ("sandwich", "wald-sandwich")):
-        out[lab] = (w_ref, _flat(mustat.hessian_se(fitted, fitted.nll, (X64, y64), kind=kind, weight_decay=wd), names))
-    # the reference: the sampling SE of the estimate; for a penalised fit only the sandwich is one
-    reference = "wald-sandwich" if wd > 0 else "wald"
-    info = information(fitted, fitted.nll, (X64, y64), weight_decay=wd)
-    vif = (info.H.diagonal() * torch.linalg.inv(info.H).diagonal()).numpy()
-    vif = _flat(info.layout.unflatten(torch.as_tensor(vif)), names)
-    if first:
-        boot = bootstrap_se(fitted, design.loss(fitted), (X64, y64), B=cell.bootstrap_B, weight_decay=wd,
-                            seed=cell.seed, **cell.references.bootstrap(glm=True))
-        out["bootstrap"] = (w_ref, _flat(boot, names))
-    return out, reference, 1 / np.sqrt(vif)
+    for lab in cell.estimators:
+        name, options = resolve(lab)
+        if name == "batch-means":
+            options = dict(options, batch_steps=1)
+        out[lab] = make_estimator(name, model, **options).centre
+    return out
+
+
+def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
+    """Train every replicate dataset together; numpy Wald references for each, and the
+    Newton-converged bootstrap on replication 0."""
+    s = cell.setting
+    R = cell.replications if design.simulated else 1
+    samples = [design.sample(r) for r in range(R)]
+    X, y = np.stack([a[0] for a in samples]), np.stack([a[1] for a in samples])
+    truth = samples[0][2]
+    model = design.stacked_model([cell.seed * 10_000 + r for r in range(R)])
+    centres = _centres(cell, model)
+    Xt = torch.tensor(X.transpose(1, 0, 2), dtype=torch.float32)
+    yt = torch.tensor(y.T.copy(), dtype=torch.float32)
+    fits, _ = train_and_estimate(model, design.stacked_loss(), Xt, yt, s, seed=cell.seed * 10_000,
+                                 estimators=cell.estimators)
+    refs = glm_references(design.family, X, y, weight_decay=s.weight_decay)
+    reference = "wald-sandwich" if s.weight_decay > 0 else "wald"
+    per_weight = {lab: (est["linear.weight"].double().numpy(), se["linear.weight"].double().numpy())
+                  for lab, (est, se, _) in fits.items()}
+    per_weight["wald"] = (refs["coef"], refs["se_observed"])
+    per_weight["wald-sandwich"] = (refs["coef"], refs["se_sandwich"])
+    # the converged bootstrap of replication 0: numpy Newton refits on the resamples that
+    # bootstrap_replicates(optimizer="newton") draws (tests/test_newton.py: the same refits)
+    resample, _ = plan(X.shape[1], B=cell.bootstrap_B, epochs=0, seed=cell.seed)
+    rows_b = resample.numpy()
+    boot_coef, boot_grad = glm_fit(design.family, X[0][rows_b], y[0][rows_b], weight_decay=s.weight_decay,
+                                   gtol=cell.references.glm_gtol, strict=False)
+    # a resample of near-separated data can be separable (no MLE): the SD is over the refits that
+    # converged, and their fraction is the row's ref_converged_frac
+    ok = boot_grad <= cell.references.glm_gtol
+    se_boot = boot_coef[ok, :-1].std(0, ddof=1) if ok.sum() >= 2 else np.full(X.shape[2], np.nan)
+    per_weight["bootstrap"] = (refs["coef"][:1], se_boot[None])
+    w_ref, se_ref = per_weight[reference]
+    t = np.asarray(truth, dtype=float).ravel() if truth is not None else np.full(X.shape[2], np.nan)
+    rows = []
+    for name, (we, se) in per_weight.items():
+        for rep in range(len(we)):
+            rows.append(dict(estimator=name, reference=reference, replication=rep, param="linear.weight",
+                             weight=we[rep], se=se[rep], ref_weight=w_ref[rep], ref_se=se_ref[rep], truth=t,
+                             inv_sqrt_vif=refs["inv_sqrt_vif"][rep]))
+    centres.update({k: REFERENCE_CENTRE for k in ("wald", "wald-sandwich")},
+                   bootstrap="penalised optimum (refits warm-started there)")
+    extra = dict(ref_converged_frac=float((boot_grad <= cell.references.glm_gtol).mean()),
+                 ref_grad_max=float(boot_grad.max()))
+    return rows, {lab: d for lab, (_, _, d) in fits.items()}, centres, extra
+
+
+def _teacher_reference(cell: Cell, design, weight_decay: float, out: Path) -> dict:
+    """Gauge-fixed teacher replicates (cached in ``out/references``: they do not depend on the
+    training setting, only on the design, the penalty and the reference settings)."""
+    text = json.dumps([design.name, weight_decay, cell.teacher_replicates, asdict(cell.references)], sort_keys=True)
+    path = out / "references" / f"teacher-{design.name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    data = [design.sample(10_000 + r) for r in range(cell.teacher_replicates)]
+    Xs = torch.tensor(np.stack([a[0] for a in data]))
+    ys = torch.tensor(np.stack([a[1] for a in data]))
+    ref = teacher_replicates(design.teacher(), design.loss(), Xs, ys, weight_decay=weight_decay,
+                             gtol=cell.references.mlp_gtol, max_iter=cell.references.newton_max_iter)
+    ref.pop("params")
+    atomic_write(path, lambda p: torch.save(ref, p))
+    return ref
+
+
+def _mlp_cell(cell: Cell, design, out: Path) -> tuple[list, dict, dict, dict]:
+    """Train one network; polish it to its penalised optimum; exact penalised Wald, the Newton
+    bootstrap there and (with a teacher) the gauge-fixed teacher replicates as references."""
+    s = cell.setting
+    wd = s.weight_decay
+    X, y, _ = design.sample(0)
+    model = design.model(cell.seed * 10_000)
+    loss = design.loss()
+    centres = _centres(cell, model)
+    fits, final = train_and_estimate(model, loss, torch.tensor(X, dtype=torch.float32),
+                                     torch.tensor(y, dtype=torch.float32), s, seed=cell.seed * 10_000,
+                                     estimators=cell.estimators)
+    names = list(final)
+    X64, y64 = torch.tensor(X), torch.tensor(y)
+    refs = cell.references
+    # one problem, so a generous budget: a unit that training collapsed is revived through the
+    # saddle escape, which needs iterations after the first descent
+    fitted, fit = polish(model, loss, X64, y64, weight_decay=wd, gtol=refs.mlp_gtol,
+                         max_iter=10 * refs.newton_max_iter)
+    theta = {k: v.detach() for k, v in fitted.named_parameters()}
+    boot = bootstrap_replicates(fitted, loss, (X64, y64), B=cell.bootstrap_B, optimizer="newton", weight_decay=wd,
+                                seed=cell.seed, gtol=refs.mlp_gtol, max_iter=refs.newton_max_iter)
+    ref_se = {"bootstrap": {k: v.std(0, unbiased=True) for k, v in boot.params.items()}}
+    # a minimum on ReLU kinks (or a saddle) has an indefinite Hessian: no Wald reference exists there,
+    # and its rows are left out (fit_min_eig says why); the bootstrap and teacher stand on their own
+    if float(fit.min_eig[0]) > 0:
+        wald = wald_references(fitted, loss, X64, y64, weight_decay=wd)
+        ref_se.update({"wald": wald["observed"], "wald-sandwich": wald["sandwich"]})
+    extra = dict(ref_converged_frac=converged_frac(boot.fits, ref_se["bootstrap"]),
+                 ref_grad_max=float(boot.grad_max.max()), fit_grad_max=float(fit.grad_max[0]),
+                 fit_min_eig=float(fit.min_eig[0]),
+                 fit_drift_over_se=float(fit.drift_over(torch.cat([ref_se["bootstrap"][k].flatten()
+                                                                   for k in fit.params]))[0]),
+                 fit_at_minimum=bool(fit.minimum[0]))
+    if design.teacher is not None:
+        t = _teacher_reference(cell, design, wd, out)
+        teacher_units = unit_vectors({k: v.detach() for k, v in design.teacher().named_parameters()}, "0", "2")
+        perm = match_units(unit_vectors(theta, "0", "2"), teacher_units)
+        inv = np.argsort(perm)  # the fit's unit i is the teacher's unit inv[i]
+        ref_se["teacher"] = permute_units(t["sd"], inv, "0", "2")
+        mean = permute_units(t["mean"], inv, "0", "2")
+        z = np.abs(_flat(theta, names) - _flat(mean, names)) / _flat(ref_se["teacher"], names)
+        extra.update(basin_z_median=float(np.median(z[np.isfinite(z)])), balance_max=t["balance_max"],
+                     ref_converged_frac=min(extra["ref_converged_frac"], t["converged_frac"]),
+                     ref_grad_max=max(extra["ref_grad_max"], t["grad_max"]))
+    w_hat = _flat(theta, names)
+    per_weight = {lab: (_flat(est, names), _flat(se, names)) for lab, (est, se, _) in fits.items()}
+    per_weight.update({k: (w_hat, _flat(v, names)) for k, v in ref_se.items()})
+    centres.update({k: REFERENCE_CENTRE for k in ref_se})
+    flat_names = np.concatenate([[n] * int(final[n].numel()) for n in names])
+    rows = []
+    for reference in (r for r in MLP_REFERENCES if r in ref_se):
+        se_ref = _flat(ref_se[reference], names)
+        for name, (we, se) in per_weight.items():
+            if name != reference:
+                rows.append(dict(estimator=name, reference=reference, replication=0, param=flat_names, weight=we,
+                                 se=se, ref_weight=w_hat, ref_se=se_ref, truth=np.full(len(we), np.nan),
+                                 inv_sqrt_vif=np.full(len(we), np.nan)))
+    return rows, {lab: d for lab, (_, _, d) in fits.items()}, centres, extra
 
 
 def run_cell(cell: Cell, out: str | Path) -> str:
     """Compute one cell and write its two files; returns the cell key."""
     one_thread_in_dask_worker()
-    design = get_design(cell.design)
-    s = cell.setting
-    rows, per_rep, diags = [], [], {}
-    reps = cell.replications if design.simulated and design.glm else 1
-    for rep in range(reps):
-        X, y, truth = design.sample(rep)
-        X32, y32 = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
-        model = design.model(cell.seed * 10_000 + rep)
-        fits, final = train_and_estimate(model, design.loss(model), X32, y32, s, seed=cell.seed * 10_000 + rep,
-                                         estimators=cell.estimators)
-        names = list(final)
-        estimates = {}
-        for lab, (est, se, diag) in fits.items():
-            estimates[lab] = (_flat(est, names), _flat(se, names))
-            diags.setdefault(lab, []).append(diag)
-        if design.glm:
-            refs, reference, inv_sqrt_vif = _glm_references(design, cell, X, y, names, first=rep == 0)
-            estimates.update(refs)
-            w_ref, se_ref = refs[reference]
-        else:
-            reference = "bootstrap"
-            inv_sqrt_vif = np.full(len(estimates[next(iter(estimates))][0]), np.nan)
-            boot = bootstrap_se(model, design.loss(model), (X32, y32), B=cell.bootstrap_B, weight_decay=s.weight_decay,
-                                seed=cell.seed, **cell.references.bootstrap(glm=False))
-            w_ref, se_ref = _flat(final, names), _flat(boot, names)
-            estimates["bootstrap"] = (w_ref, se_ref)
-        t = np.asarray(truth, dtype=float).ravel() if truth is not None else np.full(len(w_ref), np.nan)
-        flat_names = np.concatenate([[n] * int(final[n].numel()) for n in names])
-        flat_idx = np.concatenate([np.arange(final[n].numel()) for n in names])
-        for name, (we, se) in estimates.items():
-            rows.append(pd.DataFrame(dict(design=cell.design, setting=s.label, estimator=name, replication=rep,
-                                          param=flat_names, index=flat_idx, weight=we, se=se, ref_weight=w_ref,
-                                          ref_se=se_ref, truth=t, inv_sqrt_vif=inv_sqrt_vif)))
-            per_rep.append((name, rep, we, se, w_ref, se_ref, t, inv_sqrt_vif))
-    cells = pd.concat(rows, ignore_index=True)
-    summary = _summarise(cell, design, per_rep, reference, diags)
     out = Path(out)
+    design = get_design(cell.design)
+    start = time.perf_counter()
+    rows, diags, centres, extra = _glm_cell(cell, design) if design.glm else _mlp_cell(cell, design, out)
+    extra["cell_seconds"] = time.perf_counter() - start
+    summary = _summarise(cell, design, rows, diags, centres, extra)
+    frames = []
+    for r in rows:
+        k = len(np.atleast_1d(r["weight"]))
+        param = r["param"] if isinstance(r["param"], np.ndarray) else np.full(k, r["param"])
+        idx = np.concatenate([np.arange((param == p).sum()) for p in dict.fromkeys(param)])
+        frames.append(pd.DataFrame(dict(design=cell.design, setting=cell.setting.label, estimator=r["estimator"],
+                                        reference=r["reference"], replication=r["replication"], param=param,
+                                        index=idx, weight=r["weight"], se=r["se"], ref_weight=r["ref_weight"],
+                                        ref_se=r["ref_se"], truth=r["truth"], inv_sqrt_vif=r["inv_sqrt_vif"])))
+    cells = pd.concat(frames, ignore_index=True)
     atomic_write(out / "cells" / f"{cell.key}.csv", lambda p: cells.to_csv(p, index=False))
     atomic_write(out / "cells" / f"{cell.key}.summary.csv", lambda p: summary.to_csv(p, index=False))
     return cell.key
 
 
-def _summarise(cell: Cell, design, per_rep, reference: str, diags: dict[str, list[dict]]) -> pd.DataFrame:
+def _summarise(cell: Cell, design, rows: list[dict], diags: dict[str, dict], centres: dict[str, str],
+               extra: dict) -> pd.DataFrame:
     out = []
-    boot = cell.references.bootstrap(design.glm)
-    for name in dict.fromkeys(r[0] for r in per_rep):
-        reps = [r for r in per_rep if r[0] == name]
+    for name, reference in dict.fromkeys((r["estimator"], r["reference"]) for r in rows):
+        reps = [r for r in rows if r["estimator"] == name and r["reference"] == reference]
         row = dict(design=cell.design, setting=cell.setting.label, **cell.setting.as_dict(), estimator=name,
-                   reference=reference, replications=len(reps), bootstrap_B=cell.bootstrap_B,
-                   bootstrap_epochs=boot["epochs"], bootstrap_lr=boot["lr"])
-        agree = pd.DataFrame([M.agreement(we, se, wr, sr) for _, _, we, se, wr, sr, _, _ in reps])
-        row.update(agree.mean(numeric_only=True).to_dict())
-        row["n_zero_se"] = int(agree["n_zero_se"].sum())
-        row["inv_sqrt_vif_median"] = float(np.median(np.concatenate([r[7] for r in reps])))
+                   centre=centres.get(name, ""), reference=reference, replications=len(reps),
+                   bootstrap_B=cell.bootstrap_B, **extra)
+        mc = {"bootstrap": cell.bootstrap_B, "teacher": cell.teacher_replicates}.get(reference)
+        row["ref_mc_rel_error"] = 1 / np.sqrt(2 * (mc - 1)) if mc else 0.0
+        if not design.glm:
+            row["teacher_replicates"] = cell.teacher_replicates if design.teacher is not None else np.nan
+        # pooled over the replications: every weight of every dataset is one comparison
+        row.update(M.agreement(*(np.concatenate([np.ravel(r[k]) for r in reps])
+                                 for k in ("weight", "se", "ref_weight", "ref_se"))))
+        vif = np.concatenate([np.atleast_1d(r["inv_sqrt_vif"]) for r in reps])
+        row["inv_sqrt_vif_median"] = float(np.median(vif)) if np.isfinite(vif).any() else np.nan
+        d = diags.get(name)
+        dof = d.get("dof") if d else None
+        row["interval_dof"] = dof if dof is not None else np.inf
         if design.simulated and design.glm and len(reps) > 1:
-            row.update(M.truth_metrics(np.concatenate([r[2] for r in reps]), np.concatenate([r[3] for r in reps]),
-                                       np.concatenate([r[6] for r in reps])))
-        d = diags.get(name, [])
-        if d and "ok" in d[0]:
-            row["window_ok"] = float(np.mean([bool(x["ok"]) for x in d]))
-            row["frac_short_window"] = float(np.mean([x["frac_short"] for x in d]))
-        if d and "n_eff_median" in d[0]:
-            row["n_eff_median"] = float(np.mean([x["n_eff_median"] for x in d]))
-        if d and "tau_median" in d[0]:
-            row["tau_median"] = float(np.mean([x["tau_median"] for x in d]))
-            row["batches"] = float(np.mean([x["batches"] for x in d]))
+            row.update(M.truth_metrics(np.concatenate([r["weight"] for r in reps]),
+                                       np.concatenate([r["se"] for r in reps]),
+                                       np.concatenate([r["truth"] for r in reps]), dof=dof))
+        if d and "ok" in d:
+            row["window_ok"] = float(bool(d["ok"]))
+            row["frac_short_window"] = float(d["frac_short"])
+        if d and "n_eff_median" in d:
+            row["n_eff_median"] = float(d["n_eff_median"])
+        if d and "tau_median" in d:
+            row["tau_median"] = float(d["tau_median"])
+            row["batches"] = float(d["batches"])
         out.append(row)
     return pd.DataFrame(out).reindex(columns=SUMMARY_COLUMNS)
 
@@ -238,7 +402,7 @@ def run_study(
     ``scheduler``: ``"local"`` (a Dask LocalCluster of ``workers`` processes),
     ``"serial"`` (in this process), or the address of an existing Dask scheduler.
     """
-    grid = grid or Grid()
+    grid = grid or quick_grid()
     out = Path(out)
     params_path = out / "params.json"
     settings = json.loads(json.dumps(grid.as_dict()))
@@ -268,30 +432,48 @@ def run_study(
 def load_grid(path: str | Path) -> Grid:
     """A grid from TOML::
 
-        designs = ["logistic", "teacher-mlp"]
+        designs = ["logistic", "linear"]
         estimators = ["pseudo", "calibrated", "batch-means", "curvature"]   # optional
-        replications = 20
+        replications = 125
         bootstrap_B = 200
+        teacher_replicates = 200
         [[setting]]                      # list-valued keys expand (a Cartesian product)
         optimizer = "sgd"
         lr = [0.01, 0.05]
         sampler = ["replacement", "shuffle"]
         epochs = 80
         window = 60
+        [[setting]]                      # a block with `designs` applies to those designs only
+        designs = ["teacher-regression", "teacher-softmax"]
+        weight_decay = [1e-4, 1e-3, 1e-2]
+        epochs = 300
+        window = 250
+
+    Blocks without ``designs`` apply to the top-level ``designs`` (default: the quick
+    study's GLM designs).
     """
-    spec = read_grid(path, {"designs", "replications", "bootstrap_B", "seed", "setting", "estimators"})
-    settings = []
+    spec = read_grid(path, {"designs", "replications", "bootstrap_B", "teacher_replicates", "seed", "setting",
+                            "estimators"})
+    settings, scoped = [], []
     fields = set(Setting.__dataclass_fields__)
     for block in spec.get("setting", [{}]):
+        block = dict(block)
+        designs = block.pop("designs", None)
         bad = set(block) - fields
         if bad:
-            raise ValueError(f"{path}: unknown setting keys {sorted(bad)}; valid: {sorted(fields)}")
+            raise ValueError(f"{path}: unknown setting keys {sorted(bad)}; valid: {sorted(fields | {'designs'})}")
         keys = list(block)
         values = [v if isinstance(v, list) else [v] for v in block.values()]
         for combo in itertools.product(*values):
-            settings.append(Setting(**dict(zip(keys, combo))))
-    kw = {k: spec[k] for k in ("replications", "bootstrap_B", "seed") if k in spec}
+            setting = Setting(**dict(zip(keys, combo)))
+            if designs is None:
+                settings.append(setting)
+            else:
+                scoped.append(Scoped(tuple([designs] if isinstance(designs, str) else designs), setting))
+    kw = {k: spec[k] for k in ("replications", "bootstrap_B", "teacher_replicates", "seed") if k in spec}
     for key in ("designs", "estimators"):
         if key in spec:
             kw[key] = tuple(spec[key])
-    return Grid(settings=tuple(settings), **kw)
+    if not settings and "designs" not in spec:
+        kw["designs"] = ()
+    return Grid(settings=tuple(settings), scoped=tuple(scoped), **kw)

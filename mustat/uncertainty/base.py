@@ -155,6 +155,11 @@ class Estimator(abc.ABC):
         """Plain numbers saying how far to trust :meth:`se` (window size, convergence, ...)."""
         return {}
 
+    @property
+    def centre(self) -> str:
+        """Where :meth:`estimate` (the centre of this estimator's Wald intervals) comes from."""
+        return "current weights"
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

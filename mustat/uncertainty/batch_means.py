@@ -26,6 +26,11 @@ complete batches of :math:`b` steps and batch means :math:`\bar\theta_k`,
 :math:`\widehat{\mathrm{LRV}} = b \cdot s^2(\bar\theta_1, \dots, \bar\theta_K)`
 (``ddof = 1``). It is consistent when :math:`b` is much longer than the
 weight's integrated autocorrelation time :math:`\tau` and :math:`K` grows.
+For fixed :math:`K` the studentised :math:`(\bar\theta - \theta^*) / \widehat{se}` is
+Student-t with :math:`K - 1` degrees of freedom, not normal (the SE itself is a
+:math:`\chi^2_{K-1}` estimate): intervals and p-values should use
+:math:`t_{K-1}` (``diagnostics()["dof"]``); with 20 batches the normal 95%
+interval covers only 0.935.
 
 Diagnostic, measured from the trajectory itself (not implied by a model):
 :math:`\hat\tau = \widehat{\mathrm{LRV}} / \hat\sigma^2`, with
@@ -184,7 +189,7 @@ class BatchMeans(Estimator):
         tau = torch.cat(taus) if taus else torch.zeros(0, dtype=torch.float64)
         short = float((self.batch_steps < self.min_ratio * tau).double().mean()) if len(tau) else 1.0
         median = float(np.median(tau.numpy())) if len(tau) else float("nan")
-        return dict(batch_steps=self.batch_steps, batches=self.batches, steps=self._window.steps,
+        return dict(batch_steps=self.batch_steps, batches=self.batches, dof=self.batches - 1, steps=self._window.steps,
                     tau_median=median, batch_over_tau_median=self.batch_steps / median if len(tau) else float("nan"),
                     frac_short=short, ok=bool(len(tau)) and short <= 0.1 and self.batches >= self.min_batches)
 
@@ -196,6 +201,10 @@ class BatchMeans(Estimator):
     def estimate(self) -> dict[str, Tensor]:
         """The window mean (averaged SGD)."""
         return self._window.mean()
+
+    @property
+    def centre(self) -> str:
+        return "window mean"
 
     def diagnostics(self) -> dict[str, Any]:
         return dict(self._diag) if self._diag else dict(batch_steps=self.batch_steps, batches=self.batches,

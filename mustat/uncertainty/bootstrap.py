@@ -52,22 +52,28 @@ def _make_optimizer(kind: str, params, lr: float, momentum: float, weight_decay:
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
+#: ``"newton"`` refits to convergence (:mod:`mustat.uncertainty.newton`); the others run ``epochs``
+OPTIMIZERS = ("sgd", "adam", "newton")
+
+
 def _check(B, epochs, lr, batch_size, optimizer, weight_decay):
     check_scalar(B, "B", kind=Integral, low=2)
     check_scalar(epochs, "epochs", kind=Integral, low=1)
     check_scalar(lr, "lr", kind=Real, low=0.0, closed="neither")
     check_scalar(batch_size, "batch_size", kind=Integral, low=1)
-    check_option(optimizer, "optimizer", ["sgd", "adam"])
+    check_option(optimizer, "optimizer", OPTIMIZERS)
     check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
 
 
 @dataclass(frozen=True)
 class Replicates:
     """Stacked refits: ``params[name]`` has shape ``(B, *param.shape)``; ``grad_max[b]`` is
-    replicate b's max-abs gradient of its penalised mean loss on its own resample at the end."""
+    replicate b's max-abs gradient of its penalised mean loss on its own resample at the end;
+    ``fits``: the Newton solver's full report (``optimizer="newton"`` only)."""
 
     params: dict[str, Tensor]
     grad_max: Tensor
+    fits: Any = None
 
 
 def bootstrap_replicates(
@@ -83,9 +89,18 @@ def bootstrap_replicates(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     seed: int = 0,
+    gtol: float = 1e-8,
+    max_iter: int = 100,
 ) -> Replicates:
     """Refit ``model`` on ``B`` bootstrap resamples at once; returns the stacked
     parameters (each of shape ``(B, *param.shape)``) and each refit's final gradient.
+
+    ``optimizer="newton"`` solves every refit to convergence (max-abs gradient of
+    its penalised mean loss at most ``gtol``, in at most ``max_iter`` damped Newton
+    steps, float64, :func:`~mustat.uncertainty.newton.newton_fits`): the bootstrap of
+    the penalised *estimator* rather than of a finite training run, for models small
+    enough for a Hessian per refit. ``epochs``, ``lr``, ``batch_size`` and ``momentum``
+    apply to ``"sgd"`` and ``"adam"`` only.
 
     ``loss(output, target)`` is the batch's *mean* training loss (a mean of
     per-sample terms, which the MLP fast path relies on). Each replicate
@@ -99,6 +114,13 @@ def bootstrap_replicates(
     n = len(X)
     batch_size = batch_size or n
     _check(B, epochs, lr, batch_size, optimizer, weight_decay)
+    if optimizer == "newton":
+        from mustat.uncertainty.newton import newton_fits
+
+        resample, _ = plan(n, B=B, epochs=0, seed=seed)
+        fits = newton_fits(model, loss, X[resample], y[resample], weight_decay=weight_decay, gtol=gtol,
+                           max_iter=max_iter)
+        return Replicates(fits.params, fits.grad_max, fits)
     base = copy.deepcopy(model)
     params, buffers = stack_module_state([base] * B)
     params = {k: nn.Parameter(v.detach().clone()) for k, v in params.items()}
@@ -219,17 +241,20 @@ class Bootstrap(Estimator):
     Its Monte-Carlo relative error is about ``1 / sqrt(2 (B - 1))`` (diagnostics:
     ``mc_rel_error``). Refits whose final max-abs penalised gradient exceeds
     ``gtol`` count as not converged (``converged_frac``; a warning when any).
-    ``fit`` needs ``FitContext(X=..., y=..., loss=...)``.
+    ``optimizer="newton"`` solves each refit to ``gtol`` (float64; small models),
+    the others train ``epochs`` epochs. ``fit`` needs ``FitContext(X=..., y=..., loss=...)``.
     """
 
     def __init__(self, model: nn.Module, *, B: int = 200, epochs: int = 50, lr: float = 1e-2,
                  batch_size: int | None = None, optimizer: str = "adam", momentum: float = 0.0, seed: int = 0,
-                 gtol: float = 1e-3, params: Iterable[str] | None = None):
+                 gtol: float = 1e-3, max_iter: int = 100, params: Iterable[str] | None = None):
         super().__init__(model, params=params)
         _check(B, epochs, lr, batch_size or 1, optimizer, 0.0)
+        self.gtol = float(check_scalar(gtol, "gtol", kind=Real, low=0.0, closed="neither"))
         self.options = dict(B=B, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                             momentum=momentum, seed=seed)
-        self.gtol = float(check_scalar(gtol, "gtol", kind=Real, low=0.0, closed="neither"))
+        if optimizer == "newton":
+            self.options.update(gtol=self.gtol, max_iter=int(check_scalar(max_iter, "max_iter", kind=Integral, low=1)))
         self._se: dict[str, Tensor] | None = None
         self._estimate: dict[str, Tensor] | None = None
         self._diag: dict[str, Any] = {}
@@ -263,6 +288,10 @@ class Bootstrap(Estimator):
         if self._se is None:
             raise NotFittedError("bootstrap is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after training")
         return {k: v.clone() for k, v in self._se.items()}
+
+    @property
+    def centre(self) -> str:
+        return "weights the refits started from"
 
     def estimate(self) -> dict[str, Tensor]:
         """The weights every refit started from."""

@@ -256,6 +256,10 @@ class Calibrated(Estimator):
         """The window mean (averaged SGD)."""
         return self.tracker.mean()
 
+    @property
+    def centre(self) -> str:
+        return "window mean"
+
     def diagnostics(self) -> dict[str, Any]:
         out = dict(steps=self.tracker.steps)
         if self._report is not None:

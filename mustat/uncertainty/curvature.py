@@ -125,6 +125,10 @@ class Curvature(Estimator):
             raise NotFittedError("curvature is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after training")
         return {k: v.clone() for k, v in self._se.items()}
 
+    @property
+    def centre(self) -> str:
+        return "weights at the end of training (where the curvature is evaluated)"
+
     def estimate(self) -> dict[str, Tensor]:
         """The weights at which the curvature was evaluated."""
         if self._estimate is None:

@@ -275,6 +275,10 @@ class PseudoBootstrap(Estimator):
     def diagnostics(self) -> dict[str, Any]:
         return dict(recorded=self.count, steps=self._steps)
 
+    @property
+    def centre(self) -> str:
+        return "window mean" if self.center is Center.MEAN else "current weights"
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: settings, counters and the running moments."""

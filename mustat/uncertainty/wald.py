@@ -62,6 +62,10 @@ class Wald(Estimator):
             raise NotFittedError("wald is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after training")
         return {k: v.clone() for k, v in self._se.items()}
 
+    @property
+    def centre(self) -> str:
+        return "weights where the Hessian is evaluated (fit to the optimum first)"
+
     def estimate(self) -> dict[str, Tensor]:
         """The weights at which the Hessian was evaluated."""
         if self._estimate is None:
