@@ -135,14 +135,22 @@ def hidden_figure(summary: pd.DataFrame, path: Path) -> Path:
     g = sns.catplot(data=d, x="se_ratio_median", y="estimator", hue="cell", col="reference", kind="point",
                     linestyle="none", dodge=0.5 if d["cell"].nunique() > 1 else False, height=3.2, aspect=1.1,
                     log_scale=(True, False))
+    import matplotlib.ticker as mticker
+
+    ticks = [0.125, 0.25, 0.5, 1, 2, 4]
     for ax, ref in zip(g.axes.flat, g.col_names):
         ax.axvspan(0.8, 1.25, color="grey", alpha=0.15)
         mc = float(d.loc[d.reference == ref, "ref_mc_rel_error"].max())
         if mc > 0:
             ax.axvspan(1 - 2 * mc, 1 + 2 * mc, color="tab:orange", alpha=0.15)
         ax.axvline(1, color="grey", lw=1)
+        ax.xaxis.set_major_locator(mticker.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(mticker.FixedFormatter([f"{t:g}" for t in ticks]))
+        ax.xaxis.set_minor_locator(mticker.NullLocator())
     g.set_titles("against {col_name}")
-    g.set_axis_labels("median SE ratio (grey: [0.8, 1.25]; orange: ±2 MC errors of one weight's reference)", "")
+    g.set_axis_labels("median SE ratio", "")
+    g.figure.suptitle("hidden layers: grey [0.8, 1.25]; orange ±2 Monte-Carlo errors of one weight's reference",
+                      y=1.03, fontsize=9)
     _save(g.figure, path)
     return path
 
@@ -165,12 +173,15 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
     glm = summary[~summary.design.isin(hidden_designs(summary))]
     head = glm[glm.estimator.isin(MAIN_ESTIMATORS)][cols]
     lines = ["# Calibration study", "",
-             "Standard errors of each estimator against a reference: the exact Wald SE at the (penalised)",
-             "optimum for GLM designs (no hidden layer; the sandwich when the fit has weight decay), the",
-             "warm-started bootstrap with the same weight decay for MLPs. `window_ok`: the fraction of runs",
-             "whose window the estimator's own diagnostic accepts. Truth metrics",
-             "(coverage, type-I error, KS of null p-values, power) pool the simulated replications.",
-             "Tables: `summary.csv` (one row per cell and estimator), `cells.csv` (one row per weight).", "",
+             "Standard errors of each estimator against references: the exact Wald SE at the (penalised)",
+             "optimum for GLM designs (no hidden layer; the sandwich when the fit has weight decay), and for",
+             "hidden-layer designs the penalised sandwich, the converged bootstrap and the teacher replicates",
+             "(section below). `window_ok`: whether the estimator's own diagnostic accepts its window. Truth",
+             "metrics (coverage and type-I error with Wilson 95% intervals, KS of null p-values, power) pool",
+             "the simulated datasets of a cell; batch means' intervals use t with `interval_dof` degrees of",
+             "freedom. Ratio metrics pool every weight whose reference SE is finite and positive; a failed",
+             "estimate (inf or 0) stays in the median and is counted (`frac_est_inf`, `frac_est_zero`).",
+             "Tables: `summary.csv` (one row per cell, estimator and reference), `cells.csv` (one row per weight).", "",
              "## Reading", ""]
     lines += _reading(glm)
     lines += ["", "## GLM designs", "", _fmt(head), ""]

@@ -1,5 +1,5 @@
-r"""Many small penalised fits solved to convergence at once: damped Newton
-(Levenberg-Marquardt) on stacked problems, in float64 with exact Hessians.
+r"""Many small penalised fits solved to convergence at once: Newton's method with
+a line search on stacked problems, in float64 with exact Hessians.
 
 Problem ``b`` minimises
 
@@ -8,11 +8,14 @@ Problem ``b`` minimises
 the *mean* training loss on its own data ``(X_b, y_b)`` plus PyTorch's L2
 penalty, over every parameter of a small network. A bootstrap refit is the
 problem on a resample, a teacher replicate the problem on a fresh dataset, a
-polish the problem on the training data itself. Each step solves
-:math:`(\nabla^2 F_b + \mu_b I)\,\delta = -\nabla F_b` with its own damping
-:math:`\mu_b`, accepted when :math:`F_b` decreases (then :math:`\mu_b` shrinks
-towards pure Newton, whose convergence near a minimum is quadratic) and
-rejected otherwise (then :math:`\mu_b` grows towards a short gradient step).
+polish the problem on the training data itself. Each step takes the Newton
+direction :math:`-(\nabla^2 F_b + \mu_b I)^{-1}\nabla F_b`, with damping
+:math:`\mu_b > 0` only where the Hessian is not positive definite, and the
+longest of the steps :math:`4^{-k}` (k = 0..6) that decreases :math:`F_b`
+(near a minimum the full step, whose convergence is quadratic). A line search
+rather than Levenberg-Marquardt damping: where the quadratic model fails, a
+shift towards the gradient would lose the scaling of the weakly curved
+directions, which are the ones a standard error is most sensitive to.
 A problem has converged when the max-abs gradient of :math:`F_b` is at most
 ``gtol``; the sampling standard errors of a penalised estimate are only
 defined at such a point.
@@ -22,7 +25,8 @@ sample's pre-activation is 0, and each kink makes the mean-loss gradient jump
 by :math:`O(1/n)`; the penalised optimum usually sits on one, so the gradient
 never falls below about :math:`10^{-3}` (n = 2000) however long Newton runs.
 A problem whose objective stops decreasing (``stall`` consecutive steps with
-neither a relative decrease beyond ``ftol`` nor a halved gradient) is therefore stopped, and the result
+neither a relative decrease beyond ``ftol`` nor a halved gradient) is therefore
+stopped, and the result
 carries what decides whether it is an optimum worth a standard error: the
 smallest eigenvalue of the (almost-everywhere) Hessian (``min_eig``; negative
 at a saddle, which is escaped along its negative direction first) and how far
@@ -48,7 +52,7 @@ from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, vmap  # noqa: F401  (grad: the MLP path)
+from torch.func import functional_call, grad, hessian, vmap
 
 from mustat._checks import check_scalar
 
@@ -234,8 +238,8 @@ def newton_fits(
         (``converged``), never silently accepted.
     stall, ftol
         Stop a problem after ``stall`` consecutive steps (accepted or not) that decrease its
-        objective by less than ``ftol`` relative (module notes: ReLU kinks; the objective's own
-        sampling noise is of order ``1/n``, far above 1e-10).
+        objective by less than ``ftol`` relative and do not halve its gradient (module notes:
+        ReLU kinks; the objective's own sampling noise is of order ``1/n``, far above ``ftol``).
     escapes
         At most this many moves along negative curvature out of saddle points, each
         followed by a new descent.
@@ -263,14 +267,14 @@ def newton_fits(
         return loss(out, yb) + 0.5 * weight_decay * th.square().sum()
 
     value_fn = vmap(objective)
-    batched_value = vmap(objective)
 
     def grad_fn(th: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
         # problems are independent, so one backward through their summed objectives gives each
         # problem's own gradient (several times faster than vmap(grad(...)))
         with torch.enable_grad():
             th = th.detach().requires_grad_(True)
-            return torch.autograd.grad(batched_value(th, xs, ys).sum(), th)[0]
+            return torch.autograd.grad(value_fn(th, xs, ys).sum(), th)[0]
+
     hess_fn = vmap(hessian(objective))
     per_problem = 8 * p * n * max(p, int(X[0, 0].numel()), 16) * 2  # torch.func's forward-over-reverse
     rebalance = None
@@ -292,9 +296,7 @@ def newton_fits(
     g = chunked(grad_fn, theta, X, y)
     eye = torch.eye(p, dtype=torch.float64)
     it = 0
-
     halfway = theta.clone()
-
     ts = torch.tensor([4.0 ** -k for k in range(7)], dtype=torch.float64)
 
     def descend(active: Tensor) -> None:
