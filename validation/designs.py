@@ -52,7 +52,7 @@ class Design:
     def multiclass(self) -> bool:
         return self.family == "softmax"
 
-    def loss(self, model: nn.Module | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    def loss(self) -> Callable[[Tensor, Tensor], Tensor]:
         """The mean training loss (the NLL per sample, the Gaussian's with unit variance)."""
         return MEAN_LOSSES[self.family]
 

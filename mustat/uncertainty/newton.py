@@ -32,8 +32,8 @@ smallest eigenvalue of the (almost-everywhere) Hessian (``min_eig``; negative
 at a saddle, which is escaped along its negative direction first) and how far
 the problem still moved over the second half of the iterations (``drift``;
 :meth:`NewtonFits.converged_within` compares it with the standard errors). The
-undamped Newton step (``step``) is reported too, but at a kink it measures the
-one-sided gradient, not the distance to the optimum.
+undamped Newton step would not do: at a kink it measures the one-sided gradient,
+not the distance to the optimum.
 
 For one-hidden-layer ReLU networks with weight decay the weakest directions
 are known exactly: every unit's rescaling orbit, on which the loss is constant
@@ -63,14 +63,13 @@ Loss = Callable[[Tensor, Tensor], Tensor]
 class NewtonFits:
     """Stacked solutions: ``params[name]`` has shape ``(B, *param.shape)``;
     ``grad_max[b]`` is the final max-abs gradient of problem b's penalised mean loss,
-    ``converged[b]`` whether it reached ``gtol``, ``iterations`` the steps taken; ``step``,
-    ``min_eig``, ``drift`` and ``minimum`` say whether a stopped problem is an optimum (module notes)."""
+    ``converged[b]`` whether it reached ``gtol``, ``iterations`` the steps taken; ``min_eig``,
+    ``drift`` and ``minimum`` say whether a stopped problem is an optimum (module notes)."""
 
     params: dict[str, Tensor]
     grad_max: Tensor
     converged: Tensor
     iterations: int
-    step: Tensor
     min_eig: Tensor
     drift: Tensor
     gtol: float = 0.0
@@ -385,16 +384,11 @@ def newton_fits(
         active[moved] = True
         descend(active)
     grad_max = g.abs().amax(1)
-    # what decides whether a stopped problem is an optimum: the undamped step and the curvature
-    step = torch.full_like(theta, float("inf"))
-    pd = min_eig > 0
-    if bool(pd.any()):
-        step[pd] = -torch.linalg.solve(H[pd], g[pd].unsqueeze(-1)).squeeze(-1)
     shapes = [t.shape for t in unflatten(theta0).values()]
     parts = theta.split([math.prod(s) for s in shapes], dim=1)
     params = {name: t.reshape(B, *s) for name, t, s in zip(names, parts, shapes)}
     drift = theta - halfway if it > max_iter // 2 else torch.zeros_like(theta)
-    return NewtonFits(params, grad_max, grad_max <= gtol, it, step, min_eig, drift, gtol,
+    return NewtonFits(params, grad_max, grad_max <= gtol, it, min_eig, drift, gtol,
                       (min_eig > 0) | no_descent)
 
 
