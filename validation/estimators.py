@@ -72,11 +72,12 @@ def resolve(label: str) -> tuple[str, dict]:
 
 
 def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Setting, *, seed: int,
-                       estimators: tuple[str, ...]) -> tuple[dict[str, tuple[dict, dict, dict]], dict[str, Tensor]]:
+                       estimators: tuple[str, ...]) -> tuple[dict[str, tuple[dict, dict, dict, str]], dict[str, Tensor]]:
     """Train ``model`` in place and fit every estimator label in ``estimators``.
 
-    Returns ``({label: (estimate, se, diagnostics)}, final_weights)``; a window
-    warning is not raised but kept in the diagnostics (``ok``).
+    Returns ``({label: (estimate, se, diagnostics, centre)}, final_weights)``, ``centre``
+    saying where the estimate comes from; a window warning is not raised but kept in the
+    diagnostics (``ok``).
     """
     opt = make_optimizer(setting.optimizer, model.parameters(), lr=setting.lr, momentum=setting.momentum,
                          weight_decay=setting.weight_decay)
@@ -95,11 +96,11 @@ def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Se
                  callbacks=[TrackWindow(trajectory, setting.window)])
     ctx = FitContext(X=X, y=y, loss=loss, optimizer=opt, batch_size=setting.batch_size,
                      weight_decay=setting.weight_decay)
-    out: dict[str, tuple[dict, dict, dict[str, Any]]] = {}
+    out: dict[str, tuple[dict, dict, dict[str, Any], str]] = {}
     for lab, est in ests.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", WindowWarning)  # recorded in the diagnostics instead
             est.fit(ctx)
-        out[lab] = (est.estimate(), est.se(), est.diagnostics())
+        out[lab] = (est.estimate(), est.se(), est.diagnostics(), est.centre)
     final = {n: getattr(m, a).detach().clone() for n, (m, a) in zip(est.names, est._targets)}
     return out, final

@@ -191,18 +191,6 @@ def _flat(d: dict[str, torch.Tensor], names) -> np.ndarray:
     return np.concatenate([d[n].detach().double().cpu().numpy().ravel() for n in names])
 
 
-def _centres(cell: Cell, model) -> dict[str, str]:
-    from mustat.uncertainty import make_estimator
-
-    out = {}
-    for lab in cell.estimators:
-        name, options = resolve(lab)
-        if name == "batch-means":
-            options = dict(options, batch_steps=1)
-        out[lab] = make_estimator(name, model, **options).centre
-    return out
-
-
 def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
     """Train every replicate dataset together; numpy Wald references for each, and the
     Newton-converged bootstrap on replication 0."""
@@ -212,7 +200,6 @@ def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
     X, y = np.stack([a[0] for a in samples]), np.stack([a[1] for a in samples])
     truth = samples[0][2]
     model = design.stacked_model([cell.seed * 10_000 + r for r in range(R)])
-    centres = _centres(cell, model)
     Xt = torch.tensor(X.transpose(1, 0, 2), dtype=torch.float32)
     yt = torch.tensor(y.T.copy(), dtype=torch.float32)
     fits, _ = train_and_estimate(model, design.stacked_loss(), Xt, yt, s, seed=cell.seed * 10_000,
@@ -220,7 +207,7 @@ def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
     refs = glm_references(design.family, X, y, weight_decay=s.weight_decay)
     reference = "wald-sandwich" if s.weight_decay > 0 else "wald"
     per_weight = {lab: (est["linear.weight"].double().numpy(), se["linear.weight"].double().numpy())
-                  for lab, (est, se, _) in fits.items()}
+                  for lab, (est, se, _, _) in fits.items()}
     per_weight["wald"] = (refs["coef"], refs["se_observed"])
     per_weight["wald-sandwich"] = (refs["coef"], refs["se_sandwich"])
     # the converged bootstrap of replication 0: numpy Newton refits on the resamples that
@@ -242,11 +229,12 @@ def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
             rows.append(dict(estimator=name, reference=reference, replication=rep, param="linear.weight",
                              weight=we[rep], se=se[rep], ref_weight=w_ref[rep], ref_se=se_ref[rep], truth=t,
                              inv_sqrt_vif=refs["inv_sqrt_vif"][rep]))
+    centres = {lab: c for lab, (_, _, _, c) in fits.items()}
     centres.update({k: REFERENCE_CENTRE for k in ("wald", "wald-sandwich")},
                    bootstrap="penalised optimum (refits warm-started there)")
     extra = dict(ref_converged_frac=float((boot_grad <= cell.references.glm_gtol).mean()),
                  ref_grad_max=float(boot_grad.max()))
-    return rows, {lab: d for lab, (_, _, d) in fits.items()}, centres, extra
+    return rows, {lab: d for lab, (_, _, d, _) in fits.items()}, centres, extra
 
 
 def _teacher_reference(cell: Cell, design, weight_decay: float, out: Path) -> dict:
@@ -274,7 +262,6 @@ def _mlp_cell(cell: Cell, design, out: Path) -> tuple[list, dict, dict, dict]:
     X, y, _ = design.sample(0)
     model = design.model(cell.seed * 10_000)
     loss = design.loss()
-    centres = _centres(cell, model)
     fits, final = train_and_estimate(model, loss, torch.tensor(X, dtype=torch.float32),
                                      torch.tensor(y, dtype=torch.float32), s, seed=cell.seed * 10_000,
                                      estimators=cell.estimators)
@@ -312,8 +299,9 @@ def _mlp_cell(cell: Cell, design, out: Path) -> tuple[list, dict, dict, dict]:
                      ref_converged_frac=min(extra["ref_converged_frac"], t["converged_frac"]),
                      ref_grad_max=max(extra["ref_grad_max"], t["grad_max"]))
     w_hat = _flat(theta, names)
-    per_weight = {lab: (_flat(est, names), _flat(se, names)) for lab, (est, se, _) in fits.items()}
+    per_weight = {lab: (_flat(est, names), _flat(se, names)) for lab, (est, se, _, _) in fits.items()}
     per_weight.update({k: (w_hat, _flat(v, names)) for k, v in ref_se.items()})
+    centres = {lab: c for lab, (_, _, _, c) in fits.items()}
     centres.update({k: REFERENCE_CENTRE for k in ref_se})
     flat_names = np.concatenate([[n] * int(final[n].numel()) for n in names])
     rows = []
@@ -324,7 +312,7 @@ def _mlp_cell(cell: Cell, design, out: Path) -> tuple[list, dict, dict, dict]:
                 rows.append(dict(estimator=name, reference=reference, replication=0, param=flat_names, weight=we,
                                  se=se, ref_weight=w_hat, ref_se=se_ref, truth=np.full(len(we), np.nan),
                                  inv_sqrt_vif=np.full(len(we), np.nan)))
-    return rows, {lab: d for lab, (_, _, d) in fits.items()}, centres, extra
+    return rows, {lab: d for lab, (_, _, d, _) in fits.items()}, centres, extra
 
 
 def run_cell(cell: Cell, out: str | Path) -> str:
