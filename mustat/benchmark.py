@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import platform
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -134,12 +135,17 @@ def run_cell(cell: Cell, out: str | Path, device: str = "cpu") -> str:
     one_thread_in_dask_worker()
     out = Path(out)
     e = cell.experiment
+    start = time.perf_counter()
     results = run(dataset=e.dataset, model=e.model, criteria=cell.criteria, se=cell.se, scope=e.scope,
                   schedule_kind=e.schedule, target_sparsity=cell.target_sparsity, rounds=cell.rounds,
                   max_tensor_sparsity=e.max_tensor_sparsity or None, seeds=[cell.seed], config=e.train,
                   device=device, out=out / "runs" / cell.key, quiet=True)
     for k, v in e.as_dict().items():
         results[k] = v  # the dense row too (the pipeline labels its scope "-"): it is this setting's baseline
+    # the cost of this cell (of its last attempt, if it resumed from checkpoints) and the threads it ran on:
+    # float32 training reproduces only at the same thread count
+    results["cell_seconds"] = round(time.perf_counter() - start, 1)
+    results["torch_threads"] = torch.get_num_threads()
     atomic_write(out / "cells" / f"{cell.key}.csv", lambda p: results.to_csv(p, index=False))
     return cell.key
 
@@ -202,6 +208,10 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     summary = pd.DataFrame(rows)
     if len(summary):
         summary = summary.merge(dense.reset_index(), on=keys, how="left")
+        if "cell_seconds" in results:
+            cost = results.groupby(keys + ["seed"], dropna=False)[["cell_seconds", "torch_threads"]].first()
+            cost = cost.groupby(keys, dropna=False).median()
+            summary = summary.merge(cost.reset_index(), on=keys, how="left")
     return summary
 
 
@@ -244,7 +254,9 @@ def report(summary: pd.DataFrame) -> str:
         lines.append(f"## {s['dataset']} / {s['model']} / {s['scope']} scope, {s['optimizer']} lr {s['lr']:g}, "
                      f"weight decay {s['weight_decay']:g}"
                      + (f", cap {s['max_tensor_sparsity']:g}" if s.get("max_tensor_sparsity") else ", no cap"))
-        lines.append(f"dense {g['metric'].iloc[0].replace('_', ' ')}: {g['dense'].iloc[0]:.4f}")
+        lines.append(f"dense {g['metric'].iloc[0].replace('_', ' ')}: {g['dense'].iloc[0]:.4f}"
+                     + (f"; cell time median {g['cell_seconds'].iloc[0]:.0f} s on {g['torch_threads'].iloc[0]:.0f} "
+                        "torch thread(s)" if pd.notna(g.get("cell_seconds", pd.Series([np.nan])).iloc[0]) else ""))
         lines.append("")
         labels = list(dict.fromkeys(g.label))
         lines.append("| sparsity | compression, FLOP speed-up | " + " | ".join(labels) + " |")
@@ -258,7 +270,8 @@ def report(summary: pd.DataFrame) -> str:
                     continue
                 r = r.iloc[0]
                 star = "*" if (r.paired_t_p < 0.05) else ""
-                cells.append(f"{r['mean']:.4f} ± {r.sd:.4f} [{r.ci_low:.3f}, {r.ci_high:.3f}]{star}")
+                spread = f" ± {r.sd:.4f} [{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.n_seeds > 1 else " (1 seed)"
+                cells.append(f"{r['mean']:.4f}{spread}{star}")
             first = t.iloc[0]
             lines.append(f"| {target:.4g} | {first.compression_ratio:.1f}x, {first.flop_speedup:.1f}x | "
                          + " | ".join(cells) + " |")

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "benchmark", help="pruning benchmark over a grid: criteria against magnitude, over seeds, with paired tests",
         description="Run a grid of train -> prune -> retrain experiments (TOML: see mustat.benchmark) and report each "
-                    "criterion's accuracy against sparsity with 95%% CIs over seeds and paired tests against magnitude. "
+                    "criterion's accuracy against sparsity with 95% CIs over seeds and paired tests against magnitude. "
                     "Writes params.json, results.csv, summary.csv, report.md and accuracy_vs_sparsity.png into --out; "
                     "rerunning with the same --out resumes, recomputing only unfinished cells.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -95,3 +95,47 @@ def test_pruned_weights_and_unidentified():
     se = est.se()["0.weight"]
     assert torch.isinf(se[:, 2]).all() and torch.isfinite(se[:, :2]).all()
     assert model[0].parametrizations.weight[0].mask.sum() == 4  # the user's masks are untouched
+
+
+class _Shared(nn.Module):
+    """A linear layer applied twice and one applied to a sequence: both leave the outer-product rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)
+        self.shared = nn.Linear(4, 4)
+        self.seq = nn.Linear(2, 3)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x[:, None]))                   # (m, 2, 4)
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))  # shared, applied to a sequence too
+        h = torch.relu(self.seq(h.transpose(1, 2)))              # (m, 4, 3): per position
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 5),
+                          nn.ReLU(), nn.Dropout(0.5), nn.Linear(5, 3)),
+    _Shared,
+], ids=["conv-then-linear", "shared-and-sequence"])
+def test_linear_rule_equals_per_sample_products(make):
+    """The outer-product rule for linear layers against per-sample products for every weight."""
+    torch.manual_seed(5)
+    model = make().double()
+    X = torch.randn(50, 6 if isinstance(model, nn.Sequential) else 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (50,))
+    names = [n for n, _ in model.named_parameters()]
+    fast = ggn_diagonal(model, nn.functional.cross_entropy, X, y, names=names, chunk_elements=3000)
+    ref = ggn_diagonal(model, nn.functional.cross_entropy, X, y, names=names, method="vmap")
+    for n in names:
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-10, atol=1e-13)
+        assert ref[n].abs().max() > 0
+    assert model.training  # the user's mode is untouched
+
+
+def test_method_must_be_known():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="method='exact' is not valid; choose one of: auto, vmap"):
+        ggn_diagonal(model, nn.functional.cross_entropy, torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
+                     names=["0.weight"], method="exact")

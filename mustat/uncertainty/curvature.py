@@ -21,8 +21,14 @@ baseline trajectory estimators must beat.
 
 Computation: :math:`\Lambda_i = L_i L_i^\top` (eigendecomposition, negative
 eigenvalues of non-convex losses clipped at 0), and
-:math:`G_{jj} = \sum_i \sum_c (J_i^\top L_{i,c})_j^2`: per-sample
-vector-Jacobian products by ``torch.func.vmap``, in chunks of samples, exact.
+:math:`G_{jj} = \sum_i \sum_c (J_i^\top L_{i,c})_j^2`, exact, in chunks of
+samples. For an ``nn.Linear`` layer applied once to a batch of vectors the
+per-sample gradient is the outer product :math:`b_{i,c} a_i^\top` of the
+back-propagated vector and the layer's input, so its diagonal is
+:math:`\sum_i (\sum_c b_{i,c}^2)(a_i^2)^\top`: C backward passes of the whole
+chunk instead of C per-sample gradients of every weight (BackPACK's DiagGGN
+rule; 30-100x faster on LeNet-300-100). Every other parameter takes per-sample
+vector-Jacobian products by ``torch.func.vmap``.
 """
 
 from __future__ import annotations
@@ -36,21 +42,25 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, vmap
 
-from mustat._checks import check_scalar
+from mustat._checks import check_option, check_scalar
 from mustat.uncertainty.base import Estimator, FitContext, Loss, NotFittedError, register_estimator
 
 
 def ggn_diagonal(model: nn.Module, loss: Loss, X: Tensor, y: Tensor, *, names: Iterable[str],
-                 chunk_elements: int = 1 << 24) -> dict[str, Tensor]:
+                 chunk_elements: int = 1 << 24, method: str = "auto") -> dict[str, Tensor]:
     """Diagonal of the summed Gauss-Newton matrix ``sum_i J_i^T Lambda_i J_i`` (module notes).
 
     ``loss(output, target)`` is the mean loss of a batch; ``names`` the parameters
     (mustat names; masked weights count as their effective tensor). The model is
     not modified: a finalized, eval-mode copy is differentiated in the model's
     dtype. ``chunk_elements`` bounds the per-sample gradients held at once.
+    ``method``: ``"auto"`` (the outer-product rule for linear layers, per-sample
+    products for the rest) or ``"vmap"`` (per-sample products for every parameter;
+    the same numbers, slower: a reference).
     """
     from mustat.pruning import finalize
 
+    method = check_option(method, "method", ("auto", "vmap"))
     names = list(names)
     work = finalize(copy.deepcopy(model)).eval()
     work.requires_grad_(False)
@@ -59,7 +69,9 @@ def ggn_diagonal(model: nn.Module, loss: Loss, X: Tensor, y: Tensor, *, names: I
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"ggn_diagonal: {missing} are not parameters of the model")
-    wanted = {n: params[n] for n in names}
+    linear = _linear_layers(work, names, X[:2]) if method == "auto" else {}
+    by_rule = {n for mod in linear for n in linear[mod]}
+    wanted = {n: params[n] for n in names if n not in by_rule}
     fixed = {k: v for k, v in params.items() if k not in wanted}
 
     def output(p, x):
@@ -78,8 +90,9 @@ def ggn_diagonal(model: nn.Module, loss: Loss, X: Tensor, y: Tensor, *, names: I
     per_vec = vmap(grad(vjp_sq), in_dims=(None, None, 0))  # over the C factor columns
     per_sample = vmap(per_vec, in_dims=(None, 0, 0))       # over samples
     P = sum(t.numel() for t in wanted.values())
-    chunk = max(1, chunk_elements // (C * P))
-    diag = {n: torch.zeros_like(t) for n, t in wanted.items()}
+    widths = sum(mod.in_features + mod.out_features for mod in linear)
+    chunk = max(1, chunk_elements // (C * max(P, widths, 1)))
+    diag = {n: torch.zeros_like(params[n]) for n in names}
     for start in range(0, len(X), chunk):
         xb, yb = X[start : start + chunk], y[start : start + chunk]
         with torch.no_grad():
@@ -87,10 +100,66 @@ def ggn_diagonal(model: nn.Module, loss: Loss, X: Tensor, y: Tensor, *, names: I
         lam = vmap(hessian(lambda o, t: sample_loss(o, t)))(outs, yb).reshape(len(xb), C, C)
         evals, evecs = torch.linalg.eigh(0.5 * (lam + lam.transpose(1, 2)))
         factor = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)   # columns L_c: Lambda = sum_c L_c L_c^T
-        g = per_sample(wanted, xb, factor.transpose(1, 2))        # (m, C, *shape)
-        for n in diag:
-            diag[n] += g[n].square().sum((0, 1))
+        if wanted:
+            g = per_sample(wanted, xb, factor.transpose(1, 2))    # (m, C, *shape)
+            for n in wanted:
+                diag[n] += g[n].square().sum((0, 1))
+        if linear:
+            _linear_rule(work, linear, xb, factor, C, diag)
     return diag
+
+
+def _linear_layers(work: nn.Module, names: list[str], probe: Tensor) -> dict[nn.Linear, dict[str, str]]:
+    """The ``nn.Linear`` modules whose wanted parameters the outer-product rule can take:
+    ``{module: {mustat name: "weight" | "bias"}}``. A layer qualifies when one forward
+    pass applies it exactly once, to a 2-D input (a batch of vectors); shared or
+    sequence-applied layers stay with the per-sample products."""
+    calls: dict[nn.Module, list[int]] = {}
+    handles = [m.register_forward_hook(lambda mod, inp, out: calls.setdefault(mod, []).append(inp[0].dim()))
+               for m in work.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            work(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    owner = {id(p): (mod, leaf) for mod in calls for leaf, p in mod.named_parameters(recurse=False)}
+    params = dict(work.named_parameters())
+    layers: dict[nn.Linear, dict[str, str]] = {}
+    for n in names:
+        mod, leaf = owner.get(id(params[n]), (None, None))
+        if mod is not None and calls[mod] == [2]:
+            layers.setdefault(mod, {})[n] = leaf
+    return layers
+
+
+def _linear_rule(work: nn.Module, linear: dict[nn.Linear, dict[str, str]], xb: Tensor, factor: Tensor, C: int,
+                 diag: dict[str, Tensor]) -> None:
+    """Add one chunk's diagonal for the layers of :func:`_linear_layers` to ``diag``."""
+    inputs, outputs = {}, {}
+
+    def keep(mod, inp, out):
+        inputs[mod], outputs[mod] = inp[0].detach(), out
+
+    handles = [m.register_forward_hook(keep) for m in linear]
+    try:
+        with torch.enable_grad():
+            out = work(xb.detach().requires_grad_()).reshape(len(xb), C)  # a graph through every layer
+    finally:
+        for h in handles:
+            h.remove()
+    mods = list(linear)
+    back = {m: torch.zeros_like(outputs[m]) for m in mods}  # sum_c b_{i,c}^2, per sample and output unit
+    for c in range(C):
+        # samples are independent in eval mode, so row i of each gradient is sample i's own b_{i,c}
+        gs = torch.autograd.grad((out * factor[:, :, c]).sum(), [outputs[m] for m in mods], retain_graph=c < C - 1,
+                                 allow_unused=True)
+        for m, g in zip(mods, gs):
+            if g is not None:
+                back[m] += g.square()
+    for m, leaves in linear.items():
+        for n, leaf in leaves.items():
+            diag[n] += back[m].T @ inputs[m].square() if leaf == "weight" else back[m].sum(0)
 
 
 @register_estimator("curvature")
