@@ -7,7 +7,7 @@ paired tests), from a TOML grid::
     seeds = [0, 1, 2, 3, 4]
     target_sparsity = 0.99            # geometric rounds 50, 75, 87.5, 93.75, 96.9, 99 %
     [[experiment]]                    # list-valued keys expand (a Cartesian product)
-    dataset = "mnist5k"
+    dataset = "mnist5k"               # or "mnist" / "cifar10" with data_dir = "path/to/your/files"
     model = ["mlp", "lenet5"]
     scope = ["global", "layer"]
     weight_decay = 1e-3
@@ -57,14 +57,15 @@ from mustat.pipeline import (
 from mustat.pruning import Scope
 
 #: the keys of an ``[[experiment]]`` block that are not :class:`TrainConfig` fields
-EXPERIMENT_KEYS = ("dataset", "model", "scope", "schedule", "max_tensor_sparsity")
+EXPERIMENT_KEYS = ("dataset", "model", "scope", "schedule", "max_tensor_sparsity", "data_dir")
 BASELINE = "magnitude"
 
 
 @dataclass(frozen=True)
 class Experiment:
     """One setting of the benchmark (everything but the seed and the criteria).
-    ``max_tensor_sparsity = 0`` means no per-tensor cap."""
+    ``max_tensor_sparsity = 0`` means no per-tensor cap; ``data_dir`` is the folder of a
+    dataset read from your files (``mnist``, ``fashion_mnist``, ``cifar10``)."""
 
     dataset: str = "digits"
     model: str = "mlp"
@@ -72,10 +73,14 @@ class Experiment:
     schedule: str = "geometric"
     max_tensor_sparsity: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
+    data_dir: str | None = None
 
     def as_dict(self) -> dict:
-        return dict(dataset=self.dataset, model=self.model, scope=self.scope, schedule=self.schedule,
-                    max_tensor_sparsity=self.max_tensor_sparsity, **asdict(self.train))
+        d = dict(dataset=self.dataset, model=self.model, scope=self.scope, schedule=self.schedule,
+                 max_tensor_sparsity=self.max_tensor_sparsity, **asdict(self.train))
+        if self.data_dir is not None:  # only then: the keys of bundled-data cells stay what they were
+            d["data_dir"] = self.data_dir
+        return d
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ def run_cell(cell: Cell, out: str | Path, device: str = "cpu") -> str:
     results = run(dataset=e.dataset, model=e.model, criteria=cell.criteria, se=cell.se, scope=e.scope,
                   schedule_kind=e.schedule, target_sparsity=cell.target_sparsity, rounds=cell.rounds,
                   max_tensor_sparsity=e.max_tensor_sparsity or None, seeds=[cell.seed], config=e.train,
+                  data_dir=e.data_dir,
                   device=device, out=out / "runs" / cell.key, quiet=True)
     for k, v in e.as_dict().items():
         results[k] = v  # the dense row too (the pipeline labels its scope "-"): it is this setting's baseline
@@ -238,6 +244,77 @@ def _paired(pruned: pd.DataFrame, row: dict, keys: list[str], metric: str) -> di
     return out
 
 
+def comparison(summary: pd.DataFrame, min_sparsity: float = 0.9, alpha: float = 0.05) -> pd.DataFrame:
+    """Each criterion against magnitude at every sparsity ``>= min_sparsity``, one row per setting
+    and criterion: the worst and the best mean paired difference (``worst_diff``, ``best_diff``),
+    how many of those sparsities are significantly below or above magnitude (paired t, two-sided
+    ``p < alpha``: ``n_below``, ``n_above``, of ``n_sparsities``), and, at the highest sparsity,
+    the difference from magnitude and the mean accuracy minus the dense model's (``vs_dense_at_max``,
+    magnitude included)."""
+    keys = [c for c in SETTING if c in summary]
+    rows = []
+    high = summary[summary.target_sparsity >= min_sparsity - 1e-12]
+    for values, g in high.groupby(keys + ["label"], dropna=False, sort=False):
+        top = g[g.target_sparsity == g.target_sparsity.max()].iloc[0]
+        row = dict(zip(keys + ["label"], values), n_sparsities=len(g), max_sparsity=float(top.target_sparsity),
+                   vs_dense_at_max=float(top["mean"] - top.dense))
+        if row["label"] != BASELINE:
+            sig = g.paired_t_p < alpha
+            row.update(worst_diff=float(g.diff_vs_magnitude.min()), best_diff=float(g.diff_vs_magnitude.max()),
+                       n_below=int((sig & (g.diff_vs_magnitude < 0)).sum()),
+                       n_above=int((sig & (g.diff_vs_magnitude > 0)).sum()),
+                       diff_at_max=float(top.diff_vs_magnitude))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _comparison_tables(summary: pd.DataFrame) -> list[str]:
+    comp = comparison(summary)
+    if comp.empty or "worst_diff" not in comp:
+        return []
+    keys = [c for c in SETTING if c in comp and comp[c].nunique(dropna=False) > 1] or ["dataset"]
+    labels = list(dict.fromkeys(comp.label))
+    others = [lab for lab in labels if lab != BASELINE]
+    settings = list(dict.fromkeys(tuple(r) for r in comp[keys].itertuples(index=False)))
+
+    def name(values):
+        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+    def pick(values, lab):
+        mask = (comp.label == lab).to_numpy().copy()
+        for k, v in zip(keys, values):
+            mask &= (comp[k] == v).to_numpy() | (comp[k].isna().to_numpy() & pd.isna(v))
+        return comp[mask]
+
+    lines = ["## Against magnitude at every sparsity >= 90%", "",
+             "Mean paired difference from magnitude in accuracy points (100 x), the worst over those "
+             "sparsities, and how many of them are significantly below / above magnitude (paired t, p < 0.05).", "",
+             "| " + " / ".join(keys) + " | " + " | ".join(others) + " |",
+             "| --- | " + " | ".join("---" for _ in others) + " |"]
+    for values in settings:
+        cells = []
+        for lab in others:
+            r = pick(values, lab)
+            if r.empty:
+                cells.append("")
+            elif pd.isna(r.worst_diff.iloc[0]):
+                cells.append("(needs 2 seeds)")
+            else:
+                cells.append(f"{100 * r.worst_diff.iloc[0]:+.1f} ({int(r.n_below.iloc[0])}↓ {int(r.n_above.iloc[0])}↑ "
+                             f"of {int(r.n_sparsities.iloc[0])})")
+        lines.append(f"| {name(values)} | " + " | ".join(cells) + " |")
+    lines += ["", "## At the highest sparsity: accuracy minus the dense model's, points", "",
+              "| " + " / ".join(keys) + " | " + " | ".join(labels) + " |",
+              "| --- | " + " | ".join("---" for _ in labels) + " |"]
+    for values in settings:
+        cells = []
+        for lab in labels:
+            r = pick(values, lab)
+            cells.append("" if r.empty else f"{100 * r.vs_dense_at_max.iloc[0]:+.1f}")
+        lines.append(f"| {name(values)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(summary: pd.DataFrame) -> str:
     """Markdown tables of the summary: per setting, the metric ``mean ± sd [95% CI]`` by sparsity
     and criterion, with a star where the paired t-test against magnitude has p < 0.05."""
@@ -248,6 +325,7 @@ def report(summary: pd.DataFrame) -> str:
              "(theoretical, nonzero multiply-accumulates).", ""]
     if summary.empty:
         return "\n".join(lines + ["(no results)"]) + "\n"
+    lines += _comparison_tables(summary)
     keys = [c for c in SETTING if c in summary]
     for values, g in summary.groupby(keys, dropna=False, sort=False):
         s = dict(zip(keys, values))

@@ -148,3 +148,52 @@ def test_committed_grids_load(name, n_cells):
     grid = load_grid(Path(__file__).parents[1] / "docs" / "pruning" / f"{name}.toml")
     assert len(grid.cells()) == n_cells
     assert len({c.key for c in grid.cells()}) == n_cells
+
+
+def test_grid_reads_user_files_from_data_dir(tmp_path):
+    """Full MNIST (or CIFAR-10) from the user's files: ``data_dir`` in an experiment block; nothing downloads."""
+    from test_data import write_mnist
+
+    (tmp_path / "mnist").mkdir()
+    write_mnist(tmp_path / "mnist", n_train=300, n_test=50)
+    grid = tmp_path / "g.toml"
+    grid.write_text(GRID.replace('dataset = "digits"', f'dataset = "mnist"\ndata_dir = "{tmp_path / "mnist"}"')
+                    .replace('scope = ["global", "layer"]', 'scope = "global"').replace("seeds = [0, 1]", "seeds = [0]")
+                    .replace('"gradient-weight", ', ""))
+    summary, results = run_benchmark(load_grid(grid), tmp_path / "out", scheduler="serial", quiet=True)
+    assert set(results.dataset) == {"mnist"} and set(results.data_dir) == {str(tmp_path / "mnist")}
+    dense = results[results.label == "dense"]
+    assert len(dense) == 1 and 0 <= dense.test_accuracy.iloc[0] <= 1
+    bad = tmp_path / "h.toml"
+    bad.write_text(grid.read_text().replace(str(tmp_path / "mnist"), str(tmp_path / "nowhere")))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run_benchmark(load_grid(bad), tmp_path / "out2", scheduler="serial", quiet=True)
+
+
+def test_comparison_counts_significant_differences():
+    """Worst paired difference over the high sparsities and the significant ones, against numpy and scipy."""
+    from mustat.benchmark import comparison, report
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in range(5):
+        rows.append(dict(label="dense", seed=seed, target_sparsity=0.0, test_accuracy=0.95))
+        for t, shift in ((0.5, 0.0), (0.9, -0.02), (0.98, 0.0)):   # clearly below at 90%, a tie at 98%
+            base = 0.9 + 0.01 * rng.standard_normal()
+            rows.append(dict(label="magnitude", seed=seed, target_sparsity=t, test_accuracy=base))
+            rows.append(dict(label="mu[pseudo]", seed=seed, target_sparsity=t,
+                             test_accuracy=base + shift + 0.002 * rng.standard_normal()))
+    df = pd.DataFrame(rows).assign(dataset="d", model="m", scope="global", optimizer="adam", lr=1e-3, weight_decay=0.0,
+                                   max_tensor_sparsity=0.0, sparsity=lambda d: d.target_sparsity,
+                                   compression_ratio=10.0, flop_speedup=10.0)
+    comp = comparison(summarise(df)).set_index("label")
+    acc = df.pivot_table(index=["target_sparsity", "seed"], columns="label", values="test_accuracy")
+    d = (acc["mu[pseudo]"] - acc["magnitude"]).groupby("target_sparsity").mean()
+    p = {t: stats.ttest_rel(acc.loc[t, "mu[pseudo]"], acc.loc[t, "magnitude"]).pvalue for t in (0.9, 0.98)}
+    assert p[0.9] < 0.05 < p[0.98]
+    mu = comp.loc["mu[pseudo]"]
+    assert mu.n_sparsities == 2 and mu.worst_diff == pytest.approx(d[0.9]) and mu.best_diff == pytest.approx(d[0.98])
+    assert (mu.n_below, mu.n_above) == (1, 0) and mu.diff_at_max == pytest.approx(d[0.98])
+    assert mu.vs_dense_at_max == pytest.approx(acc.loc[0.98, "mu[pseudo]"].mean() - 0.95)
+    assert comp.loc["magnitude", "vs_dense_at_max"] == pytest.approx(acc.loc[0.98, "magnitude"].mean() - 0.95)
+    assert f"{100 * d[0.9]:+.1f} (1↓ 0↑ of 2)" in report(summarise(df))
