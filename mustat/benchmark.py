@@ -273,46 +273,30 @@ def _comparison_tables(summary: pd.DataFrame) -> list[str]:
     if comp.empty or "worst_diff" not in comp:
         return []
     keys = [c for c in SETTING if c in comp and comp[c].nunique(dropna=False) > 1] or ["dataset"]
-    labels = list(dict.fromkeys(comp.label))
-    others = [lab for lab in labels if lab != BASELINE]
-    settings = list(dict.fromkeys(tuple(r) for r in comp[keys].itertuples(index=False)))
+    comp = comp.assign(setting=[", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+                                for values in comp[keys].itertuples(index=False)])
+    rows = {(r.setting, r.label): r for r in comp.itertuples(index=False)}
+    settings, labels = list(dict.fromkeys(comp.setting)), list(dict.fromkeys(comp.label))
 
-    def name(values):
-        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    def table(columns, cell):
+        lines = ["| " + " / ".join(keys) + " | " + " | ".join(columns) + " |",
+                 "| --- | " + " | ".join("---" for _ in columns) + " |"]
+        for setting in settings:
+            cells = [cell(rows[setting, c]) if (setting, c) in rows else "" for c in columns]
+            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+        return lines
 
-    def pick(values, lab):
-        mask = (comp.label == lab).to_numpy().copy()
-        for k, v in zip(keys, values):
-            mask &= (comp[k] == v).to_numpy() | (comp[k].isna().to_numpy() & pd.isna(v))
-        return comp[mask]
+    def versus(r):
+        if pd.isna(r.worst_diff):
+            return "(needs 2 seeds)"
+        return f"{100 * r.worst_diff:+.1f} ({int(r.n_below)}↓ {int(r.n_above)}↑ of {int(r.n_sparsities)})"
 
-    lines = ["## Against magnitude at every sparsity >= 90%", "",
+    return (["## Against magnitude at every sparsity >= 90%", "",
              "Mean paired difference from magnitude in accuracy points (100 x), the worst over those "
-             "sparsities, and how many of them are significantly below / above magnitude (paired t, p < 0.05).", "",
-             "| " + " / ".join(keys) + " | " + " | ".join(others) + " |",
-             "| --- | " + " | ".join("---" for _ in others) + " |"]
-    for values in settings:
-        cells = []
-        for lab in others:
-            r = pick(values, lab)
-            if r.empty:
-                cells.append("")
-            elif pd.isna(r.worst_diff.iloc[0]):
-                cells.append("(needs 2 seeds)")
-            else:
-                cells.append(f"{100 * r.worst_diff.iloc[0]:+.1f} ({int(r.n_below.iloc[0])}↓ {int(r.n_above.iloc[0])}↑ "
-                             f"of {int(r.n_sparsities.iloc[0])})")
-        lines.append(f"| {name(values)} | " + " | ".join(cells) + " |")
-    lines += ["", "## At the highest sparsity: accuracy minus the dense model's, points", "",
-              "| " + " / ".join(keys) + " | " + " | ".join(labels) + " |",
-              "| --- | " + " | ".join("---" for _ in labels) + " |"]
-    for values in settings:
-        cells = []
-        for lab in labels:
-            r = pick(values, lab)
-            cells.append("" if r.empty else f"{100 * r.vs_dense_at_max.iloc[0]:+.1f}")
-        lines.append(f"| {name(values)} | " + " | ".join(cells) + " |")
-    return lines + [""]
+             "sparsities, and how many of them are significantly below / above magnitude (paired t, p < 0.05).", ""]
+            + table([lab for lab in labels if lab != BASELINE], versus)
+            + ["", "## At the highest sparsity: accuracy minus the dense model's, points", ""]
+            + table(labels, lambda r: f"{100 * r.vs_dense_at_max:+.1f}") + [""])
 
 
 def report(summary: pd.DataFrame) -> str:
