@@ -1,14 +1,17 @@
 """mustat: magnitude-and-uncertainty (M&U) pruning with calibrated statistics."""
 
-from mustat.criteria import CRITERIA, Criterion, register_criterion, score
+from mustat._functional import FunctionalModel
+from mustat.criteria import CRITERIA, Criterion, loss_gradient, register_criterion, score
 from mustat.pruning import (
     LayerCollapseWarning,
     PruningReport,
     Scope,
     finalize,
+    from_torch_prune,
     load_pruned_state_dict,
     prune,
     sparsity,
+    to_torch_prune,
 )
 from mustat.sparse import load_sparse, save_sparse, sparse_inference
 from mustat.stats import WaldResults, prune_fdr, pvalues, wald, zvalues
@@ -17,15 +20,15 @@ from mustat.uncertainty import (
     Estimator,
     FitContext,
     PseudoBootstrap,
+    TrainingSetup,
     Window,
     WindowWarning,
-    fit_glm,
     hessian_se,
     make_estimator,
     register_estimator,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CRITERIA",
@@ -33,6 +36,7 @@ __all__ = [
     "Criterion",
     "Estimator",
     "FitContext",
+    "FunctionalModel",
     "LayerCollapseWarning",
     "PruningReport",
     "PseudoBootstrap",
@@ -40,11 +44,13 @@ __all__ = [
     "WaldResults",
     "Window",
     "WindowWarning",
+    "TrainingSetup",
     "finalize",
-    "fit_glm",
+    "from_torch_prune",
     "hessian_se",
     "load_pruned_state_dict",
     "load_sparse",
+    "loss_gradient",
     "make_estimator",
     "prune",
     "prune_fdr",
@@ -55,6 +61,7 @@ __all__ = [
     "score",
     "sparse_inference",
     "sparsity",
+    "to_torch_prune",
     "wald",
     "zvalues",
 ]

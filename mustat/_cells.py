@@ -1,11 +1,14 @@
-"""Run independent cells of a grid serially or on Dask distributed: the one piece of
-machinery the calibration study and the pruning benchmark share. A cell function writes
-its own result files atomically, so whatever finished before an interruption is kept."""
+"""The one grid runner the calibration study and the pruning benchmark share: read a TOML
+grid, claim and lock the output folder, run the unfinished cells serially or on Dask
+distributed, and read their tables back. A cell function writes its own result files
+atomically, so whatever finished before an interruption is kept and a resumed grid
+recomputes only what is missing."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -64,11 +67,10 @@ def run_cells(fn: Callable[..., str], todo: Sequence[Any], *, total: int, schedu
         bar.close()
 
 
-def read_grid(path, known: set[str]) -> dict:
-    """The TOML grid file at ``path`` as a dict; a missing file, invalid TOML or a top-level key
-    outside ``known`` is an error naming the file (and the valid keys)."""
-    from pathlib import Path
-
+def read_grid(path, known: set[str], lists: Iterable[str] = ()) -> dict:
+    """The TOML grid file at ``path`` as a dict; a missing, binary or invalid file, an empty
+    one, a top-level key outside ``known`` or a key of ``lists`` that is not a non-empty list
+    is an error naming the file (and the valid keys)."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -78,9 +80,43 @@ def read_grid(path, known: set[str]) -> dict:
         raise FileNotFoundError(f"grid file not found: {path}")
     try:
         spec = tomllib.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file; a grid is a TOML file") from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path} is not valid TOML: {err}") from None
+    if not spec:
+        raise ValueError(f"{path} is empty; a grid needs at least its blocks (see the module notes)")
     unknown = set(spec) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    for key in lists:
+        if key in spec and (not isinstance(spec[key], list) or not spec[key]):
+            raise ValueError(f"{path}: {key} must be a non-empty list, e.g. {key} = [{spec[key]!r}], "
+                             f"got {spec[key]!r}")
     return spec
+
+
+def grid_values(path, what: str, build: Callable[[], Any]) -> Any:
+    """``build()``, with a wrong value or type in the grid (a TypeError or ValueError from the
+    settings' own checks) reported as an error naming the file and the block."""
+    try:
+        return build()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {what}: {err}") from None
+
+
+def run_grid(fn: Callable[..., str], cells: Sequence[Any], out: Path, *, key: str, settings: dict,
+             done: Callable[[Any], bool], volatile: Iterable[str] = (), scheduler: str = "local", workers: int = 2,
+             quiet: bool = False, desc: str = "cells", on_cell: Callable[[str], None] | None = None, **kwargs) -> None:
+    """Run every cell of a grid not yet ``done`` into ``out`` (locked for the duration), after
+    writing ``params.json`` or checking it holds the same ``settings`` (the differing ones are
+    named; ``volatile`` keys may change, see :func:`mustat.runs.claim`)."""
+    from mustat.runs import FolderLock, claim, ensure_folder
+
+    out = ensure_folder(out)
+    with FolderLock(out):
+        finished = (out / "cells").is_dir() and any((out / "cells").iterdir())
+        claim(out, key, settings, finished=finished, volatile=volatile)
+        todo = [c for c in cells if not done(c)]
+        run_cells(fn, todo, total=len(cells), scheduler=scheduler, workers=workers, quiet=quiet, desc=desc,
+                  on_cell=on_cell, out=str(out.resolve()), **kwargs)

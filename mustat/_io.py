@@ -17,8 +17,10 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
     # created like any new file (0o666 less the umask), unlike mkstemp's owner-only 0o600
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that recreates the file (safetensors does) gets its own mode otherwise
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

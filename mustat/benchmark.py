@@ -28,9 +28,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -38,23 +38,17 @@ import pandas as pd
 import torch
 from scipy import stats
 
-import mustat
-from mustat._cells import one_thread_in_dask_worker, read_grid, run_cells
-from mustat._checks import check_option
-from mustat._io import atomic_write, write_json
+from mustat._cells import grid_values, one_thread_in_dask_worker, read_grid, run_grid
+from mustat._checks import check_option, check_scalar
+from mustat._io import atomic_write
+from mustat.config import DEFAULT_CRITERIA, TrainConfig, estimator_constants, expand, schedule
 from mustat.data import DATASETS
 from mustat.models import MODELS
-from mustat.pipeline import (
-    BATCH_MEANS_BATCHES,
-    DEFAULT_CRITERIA,
-    DEFAULT_SE,
-    TrainConfig,
-    expand,
-    metric,
-    run,
-    schedule,
-)
+from mustat.pipeline import run
 from mustat.pruning import Scope
+from mustat.results import metric
+from mustat.runs import read_table
+from mustat.uncertainty import default_estimators
 
 #: the keys of an ``[[experiment]]`` block that are not :class:`TrainConfig` fields
 EXPERIMENT_KEYS = ("dataset", "model", "scope", "schedule", "max_tensor_sparsity", "data_dir")
@@ -75,6 +69,17 @@ class Experiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     data_dir: str | None = None
 
+    def __post_init__(self):
+        for name in ("dataset", "model", "scope", "schedule"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a name (a string), got {getattr(self, name)!r}")
+        check_option(self.dataset, "dataset", DATASETS)
+        check_option(self.model, "model", MODELS)
+        check_option(self.scope, "scope", Scope)
+        check_scalar(self.max_tensor_sparsity, "max_tensor_sparsity", kind=Real, low=0.0, high=1.0)
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise TypeError(f"data_dir must be a folder path (a string), got {self.data_dir!r}")
+
     def as_dict(self) -> dict:
         d = dict(dataset=self.dataset, model=self.model, scope=self.scope, schedule=self.schedule,
                  max_tensor_sparsity=self.max_tensor_sparsity, **asdict(self.train))
@@ -87,7 +92,7 @@ class Experiment:
 class BenchmarkGrid:
     experiments: tuple[Experiment, ...]
     criteria: tuple[str, ...] = DEFAULT_CRITERIA
-    se: tuple[str, ...] = DEFAULT_SE
+    se: tuple[str, ...] = field(default_factory=lambda: tuple(default_estimators()))
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     target_sparsity: float = 0.99
     rounds: int = 5
@@ -97,12 +102,11 @@ class BenchmarkGrid:
             raise ValueError("the grid has no [[experiment]] block")
         if not self.seeds:
             raise ValueError("seeds is empty; give at least one seed")
+        for seed in self.seeds:
+            check_scalar(seed, "seeds", kind=Integral, low=0)
         expand(self.criteria, self.se)  # unknown names fail here, listing the valid ones
         schedule("geometric", self.target_sparsity, self.rounds)
         for e in self.experiments:
-            check_option(e.dataset, "dataset", DATASETS)
-            check_option(e.model, "model", MODELS)
-            check_option(e.scope, "scope", Scope)
             schedule(e.schedule, self.target_sparsity, self.rounds)
 
     def cells(self) -> list[Cell]:
@@ -125,8 +129,10 @@ class Cell:
 
     def settings(self) -> dict:
         # code-level constants that shape a result belong in the key too
+        used = [s for _, s in expand(self.criteria, self.se) if s is not None]
         return dict(self.experiment.as_dict(), seed=self.seed, criteria=list(self.criteria), se=list(self.se),
-                    target_sparsity=self.target_sparsity, rounds=self.rounds, batch_means_batches=BATCH_MEANS_BATCHES)
+                    target_sparsity=self.target_sparsity, rounds=self.rounds,
+                    estimator_constants=estimator_constants(dict.fromkeys(used)))
 
     @property
     def key(self) -> str:
@@ -142,10 +148,9 @@ def run_cell(cell: Cell, out: str | Path, device: str = "cpu") -> str:
     e = cell.experiment
     start = time.perf_counter()
     results = run(dataset=e.dataset, model=e.model, criteria=cell.criteria, se=cell.se, scope=e.scope,
-                  schedule_kind=e.schedule, target_sparsity=cell.target_sparsity, rounds=cell.rounds,
-                  max_tensor_sparsity=e.max_tensor_sparsity or None, seeds=[cell.seed], config=e.train,
-                  data_dir=e.data_dir,
-                  device=device, out=out / "runs" / cell.key, quiet=True)
+                  schedule=e.schedule, target_sparsity=cell.target_sparsity, rounds=cell.rounds,
+                  max_tensor_sparsity=e.max_tensor_sparsity or None, seeds=(cell.seed,), train=e.train,
+                  data_dir=e.data_dir, device=device, out=out / "runs" / cell.key, quiet=True)
     for k, v in e.as_dict().items():
         results[k] = v  # the dense row too (the pipeline labels its scope "-"): it is this setting's baseline
     # the cost of this cell (of its last attempt, if it resumed from checkpoints) and the threads it ran on:
@@ -162,19 +167,11 @@ def run_benchmark(grid: BenchmarkGrid, out: str | Path = "runs/benchmark", *, sc
     cell), ``summary.csv``, ``report.md`` and ``accuracy_vs_sparsity.png`` into ``out``; returns
     ``(summary, results)``. ``scheduler``: ``"local"``, ``"serial"`` or a Dask scheduler address."""
     out = Path(out)
-    params_path = out / "params.json"
-    settings = json.loads(json.dumps(grid.as_dict()))
-    if params_path.exists():
-        if json.loads(params_path.read_text()).get("grid") != settings:
-            raise ValueError(f"{out} holds a benchmark with another grid (see {params_path}); choose another --out")
-    else:
-        write_json(params_path, dict(grid=settings, versions=dict(
-            mustat=mustat.__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version())))
     cells = grid.cells()
-    todo = [c for c in cells if not (out / "cells" / f"{c.key}.csv").exists()]
-    run_cells(run_cell, todo, total=len(cells), scheduler=scheduler, workers=workers, quiet=quiet,
-              desc="benchmark cells", out=str(out.resolve()), device=device)
-    results = pd.concat([pd.read_csv(out / "cells" / f"{c.key}.csv") for c in cells], ignore_index=True)
+    run_grid(run_cell, cells, out, key="grid", settings=grid.as_dict(),
+             done=lambda c: (out / "cells" / f"{c.key}.csv").exists(), scheduler=scheduler, workers=workers,
+             quiet=quiet, desc="benchmark cells", device=device)
+    results = pd.concat([read_table(out / "cells" / f"{c.key}.csv") for c in cells], ignore_index=True)
     summary = summarise(results)
     atomic_write(out / "results.csv", lambda p: results.to_csv(p, index=False))
     atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
@@ -183,9 +180,9 @@ def run_benchmark(grid: BenchmarkGrid, out: str | Path = "runs/benchmark", *, sc
     return summary, results
 
 
-#: the columns that identify one comparison (one experiment setting), besides seed and criterion
-SETTING = ["dataset", "model", "scope", "schedule", "max_tensor_sparsity", "optimizer", "lr", "weight_decay",
-           "epochs", "retrain_epochs", "track_epochs"]
+#: the columns that identify one comparison (one experiment setting), besides seed and criterion:
+#: every field of an experiment, derived from the classes so a new setting is never merged over
+SETTING = [*EXPERIMENT_KEYS, *(f.name for f in fields(TrainConfig))]
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -205,8 +202,11 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         n = len(x)
         sd = float(np.std(x, ddof=1)) if n > 1 else float("nan")
         half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
-        row.update(metric=metric_col, n_seeds=n, mean=float(x.mean()), sd=sd, ci_low=float(x.mean()) - half,
-                   ci_high=float(x.mean()) + half, sparsity=float(g.sparsity.mean()),
+        lo, hi = float(x.mean()) - half, float(x.mean()) + half
+        if metric_col == "test_accuracy":  # an accuracy lies in [0, 1]: the t-interval is clipped there
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
+        row.update(metric=metric_col, n_seeds=n, mean=float(x.mean()), sd=sd, ci_low=lo,
+                   ci_high=hi, sparsity=float(g.sparsity.mean()),
                    compression_ratio=float(g.compression_ratio.mean()),
                    flop_speedup=float(g.flop_speedup.mean()) if "flop_speedup" in g else float("nan"))
         row.update(_paired(pruned, row, keys, metric_col))
@@ -364,19 +364,23 @@ def plot(results: pd.DataFrame, path: Path) -> Path:
 
 def load_grid(path: str | Path) -> BenchmarkGrid:
     """A :class:`BenchmarkGrid` from TOML (module notes); unknown keys are errors listing the valid ones."""
-    spec = read_grid(path, {"criteria", "se", "seeds", "target_sparsity", "rounds", "experiment"})
+    spec = read_grid(path, {"criteria", "se", "seeds", "target_sparsity", "rounds", "experiment"},
+                     lists=("criteria", "se", "seeds", "experiment"))
+    if "experiment" not in spec:
+        raise ValueError(f"{path} has no [[experiment]] block; add one (see mustat.benchmark)")
     train_keys = {f.name for f in fields(TrainConfig)}
     valid = set(EXPERIMENT_KEYS) | train_keys
     experiments = []
-    for block in spec.get("experiment", []):
+    for i, block in enumerate(spec["experiment"]):
         bad = set(block) - valid
         if bad:
             raise ValueError(f"{path}: unknown experiment keys {sorted(bad)}; valid: {sorted(valid)}")
         keys = list(block)
         for combo in itertools.product(*[v if isinstance(v, list) else [v] for v in block.values()]):
             d = dict(zip(keys, combo))
-            train = TrainConfig(**{k: v for k, v in d.items() if k in train_keys})
-            experiments.append(Experiment(**{k: v for k, v in d.items() if k in EXPERIMENT_KEYS}, train=train))
+            experiments.append(grid_values(path, f"[[experiment]] block {i + 1}", lambda d=d: Experiment(
+                **{k: v for k, v in d.items() if k in EXPERIMENT_KEYS},
+                train=TrainConfig(**{k: v for k, v in d.items() if k in train_keys}))))
     kw = {k: tuple(spec[k]) for k in ("criteria", "se", "seeds") if k in spec}
     kw.update({k: spec[k] for k in ("target_sparsity", "rounds") if k in spec})
-    return BenchmarkGrid(experiments=tuple(experiments), **kw)
+    return grid_values(path, "top-level settings", lambda: BenchmarkGrid(experiments=tuple(experiments), **kw))

@@ -21,20 +21,22 @@ def _names(text: str) -> list[str]:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from mustat.pipeline import TrainConfig, run, table
+    from mustat.config import RunConfig, TrainConfig
+    from mustat.pipeline import run
+    from mustat.results import table
     from mustat.uncertainty import WindowWarning
 
-    config = TrainConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                         batch_size=args.batch_size, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
-                         track_epochs=args.track_epochs, sampler=args.sampler)
+    train = TrainConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                        batch_size=args.batch_size, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
+                        track_epochs=args.track_epochs, sampler=args.sampler)
+    config = RunConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model, criteria=args.criteria,
+                       se=args.se, scope=args.scope, schedule=args.schedule, target_sparsity=args.target_sparsity,
+                       max_tensor_sparsity=args.max_tensor_sparsity, rounds=args.rounds, seeds=args.seeds,
+                       train=train, device=args.device)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = run(dataset=args.dataset, data_dir=args.data_dir, model=args.model, criteria=args.criteria,
-                      se=args.se, scope=args.scope, schedule_kind=args.schedule, target_sparsity=args.target_sparsity,
-                      max_tensor_sparsity=args.max_tensor_sparsity or None,
-                      rounds=args.rounds, seeds=args.seeds, config=config, device=args.device, out=args.out,
-                      quiet=args.quiet, save_sparse=args.save_sparse)
+        results = run(config, out=args.out, quiet=args.quiet, save_sparse=args.save_sparse)
     from mustat.distributed import is_main
 
     if not is_main():
@@ -83,7 +85,7 @@ def _floats(text: str) -> list[float]:
 def _scale(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from mustat.pipeline import TrainConfig
+    from mustat.config import TrainConfig
     from mustat.scaling import plot, scale_experiment
     from mustat.uncertainty import WindowWarning
 
@@ -108,22 +110,7 @@ def _scale(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate(args: argparse.Namespace) -> int:
-    from validation.study import load_grid, quick_grid, run_study
-
-    grid = load_grid(args.grid) if args.grid else quick_grid()
-    t0 = time.perf_counter()
-    summary, _ = run_study(grid, args.out, scheduler=args.scheduler, workers=args.workers, quiet=args.quiet)
-    cols = ["design", "setting", "estimator", "reference", "se_ratio_median", "spearman_z", "coverage95",
-            "coverage95_lo", "coverage95_hi", "type1_05"]
-    head = summary[summary.estimator.isin(["pseudo", "calibrated", "batch-means", "curvature", "bootstrap",
-                                           "teacher", "wald", "wald-sandwich"])][cols]
-    print(head.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    print(f"\n{len(summary)} summary rows in {time.perf_counter() - t0:.1f} s; report: {args.out}/report.md")
-    return 0
-
-
-def _runner_options(p: argparse.ArgumentParser, out: str) -> None:
+def runner_options(p: argparse.ArgumentParser, out: str) -> None:
     """The options of a grid runner (calibrate, benchmark)."""
     p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--scheduler", default="local",
@@ -133,16 +120,11 @@ def _runner_options(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mustat.config import DEFAULT_CRITERIA, DEFAULT_MAX_TENSOR_SPARSITY, TrainConfig
     from mustat.criteria import CRITERIA
     from mustat.data import DATASETS
     from mustat.models import MODELS
-    from mustat.pipeline import (
-        DEFAULT_CRITERIA,
-        DEFAULT_MAX_TENSOR_SPARSITY,
-        DEFAULT_SE,
-        TrainConfig,
-    )
-    from mustat.uncertainty import ESTIMATORS
+    from mustat.uncertainty import ESTIMATORS, default_estimators
 
     d = TrainConfig()  # the defaults, written once
 
@@ -163,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criteria", type=_names, default=list(DEFAULT_CRITERIA),
                    help=f"criteria to compare, comma- or space-separated, from: {', '.join(sorted(CRITERIA))}; "
                         "one that uses standard errors (mu) runs once per --se estimator, or name one pairing: mu[curvature]")
-    p.add_argument("--se", type=_names, default=list(DEFAULT_SE),
+    p.add_argument("--se", type=_names, default=default_estimators(),
                    help=f"standard-error estimators for mu, from: {', '.join(sorted(ESTIMATORS))}")
     p.add_argument("--scope", default="global", choices=["global", "layer"], help="rank all weights together, or each layer separately")
     p.add_argument("--schedule", default="geometric", choices=["geometric", "oneshot", "gradual"],
@@ -181,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L2 weight decay (without it a perfectly fitting network has no finite optimum to estimate)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size")
     p.add_argument("--sampler", default=d.sampler, choices=["shuffle", "replacement"],
-                   help="minibatches drawn with replacement (what the calibrated and batch-means SEs assume), "
+                   help="minibatches drawn with replacement (what the stationary-SGD estimators assume), "
                         "or by epoch-wise reshuffling")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of dense training before pruning")
     p.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs, help="epochs of retraining after each pruning round")
@@ -196,17 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prune)
 
-    c = sub.add_parser(
-        "calibrate", help="calibration study of standard-error estimators (pseudo bootstrap, calibrated, bootstrap, Wald)",
-        description="Compare standard-error estimators with exact references on small designs and report how well "
-                    "they are calibrated. Writes params.json, cells.csv, summary.csv, figures and report.md into --out; "
-                    "rerunning with the same --out resumes, recomputing only unfinished cells.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    c.add_argument("--grid", default=None, help="TOML grid file (default: the quick study, a few minutes on 2 cores)")
-    _runner_options(c, "runs/calibration")
-    c.set_defaults(func=_calibrate)
-
     b = sub.add_parser(
         "benchmark", help="pruning benchmark over a grid: criteria against magnitude, over seeds, with paired tests",
         description="Run a grid of train -> prune -> retrain experiments (TOML: see mustat.benchmark) and report each "
@@ -216,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--grid", required=True, help="TOML grid file (docs/pruning/grid.toml is the one the docs report)")
-    _runner_options(b, "runs/benchmark")
+    runner_options(b, "runs/benchmark")
     b.add_argument("--device", default="cpu", help="device of every cell: cpu, cuda, auto")
     b.set_defaults(func=_benchmark)
 
@@ -231,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="mlp", help="an MLP whose submodules '1' and '3' are the Linear layers to rescale")
     s.add_argument("--cs", type=_floats, default=[0.1, 0.3, 1.0, 3.0, 10.0], help="scale factors c")
     s.add_argument("--criteria", type=_names,
-                   default=["magnitude", "mu[pseudo]", "mu[calibrated]", "mu[batch-means]", "mu[curvature]"],
+                   default=["magnitude"] + [f"mu[{e}]" for e in default_estimators()],
                    help="criterion labels")
     s.add_argument("--modes", type=_names, default=["after", "init"],
                    help="'after' (rescale the trained network) and/or 'init' (rescale the initialisation, then train)")
@@ -244,15 +215,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds")
     s.add_argument("--out", default="runs/scale", help="output folder")
     s.set_defaults(func=_scale)
+    _commands_from_plugins(sub)
     return parser
 
 
+def _commands_from_plugins(sub) -> None:
+    """Subcommands other packages register (entry point group ``mustat.commands``: a function
+    ``register(subparsers)``); the validation package registers ``calibrate`` this way, so
+    the library never imports it."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="mustat.commands"):
+        ep.load()(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mustat.training import DivergenceError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, DivergenceError) as err:
         parser.exit(2, f"mustat {args.command}: error: {err}\n")
 
 

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mustat import _masking as M
 from mustat._checks import check_option
-from mustat._masking import find_mask
-from mustat._params import resolve, select
+from mustat._functional import FunctionalModel, eval_mode
+from mustat._params import entries, select
+from mustat.batching import Data, batches
 from mustat.stats import zvalues
 
 CriterionFn = Callable[..., Tensor]
@@ -105,36 +107,31 @@ def gradient_weight(weight: Tensor, *, se: Tensor | None = None, generator=None,
     return (weight * grad).abs()
 
 
-def loss_gradient(model: nn.Module, X: Tensor, y: Tensor, loss: Callable[[Tensor, Tensor], Tensor], *,
+def loss_gradient(model: nn.Module, data: Data, loss: Callable[[Tensor, Tensor], Tensor], *,
                   params: Iterable[str] | None = None, batch_size: int = 1024) -> dict[str, Tensor]:
-    """The gradient of the mean loss over ``(X, y)`` with respect to every scored weight
-    (keyed like :func:`score`), accumulated over chunks of ``batch_size``; ``loss(output, target)``
-    is a batch mean. The model is evaluated in eval mode (restored afterwards) and its ``.grad``
-    fields are left as they were."""
+    """The gradient of the mean loss over ``data`` with respect to every scored weight (keyed like
+    :func:`score`): ``data`` is ``(X, y)`` tensors (read in chunks of ``batch_size``) or an iterable of
+    batches such as a DataLoader; ``loss(output, target)`` is a batch mean. The gradient is taken
+    through the functional view (:class:`mustat._functional.FunctionalModel`) in eval mode, so
+    frozen tensors have one too, masked entries get 0, and the model (its ``.grad`` fields and
+    train/eval mode included) is left as it was."""
     names = select(model, params)
-    targets = [_leaf(*resolve(model, n)) for n in names]
-    total = {n: torch.zeros_like(t) for n, t in zip(names, targets)}
-    mode = model.training
-    model.eval()
-    try:
-        for start in range(0, len(y), batch_size):
-            xb, yb = X[start:start + batch_size], y[start:start + batch_size]
-            out = model(xb)
-            grads = torch.autograd.grad(loss(out, yb) * len(yb) / len(y), targets, allow_unused=True)
-            for n, g in zip(names, grads):
-                if g is not None:
-                    total[n] += g.detach()
-    finally:
-        model.train(mode)
-    return total
+    fm = FunctionalModel(model)
+    values = fm.params(names)
+    total = {n: torch.zeros_like(v) for n, v in values.items()}
+    rows = 0
 
+    def summed(v, xb, yb):
+        return loss(fm(v, xb), yb) * len(yb)
 
-def _leaf(module: nn.Module, attr: str) -> Tensor:
-    """The parameter behind ``module.attr``: under a mask, the unmasked original (its gradient is
-    the effective weight's gradient times the mask, equal on every live entry)."""
-    if find_mask(module, attr) is not None:
-        return module.parametrizations[attr].original
-    return getattr(module, attr)
+    with eval_mode(model):
+        for xb, yb in batches(data, batch_size):
+            for n, g in torch.func.grad(summed)(values, xb, yb).items():
+                total[n] += g
+            rows += len(yb)
+    if rows == 0:
+        raise ValueError("loss_gradient: the data has no rows")
+    return {n: t / rows for n, t in total.items()}
 
 
 def score(
@@ -185,7 +182,7 @@ def score(
     if crit.requires_grad and grads is None:
         raise ValueError(
             f"criterion {crit.name!r} needs grads=..., the loss gradient per tensor: "
-            "mustat.criteria.loss_gradient(model, X, y, loss)"
+            "mustat.criteria.loss_gradient(model, (X, y), loss)"
         )
     names = select(model, params)
     generator = torch.Generator()
@@ -194,9 +191,10 @@ def score(
     else:
         generator.manual_seed(seed)
     out = {}
+    table = entries(model)
     for name in names:
-        module, attr = resolve(model, name)
-        w = getattr(module, attr).detach()
+        module, attr = table[name].module, table[name].attr
+        w = M.effective(module, attr)
         if weights is not None:
             w = _lookup(weights, name, w, "weights")
         s = None
@@ -206,9 +204,9 @@ def score(
                 raise ValueError(f"se[{name!r}] has NaN or negative entries; standard errors must be >= 0 (+inf: unidentified)")
         extra = {"grad": _lookup(grads, name, w, "grads")} if crit.requires_grad else {}
         scores = crit.fn(w, se=s, generator=generator, **extra)
-        mask = find_mask(module, attr)
+        mask = M.find_mask(module, attr)
         if mask is not None:
-            scores = scores.masked_fill(mask.mask == 0, float("-inf"))
+            scores = scores.masked_fill(mask == 0, float("-inf"))
         out[name] = scores
     return out
 

@@ -1,16 +1,17 @@
 """The main job: train, prune by each criterion, retrain, report.
 
-One module holds the whole orchestration: the settings and their defaults
-(:class:`TrainConfig`, :class:`PruneConfig`), the sparsity schedules, the dense
-and prune/retrain phases, checkpoints and resume. Everything a run needs is in
-its folder: ``params.json`` (every setting, the seeds, versions),
-``results.csv`` (tidy), ``accuracy_vs_sparsity.png`` (drawn from the CSV) and
-``checkpoints/`` (one per seed and criterion, rewritten atomically after every
-round), so an interrupted run resumes where it stopped.
+:func:`run` takes a :class:`~mustat.config.RunConfig`, checks every combination before
+any training (:func:`preflight`: estimators against the optimizer and sampler, the cap
+against the target, the batch size against the data), then per seed trains the dense
+model once (:func:`dense_phase`) and prunes a copy of it by each criterion in rounds of
+prune -> retrain (:func:`prune_phase`). The run folder (:mod:`mustat.runs`) holds
+``params.json``, ``results.csv``, ``accuracy_vs_sparsity.png`` and ``checkpoints/`` (one
+per seed and criterion, rewritten atomically after every round), so an interrupted run
+resumes where it stopped and a damaged file is named before anything is overwritten.
 
-A criterion that uses standard errors is run once per requested estimator and
-labelled ``mu[batch-means]``; the estimators come from the registry
-(:mod:`mustat.uncertainty`), so a newly registered one works here unchanged.
+A criterion that uses standard errors is run once per requested estimator and labelled
+``mu[batch-means]``; estimators come from the registry and say what they need, so a
+newly registered one works here unchanged.
 """
 
 from __future__ import annotations
@@ -18,15 +19,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import platform
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from enum import Enum
-from numbers import Integral, Real
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -34,201 +31,104 @@ from tqdm import tqdm
 
 import mustat
 from mustat import distributed
-from mustat._checks import check_option, check_scalar
-from mustat._io import atomic_write, write_json
-from mustat.criteria import get_criterion, label, loss_gradient, parse_label
+from mustat._params import entries, select
+from mustat.config import PruneConfig, RunConfig, TrainConfig
+from mustat.criteria import get_criterion, loss_gradient
 from mustat.data import Dataset, load
 from mustat.models import build, flops, loss_fn
-from mustat.pruning import Scope
-from mustat.training import (
-    OPTIMIZERS,
-    Sampler,
-    TrackWindow,
-    evaluate,
-    make_optimizer,
-    resolve_device,
-    seeded,
-    steps_per_epoch,
-    train_epochs,
+from mustat.pruning import Scope, cap_violation
+from mustat.results import RESULT_COLUMNS, plot, table, title  # noqa: F401  (table: the CLI's)
+from mustat.runs import (
+    FolderLock,
+    claim,
+    ensure_folder,
+    load_checkpoint,
+    save_checkpoint,
+    write_table,
 )
-from mustat.uncertainty import ESTIMATORS, FitContext, make_estimator
-
-#: the default comparison: criteria, and the estimators each se-based criterion is run with
-DEFAULT_CRITERIA = ("mu", "magnitude", "random")
-DEFAULT_SE = ("pseudo", "calibrated", "batch-means", "curvature")
-#: batch-means splits the tracking window into this many batches
-BATCH_MEANS_BATCHES = 20
-#: the CLI's per-tensor cap: global ranking may not empty a layer (not yet tuned by a benchmark)
-DEFAULT_MAX_TENSOR_SPARSITY = 0.99
+from mustat.training import evaluate, resolve_device, seeded, train_epochs
+from mustat.uncertainty import FitContext, make_estimator
 
 
-class Schedule(str, Enum):
-    """Sparsity targets of the pruning rounds."""
-
-    GEOMETRIC = "geometric"
-    """Halve the remaining weights each round (0.5, 0.75, 0.875, ...), ending at the target."""
-    ONESHOT = "oneshot"
-    """One round straight to the target."""
-    GRADUAL = "gradual"
-    """Zhu & Gupta (2017) cubic: s_t = s_f (1 - (1 - t / n)^3), t = 1..n."""
+def _build(config: RunConfig, data: Dataset, seed: int | None) -> nn.Module:
+    """The model, initialised from ``seed`` (None: values to be overwritten) without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return build(config.model, data.input_shape, data.n_classes or 1, task=data.task)
 
 
-def schedule(kind: str | Schedule, target: float, rounds: int = 5) -> list[float]:
-    """The cumulative sparsity after each pruning round."""
-    kind = check_option(kind, "schedule", Schedule)
-    check_scalar(target, "target_sparsity", kind=Real, low=0.0, high=1.0, closed="neither")
-    check_scalar(rounds, "rounds", kind=Integral, low=1)
-    if kind is Schedule.ONESHOT:
-        return [float(target)]
-    if kind is Schedule.GRADUAL:
-        return [round(target * (1 - (1 - t / rounds) ** 3), 6) for t in range(1, rounds + 1)]
-    out, s = [], 0.5
-    while s < target:
-        out.append(s)
-        s = 1 - (1 - s) / 2
-    return out + [float(target)]
+def preflight(config: RunConfig, data: Dataset) -> None:
+    """Check every combination of ``config`` on ``data`` before any training; a ValueError
+    names the option, the value and what is allowed.
+
+    Checked: the batch size against the training set; every estimator against the training
+    (its optimizers, sampler, window, decay: :meth:`mustat.Estimator.check`) and the model
+    (built here, so an estimator that cannot handle it refuses now); the per-tensor cap
+    against every round's target."""
+    n = len(data.y_train)
+    train = config.train
+    if train.batch_size > n:
+        raise ValueError(f"batch_size={train.batch_size} is larger than the {n} training samples of "
+                         f"{config.dataset!r}; use at most {n}")
+    if train.track_epochs > min(train.epochs, train.retrain_epochs):
+        raise ValueError(f"track_epochs={train.track_epochs} is longer than a training phase (epochs={train.epochs}, "
+                         f"retrain_epochs={train.retrain_epochs}); use at most {min(train.epochs, train.retrain_epochs)}")
+    model = _build(config, data, None)
+    setup = train.setup(n)
+    for name in config.estimators():
+        make_estimator(name, model, setup=setup)
+    if config.max_tensor_sparsity is not None:
+        table = entries(model)
+        sizes = {n: getattr(table[n].module, table[n].attr).numel() for n in select(model, None)}
+        for target in config.targets():
+            why = cap_violation(sizes, {}, target, config.scope, config.max_tensor_sparsity)
+            if why:
+                raise ValueError(f"model {config.model!r}, round target {target}: {why}")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings. ``track_epochs`` is the estimators' window: the last
-    ``track_epochs`` epochs of each training phase. ``sampler="replacement"``
-    (minibatches drawn with replacement) is what the calibrated and batch-means
-    standard errors assume."""
-
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    # Without a penalty a network that fits its training set perfectly has no finite
-    # optimum: the weights drift for ever and neither the pseudo bootstrap nor a Wald
-    # statistic has anything to estimate (measured in docs/CALIBRATION.md).
-    weight_decay: float = 1e-3
-    batch_size: int = 64
-    epochs: int = 60
-    retrain_epochs: int = 40
-    track_epochs: int = 40
-    sampler: str = "replacement"
-
-    def __post_init__(self):
-        check_option(self.optimizer, "optimizer", OPTIMIZERS)
-        check_option(self.sampler, "sampler", Sampler)
-        check_scalar(self.lr, "lr", kind=Real, low=0.0, closed="neither")
-        check_scalar(self.momentum, "momentum", kind=Real, low=0.0, high=1.0, closed="left")
-        check_scalar(self.weight_decay, "weight_decay", kind=Real, low=0.0)
-        check_scalar(self.batch_size, "batch_size", kind=Integral, low=1)
-        check_scalar(self.epochs, "epochs", kind=Integral, low=1)
-        check_scalar(self.retrain_epochs, "retrain_epochs", kind=Integral, low=1)
-        check_scalar(self.track_epochs, "track_epochs", kind=Integral, low=1)
-
-    def make_optimizer(self, params) -> torch.optim.Optimizer:
-        return make_optimizer(self.optimizer, params, lr=self.lr, momentum=self.momentum,
-                              weight_decay=self.weight_decay)
-
-    def window_steps(self, n: int) -> int:
-        """Optimizer steps in the shortest tracking window (dense or retraining phase)."""
-        return min(self.track_epochs, self.epochs, self.retrain_epochs) * steps_per_epoch(n, self.batch_size)
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """One pruning run: a criterion (with its estimator when it uses one), the scope and the schedule."""
-
-    criterion: str = "mu"
-    se: str | None = "pseudo"
-    scope: str = "global"
-    schedule: str = "geometric"
-    target_sparsity: float = 0.95
-    rounds: int = 5
-    max_tensor_sparsity: float | None = None
-
-    @property
-    def label(self) -> str:
-        return label(self.criterion, self.se)
-
-
-def expand(criteria: Sequence[str], se: Sequence[str]) -> list[tuple[str, str | None]]:
-    """``(criterion, estimator)`` pairs: each se-based criterion with every estimator in
-    ``se``, the others once. ``"mu[curvature]"`` names one pair directly."""
-    pairs = []
-    for text in criteria:
-        name, est = parse_label(text)
-        crit = get_criterion(name)
-        if est is not None:
-            if not crit.requires_se:
-                raise ValueError(f"criterion {name!r} uses no standard errors, so {text!r} makes no sense; write {name!r}")
-            check_option(est, "se", sorted(ESTIMATORS))
-            pairs.append((name, est))
-        elif crit.requires_se:
-            if not se:
-                raise ValueError(f"criterion {name!r} needs standard errors: give se=[...] from {sorted(ESTIMATORS)}")
-            pairs += [(name, check_option(s, "se", sorted(ESTIMATORS))) for s in se]
-        else:
-            pairs.append((name, None))
-    return list(dict.fromkeys(pairs))
-
-
-def estimator_options(name: str, config: TrainConfig, n: int) -> dict:
-    """Options the pipeline gives the estimator ``name`` (the registry's defaults otherwise)."""
-    if name == "batch-means":
-        return dict(batch_steps=max(1, config.window_steps(n) // BATCH_MEANS_BATCHES))
-    return {}
-
-
-def _context(model, data: Dataset, opt, config: TrainConfig) -> FitContext:
+def _context(model, data: Dataset, opt, train: TrainConfig) -> FitContext:
     return FitContext(X=data.X_train, y=data.y_train, loss=lambda out, t: loss_fn(model, out, t), optimizer=opt,
-                      batch_size=config.batch_size, weight_decay=config.weight_decay)
+                      batch_size=train.batch_size, weight_decay=train.weight_decay)
 
 
-def _row(model, data, *, prune: PruneConfig | None, seed, rnd, target, se_ok=None):
-    acc, loss = evaluate(model, data.X_test, data.y_test)
-    val_acc, _ = evaluate(model, data.X_val, data.y_val)
+def _row(model, data, *, prune: PruneConfig | None, seed, rnd, target, se_ok=None) -> dict:
+    acc, loss = evaluate(model, (data.X_test, data.y_test))
+    val_acc, _ = evaluate(model, (data.X_val, data.y_val))
     rep = mustat.PruningReport.from_model(model)
     dense_macs, sparse_macs = flops(model, data.input_shape)
     return dict(label=prune.label if prune else "dense", criterion=prune.criterion if prune else "dense",
-                se=(prune.se or "-") if prune else "-", scope=prune.scope if prune else "-", seed=seed, round=rnd,
-                target_sparsity=target, sparsity=mustat.sparsity(model), compression_ratio=rep.compression_ratio,
-                flop_speedup=dense_macs / max(sparse_macs, 1),
+                se=(prune.se or "-") if prune else "-", scope=prune.scope if prune else "-", seed=int(seed),
+                round=int(rnd), target_sparsity=float(target), sparsity=float(mustat.sparsity(model)),
+                compression_ratio=float(rep.compression_ratio), flop_speedup=float(dense_macs / max(sparse_macs, 1)),
                 empty_tensors=sum(int(p == s) for p, s in zip(rep.pruned, rep.sizes)),
-                test_accuracy=acc, test_loss=loss, val_accuracy=val_acc, se_ok=se_ok)
+                test_accuracy=float(acc), test_loss=float(loss), val_accuracy=float(val_acc),
+                se_ok=None if se_ok is None else bool(se_ok))
 
 
-RESULT_COLUMNS = ["label", "criterion", "se", "scope", "seed", "round", "target_sparsity", "sparsity",
-                  "compression_ratio", "flop_speedup", "empty_tensors", "test_accuracy", "test_loss", "val_accuracy", "se_ok"]
-
-
-def dense_phase(model_name: str, data: Dataset, config: TrainConfig, *, seed: int, estimators: Sequence[str] = (),
-                progress=None) -> tuple[dict, dict]:
+def dense_phase(config: RunConfig, data: Dataset, *, seed: int, progress=None) -> dict:
     """Initialise (seeded, without touching the global RNG) and train the dense model,
-    recording every *trajectory* estimator in ``estimators`` over the last
-    ``track_epochs`` epochs.
+    recording every *trajectory* estimator the run uses over the last ``track_epochs`` epochs.
 
-    Returns ``(state, row)``: a checkpoint dict to start every criterion from, and the dense result row.
-    """
-    n_out = data.n_classes or 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build(model_name, data.input_shape, n_out, task=data.task)
-    model.to(data.X_train.device)
-    opt = config.make_optimizer(model.parameters())
-    n = len(data.y_train)
+    Returns the checkpoint every criterion starts from, with the dense result row."""
+    train = config.train
+    model = _build(config, data, seed).to(data.X_train.device)
+    opt = train.make_optimizer(model.parameters())
+    setup = train.setup(len(data.y_train))
     trackers = {}
-    for name in estimators:
-        # every estimator is built here, before training, so one that cannot handle this
-        # model (wald on a large network) fails at once
-        est = make_estimator(name, model, **estimator_options(name, config, n))
+    for name in config.estimators():
+        est = make_estimator(name, model, setup=setup)
         if est.trajectory:
             trackers[name] = est
-            est.attach(opt)
     gen = torch.Generator().manual_seed(seed)
     with seeded(model, seed):
-        train_epochs(model, opt, data.X_train, data.y_train, epochs=config.epochs, batch_size=config.batch_size,
-                     sampler=config.sampler, generator=gen, callbacks=[TrackWindow(trackers.values(), config.track_epochs)],
-                     progress=progress)
+        train_epochs(model, opt, (data.X_train, data.y_train), epochs=train.epochs, batch_size=train.batch_size,
+                     sampler=train.sampler, generator=gen, estimators=list(trackers.values()),
+                     track_epochs=train.track_epochs, progress=progress)
     row = _row(model, data, prune=None, seed=seed, rnd=0, target=0.0)
-    state = dict(model=copy.deepcopy(model.state_dict()), optimizer=copy.deepcopy(opt.state_dict()),
-                 estimators={k: t.state_dict() for k, t in trackers.items()}, generator=gen.get_state(), round=0,
-                 rows=[])
-    return state, row
+    return dict(model=copy.deepcopy(model.state_dict()), optimizer=copy.deepcopy(opt.state_dict()),
+                estimators={k: t.state_dict() for k, t in trackers.items()}, generator=gen.get_state(), round=0,
+                rows=[], dense_row=row)
 
 
 def criterion_scores(model: nn.Module, criterion: str, data: Dataset, *, estimator=None, seed: int) -> dict:
@@ -237,13 +137,13 @@ def criterion_scores(model: nn.Module, criterion: str, data: Dataset, *, estimat
     if estimator is not None:
         return mustat.score(model, criterion, se=estimator.se(), weights=estimator.estimate())
     if get_criterion(criterion).requires_grad:
-        grads = loss_gradient(model, data.X_train, data.y_train, lambda out, t: loss_fn(model, out, t))
+        grads = loss_gradient(model, (data.X_train, data.y_train), lambda out, t: loss_fn(model, out, t))
         return mustat.score(model, criterion, grads=grads)
     return mustat.score(model, criterion, seed=seed)
 
 
-def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: PruneConfig, start: dict, *,
-                seed: int, checkpoint: Path | None = None, progress=None,
+def prune_phase(config: RunConfig, prune: PruneConfig, data: Dataset, start: dict, *, seed: int,
+                checkpoint: Path | None = None, progress=None,
                 on_round: Callable[[dict], None] | None = None) -> list[dict]:
     """Rounds of prune -> retrain from a checkpoint ``start`` (the dense state or a saved round).
 
@@ -253,44 +153,42 @@ def prune_phase(model_name: str, data: Dataset, config: TrainConfig, prune: Prun
     # Optimizer.load_state_dict keeps tensors that need no cast, so training would
     # otherwise mutate ``start``, the dense state every criterion starts from.
     start = copy.deepcopy(start)
-    n_out = data.n_classes or 1
-    with torch.random.fork_rng(devices=[]):  # its initial values are overwritten: leave the caller's RNG alone
-        model = build(model_name, data.input_shape, n_out, task=data.task).to(data.X_train.device)
+    train = config.train
+    model = _build(config, data, None).to(data.X_train.device)
     # The optimizer first: installing masks reorders model.parameters() (a parametrized
     # weight moves after its bias), and optimizer state is matched by position.
-    opt = config.make_optimizer(model.parameters())
+    opt = train.make_optimizer(model.parameters())
     mustat.load_pruned_state_dict(model, start["model"])
     opt.load_state_dict(start["optimizer"])
-    est, callbacks = None, []
+    est = None
     if prune.se is not None:
-        est = make_estimator(prune.se, model, **estimator_options(prune.se, config, len(data.y_train)))
+        est = make_estimator(prune.se, model, setup=train.setup(len(data.y_train)))
         if est.trajectory:
             est.load_state_dict(start["estimators"][prune.se])
-            est.attach(opt)
-            callbacks = [TrackWindow([est], config.track_epochs)]
     gen = torch.Generator()
     gen.set_state(start["generator"].cpu())  # generator states live on the CPU, whatever map_location said
     rows = list(start["rows"])
-    targets = schedule(prune.schedule, prune.target_sparsity, prune.rounds)
+    targets = prune.targets()
     for rnd in range(start["round"] + 1, len(targets) + 1):
         target = targets[rnd - 1]
         se_ok = None
         if est is not None:
-            est.fit(_context(model, data, opt, config))
+            est.fit(_context(model, data, opt, train))
             se_ok = est.diagnostics().get("ok")
         scores = criterion_scores(model, prune.criterion, data, estimator=est, seed=seed * 1000 + rnd)
         mustat.prune(model, scores, sparsity=target, scope=prune.scope, max_tensor_sparsity=prune.max_tensor_sparsity)
         distributed.broadcast_masks(model)
         with seeded(model, seed * 1000 + rnd):
-            train_epochs(model, opt, data.X_train, data.y_train, epochs=config.retrain_epochs,
-                         batch_size=config.batch_size, sampler=config.sampler, generator=gen, callbacks=callbacks,
+            train_epochs(model, opt, (data.X_train, data.y_train), epochs=train.retrain_epochs,
+                         batch_size=train.batch_size, sampler=train.sampler, generator=gen,
+                         estimators=[est] if est is not None else [], track_epochs=train.track_epochs,
                          progress=progress)
         rows.append(_row(model, data, prune=prune, seed=seed, rnd=rnd, target=target, se_ok=se_ok))
         if checkpoint is not None and distributed.is_main():
-            state = dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                         estimators={prune.se: est.state_dict()} if est is not None and est.trajectory else {},
-                         generator=gen.get_state(), round=rnd, rows=rows)
-            atomic_write(checkpoint, lambda t, s=state: torch.save(s, t))
+            save_checkpoint(checkpoint, dict(
+                model=model.state_dict(), optimizer=opt.state_dict(),
+                estimators={prune.se: est.state_dict()} if est is not None and est.trajectory else {},
+                generator=gen.get_state(), round=rnd, rows=rows))
         if on_round is not None:
             on_round(rows[-1])
     return rows
@@ -301,179 +199,103 @@ def run_id(params: dict) -> str:
     return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _load(path: Path) -> dict:
-    # On the CPU whatever the training device: generator states must stay CPU
-    # ByteTensors, and load_state_dict moves everything else where it belongs.
-    return torch.load(path, map_location="cpu")
+def _stem(seed: int, label: str) -> str:
+    return f"seed{seed}-{label.replace('[', '-').replace(']', '')}"
 
 
-def run(
-    *,
-    dataset: str = "digits",
-    data_dir: str | None = None,
-    model: str = "mlp",
-    criteria: Sequence[str] = DEFAULT_CRITERIA,
-    se: Sequence[str] = DEFAULT_SE,
-    scope: str = "global",
-    schedule_kind: str = "geometric",
-    target_sparsity: float = 0.95,
-    rounds: int = 5,
-    max_tensor_sparsity: float | None = None,
-    seeds: Sequence[int] = (0,),
-    config: TrainConfig | None = None,
-    device: str = "auto",
-    out: str | Path | None = None,
-    quiet: bool = False,
-    save_sparse: bool = False,
-    on_round: Callable[[dict], None] | None = None,
-) -> pd.DataFrame:
+def run(config: RunConfig | None = None, *, out: str | Path | None = None, quiet: bool = False,
+        save_sparse: bool = False, on_round: Callable[[dict], None] | None = None, **settings) -> pd.DataFrame:
     """Run the pipeline for every seed and criterion; returns the tidy results
     (``results.attrs["out"]`` is the run folder).
 
-    ``criteria`` names registered criteria (``"mu"``, ``"magnitude"``, ...; or
-    ``"mu[curvature]"`` for one pairing); each one that uses standard errors runs
-    with every estimator in ``se``. ``max_tensor_sparsity`` caps the pruned fraction of
-    any one tensor (:func:`mustat.prune`). ``save_sparse``: also write each run's final
-    pruned model as ``models/seed<S>-<label>.safetensors`` (:func:`mustat.save_sparse`).
-    Raises ``ValueError`` for unknown names (listing the valid ones), and when
-    ``out`` already holds a run with different settings.
+    ``config`` (a :class:`~mustat.config.RunConfig`), or its fields as keywords
+    (``run(dataset="digits", criteria=["magnitude"], train=TrainConfig(epochs=5))``), or
+    both (keywords override). Every combination is checked before any training
+    (:func:`preflight`). ``save_sparse``: also write each run's final pruned model as
+    ``models/seed<S>-<label>.safetensors`` (:func:`mustat.save_sparse`).
+
+    Raises ``ValueError`` for unknown names or incompatible combinations (naming the
+    option), when ``out`` holds a run with other settings (naming them) or is used by
+    another run, and for a damaged file in it (naming the file);
+    :class:`mustat.training.DivergenceError` when training diverges (nothing of that
+    phase is written).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the ranks train data-parallel
     (:mod:`mustat.distributed`); only rank 0 writes, and every rank returns the results.
     """
-    config = config or TrainConfig()
-    pairs = expand(criteria, se)
-    check_option(scope, "scope", Scope)
-    check_option(dataset, "dataset", mustat.data.DATASETS)
-    check_option(model, "model", mustat.models.MODELS)
-    targets = schedule(schedule_kind, target_sparsity, rounds)
-    used = list(dict.fromkeys(s for _, s in pairs if s is not None))
-    if config.sampler != "replacement" and {"calibrated", "batch-means"} & set(used):
-        warnings.warn(
-            "the calibrated and batch-means standard errors assume minibatches drawn with replacement; with "
-            f"sampler={config.sampler!r} they are biased (use --sampler replacement)",
-            stacklevel=2,
-        )
-    if not seeds:
-        raise ValueError("seeds is empty; give at least one seed")
-    dev = distributed.init_from_env(resolve_device(device))
+    config = replace(config, **settings) if config is not None else RunConfig(**settings)
+    first = load(config.dataset, data_dir=config.data_dir, seed=config.seeds[0])
+    preflight(config, first)
+    dev = distributed.init_from_env(resolve_device(config.device))
     main = distributed.is_main()
-    params = dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None, model=model,
-                  runs=[label(c, s) for c, s in pairs], scope=scope, schedule=schedule_kind,
-                  target_sparsity=target_sparsity, rounds=rounds, max_tensor_sparsity=max_tensor_sparsity, seeds=list(seeds), device=dev.type,
-                  train=asdict(config), targets=targets, batch_means_batches=BATCH_MEANS_BATCHES)
+    params = config.settings(dev.type)
     out = Path(out) if out is not None else Path("runs") / run_id(params)
-    if main:
-        _claim(out, params)
-    distributed.barrier()
-
-    total = len(seeds) * (config.epochs + len(pairs) * len(targets) * config.retrain_epochs)
-    bar = tqdm(total=total, desc="mustat prune", unit="epoch", disable=quiet or not main)
-    rows = []
+    pairs = config.pairs()
     ckpt = out / "checkpoints"
-    for seed in seeds:
-        data = load(dataset, data_dir=data_dir, seed=seed).to(dev)
-        dense_path = ckpt / f"seed{seed}-dense.pt"
-        distributed.barrier()  # every rank sees the same files before deciding what to resume
-        if dense_path.exists():
-            dense = _load(dense_path)
-            bar.update(config.epochs)
-        else:
-            state, row = dense_phase(model, data, config, seed=seed, estimators=used, progress=bar)
-            dense = dict(state, dense_row=row)
-            if main:
-                atomic_write(dense_path, lambda t, s=dense: torch.save(s, t))
-        rows.append(dense["dense_row"])
-        for crit, est in pairs:
-            prune = PruneConfig(crit, est, scope, schedule_kind, target_sparsity, rounds, max_tensor_sparsity)
-            stem = f"seed{seed}-{prune.label.replace('[', '-').replace(']', '')}"
-            path = ckpt / f"{stem}.pt"
-            distributed.barrier()
-            start = _load(path) if path.exists() else dict(dense, rows=[])
-            bar.update(start["round"] * config.retrain_epochs)
-            rows += prune_phase(model, data, config, prune, start, seed=seed, checkpoint=path,
-                                progress=bar, on_round=on_round)
-            if main:
-                _write_results(out, rows)
-                if save_sparse:
-                    _save_model(model, data, _load(path)["model"], out / "models" / f"{stem}.safetensors")
-    bar.close()
-    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    if main:
-        _write_results(out, rows)
-        plot(results, out / "accuracy_vs_sparsity.png")
-    distributed.barrier()
+    stems = {seed: [_stem(seed, "dense")] + [_stem(seed, config.prune_config(c, s).label) for c, s in pairs]
+             for seed in config.seeds}
+    lock = FolderLock(ensure_folder(out)) if main else nullcontext()
+    with lock:
+        done: dict[str, list[dict]] = {}
+        if main:
+            # every existing checkpoint is read before anything is written: a damaged one is named
+            # now, and results.csv always lists every finished row
+            for stem in (s for group in stems.values() for s in group):
+                if (ckpt / f"{stem}.pt").exists():
+                    state = load_checkpoint(ckpt / f"{stem}.pt")
+                    done[stem] = [state["dense_row"]] if "dense_row" in state else list(state["rows"])
+            claim(out, "settings", params, finished=bool(done), world_size=distributed.rank_world()[1])
+        distributed.barrier()
+
+        train = config.train
+        total = len(config.seeds) * (train.epochs + len(pairs) * len(config.targets()) * train.retrain_epochs)
+        bar = tqdm(total=total, desc="mustat prune", unit="epoch", disable=quiet or not main)
+
+        def write():
+            rows = [r for seed in config.seeds for s in stems[seed] for r in done.get(s, [])]
+            write_table(out / "results.csv", pd.DataFrame(rows, columns=RESULT_COLUMNS))
+
+        for seed in config.seeds:
+            data = (first if seed == config.seeds[0] else load(config.dataset, data_dir=config.data_dir, seed=seed)).to(dev)
+            dense_path = ckpt / f"{stems[seed][0]}.pt"
+            distributed.barrier()  # every rank sees the same files before deciding what to resume
+            if dense_path.exists():
+                dense = load_checkpoint(dense_path)
+                bar.update(train.epochs)
+            else:
+                dense = dense_phase(config, data, seed=seed, progress=bar)
+                if main:
+                    save_checkpoint(dense_path, dense)
+            done[stems[seed][0]] = [dense["dense_row"]]
+            for (crit, est), stem in zip(pairs, stems[seed][1:]):
+                prune = config.prune_config(crit, est)
+                path = ckpt / f"{stem}.pt"
+                distributed.barrier()
+                start = load_checkpoint(path) if path.exists() else dict(dense, rows=[])
+                bar.update(start["round"] * train.retrain_epochs)
+                done[stem] = prune_phase(config, prune, data, start, seed=seed, checkpoint=path, progress=bar,
+                                         on_round=on_round)
+                if main:
+                    write()
+                    if save_sparse:
+                        _save_model(config, data, load_checkpoint(path)["model"], out / "models" / f"{stem}.safetensors")
+        bar.close()
+        rows = [r for seed in config.seeds for s in stems[seed] for r in done.get(s, [])]
+        results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        if main:
+            write()
+            plot(results, out / "accuracy_vs_sparsity.png", title=title(config.dataset, config.model, config.scope,
+                                                                        config.seeds),
+                 chance=1 / first.n_classes if first.n_classes else None)
+        distributed.barrier()
     results.attrs["out"] = str(out)
     return results
 
 
-def _save_model(model_name: str, data: Dataset, state: dict, path: Path) -> None:
-    with torch.random.fork_rng(devices=[]):
-        model = build(model_name, data.input_shape, data.n_classes or 1, task=data.task)
+def _save_model(config: RunConfig, data: Dataset, state: dict, path: Path) -> None:
+    model = _build(config, data, None)
     mustat.load_pruned_state_dict(model, state)
     mustat.save_sparse(model, path)
 
 
-def _claim(out: Path, params: dict) -> None:
-    """Write params.json, or check that an existing run folder has the same settings."""
-    path = out / "params.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("settings") != json.loads(json.dumps(params)):
-            raise ValueError(f"{out} holds a run with other settings (see {path}); choose another --out or delete it")
-        return
-    versions = dict(mustat=mustat.__version__, torch=torch.__version__, numpy=np.__version__,
-                    pandas=pd.__version__, python=platform.python_version())
-    # the world size does not shape the results (up to float reduction order): not a setting
-    write_json(path, dict(settings=params, versions=versions, world_size=distributed.rank_world()[1]))
-
-
-def _write_results(out: Path, rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    atomic_write(out / "results.csv", lambda t: df.to_csv(t, index=False))
-    return df
-
-
-def metric(results: pd.DataFrame) -> str:
-    """The column a table reports: test accuracy, or test loss for regression (NaN accuracy)."""
-    return "test_loss" if results["test_accuracy"].isna().all() else "test_accuracy"
-
-
-def table(results: pd.DataFrame) -> pd.DataFrame:
-    """The :func:`metric`, mean ± sd over seeds: rows = target sparsity, columns = runs and the dense baseline."""
-    col = metric(results)
-    pruned = results[results["label"] != "dense"]
-    dense = results[results["label"] == "dense"][col]
-
-    def fmt(x):
-        return f"{x.mean():.3f}" if len(x) == 1 else f"{x.mean():.3f} ± {x.std(ddof=1):.3f}"
-
-    t = pruned.pivot_table(index="target_sparsity", columns="label", values=col, aggfunc=fmt, sort=False)
-    t = t[[c for c in dict.fromkeys(pruned["label"])]]
-    t["dense"] = fmt(dense)
-    t.index.name = "sparsity"
-    t.columns.name = None
-    return t
-
-
-def plot(results: pd.DataFrame, path: Path) -> Path:
-    """The :func:`metric` against sparsity by run (seaborn, from the tidy results)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    col = metric(results)
-    pruned = results[results["label"] != "dense"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.lineplot(data=pruned, x="sparsity", y=col, hue="label", marker="o", errorbar="sd", ax=ax)
-    dense = results.loc[results["label"] == "dense", col].mean()
-    ax.axhline(dense, color="grey", ls="--", lw=1, label="dense")
-    ax.set(xlabel="sparsity (fraction of weights pruned)", ylabel=col.replace("_", " "))
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=120))
-    plt.close(fig)
-    return path
-
+__all__ = ["Scope", "criterion_scores", "dense_phase", "preflight", "prune_phase", "run"]

@@ -15,9 +15,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from mustat import _masking as M
 from mustat._checks import check_option, check_scalar
-from mustat._masking import find_mask, masked_names, remove_mask, set_mask
-from mustat._params import resolve, select
+from mustat._params import entries, entry, install_mask, mask_of, masked_names, select
 
 
 class Scope(str, Enum):
@@ -43,12 +43,13 @@ class PruningReport:
     @classmethod
     def from_model(cls, model: nn.Module, params=None) -> PruningReport:
         names = select(model, params)
+        table = entries(model)
         sizes, pruned = [], []
         for name in names:
-            module, attr = resolve(model, name)
-            m = find_mask(module, attr)
-            sizes.append(getattr(module, attr).numel())
-            pruned.append(0 if m is None else int((m.mask == 0).sum()))
+            e = table[name]
+            m = M.find_mask(e.module, e.attr)
+            sizes.append(getattr(e.module, e.attr).numel())
+            pruned.append(0 if m is None else int((m == 0).sum()))
         return cls(tuple(names), tuple(sizes), tuple(pruned))
 
     @property
@@ -87,11 +88,11 @@ class PruningReport:
         return self.to_frame().to_html(index=False, float_format=lambda x: f"{x:.4f}")
 
 
-def _alive(module: nn.Module, attr: str, like: Tensor) -> Tensor:
-    m = find_mask(module, attr)
+def _alive(model: nn.Module, name: str, like: Tensor) -> Tensor:
+    m = mask_of(model, name)
     if m is None:
         return torch.ones(like.shape, dtype=torch.bool, device=like.device)
-    return (m.mask != 0).to(like.device)
+    return (m != 0).to(like.device)
 
 
 def ranked_cut(scores: Tensor, alive: Tensor, k: int, protected: Tensor | None = None) -> Tensor:
@@ -120,13 +121,41 @@ class LayerCollapseWarning(UserWarning):
 
 
 def _protected(scores: Tensor, alive: Tensor, max_pruned: int) -> Tensor:
-    """The live entries a per-tensor cap keeps: the highest-scoring ones beyond ``max_pruned`` cuts."""
+    """The live entries a per-tensor cap keeps: the highest-scoring ones beyond ``max_pruned`` cuts.
+
+    Live entries rank above dead ones whatever their scores, so a live entry scoring
+    ``-inf`` is still protected before a dead one (which is pruned anyway)."""
     out = torch.zeros_like(alive)
     n_keep = scores.numel() - max_pruned
     if n_keep > 0:
-        ranked = torch.where(alive, scores, torch.full_like(scores, float("-inf")))
-        out[torch.sort(ranked, descending=True, stable=True).indices[:n_keep]] = True
+        order = torch.sort(scores, descending=True, stable=True).indices
+        order = order[torch.sort(alive[order].to(torch.uint8), descending=True, stable=True).indices]
+        out[order[:n_keep]] = True
     return out
+
+
+def cap_violation(sizes: dict[str, int], dead: dict[str, int], sparsity: float, scope: str | Scope,
+                  max_tensor_sparsity: float) -> str | None:
+    """Why :func:`prune` cannot reach ``sparsity`` on tensors of ``sizes`` (``dead`` entries each
+    already pruned) under the per-tensor cap, or None when it can. The pipeline checks every
+    round's target with it before training."""
+    scope = check_option(scope, "scope", Scope)
+    allowed = {n: max(math.floor(max_tensor_sparsity * sizes[n]), dead.get(n, 0)) for n in sizes}
+    if scope is Scope.GLOBAL:
+        total = sum(sizes.values())
+        k = round(sparsity * total)
+        if k > sum(allowed.values()):
+            return (f"sparsity={sparsity} cannot be reached with max_tensor_sparsity={max_tensor_sparsity}: the cap "
+                    f"allows at most {sum(allowed.values()) / total:.4f} of these {total} weights; raise the cap or "
+                    "lower the target")
+        return None
+    for n, size in sizes.items():
+        k = round(sparsity * size)
+        if k > allowed[n]:
+            return (f"sparsity={sparsity} cannot be reached with scope='layer' and max_tensor_sparsity="
+                    f"{max_tensor_sparsity}: {n!r} has {size} entries, so the target prunes {k} and the cap allows "
+                    f"{allowed[n]}; raise the cap or lower the target")
+    return None
 
 
 def prune(
@@ -177,39 +206,42 @@ def prune(
     if not isinstance(scores, Mapping) or not scores:
         raise ValueError("scores must be a non-empty dict of tensors keyed by tensor name, as mustat.score returns")
     targets = {}
-    for name, s in scores.items():
-        module, attr = resolve(model, name)
-        w = getattr(module, attr)
+    table = entries(model)
+    for key, s in scores.items():
+        e = entry(model, key, table)
+        name = e.name
+        if name in targets:
+            raise ValueError(f"scores has two entries, {name!r} and {key!r}, for one tensor (they are tied: "
+                             "one parameter used in two places); give one")
+        w = getattr(e.module, e.attr)
         if not isinstance(s, Tensor) or s.shape != w.shape:
             shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise ValueError(f"scores[{name!r}] has shape {shape}, the weight has {tuple(w.shape)}")
+            raise ValueError(f"scores[{key!r}] has shape {shape}, the weight has {tuple(w.shape)}")
         if torch.isnan(s).any():
-            raise ValueError(f"scores[{name!r}] contains NaN; scores must be numbers (+/-inf allowed)")
-        targets[name] = (module, attr, s.detach(), _alive(module, attr, s))
+            raise ValueError(f"scores[{key!r}] contains NaN; scores must be numbers (+/-inf allowed)")
+        targets[name] = (e.module, e.attr, s.detach(), _alive(model, name, s))
 
     already = sum(int((~a).sum()) for *_, a in targets.values())
+    if max_tensor_sparsity is not None:
+        why = cap_violation({n: t[2].numel() for n, t in targets.items()},
+                            {n: int((~t[3]).sum()) for n, t in targets.items()}, sparsity, scope, max_tensor_sparsity)
+        if why:
+            raise ValueError(why)
     if scope is Scope.GLOBAL:
         device = next(iter(targets.values()))[2].device
         if device.type == "mps":  # no float64 there: rank on the CPU
             device = torch.device("cpu")
         parts, guards = [], []
-        cap_total = 0
         for _, _, s, a in targets.values():
             flat_s, flat_a = s.flatten().to(device, torch.float64), a.flatten().to(device)
             if max_tensor_sparsity is not None:
                 most = max(math.floor(max_tensor_sparsity * s.numel()), int((~flat_a).sum()))
-                cap_total += most
                 guards.append(_protected(flat_s, flat_a, most))
             parts.append(flat_s)
         flat = torch.cat(parts)
         protected = torch.cat(guards) if guards else None
         alive = torch.cat([a.flatten().to(device) for *_, a in targets.values()])
         k = round(sparsity * flat.numel())
-        if max_tensor_sparsity is not None and k > cap_total:
-            raise ValueError(
-                f"sparsity={sparsity} cannot be reached with max_tensor_sparsity={max_tensor_sparsity}: "
-                f"the cap allows at most {cap_total / flat.numel():.4f}; raise the cap or lower the target"
-            )
         keep_all = ranked_cut(flat, alive, max(k, int((~alive).sum())), protected)
         keeps, start = {}, 0
         for name, (_, _, s, _) in targets.items():
@@ -218,9 +250,6 @@ def prune(
         below = k < already
     else:
         keeps, below = {}, False
-        if max_tensor_sparsity is not None and sparsity > max_tensor_sparsity:
-            raise ValueError(f"sparsity={sparsity} cannot be reached with scope='layer' and "
-                             f"max_tensor_sparsity={max_tensor_sparsity}: every tensor would exceed the cap")
         for name, (_, _, s, a) in targets.items():
             k = round(sparsity * s.numel())
             dead = int((~a).sum())
@@ -239,8 +268,8 @@ def prune(
             f"{'it' if len(collapsed) == 1 else 'them'} any more. Global ranking compares scores across layers; "
             "cap each tensor with max_tensor_sparsity=... (the CLI's --max-tensor-sparsity) or use scope='layer'",
             collapsed), stacklevel=2)
-    for name, (module, attr, _, _) in targets.items():
-        set_mask(module, attr, keeps[name])
+    for name in targets:
+        install_mask(model, name, keeps[name], table)
     return PruningReport.from_model(model, list(targets))
 
 
@@ -250,9 +279,9 @@ def sparsity(model: nn.Module, params=None) -> float:
     Counts values, not masks: it is what a saved, finalized model holds.
     """
     zeros = total = 0
+    table = entries(model)
     for name in select(model, params):
-        module, attr = resolve(model, name)
-        w = getattr(module, attr).detach()
+        w = M.effective(table[name].module, table[name].attr)
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / total
@@ -261,11 +290,24 @@ def sparsity(model: nn.Module, params=None) -> float:
 def finalize(model: nn.Module) -> nn.Module:
     """Make pruning permanent (like ``torch.nn.utils.prune.remove``).
 
-    Every masked tensor becomes a plain parameter holding zeros where it was
-    masked; no masks or parametrizations are left. Returns ``model``.
+    Every masked tensor (mustat's masks, ``torch.nn.utils.prune``'s and ``torch.ao``'s)
+    becomes a plain parameter holding zeros where it was masked; no masks or mask
+    parametrizations are left. A tied tensor stays tied. Returns ``model``.
     """
-    for name in masked_names(model):
-        remove_mask(*resolve(model, name))
+    table = entries(model)
+    for name in masked_names(model, table):
+        e = table[name]
+        first = e.slots[0]
+        M.remove_mask(first.module, first.attr)
+        done = {(id(first.module), first.attr)}
+        param = getattr(first.module, first.attr)
+        for s in e.slots[1:]:
+            if (id(s.module), s.attr) in done:
+                continue
+            M.remove_mask(s.module, s.attr)  # then re-tie to the one finalized parameter
+            delattr(s.module, s.attr)
+            s.module.register_parameter(s.attr, param)
+            done.add((id(s.module), s.attr))
     return model
 
 
@@ -280,16 +322,49 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], s
     found in ``state_dict`` first, then loads. Returns what
     ``load_state_dict`` returns.
     """
+    installs = []
     for key, value in state_dict.items():
         m = _MASK_KEY.match(key)
         if m is None:
             continue
         path, attr = m.group(1) or "", m.group(2)
-        module, attr = resolve(model, f"{path}.{attr}" if path else attr)
-        if getattr(module, attr).shape != value.shape:
-            raise ValueError(
-                f"state_dict mask {key!r} has shape {tuple(value.shape)}, the model's "
-                f"{attr} has {tuple(getattr(module, attr).shape)}: is it the same architecture?"
-            )
-        set_mask(module, attr, value)
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            raise ValueError(f"state_dict mask {key!r} has no module {path!r} in this model: is it the same "
+                             "architecture?") from None
+        if not isinstance(getattr(module, attr, None), Tensor) or getattr(module, attr).shape != value.shape:
+            have = tuple(getattr(module, attr).shape) if isinstance(getattr(module, attr, None), Tensor) else None
+            raise ValueError(f"state_dict mask {key!r} has shape {tuple(value.shape)}, the model's {attr} has "
+                             f"{have}: is it the same architecture?")
+        installs.append((module, attr, value))
+    for module, attr, value in installs:  # every mask checked before the model is touched
+        M.set_mask(module, attr, value)
     return model.load_state_dict(state_dict, strict=strict)
+
+
+def to_torch_prune(model: nn.Module) -> nn.Module:
+    """Convert every mustat mask on ``model`` to ``torch.nn.utils.prune``'s layout, in place
+    (``<attr>_orig`` with the same values and parameter object, ``<attr>_mask``, a pre-hook),
+    for code that expects it; ``torch.nn.utils.prune.remove`` then finalizes as usual. Tied
+    tensors cannot be expressed there (each place would get its own ``_orig``): an error.
+    Returns ``model``. mustat reads that layout too, so scoring and pruning go on."""
+    table = entries(model)
+    for name in masked_names(model, table):
+        e = table[name]
+        if e.tied:
+            raise ValueError(f"{name!r} is tied ({', '.join(s.path for s in e.slots)}); torch.nn.utils.prune "
+                             "cannot keep one parameter in two places: keep mustat's masks for this model")
+        M.to_torch_prune(e.module, e.attr)
+    return model
+
+
+def from_torch_prune(model: nn.Module) -> nn.Module:
+    """Convert every ``torch.nn.utils.prune`` and ``torch.ao.pruning`` mask on ``model`` to a
+    mustat mask, in place, keeping the unmasked values and the parameter objects (an
+    optimizer over them keeps working). Returns ``model``."""
+    table = entries(model)
+    for name in masked_names(model, table):
+        for s in table[name].slots:
+            M.from_torch_prune(s.module, s.attr)
+    return model

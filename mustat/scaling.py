@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +36,15 @@ from torch import nn
 import mustat
 from mustat._checks import check_option, check_scalar
 from mustat._io import atomic_write
+from mustat.config import TrainConfig
 from mustat.criteria import get_criterion, parse_label
 from mustat.data import load
 from mustat.models import build, loss_fn
-from mustat.pipeline import TrainConfig, criterion_scores, estimator_options
-from mustat.training import TrackWindow, evaluate, seeded, train_epochs
+from mustat.pipeline import criterion_scores
+from mustat.training import evaluate, seeded, steps_per_epoch, train_epochs
 from mustat.uncertainty import FitContext, make_estimator
 
 MODES = ("after", "init")
-DEFAULT_LABELS = ("magnitude", "mu[pseudo]", "mu[calibrated]", "mu[batch-means]", "mu[curvature]")
 
 
 def rescale(model: nn.Module, layer: str, next_layer: str, c: float) -> nn.Module:
@@ -67,7 +68,7 @@ def scale_experiment(
     layer: str = "1",
     next_layer: str = "3",
     cs: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0),
-    labels: Sequence[str] = DEFAULT_LABELS,
+    labels: Sequence[str] | None = None,
     sparsity: float = 0.95,
     mode: str = "after",
     track_epochs: int = 10,
@@ -95,7 +96,7 @@ def scale_experiment(
         gen = torch.Generator().manual_seed(seed)
         if mode == "after":
             with seeded(base, seed):
-                train_epochs(base, config.make_optimizer(base.parameters()), data.X_train, data.y_train,
+                train_epochs(base, config.make_optimizer(base.parameters()), (data.X_train, data.y_train),
                              epochs=config.epochs, batch_size=config.batch_size, sampler=config.sampler, generator=gen)
         for c in cs:
             net = rescale(copy.deepcopy(base), layer, next_layer, c)
@@ -105,7 +106,7 @@ def scale_experiment(
             g = torch.Generator().manual_seed(seed * 1000 + 1)
             if mode == "init":
                 with seeded(net, seed):
-                    train_epochs(net, config.make_optimizer(net.parameters()), data.X_train, data.y_train,
+                    train_epochs(net, config.make_optimizer(net.parameters()), (data.X_train, data.y_train),
                                  epochs=config.epochs, batch_size=config.batch_size, sampler=config.sampler, generator=g)
             rows += _track_and_prune(net, data, config, pairs, track_epochs, sparsity, layer, g,
                                      dict(seed=seed, c=c, mode=mode, output_change=change))
@@ -119,17 +120,15 @@ def _track_and_prune(net, data, config: TrainConfig, pairs, track_epochs, sparsi
     """Train ``track_epochs`` more epochs with every trajectory estimator attached, then prune a
     copy by each criterion and evaluate it."""
     opt = config.make_optimizer(net.parameters())
+    setup = replace(config.setup(len(data.y_train)),
+                    window_steps=track_epochs * steps_per_epoch(len(data.y_train), config.batch_size))
     ests = {}
     for _, se in pairs:
         if se is not None and se not in ests:
-            ests[se] = make_estimator(se, net, **estimator_options(se, config, len(data.y_train)))
-    trackers = [e for e in ests.values() if e.trajectory]
-    handles = [e.attach(opt) for e in trackers]
+            ests[se] = make_estimator(se, net, setup=setup)
     with seeded(net, info["seed"] * 1000 + 1):
-        train_epochs(net, opt, data.X_train, data.y_train, epochs=track_epochs, batch_size=config.batch_size,
-                     sampler=config.sampler, generator=gen, callbacks=[TrackWindow(trackers, track_epochs)])
-    for h in handles:
-        h.remove()
+        train_epochs(net, opt, (data.X_train, data.y_train), epochs=track_epochs, batch_size=config.batch_size,
+                     sampler=config.sampler, generator=gen, estimators=list(ests.values()))
     context = FitContext(X=data.X_train, y=data.y_train, loss=lambda o, t: loss_fn(net, o, t), optimizer=opt,
                          batch_size=config.batch_size, weight_decay=config.weight_decay)
     for est in ests.values():
@@ -143,7 +142,7 @@ def _track_and_prune(net, data, config: TrainConfig, pairs, track_epochs, sparsi
             warnings.simplefilter("ignore", mustat.LayerCollapseWarning)  # collapse is what this measures
             report = mustat.prune(pruned, scores, sparsity=sparsity)
         frame = report.to_frame().set_index("tensor")
-        acc, _ = evaluate(pruned, data.X_test, data.y_test)
+        acc, _ = evaluate(pruned, (data.X_test, data.y_test))
         rows.append(dict(info, label=mustat.criteria.label(crit, se), sparsity=sparsity, test_accuracy=acc,
                          layer_pruned=float(frame.loc[f"{layer}.weight", "sparsity"])
                          if f"{layer}.weight" in frame.index else np.nan))

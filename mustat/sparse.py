@@ -19,7 +19,6 @@ masked, so :func:`load_sparse` can restore an identical model, masks included.
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from numbers import Integral
@@ -29,10 +28,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mustat import _masking as M
 from mustat._checks import check_option, check_scalar
+from mustat._functional import clone_model
 from mustat._io import atomic_write
-from mustat._masking import find_mask, masked_names, set_mask
-from mustat._params import resolve
+from mustat._params import entries, install_mask
 
 FORMAT = "mustat-sparse/1"
 _BITS = 1 << torch.arange(8, dtype=torch.int32)
@@ -66,118 +66,159 @@ def _nbytes(tensors: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def effective_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, str]]:
+    """``(state, patterns, aliases)``: the model's state under the plain keys a finalized model
+    would have (masks applied; no mask buffers), the keep-pattern of every masked tensor by
+    key, and, for a tied tensor's further names, the key that holds its values. Touches no
+    module: nothing is copied or finalized."""
+    table = entries(model)
+    state, patterns, aliases, owned = {}, {}, {}, set()
+    for e in table.values():
+        value = M.effective(e.module, e.attr)
+        mask = M.find_mask(e.module, e.attr)
+        for i, s in enumerate(e.slots):
+            state[s.path] = value
+            if mask is not None:
+                patterns[s.path] = (mask != 0).cpu()
+            if i:
+                aliases[s.path] = e.name
+            owned |= {s.key, f"{s.path.rpartition('.')[0]}.{s.attr}_mask".lstrip(".")}
+    for key, value in model.state_dict().items():
+        if key in state or key in owned or ".parametrizations." in f".{key}":
+            continue
+        state[key] = value.detach()
+    return state, patterns, aliases
+
+
 def save_sparse(model: nn.Module, path: str | Path) -> Path:
     """Save ``model``'s effective state compactly (module notes); written atomically.
 
-    Pruned weights (masks from :func:`mustat.prune`) and any tensor that is mostly
-    zero are stored as values plus a bitmask or CSR indices, whichever is smaller;
-    the rest as they are. The model itself is not modified. Returns the path.
+    Pruned weights (masks from :func:`mustat.prune`, ``torch.nn.utils.prune`` or
+    ``torch.ao.pruning``) are stored as values plus a bitmask or CSR indices, whichever is
+    smaller, so their pattern always comes back; any other tensor that is mostly zero the
+    same way, the rest as they are. A tied tensor is stored once. The model itself is not
+    modified. Returns the path.
     """
     from safetensors.torch import save_file
 
-    masked = set(masked_names(model))
-    patterns = {}
-    for name in masked:
-        module, attr = resolve(model, name)
-        patterns[name] = (find_mask(module, attr).mask != 0).cpu()
-    from mustat.pruning import finalize
-
-    state = finalize(copy.deepcopy(model)).state_dict()
+    state, patterns, aliases = effective_state_dict(model)
     tensors, meta = {}, {}
     for key, value in state.items():
         value = value.detach().cpu().contiguous()
+        info = dict(shape=list(value.shape), dtype=str(value.dtype).removeprefix("torch."), masked=key in patterns)
+        if key in aliases:
+            meta[key] = dict(info, encoding="alias", of=aliases[key])
+            continue
         keep = patterns.get(key)
-        if keep is None:
-            keep = value != 0 if value.is_floating_point() and value.numel() else None
+        if keep is None and value.is_floating_point() and value.numel():
+            keep = value != 0
         if keep is None:
             choice, stored = "dense", {key: value}
         else:
             options = _encodings(key, value, keep)
+            if key in patterns:  # the mask itself must be stored, even where dense values would be smaller
+                del options["dense"]
             choice = min(options, key=lambda k: _nbytes(options[k]))
             stored = options[choice]
         tensors.update({k: v.contiguous() for k, v in stored.items()})
-        meta[key] = dict(encoding=choice, shape=list(value.shape), dtype=str(value.dtype).removeprefix("torch."),
-                         masked=key in masked)
+        meta[key] = dict(info, encoding=choice)
     header = {"format": FORMAT, "mustat": json.dumps(meta)}
     return atomic_write(path, lambda t: save_file(tensors, t, metadata=header))
 
 
 def read_sparse(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``(state, masks)`` from a :func:`save_sparse` file: the dense effective state dict
-    (plain keys, CPU) and the keep-patterns of the tensors that were masked."""
+    (plain keys, CPU) and the keep-patterns of the tensors that were masked.
+
+    A missing file is a ``FileNotFoundError``; a truncated, corrupt or foreign file a
+    ``ValueError`` naming it."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no sparse model file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a mustat sparse model (format {header.get('format')!r}, "
-                             f"want {FORMAT!r}); save it with mustat.save_sparse")
-        meta = json.loads(header["mustat"])
-        stored = {k: f.get_tensor(k) for k in f.keys()}
-    state, masks = {}, {}
-    for key, info in meta.items():
-        shape, dtype = torch.Size(info["shape"]), getattr(torch, info["dtype"])
-        if info["encoding"] == "dense":
-            state[key] = stored[key]
-            continue
-        if info["encoding"] == "bitmask":
-            keep = _unpack(stored[f"{key}.bitmask"], shape.numel())
-        else:
-            crow = stored[f"{key}.crow"].long()
-            rows = len(crow) - 1
-            cols = stored[f"{key}.col"].long()
-            row_of = torch.repeat_interleave(torch.arange(rows), crow.diff())
-            width = shape.numel() // max(rows, 1)
-            keep = torch.zeros(shape.numel(), dtype=torch.bool)
-            keep[row_of * width + cols] = True
-        dense = torch.zeros(shape.numel(), dtype=dtype)
-        dense[keep] = stored[f"{key}.values"]
-        state[key] = dense.view(shape)
-        if info["masked"]:
-            masks[key] = keep.view(shape)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a mustat sparse model (format {header.get('format')!r}, "
+                                 f"want {FORMAT!r}); save it with mustat.save_sparse")
+            meta = json.loads(header["mustat"])
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        state, masks = {}, {}
+        for key, info in meta.items():
+            if info["encoding"] != "alias":
+                state[key], keep = _decode(key, info, stored)
+                if info["masked"]:
+                    masks[key] = keep
+        for key, info in meta.items():
+            if info["encoding"] == "alias":
+                state[key] = state[info["of"]]
+                if info["masked"]:
+                    masks[key] = masks[info["of"]]
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path} is not a readable mustat sparse model file ({err}); save it again "
+                         "with mustat.save_sparse") from None
+    except Exception as err:  # safetensors' own errors (truncated header, bad JSON, missing tensors)
+        raise ValueError(f"{path} is not a readable mustat sparse model file ({type(err).__name__}: {err}); "
+                         "it may be truncated or corrupt: save it again with mustat.save_sparse") from None
     return state, masks
+
+
+def _decode(key: str, info: dict, stored: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    shape, dtype = torch.Size(info["shape"]), getattr(torch, info["dtype"])
+    if info["encoding"] == "dense":
+        return stored[key], None
+    if info["encoding"] == "bitmask":
+        keep = _unpack(stored[f"{key}.bitmask"], shape.numel())
+    else:
+        crow = stored[f"{key}.crow"].long()
+        rows = len(crow) - 1
+        cols = stored[f"{key}.col"].long()
+        row_of = torch.repeat_interleave(torch.arange(rows), crow.diff())
+        width = shape.numel() // max(rows, 1)
+        keep = torch.zeros(shape.numel(), dtype=torch.bool)
+        keep[row_of * width + cols] = True
+    dense = torch.zeros(shape.numel(), dtype=dtype)
+    dense[keep] = stored[f"{key}.values"]
+    return dense.view(shape), keep.view(shape)
 
 
 def load_sparse(path: str | Path, model: nn.Module, *, masks: bool = True) -> nn.Module:
     """Load a :func:`save_sparse` file into ``model`` (same architecture); returns it.
 
-    ``masks=True`` re-installs the masks of tensors that were pruned, so further
-    training keeps them at zero; ``masks=False`` loads plain zero-filled weights
-    (a finalized model). Either way the outputs equal the saved model's exactly.
+    ``masks=True`` installs the masks of tensors that were pruned (mustat masks, on every
+    place a tied tensor is used), so further training keeps them at zero;
+    ``masks=False`` loads the values only (zeros where pruned; the model's own masks, if
+    any, stay as they are). Either way the outputs equal the saved model's exactly.
+    Everything is checked before the model is touched: a file that does not fit leaves it
+    as it was.
     """
     state, patterns = read_sparse(path)
-    own = model.state_dict()
+    own, _, _ = effective_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}; "
+                         "is it the same architecture?")
     for key, value in state.items():
-        if key in patterns:
-            try:
-                target = getattr(*resolve(model, key))
-            except ValueError as err:
-                raise ValueError(f"{path} does not fit this model: {err}") from None
-        elif key in own:
-            target = own[key]
-        else:
-            continue  # reported by load_state_dict below
-        if target.shape != value.shape:
+        if own[key].shape != value.shape:
             raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model's has "
-                             f"{tuple(target.shape)}: is it the same architecture?")
-    plain = {}
-    for key, value in state.items():
-        if masks and key in patterns:
-            module, attr = resolve(model, key)
-            set_mask(module, attr, patterns[key])
-            head, _, tail = key.rpartition(".")
-            prefix = f"{head}.parametrizations.{tail}" if head else f"parametrizations.{tail}"
-            plain[f"{prefix}.original"] = value
-            plain[f"{prefix}.0.mask"] = patterns[key].to(value.dtype)
-        else:
-            plain[key] = value
-    try:
-        model.load_state_dict(plain, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path} does not fit this model: {err}") from None
+                             f"{tuple(own[key].shape)}: is it the same architecture?")
+    table = entries(model)
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for e in table.values():
+            if masks and e.name in patterns:
+                install_mask(model, e.name, patterns[e.name], table)
+            target = M.leaf(e.module, e.attr)
+            if target is None:
+                raise ValueError(f"{path}: {e.name!r} is computed by a parametrization load_sparse cannot write")
+            target.copy_(state[e.name])
+        for key, value in state.items():
+            if key in buffers:
+                buffers[key].copy_(value)
     return model
 
 
@@ -233,7 +274,7 @@ def sparse_inference(model: nn.Module, *, min_sparsity: float = 0.9, min_params:
         check_option(k, "kinds", ["linear"])
     from mustat.pruning import finalize
 
-    work = finalize(copy.deepcopy(model)).eval()
+    work = finalize(clone_model(model)).eval()
     for path, module in list(work.named_modules()):
         if (type(module) is nn.Linear and module.weight.numel() >= min_params
                 and float((module.weight == 0).double().mean()) >= min_sparsity):

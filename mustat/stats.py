@@ -16,9 +16,9 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from torch import Tensor, nn
 
+from mustat import _masking as M
 from mustat._checks import check_option, check_scalar
-from mustat._masking import find_mask, set_mask
-from mustat._params import resolve, select
+from mustat._params import entries, entry, install_mask, mask_of, select
 from mustat.pruning import PruningReport
 
 ADJUST_METHODS = ("bonferroni", "holm", "fdr_bh", "fdr_by", "sidak", "holm-sidak", "hommel")
@@ -56,7 +56,10 @@ class WaldResults:
 
     Statistics. :math:`z = \hat w / \widehat{se}` is referred to the standard
     normal distribution: the two-sided p-value is :math:`2\,(1 - \Phi(|z|))` and
-    the interval :math:`\hat w \pm z_{1-\alpha/2}\,\widehat{se}`. This is valid
+    the interval :math:`\hat w \pm z_{1-\alpha/2}\,\widehat{se}`. With ``dof`` it is
+    referred to Student's :math:`t_{\mathrm{dof}}` instead (p-values and interval
+    quantiles), as for an SE estimated from ``dof + 1`` batch means, whose own
+    :math:`\chi^2` noise makes the studentised statistic t-distributed. This is valid
     when :math:`\hat w` is asymptotically normal and unbiased around the true
     value and :math:`\widehat{se}` is a consistent standard error (for example
     the inverse observed information at a maximum-likelihood fit of an
@@ -70,13 +73,24 @@ class WaldResults:
 
     Attributes (dicts keyed by tensor name, numpy float64 arrays in the weights'
     shapes): ``params``, ``bse``, ``zvalues``, ``pvalues``; ``pruned`` (bool);
-    ``alpha`` (default level of :meth:`conf_int` and :meth:`summary`).
+    ``labels`` (str arrays naming each entry, such as feature names; empty when not
+    given); ``alpha`` (default level of :meth:`conf_int` and :meth:`summary`); ``dof``
+    (None: normal); ``nobs`` and ``llf`` (sample size and log-likelihood, shown in the
+    summary's header when given).
     """
 
     params: dict[str, np.ndarray]
     bse: dict[str, np.ndarray]
     pruned: dict[str, np.ndarray]
     alpha: float = 0.05
+    dof: float | None = None
+    labels: dict[str, np.ndarray] | None = None
+    nobs: int | None = None
+    llf: float | None = None
+
+    @property
+    def distribution(self) -> str:
+        return "N(0, 1)" if self.dof is None else f"t({self.dof:g})"
 
     @property
     def names(self) -> list[str]:
@@ -88,11 +102,13 @@ class WaldResults:
 
     @property
     def pvalues(self) -> dict[str, np.ndarray]:
-        return {k: pvalues(z) for k, z in self.zvalues.items()}
+        return {k: pvalues(z, self.dof) for k, z in self.zvalues.items()}
 
     def conf_int(self, alpha: float | None = None) -> dict[str, np.ndarray]:
-        """``(lower, upper)`` stacked on a last axis of size 2, at level ``1 - alpha``."""
-        q = sps.norm.ppf(1 - _check_alpha(self.alpha if alpha is None else alpha) / 2)
+        """``(lower, upper)`` stacked on a last axis of size 2, at level ``1 - alpha`` (normal, or
+        Student-t quantiles with ``dof``)."""
+        level = 1 - _check_alpha(self.alpha if alpha is None else alpha) / 2
+        q = sps.norm.ppf(level) if self.dof is None else sps.t.ppf(level, self.dof)
         return {k: np.stack([w - q * self.bse[k], w + q * self.bse[k]], axis=-1) for k, w in self.params.items()}
 
     def pvalues_adjusted(self, method: str = "fdr_bh", params: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -127,14 +143,17 @@ class WaldResults:
         return names
 
     def to_frame(self, alpha: float | None = None) -> pd.DataFrame:
-        """Tidy table: one row per entry (param, index as a tuple, flat, weight, se, z,
-        pvalue, ci_low, ci_high, pruned)."""
+        """Tidy table: one row per entry (param, index as a tuple, label, flat, weight, se, z,
+        pvalue, ci_low, ci_high, pruned); ``label`` is the entry's name where ``labels`` gave one,
+        else its index."""
         z, p, ci = self.zvalues, self.pvalues, self.conf_int(alpha)
         frames = []
         for k, w in self.params.items():
             idx = list(np.ndindex(w.shape)) if w.ndim else [()]
+            names = (self.labels or {}).get(k)
+            label = [str(i) for i in idx] if names is None else list(names.ravel())
             frames.append(pd.DataFrame({
-                "param": k, "index": idx, "flat": np.arange(w.size), "weight": w.ravel(),
+                "param": k, "index": idx, "label": label, "flat": np.arange(w.size), "weight": w.ravel(),
                 "se": self.bse[k].ravel(), "z": z[k].ravel(), "pvalue": p[k].ravel(),
                 "ci_low": ci[k][..., 0].ravel(), "ci_high": ci[k][..., 1].ravel(),
                 "pruned": self.pruned[k].ravel(),
@@ -165,7 +184,7 @@ class WaldSummary:
                 f"BH<{r.alpha:g}": int((live["p_bh"] < r.alpha).sum()),
                 "median |z|": float(np.median(np.abs(live["z"]))) if len(live) else float("nan"),
             }
-            cols = ["index", "weight", "se", "z", "pvalue", "ci_low", "ci_high"]
+            cols = ["label", "weight", "se", "z", "pvalue", "ci_low", "ci_high"]
             if len(f) <= self.max_rows:
                 body, note = f[cols], ""
             else:
@@ -174,9 +193,11 @@ class WaldSummary:
             self.blocks.append((head, body, note))
 
     def _title(self) -> str:
-        a = self.results.alpha
-        return (f"Wald tests of H0: w = 0 (z = w / se, two-sided p from N(0, 1), "
-                f"{100 * (1 - a):g}% intervals; BH = Benjamini-Hochberg across all entries)")
+        r = self.results
+        about = "".join([f"; n = {r.nobs}" if r.nobs is not None else "",
+                         f"; log-likelihood {r.llf:.4f}" if r.llf is not None else ""])
+        return (f"Wald tests of H0: w = 0 (z = w / se, two-sided p from {r.distribution}, "
+                f"{100 * (1 - r.alpha):g}% intervals; BH = Benjamini-Hochberg across all entries{about})")
 
     def __str__(self) -> str:
         out = [self._title(), "=" * 78]
@@ -207,6 +228,10 @@ def wald(
     alpha: float = 0.05,
     params: Iterable[str] | None = None,
     weights: Mapping[str, Tensor] | None = None,
+    dof: float | None = None,
+    labels: Mapping[str, object] | None = None,
+    nobs: int | None = None,
+    llf: float | None = None,
 ) -> WaldResults:
     """Wald table for the model's weights given their standard errors.
 
@@ -223,6 +248,14 @@ def wald(
         Tensors to include; default: every key of ``se``.
     weights
         Estimates to test instead of the current weights (e.g. the window mean).
+    dof
+        Degrees of freedom of the reference t-distribution (``None``: normal): pass the
+        estimator's ``diagnostics()["dof"]`` for batch means.
+    labels
+        Names of the entries, by tensor name: anything that broadcasts to the weight's
+        shape as strings (feature names for a GLM's ``(1, d)`` weight, say).
+    nobs, llf
+        Sample size and log-likelihood, shown in the summary's header.
 
     Raises
     ------
@@ -237,16 +270,20 @@ def wald(
         the weight never moved (a dead unit, a constant input), not that it matters.
     """
     alpha = _check_alpha(alpha)
+    if dof is not None:
+        check_scalar(dof, "dof", kind=Real, low=0.0, closed="neither")
     if not isinstance(se, Mapping) or not se:
         raise ValueError("se must be a non-empty dict of standard errors keyed by tensor name")
     names = list(se) if params is None else select(model, params, "params")
-    est, bse, pruned = {}, {}, {}
+    est, bse, pruned, named = {}, {}, {}, {}
     n_zero = 0
+    table = entries(model)
     for name in names:
         if name not in se:
             raise ValueError(f"se has no entry {name!r}; it has {sorted(se)}")
-        module, attr = resolve(model, name)
-        w = (weights[name] if weights is not None and name in weights else getattr(module, attr)).detach()
+        e = entry(model, name, table)
+        module, attr = e.module, e.attr
+        w = (weights[name] if weights is not None and name in weights else M.effective(module, attr)).detach()
         s = se[name].detach() if isinstance(se[name], Tensor) else torch.as_tensor(se[name])
         if s.shape != w.shape:
             raise ValueError(f"se[{name!r}] has shape {tuple(s.shape)}, the weight has {tuple(w.shape)}")
@@ -258,8 +295,14 @@ def wald(
                 "(a failed Hessian inversion? see hessian_se's damping)"
             )
         w64 = w.to("cpu", torch.float64).numpy()
-        m = find_mask(module, attr)
-        pruned[name] = np.zeros(w64.shape, bool) if m is None else (m.mask == 0).cpu().numpy()
+        m = M.find_mask(module, attr)
+        pruned[name] = np.zeros(w64.shape, bool) if m is None else (m == 0).cpu().numpy()
+        if labels is not None and name in labels:
+            try:
+                named[name] = np.broadcast_to(np.asarray(labels[name], dtype=str), w64.shape)
+            except ValueError:
+                raise ValueError(f"labels[{name!r}] has shape {np.shape(labels[name])}, which does not broadcast "
+                                 f"to the weight's {w64.shape}") from None
         n_zero += int(((s64 == 0) & (w64 != 0) & ~pruned[name]).sum())
         est[name], bse[name] = w64, s64
     if n_zero:
@@ -269,7 +312,10 @@ def wald(
             "significant",
             stacklevel=2,
         )
-    return WaldResults(est, bse, pruned, alpha)
+    if labels is not None and set(labels) - set(names):
+        raise ValueError(f"labels has entries {sorted(set(labels) - set(names))} for no tested tensor; tested: {names}")
+    return WaldResults(est, bse, pruned, alpha, None if dof is None else float(dof), named or None,
+                       nobs, None if llf is None else float(llf))
 
 
 def prune_fdr(
@@ -297,10 +343,9 @@ def prune_fdr(
         names = results._subset(params)
     adj = results.pvalues_adjusted(method, names)
     for name in names:
-        module, attr = resolve(model, name)
         keep = torch.as_tensor((adj[name] <= fdr) & ~results.pruned[name])
-        existing = find_mask(module, attr)
+        existing = mask_of(model, name)
         if existing is not None:
-            keep &= (existing.mask != 0).cpu()
-        set_mask(module, attr, keep)
+            keep &= (existing != 0).cpu()
+        install_mask(model, name, keep)
     return PruningReport.from_model(model, names)

@@ -1,14 +1,17 @@
-"""The training loop: tensors in, callbacks out.
+"""The training loop: batches in (tensors or a DataLoader), estimators and callbacks out.
 
-The caller's random state is never changed: batches come from the caller's ``torch.Generator``,
-and :func:`seeded` runs a phase on forked, seeded global generators (for dropout).
-Estimators record through the optimizer's step hook (``estimator.attach``);
-callbacks see epoch boundaries (:class:`TrackWindow` opens a tracking window).
+The caller's random state is never changed: batches come from the caller's ``torch.Generator``
+(or the caller's DataLoader), and :func:`seeded` runs a phase on forked, seeded global
+generators (for dropout). :func:`train_epochs` is the one routine that trains while
+estimators watch: it attaches them to the optimizer's step hook for the call and opens
+their tracking window (:class:`TrackWindow`); the pipeline, the calibration study and the
+scale experiment all train through it. A diverging run stops with :class:`DivergenceError`.
 The prune/retrain orchestration lives in :mod:`mustat.pipeline`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
@@ -19,6 +22,9 @@ from torch import Tensor, nn
 
 from mustat import distributed
 from mustat._checks import check_option, check_scalar
+from mustat._functional import eval_mode
+from mustat.batching import Data, check_data, is_tensors
+from mustat.batching import batches as iter_batches
 from mustat.models import loss_fn, predict
 
 
@@ -74,11 +80,27 @@ def resolve_device(device: str) -> torch.device:
 @contextmanager
 def seeded(model: nn.Module, seed: int):
     """Run a training phase with torch's global generators forked and seeded, so layers that draw
-    from them (dropout) are reproducible and resume identically; the caller's RNG state is restored."""
+    from them (dropout) are reproducible and resume identically; the caller's RNG state is restored.
+    Inside a process group each rank gets its own stream (``seed`` on rank 0), so the ranks'
+    dropout masks are independent, as one process's would be across the rows of a batch."""
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    rank = distributed.rank_world()[0]
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + 1_000_003 * rank)
         yield
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged: a non-finite loss, or an epoch's mean loss far above the first batch's.
+    ``epoch`` is the epoch (from 0) where it was seen."""
+
+    def __init__(self, message: str, epoch: int):
+        super().__init__(message)
+        self.epoch = epoch
+
+
+#: an epoch whose mean training loss exceeds this multiple of the first batch's has diverged
+DIVERGENCE_FACTOR = 1000.0
 
 
 class Callback:
@@ -121,79 +143,161 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
+def _epoch_batches(data: Data, batch_size, sampler, generator) -> Iterator[tuple[Tensor, Tensor, int]]:
+    """One epoch's ``(inputs, targets, global batch size)`` for this rank: its shard of each batch."""
+    if is_tensors(data):
+        X, y = data
+        for idx in batches(len(y), batch_size, sampler, generator):
+            total = len(idx)
+            idx = distributed.shard(idx).to(X.device, non_blocking=True)
+            yield X[idx], y[idx], total
+    else:
+        for xb, yb in iter_batches(data):
+            yield distributed.shard(xb), distributed.shard(yb), len(yb)
+
+
+def _check_distributed(model: nn.Module) -> None:
+    plain = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, nn.SyncBatchNorm) and m.training]
+    if plain:
+        raise ValueError(f"data-parallel training with BatchNorm layers ({', '.join(plain[:4])}) would normalise each "
+                         "rank's shard by its own statistics, so N ranks would not train the model one process "
+                         "trains; convert them with torch.nn.SyncBatchNorm.convert_sync_batchnorm or train in one "
+                         "process")
+
+
 def train_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    X: Tensor,
-    y: Tensor,
+    data: Data,
     *,
     epochs: int,
-    batch_size: int,
-    generator: torch.Generator,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
     sampler: str | Sampler = "replacement",
     loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    estimators: Sequence = (),
+    track_epochs: int | None = None,
     callbacks: Sequence[Callback] = (),
     progress=None,
     amp: bool | None = None,
 ) -> None:
-    """Train ``epochs`` epochs of minibatches of ``(X, y)``.
+    """Train ``epochs`` epochs, with estimators recording the last ``track_epochs``.
 
-    ``loss(output, target)`` is the mean minibatch loss (default
-    :func:`mustat.models.loss_fn`). ``amp``: bf16 autocast of the forward pass
-    (default: on for CUDA tensors). The model's train/eval mode is restored.
+    Parameters
+    ----------
+    data
+        ``(X, y)`` tensors, from which minibatches of ``batch_size`` rows are drawn by
+        ``sampler`` (``"replacement"`` or ``"shuffle"``) with the caller's ``generator``;
+        or any re-iterable of ``(inputs, targets)`` batches (a ``DataLoader``), read once
+        per epoch in its own order (then ``batch_size`` and ``generator`` are not used).
+        The two give identical training on identical batches.
+    loss
+        ``loss(output, target)``, the mean minibatch loss (default
+        :func:`mustat.models.loss_fn`).
+    estimators
+        Estimators to drive: the trajectory ones are attached to ``optimizer`` for the
+        call (:meth:`~mustat.uncertainty.Estimator.attach`, removed afterwards) and record
+        the last ``track_epochs`` epochs (default: all), :class:`TrackWindow`.
+    amp
+        bf16 autocast of the forward pass (default: on for CUDA).
+
+    The model's train/eval mode is restored. A non-finite loss, or an epoch whose mean
+    loss exceeds :data:`DIVERGENCE_FACTOR` times the first batch's, raises
+    :class:`DivergenceError` naming the epoch (checked once per epoch: one host sync).
 
     Inside a ``torch.distributed`` process group every rank draws the same global
-    minibatch from ``generator`` and trains on its shard; gradients are combined
-    as the global mean (:mod:`mustat.distributed`).
+    minibatch and trains on its shard; gradients are combined as the global mean
+    (:mod:`mustat.distributed`), so N ranks train the model one process trains (up to
+    floating-point reduction order, and but for dropout, whose masks are drawn per rank).
     """
     check_scalar(epochs, "epochs", kind=Integral, low=0)
-    check_scalar(batch_size, "batch_size", kind=Integral, low=1)
-    if len(X) != len(y):
-        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
-    sampler = check_option(sampler, "sampler", Sampler)
-    device = X.device.type
-    amp = device == "cuda" if amp is None else bool(amp)
+    check_data(data)
+    if is_tensors(data):
+        check_scalar(batch_size, "batch_size", kind=Integral, low=1)
+        if generator is None:
+            raise ValueError("training from (X, y) tensors needs generator=torch.Generator().manual_seed(...), "
+                             "which draws the minibatches")
+        sampler = check_option(sampler, "sampler", Sampler)
+    trackers = [e for e in estimators if getattr(e, "trajectory", False)]
+    window = epochs if track_epochs is None else track_epochs
+    callbacks = ([TrackWindow(trackers, window)] if trackers and epochs else []) + list(callbacks)
     world = distributed.rank_world()[1]
-    was_training = model.training
+    if world > 1:
+        _check_distributed(model)
+    first_param = next(model.parameters(), None)
+    device = first_param.device.type if first_param is not None else "cpu"
+    amp = device == "cuda" if amp is None else bool(amp)
+    handles = [e.attach(optimizer) for e in trackers]
+    was_training = [(m, m.training) for m in model.modules()]
     model.train()
+    first: Tensor | None = None
     try:
         for epoch in range(epochs):
             for cb in callbacks:
                 cb.on_epoch_start(epoch, epochs)
-            for idx in batches(len(y), batch_size, sampler, generator):
-                total = len(idx)
-                idx = distributed.shard(idx).to(X.device, non_blocking=True)
+            total = torch.zeros((), dtype=torch.float64, device=first_param.device if first_param is not None else None)
+            rows = 0
+            for xb, yb, global_rows in _epoch_batches(data, batch_size, sampler, generator):
                 optimizer.zero_grad(set_to_none=True)
-                if len(idx):
+                if len(yb):
                     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-                        out = model(X[idx])
-                    target = y[idx]
-                    value = loss(out.float(), target) if loss is not None else loss_fn(model, out.float(), target)
+                        out = model(xb)
+                    value = loss(out.float(), yb) if loss is not None else loss_fn(model, out.float(), yb)
                     value.backward()
-                else:  # a final shuffled batch smaller than the world: this rank contributes nothing
-                    for p in model.parameters():
-                        if p.requires_grad:
-                            p.grad = torch.zeros_like(p)
+                    total += value.detach().double() * len(yb)
+                    rows += len(yb)
+                    if first is None:
+                        first = value.detach().double()
+                # a rank whose shard is empty (a final shuffled batch smaller than the world) contributes nothing
                 if world > 1:
-                    distributed.all_reduce_gradients(model, len(idx), total)
+                    distributed.all_reduce_gradients(model, len(yb), global_rows)
                 optimizer.step()
+            _check_divergence(total, rows, first, epoch)
             for cb in callbacks:
                 cb.on_epoch_end(epoch, epochs)
             if progress is not None:
                 progress.update(1)
     finally:
-        model.train(was_training)
+        for h in handles:
+            h.remove()
+        for m, flag in was_training:
+            m.training = flag
+
+
+def _check_divergence(total: Tensor, rows: int, first: Tensor | None, epoch: int) -> None:
+    stats = torch.stack([total, torch.tensor(float(rows), dtype=torch.float64, device=total.device),
+                         first if first is not None else torch.zeros((), dtype=torch.float64, device=total.device)])
+    if distributed.rank_world()[1] > 1:  # every rank decides on the same global numbers
+        stats = distributed.all_reduce_sum(stats)
+    loss_sum, count, first_loss = (float(v) for v in stats.cpu())
+    if count == 0:
+        return
+    mean = loss_sum / count
+    if not math.isfinite(mean):
+        raise DivergenceError(f"training diverged at epoch {epoch}: the mean training loss is {mean} (non-finite); "
+                              "lower the learning rate", epoch)
+    if first_loss > 0 and mean > DIVERGENCE_FACTOR * first_loss:
+        raise DivergenceError(f"training diverged at epoch {epoch}: mean training loss {mean:.3g} is over "
+                              f"{DIVERGENCE_FACTOR:g} times the first batch's ({first_loss:.3g}); lower the learning "
+                              "rate", epoch)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, X: Tensor, y: Tensor) -> tuple[float, float]:
-    """(accuracy, mean loss); for regression the accuracy is NaN (read the loss)."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(X).float()
-        loss = float(loss_fn(model, out, y))
-        acc = float((predict(model, out) == y).float().mean()) if not y.is_floating_point() else float("nan")
-    finally:
-        model.train(was_training)
-    return acc, loss
+def evaluate(model: nn.Module, data: Data, batch_size: int | None = None) -> tuple[float, float]:
+    """(accuracy, mean loss) over ``data`` (``(X, y)`` tensors, read in chunks of ``batch_size``
+    rows, default one; or an iterable of batches), in eval mode (each module's mode restored).
+    For regression the accuracy is NaN (read the loss)."""
+    loss_sum, correct, rows = 0.0, 0.0, 0
+    regression = False
+    with eval_mode(model):
+        for xb, yb in iter_batches(data, batch_size):
+            out = model(xb).float()
+            loss_sum += float(loss_fn(model, out, yb)) * len(yb)
+            regression = yb.is_floating_point()
+            if not regression:
+                correct += float((predict(model, out) == yb).double().sum())
+            rows += len(yb)
+    if rows == 0:
+        raise ValueError("evaluate: the data has no rows")
+    return (float("nan") if regression else correct / rows), loss_sum / rows

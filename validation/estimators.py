@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from numbers import Integral, Real
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mustat._checks import check_option
-from mustat.training import (
-    OPTIMIZERS,
-    Sampler,
-    TrackWindow,
-    make_optimizer,
-    steps_per_epoch,
-    train_epochs,
-)
-from mustat.uncertainty import ESTIMATORS, FitContext, WindowWarning, get_estimator, make_estimator
+from mustat._checks import check_option, check_scalar
+from mustat.training import OPTIMIZERS, Sampler, make_optimizer, steps_per_epoch, train_epochs
+from mustat.uncertainty import FitContext, TrainingSetup, WindowWarning, make_estimator, variant
 
 
 @dataclass(frozen=True)
@@ -40,6 +34,12 @@ class Setting:
     def __post_init__(self):
         check_option(self.optimizer, "optimizer", OPTIMIZERS)
         check_option(self.sampler, "sampler", Sampler)
+        check_scalar(self.lr, "lr", kind=Real, low=0.0, closed="neither")
+        check_scalar(self.momentum, "momentum", kind=Real, low=0.0, high=1.0, closed="left")
+        check_scalar(self.weight_decay, "weight_decay", kind=Real, low=0.0)
+        check_scalar(self.batch_size, "batch_size", kind=Integral, low=1)
+        check_scalar(self.epochs, "epochs", kind=Integral, low=1)
+        check_scalar(self.window, "window", kind=Integral, low=1)
         if not 0 < self.window <= self.epochs:
             raise ValueError(f"window must be in [1, epochs={self.epochs}], got {self.window}")
 
@@ -53,22 +53,10 @@ class Setting:
         return asdict(self)
 
 
-#: study labels of estimator variants: label -> (registered name, options)
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "pseudo-every10": ("pseudo", dict(every=10)),
-    "pseudo-ema": ("pseudo", dict(window="ema", beta=0.999)),
-    "pseudo-epoch": ("pseudo", dict(window="epoch")),
-}
-#: batch-means splits the window into this many batches
-BATCH_MEANS_BATCHES = 20
-
-
 def resolve(label: str) -> tuple[str, dict]:
-    """``(registered name, options)`` of a study label: a variant above or any registered estimator."""
-    if label in VARIANTS:
-        return VARIANTS[label]
-    check_option(label, "estimator", sorted(ESTIMATORS) + sorted(VARIANTS))
-    return label, {}
+    """``(registered name, options)`` of a study label: any registered estimator, or a variant one
+    declares (:func:`mustat.uncertainty.variant`)."""
+    return variant(label)
 
 
 def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Setting, *, seed: int,
@@ -81,19 +69,15 @@ def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Se
     """
     opt = make_optimizer(setting.optimizer, model.parameters(), lr=setting.lr, momentum=setting.momentum,
                          weight_decay=setting.weight_decay)
-    window_steps = setting.window * steps_per_epoch(len(y), setting.batch_size)
-    ests = {}
-    for lab in estimators:
-        name, options = resolve(lab)
-        if name == "batch-means":
-            options = dict(options, batch_steps=max(1, window_steps // BATCH_MEANS_BATCHES))
-        ests[lab] = make_estimator(name, model, **options)
-    trajectory = [e for e in ests.values() if get_estimator(e.name).trajectory]
-    for e in trajectory:
-        e.attach(opt)
-    train_epochs(model, opt, X, y, epochs=setting.epochs, batch_size=setting.batch_size, sampler=setting.sampler,
-                 generator=torch.Generator().manual_seed(seed), loss=loss,
-                 callbacks=[TrackWindow(trajectory, setting.window)])
+    setup = TrainingSetup(optimizer=setting.optimizer, n=len(y), batch_size=setting.batch_size,
+                          window_steps=setting.window * steps_per_epoch(len(y), setting.batch_size),
+                          sampler=setting.sampler, weight_decay=setting.weight_decay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the study runs shuffle settings on purpose, to measure them
+        ests = {lab: make_estimator(lab, model, setup=setup) for lab in estimators}
+    train_epochs(model, opt, (X, y), epochs=setting.epochs, batch_size=setting.batch_size, sampler=setting.sampler,
+                 generator=torch.Generator().manual_seed(seed), loss=loss, estimators=list(ests.values()),
+                 track_epochs=setting.window)
     ctx = FitContext(X=X, y=y, loss=loss, optimizer=opt, batch_size=setting.batch_size,
                      weight_decay=setting.weight_decay)
     out: dict[str, tuple[dict, dict, dict[str, Any], str]] = {}

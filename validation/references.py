@@ -16,7 +16,7 @@ Gaussian family has unit noise variance, as the designs simulate).
 
 1. the exact penalised Wald SEs (observed information and sandwich) at the
    penalised optimum the trained network sits near, reached by damped Newton
-   (:func:`mustat.uncertainty.newton.newton_fits`) with a gradient check;
+   (:func:`validation.newton.newton_fits`) with a gradient check;
 2. the converged penalised bootstrap: ``B`` Newton refits on resamples,
    warm-started at that optimum (Monte-Carlo relative error
    :math:`1/\sqrt{2(B-1)}`);
@@ -39,7 +39,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from mustat.uncertainty import hessian_se
-from mustat.uncertainty.newton import NewtonFits, flat_parameters, load_flat, newton_fits
+from validation.newton import NewtonFits, flat_parameters, load_flat, newton_fits
 
 
 # ------------------------------------------------------------------------------------------ GLMs

@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 
 from mustat._io import atomic_write
+from mustat.uncertainty import ESTIMATORS
 from validation.metrics import pvalues, zvalues
 
-MAIN_ESTIMATORS = ["pseudo", "calibrated", "batch-means", "curvature", "bootstrap", "wald"]
-TRAJECTORY = ["pseudo", "calibrated", "batch-means"]
+#: the rows of the headline tables: every registered estimator (the study's variants aside)
+MAIN_ESTIMATORS = list(ESTIMATORS)
+TRAJECTORY = [name for name, cls in ESTIMATORS.items() if cls.trajectory]
 
 
 def _save(fig, path: Path) -> None:
@@ -67,17 +69,18 @@ def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def qq_figure(cells: pd.DataFrame, path: Path, dof: float | None = None) -> Path:
-    """QQ plot of null-weight p-values against U(0, 1), per estimator and sampler."""
+def qq_figure(cells: pd.DataFrame, path: Path, dof: dict[str, float] | None = None) -> Path:
+    """QQ plot of null-weight p-values against U(0, 1), per estimator and sampler; an estimator
+    with interval degrees of freedom in ``dof`` is referred to Student's t, as its summary rows are."""
     sns = _setup()
     d = cells[cells.truth.notna() & (cells.truth == 0) & cells.estimator.isin(TRAJECTORY + ["wald"])].copy()
     if d.empty:
         return path
-    # batch means' p-values use t with (batches - 1) degrees of freedom, as its summary rows do
     d["p"] = pvalues(zvalues(d["weight"].to_numpy(), d["se"].to_numpy()))
-    bm = d.estimator == "batch-means"
-    if bm.any() and dof is not None:
-        d.loc[bm, "p"] = pvalues(zvalues(d.loc[bm, "weight"].to_numpy(), d.loc[bm, "se"].to_numpy()), dof)
+    for est, k in (dof or {}).items():
+        rows = d.estimator == est
+        if rows.any():
+            d.loc[rows, "p"] = pvalues(zvalues(d.loc[rows, "weight"].to_numpy(), d.loc[rows, "se"].to_numpy()), k)
     d["sampler"] = np.where(d["setting"].str.contains("replacement"), "replacement", "shuffle")
     parts = []
     for (est, sampler), g in d.groupby(["estimator", "sampler"]):
@@ -163,8 +166,8 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
     """Figures plus ``report.md``: headline tables and a reading generated from the numbers."""
     out = Path(out)
     loglog_figure(cells, out / "loglog_se.png")
-    bm = summary.loc[summary.estimator == "batch-means", "interval_dof"].dropna()
-    qq_figure(cells, out / "qq_null_pvalues.png", dof=float(bm.median()) if len(bm) else None)
+    finite = summary[np.isfinite(summary.interval_dof.astype(float))]
+    qq_figure(cells, out / "qq_null_pvalues.png", dof=finite.groupby("estimator").interval_dof.median().to_dict())
     coverage_figure(summary, out / "coverage.png")
     hidden_figure(summary, out / "hidden_layers.png")
     cols = ["design", "setting", "estimator", "centre", "se_ratio_median", "loglog_slope", "spearman_z",
@@ -178,8 +181,8 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
              "hidden-layer designs the penalised sandwich, the converged bootstrap and the teacher replicates",
              "(section below). `window_ok`: whether the estimator's own diagnostic accepts its window. Truth",
              "metrics (coverage and type-I error with Wilson 95% intervals, KS of null p-values, power) pool",
-             "the simulated datasets of a cell; batch means' intervals use t with `interval_dof` degrees of",
-             "freedom. Ratio metrics pool every weight whose reference SE is finite and positive; a failed",
+             "the simulated datasets of a cell; an estimator with finite `interval_dof` (batch means) has",
+             "t intervals with that many degrees of freedom. Ratio metrics pool every weight whose reference SE is finite and positive; a failed",
              "estimate (inf or 0) stays in the median and is counted (`frac_est_inf`, `frac_est_zero`).",
              "Tables: `summary.csv` (one row per cell, estimator and reference), `cells.csv` (one row per weight).", "",
              "## Reading", ""]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,12 +22,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-import mustat
-from mustat._cells import one_thread_in_dask_worker, read_grid, run_cells
-from mustat._io import atomic_write, write_json
-from mustat.uncertainty import bootstrap_replicates
+from mustat._cells import grid_values, one_thread_in_dask_worker, read_grid, run_grid
+from mustat._io import atomic_write
+from mustat.runs import read_table
+from mustat.uncertainty import ESTIMATORS, default_estimators
 from mustat.uncertainty.bootstrap import plan
 from validation import metrics as M
+from validation.bootstrap import newton_bootstrap
 from validation.designs import DESIGNS, get_design
 from validation.estimators import Setting, resolve, train_and_estimate
 from validation.references import (
@@ -56,9 +56,9 @@ SUMMARY_COLUMNS = [
     "basin_z_median", "balance_max", "cell_seconds",
 ]
 
-#: every estimator label a default study reads (see validation.estimators.resolve)
-DEFAULT_ESTIMATORS = ("pseudo", "pseudo-every10", "pseudo-ema", "pseudo-epoch", "calibrated", "batch-means",
-                      "curvature")
+#: every estimator label a default study reads: the registry's default estimators, each followed
+#: by the variants it declares (validation.estimators.resolve)
+DEFAULT_ESTIMATORS = tuple(lab for name in default_estimators() for lab in (name, *ESTIMATORS[name].variants))
 #: hidden-layer designs are scored against each of these
 MLP_REFERENCES = ("wald-sandwich", "bootstrap", "teacher")
 #: where the references' intervals are centred
@@ -211,7 +211,7 @@ def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
     per_weight["wald"] = (refs["coef"], refs["se_observed"])
     per_weight["wald-sandwich"] = (refs["coef"], refs["se_sandwich"])
     # the converged bootstrap of replication 0: numpy Newton refits on the resamples that
-    # bootstrap_replicates(optimizer="newton") draws (tests/test_newton.py: the same refits)
+    # validation.bootstrap.newton_bootstrap draws (tests/test_newton.py: the same refits)
     resample, _ = plan(X.shape[1], B=cell.bootstrap_B, epochs=0, seed=cell.seed)
     rows_b = resample.numpy()
     boot_coef, boot_grad = glm_fit(design.family, X[0][rows_b], y[0][rows_b], weight_decay=s.weight_decay,
@@ -273,15 +273,15 @@ def _mlp_cell(cell: Cell, design, out: Path) -> tuple[list, dict, dict, dict]:
     fitted, fit = polish(model, loss, X64, y64, weight_decay=wd, gtol=refs.mlp_gtol,
                          max_iter=10 * refs.newton_max_iter)
     theta = {k: v.detach() for k, v in fitted.named_parameters()}
-    boot = bootstrap_replicates(fitted, loss, (X64, y64), B=cell.bootstrap_B, optimizer="newton", weight_decay=wd,
-                                seed=cell.seed, gtol=refs.mlp_gtol, max_iter=refs.newton_max_iter)
+    boot, boot_fits = newton_bootstrap(fitted, loss, (X64, y64), B=cell.bootstrap_B, weight_decay=wd,
+                                       seed=cell.seed, gtol=refs.mlp_gtol, max_iter=refs.newton_max_iter)
     ref_se = {"bootstrap": {k: v.std(0, unbiased=True) for k, v in boot.params.items()}}
     # a minimum on ReLU kinks (or a saddle) has an indefinite Hessian: no Wald reference exists there,
     # and its rows are left out (fit_min_eig says why); the bootstrap and teacher stand on their own
     if float(fit.min_eig[0]) > 0:
         wald = wald_references(fitted, loss, X64, y64, weight_decay=wd)
         ref_se.update({"wald": wald["observed"], "wald-sandwich": wald["sandwich"]})
-    extra = dict(ref_converged_frac=converged_frac(boot.fits, ref_se["bootstrap"]),
+    extra = dict(ref_converged_frac=converged_frac(boot_fits, ref_se["bootstrap"]),
                  ref_grad_max=float(boot.grad_max.max()), fit_grad_max=float(fit.grad_max[0]),
                  fit_min_eig=float(fit.min_eig[0]),
                  fit_drift_over_se=float(fit.drift_over(torch.cat([ref_se["bootstrap"][k].flatten()
@@ -392,23 +392,14 @@ def run_study(
     """
     grid = grid or quick_grid()
     out = Path(out)
-    params_path = out / "params.json"
-    settings = json.loads(json.dumps(grid.as_dict()))
-    if params_path.exists():
-        old = json.loads(params_path.read_text()).get("grid", {})
-        # the user's grid must match; reference settings may change in code: they are in every
-        # cell's key, so the cells they shape are recomputed rather than mixed with stale ones
-        if {k: v for k, v in old.items() if k != "references"} != {k: v for k, v in settings.items() if k != "references"}:
-            raise ValueError(f"{out} holds a study with another grid (see {params_path}); choose another --out")
-    if not params_path.exists() or old.get("references") != settings["references"]:
-        write_json(params_path, dict(grid=settings, versions=dict(
-            mustat=mustat.__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version())))
     cells = grid.cells()
-    todo = [c for c in cells if not (out / "cells" / f"{c.key}.summary.csv").exists()]
-    run_cells(run_cell, todo, total=len(cells), scheduler=scheduler, workers=workers, quiet=quiet,
-              desc="calibration cells", on_cell=on_cell, out=str(out.resolve()))
-    summary = pd.concat([pd.read_csv(out / "cells" / f"{c.key}.summary.csv") for c in cells], ignore_index=True)
-    table = pd.concat([pd.read_csv(out / "cells" / f"{c.key}.csv") for c in cells], ignore_index=True)
+    # the user's grid must match; reference settings may change in code: they are in every
+    # cell's key, so the cells they shape are recomputed rather than mixed with stale ones
+    run_grid(run_cell, cells, out, key="grid", settings=grid.as_dict(), volatile=("references",),
+             done=lambda c: (out / "cells" / f"{c.key}.summary.csv").exists(), scheduler=scheduler,
+             workers=workers, quiet=quiet, desc="calibration cells", on_cell=on_cell)
+    summary = pd.concat([read_table(out / "cells" / f"{c.key}.summary.csv") for c in cells], ignore_index=True)
+    table = pd.concat([read_table(out / "cells" / f"{c.key}.csv") for c in cells], ignore_index=True)
     atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
     atomic_write(out / "cells.csv", lambda p: table.to_csv(p, index=False))
     from validation.report import write_report
@@ -441,10 +432,10 @@ def load_grid(path: str | Path) -> Grid:
     study's GLM designs).
     """
     spec = read_grid(path, {"designs", "replications", "bootstrap_B", "teacher_replicates", "seed", "setting",
-                            "estimators"})
+                            "estimators"}, lists=("designs", "estimators", "setting"))
     settings, scoped = [], []
     fields = set(Setting.__dataclass_fields__)
-    for block in spec.get("setting", [{}]):
+    for i, block in enumerate(spec.get("setting", [{}])):
         block = dict(block)
         designs = block.pop("designs", None)
         bad = set(block) - fields
@@ -453,7 +444,7 @@ def load_grid(path: str | Path) -> Grid:
         keys = list(block)
         values = [v if isinstance(v, list) else [v] for v in block.values()]
         for combo in itertools.product(*values):
-            setting = Setting(**dict(zip(keys, combo)))
+            setting = grid_values(path, f"[[setting]] block {i + 1}", lambda c=combo, k=keys: Setting(**dict(zip(k, c))))
             if designs is None:
                 settings.append(setting)
             else:
@@ -464,4 +455,6 @@ def load_grid(path: str | Path) -> Grid:
             kw[key] = tuple(spec[key])
     if not settings and "designs" not in spec:
         kw["designs"] = ()
-    return Grid(settings=tuple(settings), scoped=tuple(scoped), **kw)
+    if not settings and not scoped:
+        raise ValueError(f"{path} defines no cells: give [[setting]] blocks (see validation.study.load_grid)")
+    return grid_values(path, "top-level settings", lambda: Grid(settings=tuple(settings), scoped=tuple(scoped), **kw))

@@ -14,15 +14,21 @@ decay), so every estimator is driven the same way::
     est = make_estimator("batch-means", model, batch_steps=500)
     est.attach(optimizer)                          # trajectory estimators only
     ...                                            # train
-    est.fit(FitContext(X, y, loss=loss, optimizer=optimizer, batch_size=64))
+    est.fit(FitContext(X, y, loss=loss, optimizer=optimizer, batch_size=64))   # or data=loader
     scores = mustat.score(model, "mu", se=est.se(), weights=est.estimate())
 
-A new estimator is one subclass plus ``@register_estimator("name")``.
+A new estimator is one subclass plus ``@register_estimator("name")``, in one file; what
+it needs is declared on the class (see :class:`Estimator`), so the pipeline, the CLI, the
+study and the benchmark take it with no other edit. Files outside the package register by
+being imported: list them in the environment variable ``MUSTAT_PLUGINS`` (paths or module
+names, separated by ``os.pathsep``), or install a package with a ``mustat.plugins`` entry
+point (:func:`load_plugins`).
 """
 
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,7 +38,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mustat._checks import check_option
-from mustat._params import resolve, select
+from mustat._masking import effective
+from mustat._params import entries, select
+from mustat.batching import batches, check_data, count
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -51,15 +59,35 @@ class WindowWarning(UserWarning):
         self.diagnostics = dict(diagnostics or {})
 
 
+def decoupled_decay(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` applies *decoupled* weight decay (AdamW, or
+    ``Adam(decoupled_weight_decay=True)``): a shrinkage step outside the gradient, which is
+    not an L2 penalty on the loss, so no penalised likelihood has its fixed point."""
+    for g in optimizer.param_groups:
+        if float(g.get("weight_decay", 0.0)) == 0.0:
+            continue
+        if g.get("decoupled_weight_decay", False) or isinstance(optimizer, torch.optim.AdamW):
+            return True
+    return False
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer | str) -> str:
+    """``"sgd"``, ``"adam"``, ... : the lower-case class name (AdamW is ``"adamw"``)."""
+    return optimizer.lower() if isinstance(optimizer, str) else type(optimizer).__name__.lower()
+
+
 @dataclass(frozen=True)
 class FitContext:
     """What training used, handed to :meth:`Estimator.fit`.
 
-    ``loss(output, target)`` is the *mean* loss of a batch (what was minimised,
-    without the penalty). ``weight_decay`` is PyTorch's L2 coefficient on that
-    mean loss, so the penalised objective is ``mean loss + weight_decay / 2 * |theta|^2``;
-    ``None`` reads it from ``optimizer`` (an error if its parameter groups disagree).
-    ``n``, the number of training samples, defaults to ``len(y)``.
+    Data come as ``X`` and ``y`` tensors (the fast path) or as ``data``, any re-iterable
+    of ``(inputs, targets)`` batches such as a ``DataLoader`` (:mod:`mustat.batching`);
+    estimators read them one batch at a time. ``loss(output, target)`` is the *mean* loss
+    of a batch (what was minimised, without the penalty). ``weight_decay`` is PyTorch's L2
+    coefficient on that mean loss, so the penalised objective is
+    ``mean loss + weight_decay / 2 * |theta|^2``; ``None`` reads it from ``optimizer`` (an
+    error if its parameter groups disagree, or if its decay is decoupled). ``n``, the
+    number of training samples, defaults to ``len(y)`` or the DataLoader's dataset size.
     """
 
     X: Tensor | None = None
@@ -69,14 +97,33 @@ class FitContext:
     batch_size: int | None = None
     weight_decay: float | None = None
     n: int | None = None
+    data: Iterable | None = None
 
     def __post_init__(self):
-        if self.n is None and self.y is not None:
-            object.__setattr__(self, "n", len(self.y))
         if (self.X is None) != (self.y is None):
             raise ValueError("FitContext needs X and y together (or neither)")
+        if self.X is not None and self.data is not None:
+            raise ValueError("FitContext takes X and y, or data, not both")
         if self.X is not None and len(self.X) != len(self.y):
             raise ValueError(f"FitContext: X has {len(self.X)} rows but y has {len(self.y)}")
+        if self.data is not None:
+            check_data(self.data, "FitContext(data=...)")
+        if self.n is None and self.has_data:
+            object.__setattr__(self, "n", count(self.source))
+
+    @property
+    def has_data(self) -> bool:
+        return self.X is not None or self.data is not None
+
+    @property
+    def source(self):
+        """The data in :mod:`mustat.batching`'s form: ``(X, y)`` or the iterable."""
+        return (self.X, self.y) if self.X is not None else self.data
+
+    def batches(self, batch_size: int | None = None):
+        """The training data's ``(inputs, targets)`` batches (chunks of ``batch_size`` rows for tensors)."""
+        self.need("this estimator", "data")
+        return batches(self.source, batch_size)
 
     def penalty(self) -> float:
         """The L2 coefficient: ``weight_decay`` if given, else the optimizer's, else 0."""
@@ -84,45 +131,124 @@ class FitContext:
             return float(self.weight_decay)
         if self.optimizer is None:
             return 0.0
+        if decoupled_decay(self.optimizer):
+            raise ValueError(
+                f"{type(self.optimizer).__name__}'s decoupled weight decay is not an L2 penalty on the loss, so "
+                "no penalised likelihood matches its fixed point; use Adam(weight_decay=...) or SGD"
+            )
         values = {float(g.get("weight_decay", 0.0)) for g in self.optimizer.param_groups}
         if len(values) > 1:
             raise ValueError(
                 f"the optimizer's parameter groups use different weight_decay values {sorted(values)}; "
                 "pass FitContext(weight_decay=...) explicitly"
             )
-        if type(self.optimizer).__name__ == "AdamW" and values != {0.0}:
-            raise ValueError(
-                "AdamW's decoupled weight decay is not an L2 penalty on the loss, so no penalised "
-                "likelihood matches its fixed point; use Adam(weight_decay=...) or SGD"
-            )
         return values.pop() if values else 0.0
 
     def need(self, estimator: str, *fields: str) -> None:
-        """Raise a ValueError naming the fields ``estimator`` needs and this context lacks."""
-        missing = [f for f in fields if getattr(self, f) is None]
+        """Raise a ValueError naming the fields ``estimator`` needs and this context lacks
+        (``"data"`` means ``X``/``y`` or ``data``)."""
+        missing = [f for f in fields if (not self.has_data if f == "data" else getattr(self, f) is None)]
         if missing:
-            raise ValueError(
-                f"estimator {estimator!r} needs FitContext({', '.join(f'{f}=...' for f in missing)}); "
-                f"got None for {', '.join(missing)}"
-            )
+            shown = ["X=..., y=... (or data=...)" if f == "data" else f"{f}=..." for f in missing]
+            raise ValueError(f"estimator {estimator!r} needs FitContext({', '.join(shown)}); got none for "
+                             f"{', '.join(missing)}")
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What an estimator may need to know about a training run before it starts, so that an
+    incompatible combination fails before any work (:meth:`Estimator.check`).
+
+    ``optimizer`` is the optimizer's kind (``"sgd"``, ``"adam"``, ...), ``n`` the number of
+    training samples, ``batch_size`` the minibatch size, ``window_steps`` the optimizer
+    steps in the shortest tracking window, ``sampler`` ``"replacement"`` or ``"shuffle"``
+    (``None``: batches from a DataLoader, unknown)."""
+
+    optimizer: str
+    n: int
+    batch_size: int
+    window_steps: int
+    sampler: str | None = "replacement"
+    weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False
 
 
 class Estimator(abc.ABC):
     """Base class of standard-error estimators (see the module notes).
 
     Subclasses set ``trajectory`` and implement :meth:`se`; a trajectory
-    estimator also implements :meth:`update`, a post-hoc one :meth:`fit`.
-    ``names`` are the tracked tensors: by default the ``weight`` of every
+    estimator also implements :meth:`update` and its state (:meth:`state_dict`,
+    :meth:`load_state_dict`, which the pipeline checkpoints), a post-hoc one :meth:`fit`.
+    ``names`` are the tracked tensors: by default the trainable ``weight`` of every
     ``nn.Linear`` and ``nn.Conv{1,2,3}d`` (``params=`` chooses others).
+
+    What an estimator needs is declared, so callers (the pipeline, the CLI, the study)
+    can check a combination before any training and never name an estimator:
+
+    * ``needs``: the :class:`FitContext` fields :meth:`fit` reads (``"data"``, ``"loss"``,
+      ``"optimizer"``, ``"batch_size"``, ``"n"``);
+    * ``optimizers``: the optimizer kinds its theory covers (``None``: any);
+    * ``with_replacement``: it assumes minibatches drawn with replacement;
+    * ``l2_only``: it refuses decoupled weight decay (AdamW);
+    * ``min_window_steps``: the fewest steps a tracking window must hold;
+    * ``measures_frozen``: it can measure frozen tensors (``requires_grad=False``); the
+      others refuse them at construction (a trajectory does not move them, a refit
+      would not fit them);
+    * ``default``: it is in the default comparison of ``mustat prune``;
+    * ``variants``: named option sets the calibration study can run (``"pseudo-ema"``);
+    * ``constants``: code-level settings that shape its results (they go into run settings
+      and cell keys, so changing one recomputes what it shapes);
+    * :meth:`options`: options derived from the training (:class:`TrainingSetup`).
     """
 
     name: ClassVar[str] = ""
     trajectory: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = ()
+    optimizers: ClassVar[tuple[str, ...] | None] = None
+    with_replacement: ClassVar[bool] = False
+    l2_only: ClassVar[bool] = False
+    min_window_steps: ClassVar[int] = 0
+    measures_frozen: ClassVar[bool] = False
+    default: ClassVar[bool] = False
+    variants: ClassVar[dict[str, dict]] = {}
+    constants: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: nn.Module, *, params: Iterable[str] | None = None):
         self.names: list[str] = select(model, params)
-        self._targets = [resolve(model, n) for n in self.names]
+        table = entries(model)
+        self._targets = [(table[n].module, table[n].attr) for n in self.names]
         self._model = model
+        frozen = [n for n in self.names if table[n].frozen]
+        if frozen and not self.measures_frozen:
+            why = "never move during training" if self.trajectory else "are not fitted, so it has nothing to measure"
+            raise ValueError(
+                f"estimator {self.name!r} cannot measure {frozen}: they are frozen (requires_grad=False) and {why}; "
+                "leave them out of params=, or use an estimator that can (curvature)")
+
+    # ---------------------------------------------------------------- declared needs
+    @classmethod
+    def options(cls, setup: TrainingSetup) -> dict[str, Any]:
+        """Constructor options derived from the training (default: none)."""
+        return {}
+
+    @classmethod
+    def check(cls, setup: TrainingSetup) -> None:
+        """Raise a ValueError when this estimator cannot serve ``setup``; warn when its theory is
+        off. Called before any training; subclasses extend it."""
+        kind = optimizer_kind(setup.optimizer)
+        if cls.optimizers is not None and kind not in cls.optimizers:
+            raise ValueError(f"estimator {cls.name!r} supports the optimizers {', '.join(cls.optimizers)}, "
+                             f"not {kind!r}; choose another --optimizer or another --se")
+        if cls.l2_only and setup.decoupled_weight_decay:
+            raise ValueError(f"estimator {cls.name!r} needs weight decay as an L2 penalty on the loss; decoupled "
+                             "weight decay (AdamW) has no penalised likelihood: use Adam(weight_decay=...) or SGD")
+        if cls.trajectory and setup.window_steps < cls.min_window_steps:
+            raise ValueError(f"estimator {cls.name!r} needs a tracking window of at least {cls.min_window_steps} "
+                             f"optimizer steps, the run gives {setup.window_steps}; track more epochs or use a "
+                             "smaller batch size")
+        if cls.with_replacement and setup.sampler not in ("replacement", None):
+            warnings.warn(f"estimator {cls.name!r} assumes minibatches drawn with replacement; with "
+                          f"sampler={setup.sampler!r} it is biased (use --sampler replacement)", stacklevel=3)
 
     # ---------------------------------------------------------------- training hooks
     def update(self) -> None:  # noqa: B027  (an optional hook)
@@ -167,7 +293,7 @@ class Estimator(abc.ABC):
         pass
 
     def _current_weights(self) -> dict[str, Tensor]:
-        return {n: getattr(m, a).detach().clone() for n, (m, a) in zip(self.names, self._targets)}
+        return {n: effective(m, a).clone() for n, (m, a) in zip(self.names, self._targets)}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, tensors={len(self.names)})"
@@ -179,15 +305,32 @@ class NotFittedError(RuntimeError):
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
 
+_FIELDS = ("data", "loss", "optimizer", "batch_size", "n")
+
 
 def register_estimator(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
-    """Class decorator: register an :class:`Estimator` subclass under ``name``."""
+    """Class decorator: register an :class:`Estimator` subclass under ``name``.
+
+    That one decorator is all a new estimator needs to appear in ``mustat prune --se``,
+    the calibration study and the benchmark (its declared needs are checked here)."""
 
     def deco(cls: type[Estimator]) -> type[Estimator]:
         if not (isinstance(cls, type) and issubclass(cls, Estimator)):
             raise TypeError(f"register_estimator({name!r}) decorates Estimator subclasses, got {cls!r}")
+        if not isinstance(name, str) or not name or "[" in name or "]" in name:
+            raise ValueError(f"estimator names are non-empty and have no brackets, got {name!r}")
         if name in ESTIMATORS and ESTIMATORS[name] is not cls:
             raise ValueError(f"an estimator named {name!r} is already registered ({ESTIMATORS[name].__name__})")
+        bad = [f for f in cls.needs if f not in _FIELDS]
+        if bad:
+            raise ValueError(f"{cls.__name__}.needs has {bad}; valid: {', '.join(_FIELDS)}")
+        if cls.trajectory and (cls.state_dict is Estimator.state_dict or cls.load_state_dict is Estimator.load_state_dict):
+            raise TypeError(f"{cls.__name__} records a trajectory, so it must implement state_dict() and "
+                            "load_state_dict(): the pipeline checkpoints it between rounds")
+        taken = {v: n for n, c in ESTIMATORS.items() if c is not cls for v in c.variants}
+        clash = [v for v in cls.variants if v in ESTIMATORS or v in taken or v == name]
+        if clash:
+            raise ValueError(f"{cls.__name__}.variants {clash} clash with registered names")
         cls.name = name
         ESTIMATORS[name] = cls
         return cls
@@ -200,6 +343,72 @@ def get_estimator(name: str) -> type[Estimator]:
     return ESTIMATORS[check_option(name, "se", sorted(ESTIMATORS))]
 
 
-def make_estimator(name: str, model: nn.Module, **options) -> Estimator:
-    """Construct the estimator registered as ``name`` for ``model`` with ``options``."""
-    return get_estimator(name)(model, **options)
+def default_estimators() -> list[str]:
+    """The estimators of the default comparison, in registration order."""
+    return [n for n, c in ESTIMATORS.items() if c.default]
+
+
+def variant(label: str) -> tuple[str, dict[str, Any]]:
+    """``(registered name, options)`` of a study label: a registered estimator, or a variant one
+    declares (``"pseudo-ema"``); ValueError listing every valid label otherwise."""
+    if label in ESTIMATORS:
+        return label, {}
+    for name, cls in ESTIMATORS.items():
+        if label in cls.variants:
+            return name, dict(cls.variants[label])
+    labels = sorted(ESTIMATORS) + sorted(v for c in ESTIMATORS.values() for v in c.variants)
+    check_option(label, "estimator", labels)
+    raise AssertionError("unreachable")
+
+
+def make_estimator(name: str, model: nn.Module, *, setup: TrainingSetup | None = None, **options) -> Estimator:
+    """Construct the estimator registered as ``name`` (or a declared variant) for ``model``.
+
+    With ``setup``, the combination is checked first (:meth:`Estimator.check`) and the
+    options the estimator derives from the training fill in what ``options`` leaves out."""
+    base, preset = variant(name)
+    cls = ESTIMATORS[base]
+    if setup is not None:
+        cls.check(setup)
+        options = {**cls.options(setup), **preset, **options}
+    else:
+        options = {**preset, **options}
+    return cls(model, **options)
+
+
+def load_plugins() -> list[str]:
+    """Import the plugins that register estimators or criteria from outside mustat: every
+    entry point in the group ``mustat.plugins``, then every path or module name in the
+    environment variable ``MUSTAT_PLUGINS`` (``os.pathsep``-separated). Returns what was
+    loaded; a plugin that fails to import is an ImportError naming it. Called once when
+    :mod:`mustat.uncertainty` is imported, so Dask workers and subprocesses see the same
+    registry."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    loaded = []
+    for ep in entry_points(group="mustat.plugins"):
+        ep.load()
+        loaded.append(ep.value)
+    for item in filter(None, os.environ.get("MUSTAT_PLUGINS", "").split(os.pathsep)):
+        path = Path(item)
+        try:
+            if path.suffix == ".py":
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such file {path}")
+                key = f"mustat_plugin_{abs(hash(str(path.resolve())))}"
+                if key not in sys.modules:
+                    spec = importlib.util.spec_from_file_location(key, path)
+                    module = importlib.util.module_from_spec(spec)
+                    sys.modules[key] = module
+                    spec.loader.exec_module(module)
+            else:
+                importlib.import_module(item)
+        except Exception as err:
+            raise ImportError(f"MUSTAT_PLUGINS: could not load {item!r}: {type(err).__name__}: {err}") from err
+        loaded.append(item)
+    return loaded

@@ -16,7 +16,6 @@ checked (the max-abs gradient of its penalised objective) and reported.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -26,9 +25,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import vmap
 
 from mustat._checks import check_option, check_scalar
+from mustat._functional import FunctionalModel, eval_mode
+from mustat.batching import Data, gather
 from mustat.uncertainty.base import Estimator, FitContext, NotFittedError, register_estimator
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -52,8 +53,7 @@ def _make_optimizer(kind: str, params, lr: float, momentum: float, weight_decay:
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-#: ``"newton"`` refits to convergence (:mod:`mustat.uncertainty.newton`); the others run ``epochs``
-OPTIMIZERS = ("sgd", "adam", "newton")
+OPTIMIZERS = ("sgd", "adam")
 
 
 def _check(B, epochs, lr, batch_size, optimizer, weight_decay):
@@ -67,19 +67,18 @@ def _check(B, epochs, lr, batch_size, optimizer, weight_decay):
 
 @dataclass(frozen=True)
 class Replicates:
-    """Stacked refits: ``params[name]`` has shape ``(B, *param.shape)``; ``grad_max[b]`` is
-    replicate b's max-abs gradient of its penalised mean loss on its own resample at the end;
-    ``fits``: the Newton solver's full report (``optimizer="newton"`` only)."""
+    """Stacked refits: ``params[name]`` has shape ``(B, *param.shape)`` for every refitted tensor;
+    ``grad_max[b]`` is replicate b's max-abs gradient of its penalised mean loss on its own
+    resample at the end."""
 
     params: dict[str, Tensor]
     grad_max: Tensor
-    fits: Any = None
 
 
 def bootstrap_replicates(
     model: nn.Module,
     loss: Loss,
-    data: tuple[Tensor, Tensor],
+    data: Data,
     *,
     B: int = 200,
     epochs: int = 50,
@@ -89,69 +88,60 @@ def bootstrap_replicates(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     seed: int = 0,
-    gtol: float = 1e-8,
-    max_iter: int = 100,
 ) -> Replicates:
     """Refit ``model`` on ``B`` bootstrap resamples at once; returns the stacked
     parameters (each of shape ``(B, *param.shape)``) and each refit's final gradient.
 
-    ``optimizer="newton"`` solves every refit to convergence (max-abs gradient of
-    its penalised mean loss at most ``gtol``, in at most ``max_iter`` damped Newton
-    steps, float64, :func:`~mustat.uncertainty.newton.newton_fits`): the bootstrap of
-    the penalised *estimator* rather than of a finite training run, for models small
-    enough for a Hessian per refit. ``epochs``, ``lr``, ``batch_size`` and ``momentum``
-    apply to ``"sgd"`` and ``"adam"`` only.
-
     ``loss(output, target)`` is the batch's *mean* training loss (a mean of
-    per-sample terms, which the MLP fast path relies on). Each replicate
-    draws ``n`` rows with replacement, then trains ``epochs`` epochs of
+    per-sample terms, which the MLP fast path relies on). ``data`` is ``(X, y)`` or an
+    iterable of batches, gathered into memory (a resample draws from every row). Each
+    replicate draws ``n`` rows with replacement, then trains ``epochs`` epochs of
     minibatches (``batch_size``, default ``n``: full batch) in its own random
     order, with its own optimizer state (a ``torch.optim`` optimizer over the
     stacked tensors is exactly ``B`` independent ones: SGD and Adam act
-    elementwise, weight decay included). ``model`` is not modified.
+    elementwise, weight decay included). Refits train the model's trainable tensors from
+    their effective values through the functional view: masked (pruned) entries stay 0,
+    frozen tensors stay fixed, and the forward runs in eval mode (no dropout; BatchNorm
+    uses its running statistics). ``model`` is not modified.
     """
-    X, y = data
+    X, y = gather(data)
     n = len(X)
     batch_size = batch_size or n
     _check(B, epochs, lr, batch_size, optimizer, weight_decay)
-    if optimizer == "newton":
-        from mustat.uncertainty.newton import newton_fits
-
-        resample, _ = plan(n, B=B, epochs=0, seed=seed)
-        fits = newton_fits(model, loss, X[resample], y[resample], weight_decay=weight_decay, gtol=gtol,
-                           max_iter=max_iter)
-        return Replicates(fits.params, fits.grad_max, fits)
-    base = copy.deepcopy(model)
-    params, buffers = stack_module_state([base] * B)
-    params = {k: nn.Parameter(v.detach().clone()) for k, v in params.items()}
-    base = base.to("meta")
+    fm = FunctionalModel(model)
+    names = fm.trainable()
+    start = fm.params(names)
+    params = {k: nn.Parameter(v.unsqueeze(0).repeat(B, *([1] * v.dim()))) for k, v in start.items()}
     opt = _make_optimizer(optimizer, list(params.values()), lr, momentum, weight_decay)
     resample, orders = plan(n, B=B, epochs=epochs, seed=seed)
-
-    def one(p, b, xb, yb):
-        return loss(functional_call(base, (p, b), (xb,)), yb)
 
     # Replicate b's parameters reach only its own loss, so the gradient of the summed
     # losses is exactly each replicate's gradient: plain autograd through a batched
     # forward, cheaper than vmap(grad(...)). MLPs get hand-batched matmuls (baddbmm),
     # which skip vmap's per-op dispatch; anything else goes through vmap.
-    fast = _batched_mlp(model)
+    fast = _batched_mlp(model, fm)
     if fast is not None:
-        def losses(p, b, xb, yb):
+        def losses(p, xb, yb):
             # equal batch sizes: sum over replicates of mean losses = B * mean over all rows
             return loss(fast(p, xb).flatten(0, 1), yb.flatten(0, 1)) * B
     else:
-        losses = vmap(one, in_dims=(0, 0, 0, 0))
-    for order in orders:
-        rows = torch.gather(resample, 1, order)
-        for start in range(0, n, batch_size):
-            idx = rows[:, start : start + batch_size]
-            opt.zero_grad(set_to_none=True)
-            losses(params, buffers, X[idx], y[idx]).sum().backward()
-            opt.step()
-    # convergence: each refit's full-resample gradient of its penalised objective
-    opt.zero_grad(set_to_none=True)
-    losses(params, buffers, X[resample], y[resample]).sum().backward()
+        def one(p, xb, yb):
+            return loss(fm(p, xb), yb)
+
+        def losses(p, xb, yb):
+            return vmap(one)(p, xb, yb).sum()
+
+    with eval_mode(model):
+        for order in orders:
+            rows = torch.gather(resample, 1, order)
+            for start_row in range(0, n, batch_size):
+                idx = rows[:, start_row : start_row + batch_size]
+                opt.zero_grad(set_to_none=True)
+                losses(params, X[idx], y[idx]).backward()
+                opt.step()
+        # convergence: each refit's full-resample gradient of its penalised objective
+        opt.zero_grad(set_to_none=True)
+        losses(params, X[resample], y[resample]).backward()
     grad_max = torch.stack([
         (p.grad + weight_decay * p.detach()).abs().flatten(1).amax(1) for p in params.values()
     ]).amax(0)
@@ -161,14 +151,17 @@ def bootstrap_replicates(
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
 
-def _batched_mlp(model: nn.Module):
-    """For an ``nn.Sequential`` of Linear / Flatten / elementwise activations (no
-    masks), a forward taking stacked parameters ``(B, ...)`` and inputs ``(B, n, ...)``."""
+def _batched_mlp(model: nn.Module, fm: FunctionalModel):
+    """For an ``nn.Sequential`` of Linear / Flatten / elementwise activations, a forward taking
+    stacked parameters ``(B, ...)`` (the trainable ones; the rest from the view) and inputs
+    ``(B, n, ...)``; masks multiply the weights as in the model."""
     if not isinstance(model, nn.Sequential):
         return None
     steps = []
     for name, m in model.named_children():
-        if isinstance(m, nn.Linear) and type(m) is nn.Linear:
+        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+            if any(fm.table[f"{name}.{a}"].tied for a in ("weight", "bias") if f"{name}.{a}" in fm.table):
+                return None
             steps.append(("linear", name, m.bias is not None))
         elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
             steps.append(("flatten", name, None))
@@ -176,12 +169,22 @@ def _batched_mlp(model: nn.Module):
             steps.append(("act", m, None))
         else:
             return None
+    fixed = fm.params(list(fm.table))
+
+    def tensor(p, key):
+        t = p[key] if key in p else fixed[key].unsqueeze(0)
+        mask = fm.mask(key)
+        return t if mask is None else t * mask
 
     def forward(p, x):
         for kind, ref, bias in steps:
             if kind == "linear":
-                w = p[f"{ref}.weight"].transpose(1, 2)
-                x = torch.baddbmm(p[f"{ref}.bias"].unsqueeze(1), x, w) if bias else torch.bmm(x, w)
+                w = tensor(p, f"{ref}.weight").transpose(-1, -2)
+                if bias:
+                    b = tensor(p, f"{ref}.bias").unsqueeze(-2)
+                    x = torch.baddbmm(b.expand(x.shape[0], 1, -1), x, w.expand(x.shape[0], -1, -1))
+                else:
+                    x = torch.bmm(x, w.expand(x.shape[0], -1, -1))
             elif kind == "flatten":
                 x = x.flatten(2)
             else:
@@ -202,36 +205,6 @@ def bootstrap_se(model: nn.Module, loss: Loss, data: tuple[Tensor, Tensor], **kw
     return {k: v.std(dim=0, unbiased=True) for k, v in reps.params.items()}
 
 
-def bootstrap_replicates_loop(
-    model: nn.Module, loss: Loss, data: tuple[Tensor, Tensor], *, B: int = 200, epochs: int = 50,
-    lr: float = 1e-2, batch_size: int | None = None, optimizer: str = "adam", momentum: float = 0.0,
-    weight_decay: float = 0.0, seed: int = 0,
-) -> dict[str, Tensor]:
-    """The same bootstrap as a plain Python loop of B fits (same resamples and orders).
-
-    The reference the vectorized version is tested and benchmarked against.
-    """
-    X, y = data
-    n = len(X)
-    batch_size = batch_size or n
-    _check(B, epochs, lr, batch_size, optimizer, weight_decay)
-    resample, orders = plan(n, B=B, epochs=epochs, seed=seed)
-    orders = list(orders)
-    fits = []
-    for b in range(B):
-        m = copy.deepcopy(model)
-        opt = _make_optimizer(optimizer, m.parameters(), lr, momentum, weight_decay)
-        for order in orders:
-            rows = resample[b, order[b]]
-            for start in range(0, n, batch_size):
-                idx = rows[start : start + batch_size]
-                opt.zero_grad()
-                loss(m(X[idx]), y[idx]).backward()
-                opt.step()
-        fits.append({k: v.detach() for k, v in m.named_parameters()})
-    return {k: torch.stack([f[k] for f in fits]) for k in fits[0]}
-
-
 @register_estimator("bootstrap")
 class Bootstrap(Estimator):
     """The true nonparametric bootstrap (module notes): ``B`` warm-started refits
@@ -240,34 +213,28 @@ class Bootstrap(Estimator):
 
     Its Monte-Carlo relative error is about ``1 / sqrt(2 (B - 1))`` (diagnostics:
     ``mc_rel_error``). Refits whose final max-abs penalised gradient exceeds
-    ``gtol`` count as not converged (``converged_frac``; a warning when any).
-    ``optimizer="newton"`` solves each refit to ``gtol`` (float64; small models),
-    the others train ``epochs`` epochs. ``fit`` needs ``FitContext(X=..., y=..., loss=...)``.
+    ``gtol`` count as not converged (``converged_frac``; a warning when any). Pruned
+    entries stay pruned in every refit (SE 0). ``fit`` needs ``FitContext(X=..., y=...,
+    loss=...)`` (or ``data=``, gathered into memory).
     """
+
+    needs = ("data", "loss")
 
     def __init__(self, model: nn.Module, *, B: int = 200, epochs: int = 50, lr: float = 1e-2,
                  batch_size: int | None = None, optimizer: str = "adam", momentum: float = 0.0, seed: int = 0,
-                 gtol: float = 1e-3, max_iter: int = 100, params: Iterable[str] | None = None):
+                 gtol: float = 1e-3, params: Iterable[str] | None = None):
         super().__init__(model, params=params)
         _check(B, epochs, lr, batch_size or 1, optimizer, 0.0)
         self.gtol = float(check_scalar(gtol, "gtol", kind=Real, low=0.0, closed="neither"))
         self.options = dict(B=B, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                             momentum=momentum, seed=seed)
-        if optimizer == "newton":
-            self.options.update(gtol=self.gtol, max_iter=int(check_scalar(max_iter, "max_iter", kind=Integral, low=1)))
         self._se: dict[str, Tensor] | None = None
         self._estimate: dict[str, Tensor] | None = None
         self._diag: dict[str, Any] = {}
 
     def fit(self, context: FitContext) -> Bootstrap:
-        context.need(self.name, "X", "y", "loss")
-        from mustat.pruning import finalize
-
-        work = finalize(copy.deepcopy(self._model))  # refits train the effective weights
-        missing = [n for n in self.names if n not in dict(work.named_parameters())]
-        if missing:
-            raise ValueError(f"bootstrap: {missing} are not parameters of the model")
-        reps = bootstrap_replicates(work, context.loss, (context.X, context.y), weight_decay=context.penalty(),
+        context.need(self.name, *self.needs)
+        reps = bootstrap_replicates(self._model, context.loss, context.source, weight_decay=context.penalty(),
                                     **self.options)
         self._se = {n: reps.params[n].std(dim=0, unbiased=True) for n in self.names}
         self._estimate = self._current_weights()

@@ -20,7 +20,7 @@ same window, eliminating the unknown :math:`h = \eta_e p m / (2\Sigma)` gives
 * SGD, heavy-ball momentum :math:`\beta`, dampening :math:`d`: :math:`p = 1`,
   :math:`\eta_e = \eta (1-d)/(1-\beta)` (slow directions see the geometric sum
   of the momentum buffer; Nesterov likewise).
-* Adam / AdamW: :math:`p = 1/(\sqrt{\hat v}+\epsilon)` from the optimizer's own
+* Adam: :math:`p = 1/(\sqrt{\hat v}+\epsilon)` from the optimizer's own
   bias-corrected second moment; :math:`\eta_e = \eta` (the first moment is an
   average with weights summing to one, not a heavy-ball sum). With
   :math:`\epsilon \to 0`, :math:`p^2 m \approx 1` and
@@ -31,7 +31,9 @@ same window, eliminating the unknown :math:`h = \eta_e p m / (2\Sigma)` gives
   the data gradient has mean :math:`-\lambda w`, so its uncentred second
   moment would overstate :math:`c/S` by :math:`\lambda^2 w^2`. The target is
   then the penalised sandwich's diagonal (see :func:`mustat.hessian_se` with
-  ``weight_decay``).
+  ``weight_decay``). *Decoupled* decay (AdamW) shrinks outside the preconditioner, so
+  the drift is :math:`\eta (p h + \lambda)` rather than :math:`\eta p (h + \lambda)` and the
+  elimination above fails: it is refused.
 * A summed (not mean) loss multiplies every gradient by :math:`S`: pass the
   effective learning rate :math:`\eta S` yourself or use a mean loss.
 
@@ -61,6 +63,7 @@ from mustat.uncertainty.base import (
     FitContext,
     NotFittedError,
     WindowWarning,
+    decoupled_decay,
     register_estimator,
 )
 from mustat.uncertainty.pseudo import PseudoBootstrap
@@ -93,8 +96,12 @@ def _components(tracker: PseudoBootstrap, optimizer: torch.optim.Optimizer):
     if not tracker.grad_moment:
         raise ValueError("calibrated_se needs a tracker built with grad_moment=True")
     kind = type(optimizer).__name__
-    if kind not in ("SGD", "Adam", "AdamW"):
-        raise ValueError(f"calibrated_se supports SGD, Adam and AdamW, not {kind}")
+    if kind not in ("SGD", "Adam") or isinstance(optimizer, torch.optim.AdamW):
+        raise ValueError(f"calibrated_se supports SGD and Adam, not {kind}")
+    if decoupled_decay(optimizer):
+        raise ValueError("calibrated_se needs weight decay as an L2 penalty; this optimizer's decay is decoupled "
+                         "(AdamW, or Adam(decoupled_weight_decay=True)): its stationary variance is not the "
+                         "module notes' formula. Use Adam(weight_decay=...) or SGD")
     var, g2 = tracker.var(), tracker.grad_var()
     out = {}
     for name, (module, attr) in zip(tracker.names, tracker._targets):
@@ -135,7 +142,7 @@ def calibrated_se(
         A :class:`PseudoBootstrap` with ``grad_moment=True`` that recorded the window
         (``every=1``: the gradient variance must see every step).
     optimizer
-        The ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` that trained the model (its
+        The ``torch.optim.SGD`` / ``Adam`` that trained the model (its
         learning rate, momentum and, for Adam, its second-moment state are read).
     n
         Number of training samples ``N``.
@@ -208,6 +215,12 @@ class Calibrated(Estimator):
     """
 
     trajectory = True
+    needs = ("optimizer", "batch_size", "n")
+    optimizers = ("sgd", "adam")
+    with_replacement = True
+    l2_only = True
+    min_window_steps = 2
+    default = True
 
     def __init__(self, model: nn.Module, *, params: Iterable[str] | None = None, min_n_eff: float = 10.0,
                  check: bool = True):

@@ -33,107 +33,106 @@ other parameter takes per-sample vector-Jacobian products by ``torch.func.vmap``
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from numbers import Integral
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import grad, hessian, vmap
 
 from mustat._checks import check_option, check_scalar
+from mustat._functional import FunctionalModel, eval_mode
+from mustat.batching import Data, batches
 from mustat.uncertainty.base import Estimator, FitContext, Loss, NotFittedError, register_estimator
 
 
-def ggn_diagonal(model: nn.Module, loss: Loss, X: Tensor, y: Tensor, *, names: Iterable[str],
+def ggn_diagonal(model: nn.Module, loss: Loss, data: Data, *, names: Iterable[str],
                  chunk_elements: int = 1 << 24, method: str = "auto") -> dict[str, Tensor]:
     """Diagonal of the summed Gauss-Newton matrix ``sum_i J_i^T Lambda_i J_i`` (module notes).
 
-    ``loss(output, target)`` is the mean loss of a batch; ``names`` the parameters
-    (mustat names; masked weights count as their effective tensor). The model is
-    not modified: a finalized, eval-mode copy is differentiated in the model's
-    dtype. ``chunk_elements`` bounds the per-sample gradients held at once.
-    ``method``: ``"auto"`` (the outer-product rule for linear layers, per-sample
-    products for the rest) or ``"vmap"`` (per-sample products for every parameter;
-    the same numbers, slower: a reference).
+    ``loss(output, target)`` is the mean loss of a batch; ``data`` is ``(X, y)`` tensors or an
+    iterable of batches (a DataLoader), read one batch at a time; ``names`` the tensors
+    (masked weights count as their effective tensor, a tied one once with both its uses).
+    The model is not modified: it is differentiated through the functional view in eval
+    mode and its dtype. ``chunk_elements`` bounds the per-sample gradients held at once.
+    ``method``: ``"auto"`` (the outer-product rule for linear layers, per-sample products
+    for the rest) or ``"vmap"`` (per-sample products for every parameter; the same
+    numbers, slower: a reference).
     """
-    from mustat.pruning import finalize
-
     method = check_option(method, "method", ("auto", "vmap"))
-    names = list(names)
-    work = finalize(copy.deepcopy(model)).eval()
-    work.requires_grad_(False)
-    params = dict(work.named_parameters())
-    buffers = dict(work.named_buffers())
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"ggn_diagonal: {missing} are not parameters of the model")
-    linear = _linear_layers(work, names, X[:2]) if method == "auto" else {}
-    by_rule = {n for mod in linear for n in linear[mod]}
-    wanted = {n: params[n] for n in names if n not in by_rule}
-    fixed = {k: v for k, v in params.items() if k not in wanted}
+    fm = FunctionalModel(model)
+    names = [fm.name(n) for n in names]
+    params = fm.params(names)
+    with eval_mode(model):
+        first = next(batches(data), None)
+        if first is None:
+            raise ValueError("ggn_diagonal: the data has no batches")
+        probe = first[0][:2]
+        linear = _linear_layers(model, fm, names, probe) if method == "auto" else {}
+        by_rule = {n for mod in linear for n in linear[mod]}
+        wanted = {n: params[n] for n in names if n not in by_rule}
 
-    def output(p, x):
-        return functional_call(work, ({**fixed, **p}, buffers), (x[None],))[0]
+        def output(p, x):
+            return fm(p, x[None])[0]
 
-    with torch.no_grad():
-        out_shape = output(wanted, X[0]).shape
-    C = max(1, int(torch.Size(out_shape).numel()))
-
-    def sample_loss(o, t):
-        return loss(o.reshape(1, *out_shape), t[None])
-
-    def vjp_sq(p, x, v):
-        return (output(p, x).reshape(-1) * v).sum()
-
-    per_vec = vmap(grad(vjp_sq), in_dims=(None, None, 0))  # over the C factor columns
-    per_sample = vmap(per_vec, in_dims=(None, 0, 0))       # over samples
-    P = sum(t.numel() for t in wanted.values())
-    widths = sum(mod.in_features + mod.out_features for mod in linear)
-    chunk = max(1, chunk_elements // (C * max(P, widths, 1)))
-    diag = {n: torch.zeros_like(params[n]) for n in names}
-    for start in range(0, len(X), chunk):
-        xb, yb = X[start : start + chunk], y[start : start + chunk]
         with torch.no_grad():
-            outs = torch.func.functional_call(work, (params, buffers), (xb,)).reshape(len(xb), C)
-        lam = vmap(hessian(lambda o, t: sample_loss(o, t)))(outs, yb).reshape(len(xb), C, C)
-        evals, evecs = torch.linalg.eigh(0.5 * (lam + lam.transpose(1, 2)))
-        factor = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)   # columns L_c: Lambda = sum_c L_c L_c^T
-        if wanted:
-            g = per_sample(wanted, xb, factor.transpose(1, 2))    # (m, C, *shape)
-            for n in wanted:
-                diag[n] += g[n].square().sum((0, 1))
-        if linear:
-            _linear_rule(work, linear, xb, factor, C, diag)
+            out_shape = output(wanted, probe[0]).shape
+        C = max(1, int(torch.Size(out_shape).numel()))
+
+        def sample_loss(o, t):
+            return loss(o.reshape(1, *out_shape), t[None])
+
+        def vjp_sq(p, x, v):
+            return (output(p, x).reshape(-1) * v).sum()
+
+        per_vec = vmap(grad(vjp_sq), in_dims=(None, None, 0))  # over the C factor columns
+        per_sample = vmap(per_vec, in_dims=(None, 0, 0))       # over samples
+        P = sum(t.numel() for t in wanted.values())
+        widths = sum(mod.in_features + mod.out_features for mod in linear)
+        chunk = max(1, chunk_elements // (C * max(P, widths, 1)))
+        diag = {n: torch.zeros_like(params[n]) for n in names}
+        for X, y in batches(data):
+            for start in range(0, len(y), chunk):
+                xb, yb = X[start : start + chunk], y[start : start + chunk]
+                with torch.no_grad():
+                    outs = fm({}, xb).reshape(len(xb), C)
+                lam = vmap(hessian(sample_loss))(outs, yb).reshape(len(xb), C, C)
+                evals, evecs = torch.linalg.eigh(0.5 * (lam + lam.transpose(1, 2)))
+                factor = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)   # columns L_c: Lambda = sum_c L_c L_c^T
+                if wanted:
+                    g = per_sample(wanted, xb, factor.transpose(1, 2))    # (m, C, *shape)
+                    for n in wanted:
+                        diag[n] += g[n].square().sum((0, 1))
+                if linear:
+                    _linear_rule(fm, linear, xb, factor, C, diag)
     return diag
 
 
-def _linear_layers(work: nn.Module, names: list[str], probe: Tensor) -> dict[nn.Linear, dict[str, str]]:
+def _linear_layers(model: nn.Module, fm: FunctionalModel, names: list[str], probe: Tensor
+                   ) -> dict[nn.Linear, dict[str, str]]:
     """The ``nn.Linear`` modules whose wanted parameters the outer-product rule can take:
     ``{module: {mustat name: "weight" | "bias"}}``. A layer qualifies when one forward
-    pass applies it exactly once, to a 2-D input (a batch of vectors); shared or
-    sequence-applied layers stay with the per-sample products."""
+    pass applies it exactly once, to a 2-D input (a batch of vectors), and its tensors are
+    used nowhere else; shared, tied or sequence-applied layers stay with the per-sample products."""
     calls: dict[nn.Module, list[int]] = {}
     handles = [m.register_forward_hook(lambda mod, inp, out: calls.setdefault(mod, []).append(inp[0].dim()))
-               for m in work.modules() if isinstance(m, nn.Linear)]
+               for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         with torch.no_grad():
-            work(probe)
+            fm({}, probe)
     finally:
         for h in handles:
             h.remove()
-    owner = {id(p): (mod, leaf) for mod in calls for leaf, p in mod.named_parameters(recurse=False)}
-    params = dict(work.named_parameters())
     layers: dict[nn.Linear, dict[str, str]] = {}
     for n in names:
-        mod, leaf = owner.get(id(params[n]), (None, None))
-        if mod is not None and calls[mod] == [2]:
-            layers.setdefault(mod, {})[n] = leaf
+        e = fm.table[n]
+        if len(e.slots) == 1 and e.module in calls and calls[e.module] == [2] and e.attr in ("weight", "bias"):
+            layers.setdefault(e.module, {})[n] = e.attr
     return layers
 
 
-def _linear_rule(work: nn.Module, linear: dict[nn.Linear, dict[str, str]], xb: Tensor, factor: Tensor, C: int,
+def _linear_rule(fm: FunctionalModel, linear: dict[nn.Linear, dict[str, str]], xb: Tensor, factor: Tensor, C: int,
                  diag: dict[str, Tensor]) -> None:
     """Add one chunk's diagonal for the layers of :func:`_linear_layers` to ``diag``."""
     inputs, outputs = {}, {}
@@ -144,7 +143,7 @@ def _linear_rule(work: nn.Module, linear: dict[nn.Linear, dict[str, str]], xb: T
     handles = [m.register_forward_hook(keep) for m in linear]
     try:
         with torch.enable_grad():
-            out = work(xb.detach().requires_grad_()).reshape(len(xb), C)  # a graph through every layer
+            out = fm({}, xb.detach().requires_grad_()).reshape(len(xb), C)  # a graph through every layer
     finally:
         for h in handles:
             h.remove()
@@ -166,10 +165,15 @@ def _linear_rule(work: nn.Module, linear: dict[nn.Linear, dict[str, str]], xb: T
 class Curvature(Estimator):
     """``1 / sqrt(diag(GGN) + n * weight_decay)`` after training (module notes).
 
-    ``fit`` needs ``FitContext(X=..., y=..., loss=...)``; the penalty comes from
-    the context (or its optimizer). A weight with zero curvature and no penalty
-    does not enter the likelihood: ``se = inf`` (unidentified, z = 0).
+    ``fit`` needs ``FitContext(X=..., y=..., loss=...)`` (or ``data=``); the penalty comes
+    from the context (or its optimizer). A weight with zero curvature and no penalty
+    does not enter the likelihood: ``se = inf`` (unidentified, z = 0). Frozen tensors
+    have a curvature too, so they can be measured.
     """
+
+    needs = ("data", "loss")
+    default = True
+    measures_frozen = True
 
     def __init__(self, model: nn.Module, *, params: Iterable[str] | None = None, chunk_elements: int = 1 << 24):
         super().__init__(model, params=params)
@@ -179,9 +183,9 @@ class Curvature(Estimator):
         self._penalty = 0.0
 
     def fit(self, context: FitContext) -> Curvature:
-        context.need(self.name, "X", "y", "loss")
+        context.need(self.name, *self.needs)
         self._penalty = context.penalty()
-        diag = ggn_diagonal(self._model, context.loss, context.X, context.y, names=self.names,
+        diag = ggn_diagonal(self._model, context.loss, context.source, names=self.names,
                             chunk_elements=self.chunk_elements)
         prior = context.n * self._penalty
         self._se = {n: torch.where(d + prior > 0, (d + prior).rsqrt(), torch.full_like(d, float("inf")))
@@ -191,7 +195,8 @@ class Curvature(Estimator):
 
     def se(self) -> dict[str, Tensor]:
         if self._se is None:
-            raise NotFittedError("curvature is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after training")
+            raise NotFittedError("curvature is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after training "
+                                 "(or FitContext(data=loader, loss=...))")
         return {k: v.clone() for k, v in self._se.items()}
 
     @property

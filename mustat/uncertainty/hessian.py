@@ -4,7 +4,6 @@ small networks: ``H^-1`` or the sandwich ``H^-1 J H^-1``, computed with
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -13,11 +12,12 @@ from numbers import Real
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import grad, hessian, vmap
 
 from mustat._checks import check_option, check_scalar
-from mustat._masking import find_mask
-from mustat._params import all_names, resolve, select
+from mustat._functional import FunctionalModel, Layout, eval_mode
+from mustat._params import select, trainable_names
+from mustat.batching import Data, batches
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -30,46 +30,6 @@ class Kind(str, Enum):
     SANDWICH = "sandwich"
     """``H^-1 J H^-1`` with ``J = sum_i g_i g_i^T`` from per-sample gradients: robust to a
     misspecified likelihood (statsmodels' ``cov_type="HC0"``)."""
-
-
-@dataclass
-class _Layout:
-    """Where each free coordinate of the flat vector lives (masked entries are fixed at 0)."""
-
-    names: list[str]
-    shapes: list[torch.Size]
-    free: list[Tensor]  # flat indices of the unmasked entries of each tensor
-
-    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        out, start = {}, 0
-        for name, shape, idx in zip(self.names, self.shapes, self.free):
-            full = theta.new_zeros(shape.numel()).index_put((idx,), theta[start : start + len(idx)])
-            out[name] = full.view(shape)
-            start += len(idx)
-        return out
-
-    def size(self) -> int:
-        return sum(len(i) for i in self.free)
-
-
-def _prepare(model: nn.Module, params: Iterable[str] | None):
-    """A float64, unmasked, eval-mode copy of the model (the user's is untouched) and the layout."""
-    names = all_names(model) if params is None else select(model, params)
-    free = []
-    for name in names:
-        module, attr = resolve(model, name)
-        m = find_mask(module, attr)
-        n = getattr(module, attr).numel()
-        free.append(torch.arange(n) if m is None else torch.nonzero(m.mask.flatten().cpu() != 0).flatten())
-    work = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
-    from mustat.pruning import finalize
-
-    finalize(work).eval()
-    # parameters left out of ``params`` are held fixed: no autograd through them
-    work.requires_grad_(False)
-    shapes = [getattr(*resolve(work, n)).shape for n in names]
-    theta = torch.cat([getattr(*resolve(work, n)).detach().flatten()[i] for n, i in zip(names, free)])
-    return work, _Layout(names, shapes, free), theta
 
 
 @dataclass(frozen=True)
@@ -85,15 +45,16 @@ class Information:
     H: Tensor
     J: Tensor | None
     gradient: Tensor
-    layout: _Layout
+    layout: Layout
     theta: Tensor
     value: float
+    n: int
 
 
 def information(
     model: nn.Module,
     loss: Loss,
-    data: tuple[Tensor, Tensor],
+    data: Data,
     *,
     params: Iterable[str] | None = None,
     sandwich: bool = False,
@@ -101,51 +62,55 @@ def information(
 ) -> Information:
     """Observed information of the penalised summed loss (see :class:`Information`).
 
-    ``loss`` returns the *summed* loss of a batch; ``weight_decay`` is PyTorch's L2
-    coefficient on the *mean* loss, so on the summed loss the penalty is
-    ``n * weight_decay / 2 * |theta|^2`` over the included ``params``.
+    ``loss`` returns the *summed* loss of a batch; ``data`` is ``(X, y)`` tensors or an
+    iterable of batches (a DataLoader), whose contributions add up; ``weight_decay`` is
+    PyTorch's L2 coefficient on the *mean* loss, so on the summed loss the penalty is
+    ``n * weight_decay / 2 * |theta|^2`` over the included ``params`` (default: every
+    trainable tensor; frozen ones are held fixed, conditioned on). The model is read
+    through the functional view in float64 on the CPU, in eval mode; it is not modified.
     """
     check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
-    work, layout, theta = _prepare(model, params)
-    buffers = dict(work.named_buffers())
-    X, y = (t.to("cpu") for t in data)
-    X = X.to(torch.float64) if X.is_floating_point() else X
-    n = len(X)
+    names = trainable_names(model) if params is None else select(model, params)
+    fm = FunctionalModel(model, dtype=torch.float64, device="cpu")
+    layout = fm.layout(names)
+    theta = layout.flatten(fm.params(names))
 
     def total(th, xb, yb):
-        p = layout.unflatten(th)
-        return loss(functional_call(work, (p, buffers), (xb,)), yb)
+        return loss(fm(layout.unflatten(th), xb), yb)
 
-    def penalised(th, xb, yb):
-        return total(th, xb, yb) + 0.5 * n * weight_decay * th.square().sum()
-
-    H = hessian(penalised)(theta, X, y)
-    J = None
+    P = layout.size()
+    H = torch.zeros(P, P, dtype=torch.float64)
+    J = torch.zeros(P, P, dtype=torch.float64) if sandwich else None
+    gradient = torch.zeros(P, dtype=torch.float64)
+    S = torch.zeros(P, dtype=torch.float64)  # sum of per-sample data gradients (for the penalised J)
+    value, n = 0.0, 0
+    with eval_mode(model):
+        for xb, yb in batches(data):
+            xb = xb.to("cpu", torch.float64) if xb.is_floating_point() else xb.to("cpu")
+            yb = yb.to("cpu")
+            H += hessian(total)(theta, xb, yb)
+            gradient += grad(total)(theta, xb, yb)
+            value += float(total(theta, xb, yb))
+            n += len(yb)
+            if sandwich:
+                per_sample = vmap(grad(lambda th, xi, yi: total(th, xi[None], yi[None])), in_dims=(None, 0, 0))
+                G = per_sample(theta, xb, yb)
+                J += G.T @ G
+                S += G.sum(0)
+    if n == 0:
+        raise ValueError("information: the data has no rows")
+    H += n * weight_decay * torch.eye(P, dtype=torch.float64)
+    gradient += n * weight_decay * theta
     if sandwich:
-        per_sample = vmap(grad(lambda th, xi, yi: total(th, xi[None], yi[None])), in_dims=(None, 0, 0))
-        G = per_sample(theta, X, y) + weight_decay * theta
-        J = G.T @ G
-    return Information(H.detach(), None if J is None else J.detach(), grad(penalised)(theta, X, y).detach(),
-                       layout, theta, float(total(theta, X, y)))
-
-
-@torch.no_grad()
-def _write(model: nn.Module, layout: _Layout, theta: Tensor) -> None:
-    """Write the free coordinates back into the model's (possibly masked) tensors."""
-    from mustat._masking import source
-
-    start = 0
-    for name, idx in zip(layout.names, layout.free):
-        target, _ = source(*resolve(model, name))
-        flat = target.view(-1)
-        flat[idx.to(flat.device)] = theta[start : start + len(idx)].to(flat)
-        start += len(idx)
+        # psi_i = g_i + wd * theta: sum_i psi_i psi_i^T = J + wd (S theta^T + theta S^T) + n wd^2 theta theta^T
+        J += weight_decay * (torch.outer(S, theta) + torch.outer(theta, S)) + n * weight_decay**2 * torch.outer(theta, theta)
+    return Information(H.detach(), None if J is None else J.detach(), gradient.detach(), layout, theta, value, n)
 
 
 def hessian_se(
     model: nn.Module,
     loss: Loss,
-    data: tuple[Tensor, Tensor],
+    data: Data,
     *,
     kind: str | Kind = "observed",
     damping: float = 0.0,
@@ -178,11 +143,11 @@ def hessian_se(
     Parameters
     ----------
     model
-        The fitted network; not modified (a float64 copy is differentiated).
+        The fitted network; not modified (read through the functional view in float64).
     loss
         ``loss(output, target)`` returning the *summed* NLL of a batch (e.g. ``GLM.nll``).
     data
-        ``(X, y)``: the data the model was fitted on.
+        The data the model was fitted on: ``(X, y)`` tensors or an iterable of batches.
     kind
         ``"observed"`` or ``"sandwich"``.
     damping
@@ -191,8 +156,8 @@ def hessian_se(
         *conservative-to-arbitrary* SEs in the flat directions, so prefer
         restricting ``params`` where possible.
     params
-        Names of the parameters to include (default: all, weights and biases). The
-        others are held fixed (conditioned on).
+        Names of the parameters to include (default: every trainable one, weights and
+        biases). The others, frozen ones included, are held fixed (conditioned on).
     scale
         Multiplies the observed covariance. ``1.0`` for likelihoods with a known
         scale (Bernoulli, categorical). ``"estimate"`` for a Gaussian loss written as
@@ -226,9 +191,9 @@ def hessian_se(
         cov = cov @ info.J @ cov
     else:
         if scale == "estimate":
-            dof = len(data[0]) - info.layout.size()
+            dof = info.n - info.layout.size()
             if dof <= 0:
-                raise ValueError(f"scale='estimate' needs more samples than parameters: n={len(data[0])}, p={info.layout.size()}")
+                raise ValueError(f"scale='estimate' needs more samples than parameters: n={info.n}, p={info.layout.size()}")
             scale = 2.0 * info.value / dof
         cov = cov * scale
     return info.layout.unflatten(cov.diagonal().clamp_min(0).sqrt())
@@ -255,64 +220,3 @@ def _inverse_pd(H: Tensor, damping: float) -> Tensor:
             stacklevel=3,
         )
     return (evecs / evals) @ evecs.T
-
-
-def fit_glm(
-    model: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    *,
-    loss: Loss | None = None,
-    max_iter: int = 1000,
-    gtol: float = 1e-8,
-    weight_decay: float = 0.0,
-) -> nn.Module:
-    """Fit a copy of ``model`` to convergence by full-batch L-BFGS in float64.
-
-    Minimises the mean loss plus ``weight_decay / 2 * |theta|^2`` over every
-    parameter (PyTorch's ``weight_decay`` on a mean loss; 0: maximum likelihood).
-
-    For reference use (Wald standard errors need the exact optimum): the
-    returned model is a float64 copy; ``model`` itself is not modified.
-    ``loss`` defaults to ``model.nll`` (a :class:`mustat.models.GLM`). Warns
-    if the gradient's max-norm per sample has not reached ``gtol`` (for
-    example under separation in logistic regression, where the MLE does not exist).
-    """
-    check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
-    fitted = copy.deepcopy(model).to(torch.float64)
-    loss = loss or fitted.nll
-    X = X.to(torch.float64)
-    n = len(X)
-    opt = torch.optim.LBFGS(
-        fitted.parameters(), lr=1, max_iter=max_iter, tolerance_grad=gtol,
-        tolerance_change=0, history_size=50, line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        value = loss(fitted(X), y) / n + 0.5 * weight_decay * sum(p.square().sum() for p in fitted.parameters())
-        value.backward()
-        return value
-
-    for _ in range(5):
-        opt.step(closure)
-        closure()
-        gmax = max(float(p.grad.abs().max()) for p in fitted.parameters())
-        if gmax <= gtol:
-            break
-    # Newton polish: L-BFGS stops at |g| ~ 1e-9, which leaves ~1e-7 in coefficients
-    # near zero; two exact Newton steps reach the optimum to machine precision.
-    for _ in range(2):
-        info = information(fitted, loss, (X, y), weight_decay=weight_decay)
-        _write(fitted, info.layout, info.theta - torch.linalg.solve(info.H, info.gradient))
-    closure()
-    gmax = max(float(p.grad.abs().max()) for p in fitted.parameters())
-    if gmax > gtol:
-        warnings.warn(
-            f"fit_glm did not converge: max |gradient| per sample {gmax:.3g} > gtol={gtol}; "
-            "Wald standard errors at this point are not valid (is the data separable?)",
-            stacklevel=2,
-        )
-    for p in fitted.parameters():
-        p.grad = None
-    return fitted

@@ -97,6 +97,13 @@ class PseudoBootstrap(Estimator):
     """
 
     trajectory = True
+    min_window_steps = 2
+    default = True
+    variants = {
+        "pseudo-every10": dict(every=10),
+        "pseudo-ema": dict(window="ema", beta=0.999),
+        "pseudo-epoch": dict(window="epoch"),
+    }
 
     def __init__(
         self,
@@ -124,7 +131,8 @@ class PseudoBootstrap(Estimator):
         if self.grad_moment:
             unsupported = [n for n, t in zip(self.names, self._targets) if leaf(*t) is None]
             if unsupported:
-                raise ValueError(f"grad_moment=True needs plain or mustat-masked parameters; {unsupported} are not")
+                raise ValueError(f"grad_moment=True needs plain or masked parameters; {unsupported} are computed "
+                                 "by another parametrization")
         # one list for weights and, with grad_moment, gradients after them: a single
         # set of fused ops updates both
         self._mean: list[Tensor] = []
@@ -142,7 +150,7 @@ class PseudoBootstrap(Estimator):
                 masks.append(mask)
             values.append(value)
         if masks:
-            masked = torch._foreach_mul([values[i] for i in to_mask], masks)
+            masked = torch._foreach_mul([values[i] for i in to_mask], [m.to(values[i].dtype) for i, m in zip(to_mask, masks)])
             for i, m in zip(to_mask, masked):
                 values[i] = m
         return values

@@ -25,8 +25,10 @@ class Wald(Estimator):
     without weight decay is not identified and its Hessian is singular (an
     error that offers ``damping``). ``max_params`` guards against forming a
     Hessian too large for memory: use ``curvature`` for big networks.
-    ``fit`` needs ``FitContext(X=..., y=..., loss=...)``.
+    ``fit`` needs ``FitContext(X=..., y=..., loss=...)`` (or ``data=``).
     """
+
+    needs = ("data", "loss")
 
     def __init__(self, model: nn.Module, *, kind: str | Kind = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, max_params: int = 5000):
@@ -34,23 +36,23 @@ class Wald(Estimator):
         self.kind = check_option(kind, "kind", Kind)
         self.damping = float(check_scalar(damping, "damping", kind=Real, low=0.0))
         check_scalar(max_params, "max_params", kind=Integral, low=1)
-        total = sum(p.numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if total > max_params:
             raise ValueError(
-                f"estimator 'wald' forms the full {total} x {total} Hessian of the model's {total} parameters, "
+                f"estimator 'wald' forms the full {total} x {total} Hessian of the model's {total} trainable parameters, "
                 f"more than max_params={max_params}; use se='curvature' (diagonal, any size) or raise max_params"
             )
         self._se: dict[str, Tensor] | None = None
         self._estimate: dict[str, Tensor] | None = None
 
     def fit(self, context: FitContext) -> Wald:
-        context.need(self.name, "X", "y", "loss")
+        context.need(self.name, *self.needs)
         loss = context.loss
 
         def summed(out, target):
             return loss(out, target) * len(target)
 
-        se = hessian_se(self._model, summed, (context.X, context.y), kind=self.kind, damping=self.damping,
+        se = hessian_se(self._model, summed, context.source, kind=self.kind, damping=self.damping,
                         weight_decay=context.penalty())
         ref = self._current_weights()
         self._se = {n: se[n].to(device=ref[n].device, dtype=ref[n].dtype) for n in self.names}

@@ -52,9 +52,10 @@ from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import grad, hessian, vmap
 
 from mustat._checks import check_scalar
+from mustat._functional import FunctionalModel
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -95,23 +96,20 @@ class NewtonFits:
         return float(self.converged.double().mean())
 
 
-def _functional(model: nn.Module):
-    """A float64 meta-free copy, its parameter names/shapes, and flatten/unflatten helpers."""
-    work = copy.deepcopy(model).to(torch.float64)
-    from mustat.pruning import finalize
-
-    finalize(work).eval()
-    work.requires_grad_(False)
-    names = [n for n, _ in work.named_parameters()]
-    shapes = [p.shape for _, p in work.named_parameters()]
+def _functional(model: nn.Module, device):
+    """The model's float64 functional view on ``device``, its trainable tensors' names, an unflatten
+    helper and the flat start (masked entries are held at 0 by the view)."""
+    fm = FunctionalModel(model, dtype=torch.float64, device=device)
+    names = fm.trainable()
+    start = fm.params(names)
+    shapes = [start[n].shape for n in names]
     sizes = [math.prod(s) for s in shapes]
-    buffers = dict(work.named_buffers())
 
     def unflatten(theta: Tensor) -> dict[str, Tensor]:
-        return {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        return {n: t.view(s) for n, t, s in zip(names, theta.split(sizes, dim=-1), shapes)}
 
-    theta0 = torch.cat([p.detach().flatten() for _, p in work.named_parameters()])
-    return work, buffers, names, unflatten, theta0
+    theta0 = torch.cat([start[n].flatten() for n in names])
+    return fm, names, unflatten, theta0
 
 
 def _relu_mlp(model: nn.Module) -> bool:
@@ -168,14 +166,14 @@ def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float):
         C_W1 = torch.einsum("bnch,bnd->bchd", ron, X)                      # (B, k, h, d)
         C_b1 = ron.sum(1)                                                  # (B, k, h)
         o2, o3 = sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]
-        idx = torch.arange(h)
+        idx = torch.arange(h, device=X.device)
         E = X.new_zeros(B, k, h, h, d)
         E[:, :, idx, idx, :] = C_W1                                        # delta_{jj'} C_W1[c, j, :]
         cross = torch.cat([E.flatten(3), torch.diag_embed(C_b1)], dim=3).reshape(B, k * h, o2)
         H[:, o2:o3, :o2] += cross
         H[:, :o2, o2:o3] += cross.transpose(1, 2)
         H = H / n
-        return H + weight_decay * torch.eye(H.shape[-1], dtype=H.dtype)
+        return H + weight_decay * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
 
     return hess
 
@@ -252,17 +250,18 @@ def newton_fits(
     if X.ndim < 2 or y.ndim < 2 or len(X) != len(y) or X.shape[1] != y.shape[1]:
         raise ValueError(f"newton_fits needs stacked data X (B, n, ...) and y (B, n, ...), got X {tuple(X.shape)} "
                          f"and y {tuple(y.shape)}")
-    work, buffers, names, unflatten, theta0 = _functional(model)
+    fm, names, unflatten, theta0 = _functional(model, X.device)
+    work = model
     B, n = X.shape[:2]
     p = len(theta0)
     X = X.to(torch.float64) if X.is_floating_point() else X
     y = y.to(torch.float64) if y.is_floating_point() else y
-    theta = theta0.expand(B, p).clone() if start is None else start.to(torch.float64).clone()
+    theta = theta0.expand(B, p).clone() if start is None else start.to(X.device, torch.float64).clone()
     if theta.shape != (B, p):
         raise ValueError(f"start must have shape (B, p) = ({B}, {p}), got {tuple(theta.shape)}")
 
     def objective(th: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
-        out = functional_call(work, (unflatten(th), buffers), (xb,))
+        out = fm(unflatten(th), xb)
         return loss(out, yb) + 0.5 * weight_decay * th.square().sum()
 
     value_fn = vmap(objective)
@@ -293,14 +292,15 @@ def newton_fits(
         theta = rebalance(theta)
     value = chunked(value_fn, theta, X, y)
     g = chunked(grad_fn, theta, X, y)
-    eye = torch.eye(p, dtype=torch.float64)
+    dev = theta.device
+    eye = torch.eye(p, dtype=torch.float64, device=dev)
     it = 0
     halfway = theta.clone()
-    ts = torch.tensor([4.0 ** -k for k in range(7)], dtype=torch.float64)
+    ts = torch.tensor([4.0 ** -k for k in range(7)], dtype=torch.float64, device=dev)
 
     def descend(active: Tensor) -> None:
         nonlocal it
-        stalled = torch.zeros(B, dtype=torch.long)
+        stalled = torch.zeros(B, dtype=torch.long, device=dev)
         while bool(active.any()) and it < max_iter:
             it += 1
             if it == max_iter // 2 + 1:
@@ -311,7 +311,7 @@ def newton_fits(
             H = 0.5 * (H + H.transpose(1, 2))
             scale = H.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-12)
             # damping only where H is not positive definite (a saddle or a concave region)
-            m = torch.zeros(len(idx), dtype=torch.float64)
+            m = torch.zeros(len(idx), dtype=torch.float64, device=dev)
             for _ in range(60):
                 L, info = torch.linalg.cholesky_ex(H + m[:, None, None] * eye)
                 bad = info != 0
@@ -328,8 +328,8 @@ def newton_fits(
             # every trial ties, and the full Newton step is the one that shrinks the gradient
             rounding = 16 * torch.finfo(torch.float64).eps * value[idx].abs().clamp_min(1.0)
             best = (vals <= vals.min(1, keepdim=True).values + rounding[:, None]).to(torch.int8).argmax(1)
-            new_value = vals[torch.arange(len(idx)), best]
-            trial = trials[torch.arange(len(idx)), best]
+            new_value = vals[torch.arange(len(idx), device=dev), best]
+            trial = trials[torch.arange(len(idx), device=dev), best]
             new_g = chunked(grad_fn, trial, xs, ys)
             # near the optimum the decrease falls below float64 rounding of the value: then
             # a step that shrinks the gradient is still progress
@@ -355,7 +355,7 @@ def newton_fits(
             active = (g.abs().amax(1) > gtol) & (stalled < stall)
 
     descend(g.abs().amax(1) > gtol)
-    no_descent = torch.zeros(B, dtype=torch.bool)
+    no_descent = torch.zeros(B, dtype=torch.bool, device=dev)
     # a stationary point with negative curvature is a saddle (for example a hidden unit that
     # collapsed to zero): move along the most negative direction, then descend again
     for _ in range(escapes + 1):
@@ -368,11 +368,11 @@ def newton_fits(
             break
         idx = torch.nonzero(saddle).flatten()
         v = evecs[idx, :, 0]
-        ts = torch.tensor([c * 2.0 ** -k for k in range(16) for c in (1.0, -1.0)], dtype=torch.float64)
+        ts = torch.tensor([c * 2.0 ** -k for k in range(16) for c in (1.0, -1.0)], dtype=torch.float64, device=dev)
         trials = theta[idx, None, :] + ts[None, :, None] * v[:, None, :]           # (b, T, p)
         vals = torch.stack([chunked(value_fn, trials[:, j], X[idx], y[idx]) for j in range(len(ts))], 1)
         best = vals.argmin(1)
-        better = vals[torch.arange(len(idx)), best] < value[idx]
+        better = vals[torch.arange(len(idx), device=dev), best] < value[idx]
         moved = idx[better]
         no_descent[idx[~better]] = True  # no descent along negative curvature: a minimum on a ReLU kink
         if not len(moved):
@@ -380,7 +380,7 @@ def newton_fits(
         theta[moved] = trials[better, best[better]]
         value[moved] = vals[better, best[better]]
         g[moved] = chunked(grad_fn, theta[moved], X[moved], y[moved])
-        active = torch.zeros(B, dtype=torch.bool)
+        active = torch.zeros(B, dtype=torch.bool, device=dev)
         active[moved] = True
         descend(active)
     grad_max = g.abs().amax(1)

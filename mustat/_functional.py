@@ -1,0 +1,153 @@
+"""The one functional view of a (pruned) model that every estimator and writer uses.
+
+:class:`FunctionalModel` holds a snapshot of the model's *effective* tensors (masks
+applied) and calls the model with any values in their place through
+``torch.func.functional_call``, so ``torch.func.grad``, ``vmap`` and ``hessian`` work on
+it. Masked entries are held at zero (the mask multiplies whatever values are passed, so
+their gradient is zero too), a tied tensor is one entry passed to every place it is used,
+frozen tensors can be differentiated like any other, and everything can be cast to
+another dtype or device. No module is deep-copied or finalized, which is what made
+parametrized LSTMs and tied weights fail before (``copy.deepcopy`` cannot copy the
+non-leaf weights an RNN caches). The model itself is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mustat._masking import effective, find_mask
+from mustat._params import Entry, entries, entry, trainable_names
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run with every submodule in eval mode; each module's own flag is restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the free (unmasked) entries of some tensors sit in one flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    free: tuple[Tensor, ...]  # flat indices of each tensor's unmasked entries
+
+    def size(self) -> int:
+        return sum(len(i) for i in self.free)
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        return torch.cat([tensors[n].reshape(-1)[i.to(tensors[n].device)] for n, i in zip(self.names, self.free)])
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Tensors with the stored shapes, masked entries 0 (differentiable in ``theta``)."""
+        out, start = {}, 0
+        for name, shape, idx in zip(self.names, self.shapes, self.free):
+            full = theta.new_zeros(shape.numel()).index_put((idx.to(theta.device),), theta[start : start + len(idx)])
+            out[name] = full.view(shape)
+            start += len(idx)
+        return out
+
+
+class FunctionalModel:
+    """A model's effective tensors, and a call that takes other values in their place.
+
+    Parameters
+    ----------
+    model
+        The network; read, never modified.
+    dtype, device
+        Cast every floating tensor (parameters and buffers) to this dtype and move
+        everything to this device (default: as they are). Inputs are the caller's to cast.
+
+    ``fm.params(names)`` gives the effective values (masks applied), detached;
+    ``fm(values, *args)`` runs the forward pass with ``values`` (a dict keyed by tensor
+    name, any subset) in place of those tensors and the snapshot for all others. The
+    model's train/eval mode is used as it is: wrap calls in :func:`eval_mode` for
+    per-sample-independent outputs.
+    """
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        self.model = model
+        self.table: dict[str, Entry] = entries(model)
+        self.dtype, self.device = dtype, device
+        self._state = {k: self._cast(v.detach()) for k, v in model.named_parameters(remove_duplicate=False)}
+        self._state.update({k: self._cast(v) for k, v in model.named_buffers(remove_duplicate=False)})
+        self._masks: dict[str, Tensor | None] = {}
+        for name, e in self.table.items():
+            m = find_mask(e.module, e.attr)
+            self._masks[name] = None if m is None else self._cast(m)
+
+    def _cast(self, t: Tensor) -> Tensor:
+        dtype = self.dtype if (self.dtype is not None and t.is_floating_point()) else t.dtype
+        return t.to(device=self.device if self.device is not None else t.device, dtype=dtype)
+
+    def name(self, name: str) -> str:
+        """The first name of the tensor called ``name``."""
+        return entry(self.model, name, self.table).name
+
+    def trainable(self) -> list[str]:
+        return trainable_names(self.model)
+
+    def mask(self, name: str) -> Tensor | None:
+        """The keep-mask (0/1 in the view's dtype) of ``name``, or None."""
+        return self._masks[self.name(name)]
+
+    def free(self, name: str) -> Tensor:
+        """Flat indices of the unmasked entries of ``name`` (on the CPU)."""
+        m = self._masks[self.name(name)]
+        e = self.table[self.name(name)]
+        n = getattr(e.module, e.attr).numel()
+        return torch.arange(n) if m is None else torch.nonzero(m.reshape(-1).cpu() != 0).flatten()
+
+    def params(self, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """Effective values (masks applied), detached, cast; default: every trainable tensor."""
+        names = self.trainable() if names is None else [self.name(n) for n in names]
+        return {n: self._cast(effective(self.table[n].module, self.table[n].attr)) for n in names}
+
+    def layout(self, names: Iterable[str]) -> Layout:
+        names = [self.name(n) for n in names]
+        shapes = tuple(getattr(self.table[n].module, self.table[n].attr).shape for n in names)
+        return Layout(tuple(names), shapes, tuple(self.free(n) for n in names))
+
+    def state(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The ``functional_call`` dict with ``values`` (masked) in place of their tensors."""
+        state = dict(self._state)
+        for name, value in values.items():
+            e = self.table[name]
+            m = self._masks[name]
+            if m is not None:
+                value = value * m
+            for s in e.slots:
+                if s.key is None:
+                    raise ValueError(f"{s.path!r} is computed by a parametrization mustat cannot see through; "
+                                     "it can only be held fixed")
+                state[s.key] = value
+        return state
+
+    def __call__(self, values: Mapping[str, Tensor], *args, **kwargs):
+        return functional_call(self.model, self.state(values), args, kwargs, tie_weights=False, strict=False)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies recurrent layers whose weights are parametrized (torch
+    caches their computed, non-leaf weights, which ``deepcopy`` refuses)."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for t in getattr(m, "_flat_weights", None) or ():
+            if isinstance(t, Tensor) and not t.is_leaf:
+                memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
