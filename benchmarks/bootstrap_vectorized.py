@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from mustat.data import load
-from mustat.uncertainty.bootstrap import bootstrap_replicates, bootstrap_replicates_loop
+from mustat.uncertainty.bootstrap import bootstrap_replicates
+from validation.bootstrap import bootstrap_replicates_loop
 
 
 def main():

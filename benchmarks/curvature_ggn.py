@@ -53,8 +53,8 @@ def compare(dataset: str, model_name: str, args) -> None:
     def loss(o, t):
         return loss_fn(model, o, t)
 
-    t_ref, ref = best_of(lambda: ggn_diagonal(model, loss, X, y, names=names, method="vmap"), args.repeats)
-    t_new, new = best_of(lambda: ggn_diagonal(model, loss, X, y, names=names), args.repeats)
+    t_ref, ref = best_of(lambda: ggn_diagonal(model, loss, (X, y), names=names, method="vmap"), args.repeats)
+    t_new, new = best_of(lambda: ggn_diagonal(model, loss, (X, y), names=names), args.repeats)
     diff = max(float((new[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)) for n in names)
     size = sum(p.numel() for p in model.parameters())
     print(f"{dataset + ' / ' + model_name:>24} {size:>9,} {t_ref:>8.3f} {t_new:>8.3f} {t_ref / t_new:>8.1f}x "

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call, hessian, vmap
 from torch.nn import functional as F
 
-from mustat.uncertainty import newton as N
+from validation import newton as N
 
 
 def best_of(fn, args: tuple, repeats: int) -> float:

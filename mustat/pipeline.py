@@ -71,9 +71,6 @@ def preflight(config: RunConfig, data: Dataset) -> None:
     if train.batch_size > n:
         raise ValueError(f"batch_size={train.batch_size} is larger than the {n} training samples of "
                          f"{config.dataset!r}; use at most {n}")
-    if train.track_epochs > min(train.epochs, train.retrain_epochs):
-        raise ValueError(f"track_epochs={train.track_epochs} is longer than a training phase (epochs={train.epochs}, "
-                         f"retrain_epochs={train.retrain_epochs}); use at most {min(train.epochs, train.retrain_epochs)}")
     model = _build(config, data, None)
     setup = train.setup(n)
     for name in config.estimators():

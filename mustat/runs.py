@@ -85,9 +85,9 @@ def versions() -> dict[str, str]:
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
+    if isinstance(d, (dict, list)) and d:
         out = {}
-        for k, v in d.items():
+        for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
             out.update(_flat(v, f"{prefix}{k}."))
         return out
     return {prefix.rstrip("."): d}

@@ -143,6 +143,30 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
+class MinibatchSampler(torch.utils.data.Sampler):
+    """The minibatches :func:`train_epochs` draws from tensors, as a DataLoader ``batch_sampler``:
+    ``DataLoader(dataset, batch_sampler=MinibatchSampler(len(dataset), 64, "replacement", g))``
+    trains exactly as ``(X, y)`` tensors with the same generator do, for data that do not fit
+    in memory. (torch's ``RandomSampler`` draws an extra permutation each epoch, so its
+    order differs after the first.)"""
+
+    def __init__(self, n: int, batch_size: int, sampler: str | Sampler = "replacement",
+                 generator: torch.Generator | None = None):
+        self.n = int(check_scalar(n, "n", kind=Integral, low=1))
+        self.batch_size = int(check_scalar(batch_size, "batch_size", kind=Integral, low=1))
+        self.sampler = check_option(sampler, "sampler", Sampler)
+        if generator is None:
+            raise ValueError("MinibatchSampler needs generator=torch.Generator().manual_seed(...)")
+        self.generator = generator
+
+    def __iter__(self):
+        for idx in batches(self.n, self.batch_size, self.sampler, self.generator):
+            yield idx.tolist()
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.n, self.batch_size)
+
+
 def _epoch_batches(data: Data, batch_size, sampler, generator) -> Iterator[tuple[Tensor, Tensor, int]]:
     """One epoch's ``(inputs, targets, global batch size)`` for this rank: its shard of each batch."""
     if is_tensors(data):

@@ -64,7 +64,7 @@ def test_small_grid_end_to_end_and_resume(tmp_path, capsys):
     assert summary.cell_seconds.notna().all() and "cell time median" in printed
     # another grid in the same folder is refused; a changed setting gets new keys
     (tmp_path / "h.toml").write_text(GRID.replace("epochs = 2", "epochs = 3"))
-    with pytest.raises(ValueError, match="another grid"):
+    with pytest.raises(ValueError, match="other settings"):
         run_benchmark(load_grid(tmp_path / "h.toml"), out, scheduler="serial", quiet=True)
     keys_g = {c.key for c in load_grid(tmp_path / "g.toml").cells()}
     keys_h = {c.key for c in load_grid(tmp_path / "h.toml").cells()}
@@ -124,7 +124,7 @@ def test_gradient_weight_matches_autograd_and_needs_grads(mlp, batch):
 
     X, y = batch
     mustat.prune(mlp, mustat.score(mlp, "magnitude"), sparsity=0.5)
-    grads = loss_gradient(mlp, X, y, nn.functional.cross_entropy, batch_size=7)
+    grads = loss_gradient(mlp, (X, y), nn.functional.cross_entropy, batch_size=7)
     plain = mustat.finalize(__import__("copy").deepcopy(mlp))
     nn.functional.cross_entropy(plain(X), y).backward()
     for name, g in grads.items():

@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 import mustat
+from validation.glm import fit_glm
 from mustat.data import glm_design
 from mustat.models import GLM
 from mustat.uncertainty import FitContext, bootstrap_replicates, bootstrap_se, make_estimator
-from mustat.uncertainty.bootstrap import bootstrap_replicates_loop
+from validation.bootstrap import bootstrap_replicates_loop
 
 
 def mean_nll(model):
@@ -40,7 +41,7 @@ def test_vectorized_equals_loop_replicate_by_replicate(optimizer, batch_size, we
 def test_bootstrap_se_of_logistic_glm_matches_statsmodels():
     X, y, _ = glm_design("logistic", n=2000, coef=(1.0, -0.5, 0.0), scales=(1.0, 2.0, 0.5), seed=3)
     Xt, yt = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
-    fit = mustat.fit_glm(GLM(3), Xt, yt)
+    fit = fit_glm(GLM(3), Xt, yt)
     B = 400
     se = bootstrap_se(fit, mean_nll(fit), (Xt, yt), B=B, epochs=300, lr=0.05, seed=0)
     ref = sm.Logit(y, sm.add_constant(X)).fit(disp=0).bse
@@ -58,7 +59,7 @@ def test_penalised_bootstrap_matches_penalised_sandwich_and_converges():
     X, y, _ = glm_design("logistic", n=1000, coef=(1.0, -0.5, 0.0), scales=(1.0, 2.0, 0.5), seed=4)
     Xt, yt = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
     wd = 0.05  # strong enough to move the SEs well beyond the Monte Carlo tolerance
-    fit = mustat.fit_glm(GLM(3), Xt, yt, weight_decay=wd)
+    fit = fit_glm(GLM(3), Xt, yt, weight_decay=wd)
     B = 400
     est = make_estimator("bootstrap", fit, B=B, epochs=300, lr=0.05, seed=1, gtol=1e-4)
     est.fit(FitContext(X=Xt, y=yt, loss=mean_nll(fit), weight_decay=wd))
@@ -67,7 +68,7 @@ def test_penalised_bootstrap_matches_penalised_sandwich_and_converges():
     assert d["mc_rel_error"] == pytest.approx(1 / np.sqrt(2 * (B - 1)))
     boot = est.se()["linear.weight"].numpy().ravel()
     sandwich = mustat.hessian_se(fit, fit.nll, (Xt, yt), kind="sandwich", weight_decay=wd)["linear.weight"].numpy().ravel()
-    unpen = mustat.hessian_se(mustat.fit_glm(GLM(3), Xt, yt), fit.nll, (Xt, yt))["linear.weight"].numpy().ravel()
+    unpen = mustat.hessian_se(fit_glm(GLM(3), Xt, yt), fit.nll, (Xt, yt))["linear.weight"].numpy().ravel()
     tol = 3.5 / np.sqrt(2 * (B - 1))  # Monte Carlo error of an SD from B draws, 3.5 of them
     np.testing.assert_allclose(boot, sandwich, rtol=tol)
     assert np.max(np.abs(boot / unpen - 1)) > tol  # the penalty matters at this size: the test can fail

@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import mustat
+from validation.glm import fit_glm
 from mustat.data import glm_design
 from mustat.models import GLM
 from mustat.uncertainty import FitContext, ggn_diagonal, make_estimator
@@ -43,7 +44,7 @@ def test_at_the_mle_it_is_the_wald_se_over_sqrt_vif():
     """For a canonical-link GLM the GGN is the observed information H, so the curvature SE is
     1/sqrt(H_jj) and its ratio to the Wald SE sqrt((H^-1)_jj) is 1/sqrt(VIF_j) exactly."""
     model, X, y, Xt, yt = _glm("logistic", seed=1, n=2000)
-    fit = mustat.fit_glm(model, Xt, yt)
+    fit = fit_glm(model, Xt, yt)
     est = make_estimator("curvature", fit).fit(FitContext(X=Xt, y=yt, loss=lambda o, t: fit.nll(o, t) / len(t)))
     wald = mustat.hessian_se(fit, fit.nll, (Xt, yt))["linear.weight"].numpy().ravel()
     w, b = fit.linear.weight.detach().numpy().ravel(), float(fit.linear.bias.detach())
@@ -62,7 +63,7 @@ def test_softmax_mlp_against_explicit_jacobians():
     X = torch.randn(40, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (40,))
     names = ["0.weight", "2.weight", "2.bias"]
-    diag = ggn_diagonal(model, nn.functional.cross_entropy, X, y, names=names, chunk_elements=200)  # several chunks
+    diag = ggn_diagonal(model, nn.functional.cross_entropy, (X, y), names=names, chunk_elements=200)  # several chunks
     params = {k: v.detach() for k, v in model.named_parameters()}
     ref = {n: torch.zeros_like(params[n]) for n in names}
     for xi in X:
@@ -126,8 +127,8 @@ def test_linear_rule_equals_per_sample_products(make):
     X = torch.randn(50, 6 if isinstance(model, nn.Sequential) else 4, dtype=torch.float64)
     y = torch.randint(0, 3, (50,))
     names = [n for n, _ in model.named_parameters()]
-    fast = ggn_diagonal(model, nn.functional.cross_entropy, X, y, names=names, chunk_elements=3000)
-    ref = ggn_diagonal(model, nn.functional.cross_entropy, X, y, names=names, method="vmap")
+    fast = ggn_diagonal(model, nn.functional.cross_entropy, (X, y), names=names, chunk_elements=3000)
+    ref = ggn_diagonal(model, nn.functional.cross_entropy, (X, y), names=names, method="vmap")
     for n in names:
         torch.testing.assert_close(fast[n], ref[n], rtol=1e-10, atol=1e-13)
         assert ref[n].abs().max() > 0
@@ -137,5 +138,5 @@ def test_linear_rule_equals_per_sample_products(make):
 def test_method_must_be_known():
     model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="method='exact' is not valid; choose one of: auto, vmap"):
-        ggn_diagonal(model, nn.functional.cross_entropy, torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
+        ggn_diagonal(model, nn.functional.cross_entropy, (torch.randn(4, 2), torch.zeros(4, dtype=torch.long)),
                      names=["0.weight"], method="exact")

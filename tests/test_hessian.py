@@ -12,7 +12,8 @@ from torch import nn
 
 import mustat
 from mustat.models import GLM
-from mustat.uncertainty import fit_glm, hessian_se
+from mustat.uncertainty import hessian_se
+from validation.glm import fit_glm
 
 
 def _standardize(X):

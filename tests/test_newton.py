@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, hessian, vmap
+from torch.func import hessian, vmap
 from torch.nn import functional as F
 
 from mustat.uncertainty import bootstrap_replicates
-from mustat.uncertainty import newton as N
+from validation import newton as N
+from validation.bootstrap import newton_bootstrap
 from mustat.uncertainty.bootstrap import plan
 
 
@@ -63,11 +64,11 @@ def test_closed_form_mlp_hessian_equals_torch_func(kind):
         y, loss = torch.randn(B, n, dtype=torch.float64), (lambda o, t: 0.5 * (o.squeeze(-1) - t).square().mean())
     else:
         y, loss = torch.randint(2, (B, n)).double(), bce
-    work, buffers, _, unflatten, theta0 = N._functional(model)
+    fm, _, unflatten, theta0 = N._functional(model, "cpu")
     theta = theta0 + 0.3 * torch.randn(B, len(theta0), dtype=torch.float64)
 
     def objective(th, xb, yb):
-        return loss(functional_call(work, (unflatten(th), buffers), (xb,)), yb) + 0.5 * lam * th.square().sum()
+        return loss(fm(unflatten(th), xb), yb) + 0.5 * lam * th.square().sum()
 
     ref = vmap(hessian(objective))(theta, X, y)
     got = N._mlp_hessian(loss, d, h, k, lam)(theta, X, y)
@@ -110,14 +111,14 @@ def test_newton_bootstrap_equals_numpy_refits_on_the_same_resamples():
     X, y = _logistic(n=300)
     lam, B = 1e-3, 4
     model = nn.Linear(4, 1).double()
-    reps = bootstrap_replicates(model, bce, (torch.tensor(X), torch.tensor(y)), B=B, optimizer="newton",
-                                weight_decay=lam, seed=3, gtol=1e-12)
+    reps, fits = newton_bootstrap(model, bce, (torch.tensor(X), torch.tensor(y)), B=B, weight_decay=lam, seed=3,
+                                  gtol=1e-12)
     resample, _ = plan(len(y), B=B, epochs=0, seed=3)
     for b in range(B):
         rows = resample[b].numpy()
         ref = _numpy_logistic(X[rows], y[rows], lam)
         np.testing.assert_allclose(reps.params["weight"][b].numpy().ravel(), ref[:-1], rtol=0, atol=1e-10)
-    assert (reps.grad_max <= 1e-12).all() and reps.fits.converged_frac == 1.0
+    assert (reps.grad_max <= 1e-12).all() and fits.converged_frac == 1.0
 
 
 def test_drift_and_convergence_reports():

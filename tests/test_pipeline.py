@@ -7,7 +7,9 @@ import torch
 import mustat
 from mustat.cli import main
 from mustat.models import build
-from mustat.pipeline import RESULT_COLUMNS, TrainConfig, expand, run, schedule
+from mustat.config import TrainConfig, expand, schedule
+from mustat.pipeline import run
+from mustat.results import RESULT_COLUMNS
 
 TINY = ["--epochs", "2", "--retrain-epochs", "1", "--target-sparsity", "0.8", "--quiet"]
 LABELS = ["mu[pseudo]", "mu[calibrated]", "mu[batch-means]", "mu[curvature]", "magnitude", "random"]
@@ -48,7 +50,7 @@ class Stop(Exception):
 
 def test_resume_gives_identical_results(tmp_path):
     cfg = TrainConfig(epochs=2, retrain_epochs=1, track_epochs=1)
-    kw = dict(criteria=["mu", "random"], se=["calibrated", "batch-means"], target_sparsity=0.9, config=cfg, quiet=True)
+    kw = dict(criteria=["mu", "random"], se=["calibrated", "batch-means"], target_sparsity=0.9, train=cfg, quiet=True)
     full = run(out=tmp_path / "full", **kw)
     seen = []
 
@@ -69,9 +71,9 @@ def test_resume_gives_identical_results(tmp_path):
 
 def test_other_settings_in_same_folder_refused(tmp_path):
     cfg = TrainConfig(epochs=1, retrain_epochs=1, track_epochs=1)
-    run(out=tmp_path, criteria=["magnitude"], target_sparsity=0.5, config=cfg, quiet=True)
+    run(out=tmp_path, criteria=["magnitude"], target_sparsity=0.5, train=cfg, quiet=True)
     with pytest.raises(ValueError, match="other settings"):
-        run(out=tmp_path, criteria=["magnitude"], target_sparsity=0.6, config=cfg, quiet=True)
+        run(out=tmp_path, criteria=["magnitude"], target_sparsity=0.6, train=cfg, quiet=True)
 
 
 @pytest.mark.parametrize("args, match", [
@@ -137,7 +139,7 @@ def test_dropout_models_are_reproducible_and_global_rng_untouched(tmp_path, monk
 
     monkeypatch.setitem(mustat.models.MODELS, "dropout-mlp", dropout_mlp)
     cfg = TrainConfig(epochs=2, retrain_epochs=1, track_epochs=1)
-    kw = dict(model="dropout-mlp", criteria=["magnitude"], se=[], target_sparsity=0.8, config=cfg, quiet=True)
+    kw = dict(model="dropout-mlp", criteria=["magnitude"], se=[], target_sparsity=0.8, train=cfg, quiet=True)
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
     a = run(out=tmp_path / "a", **kw)

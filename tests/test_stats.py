@@ -6,7 +6,8 @@ from statsmodels.stats.multitest import multipletests
 
 import mustat
 from mustat.models import GLM
-from mustat.uncertainty import fit_glm, hessian_se
+from mustat.uncertainty import hessian_se
+from validation.glm import fit_glm
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_frame_and_summary(table):
     model, se = table
     res = mustat.wald(model, se)
     df = res.to_frame()
-    assert list(df.columns) == ["param", "index", "flat", "weight", "se", "z", "pvalue", "ci_low", "ci_high", "pruned"]
+    assert list(df.columns) == ["param", "index", "label", "flat", "weight", "se", "z", "pvalue", "ci_low", "ci_high", "pruned"]
     assert len(df) == sum(p.numel() for p in model.parameters())
     row = df[(df.param == "2.weight") & (df["index"] == (3, 5))].iloc[0]
     assert row.weight == pytest.approx(float(model[2].weight[3, 5].detach()))

@@ -93,12 +93,12 @@ def test_stacked_replicates_train_exactly_as_separate_fits():
     y = torch.tensor(np.stack([a[1] for a in data]).T.copy(), dtype=torch.float32)
     stack = design.stacked_model([10, 11, 12])
     opt = torch.optim.Adam(stack.parameters(), lr=0.01, weight_decay=1e-3)
-    train_epochs(stack, opt, X, y, epochs=2, batch_size=32, generator=torch.Generator().manual_seed(5),
+    train_epochs(stack, opt, (X, y), epochs=2, batch_size=32, generator=torch.Generator().manual_seed(5),
                  loss=design.stacked_loss())
     for r in range(3):
         single = design.model(10 + r)
         opt = torch.optim.Adam(single.parameters(), lr=0.01, weight_decay=1e-3)
-        train_epochs(single, opt, X[:, r], y[:, r], epochs=2, batch_size=32,
+        train_epochs(single, opt, (X[:, r], y[:, r]), epochs=2, batch_size=32,
                      generator=torch.Generator().manual_seed(5), loss=design.loss())
         torch.testing.assert_close(stack.linear.weight[r], single.linear.weight[0], rtol=0, atol=2e-6)
 
@@ -106,7 +106,7 @@ def test_stacked_replicates_train_exactly_as_separate_fits():
 def test_other_grid_in_same_folder_refused(tmp_path):
     run_study(Grid(designs=("logistic",), settings=(Setting(epochs=2, window=1),), replications=1, bootstrap_B=4),
               tmp_path, scheduler="serial", quiet=True)
-    with pytest.raises(ValueError, match="another grid"):
+    with pytest.raises(ValueError, match="other settings"):
         run_study(Grid(designs=("linear",), settings=(Setting(epochs=2, window=1),), replications=1, bootstrap_B=4),
                   tmp_path, scheduler="serial", quiet=True)
 

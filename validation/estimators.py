@@ -56,7 +56,7 @@ class Setting:
 def resolve(label: str) -> tuple[str, dict]:
     """``(registered name, options)`` of a study label: any registered estimator, or a variant one
     declares (:func:`mustat.uncertainty.variant`)."""
-    return variant(label)
+    return variant(label, "estimator")
 
 
 def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Setting, *, seed: int,

@@ -17,6 +17,7 @@ import torch
 from scipy.optimize import linprog
 from torch import Tensor, nn
 
+from mustat import _masking as M
 from mustat._checks import check_scalar
 from mustat._functional import clone_model
 from mustat.models import GLM, Family
@@ -52,12 +53,14 @@ def separated(X: np.ndarray, y: np.ndarray) -> bool:
 
 
 def _newton(family: Family, X: np.ndarray, y: np.ndarray, k: int, weight_decay: float, gtol: float,
-            max_iter: int) -> tuple[np.ndarray, float]:
-    """Penalised MLE ``B (d + 1, k)`` (weights, then intercept) and the final max-abs gradient."""
+            max_iter: int, free: np.ndarray) -> tuple[np.ndarray, float]:
+    """Penalised MLE ``B (d + 1, k)`` (weights, then intercept) and the final max-abs gradient;
+    coefficients where ``free`` (the same shape) is False are held at 0 (pruned)."""
     n, d = X.shape
     Xa = np.c_[X, np.ones(n)]
     p = d + 1
     B = np.zeros((p, k))
+    f = free.reshape(-1)
     Y = np.eye(k + 1)[y.astype(int)][:, 1:] if family is Family.SOFTMAX else y.reshape(n, 1).astype(float)
     for _ in range(max_iter):
         eta = Xa @ B
@@ -70,19 +73,21 @@ def _newton(family: Family, X: np.ndarray, y: np.ndarray, k: int, weight_decay: 
         else:
             P = eta
         G = Xa.T @ (P - Y) / n + weight_decay * B
-        if np.abs(G).max() <= gtol:
+        if np.abs(G.reshape(-1)[f]).max() <= gtol:
             break
         if family is Family.SOFTMAX:  # (p k) x (p k): blocks X^T diag(P_a (delta_ab - P_b)) X
             W = np.einsum("na,ab->nab", P, np.eye(k)) - np.einsum("na,nb->nab", P, P)
             H = np.einsum("ni,nab,nj->iajb", Xa, W, Xa).reshape(p * k, p * k) / n
         else:
             w = P * (1 - P) if family is Family.LOGISTIC else np.ones_like(P)
-            H = np.kron((Xa * w).T @ Xa / n, np.eye(1))
+            H = (Xa * w).T @ Xa / n
         H += weight_decay * np.eye(p * k)
+        step = np.zeros(p * k)
         try:
-            B = B - np.linalg.solve(H, G.reshape(-1)).reshape(p, k)
+            step[f] = np.linalg.solve(H[np.ix_(f, f)], G.reshape(-1)[f])
         except np.linalg.LinAlgError:
             return B, float("inf")
+        B = B - step.reshape(p, k)
         if np.abs(Xa @ B).max() > 1e3:  # probabilities saturated far past float64: diverging
             return B, float("inf")
     eta = Xa @ B
@@ -94,7 +99,7 @@ def _newton(family: Family, X: np.ndarray, y: np.ndarray, k: int, weight_decay: 
         P = 1 / (1 + np.exp(-eta))
     else:
         P = eta
-    return B, float(np.abs(Xa.T @ (P - Y) / n + weight_decay * B).max())
+    return B, float(np.abs((Xa.T @ (P - Y) / n + weight_decay * B).reshape(-1)[f]).max())
 
 
 def fit_glm(model: nn.Module, X: Tensor, y: Tensor, *, weight_decay: float = 0.0, gtol: float = 1e-10,
@@ -119,7 +124,12 @@ def fit_glm(model: nn.Module, X: Tensor, y: Tensor, *, weight_decay: float = 0.0
     if glm.family is Family.LOGISTIC and weight_decay == 0 and separated(Xn, yn):
         raise SeparationError(f"the data are (quasi-)separable: a hyperplane splits the two classes, so {remedy}")
     k = glm.linear.out_features
-    B, gmax = _newton(glm.family, Xn, yn, k, weight_decay, gtol, max_iter)
+    free = np.ones((glm.linear.in_features + 1, k), bool)
+    for row, attr in ((slice(None, -1), "weight"), (-1, "bias")):
+        mask = M.find_mask(glm.linear, attr)
+        if mask is not None:  # a pruned coefficient is held at 0: the fit without it
+            free[row] = (mask != 0).cpu().numpy().T
+    B, gmax = _newton(glm.family, Xn, yn, k, weight_decay, gtol, max_iter, free)
     if not np.isfinite(gmax) and glm.family is not Family.LINEAR and weight_decay == 0:
         raise SeparationError(f"the linear predictor diverges (some classes are separable), so {remedy}")
     if gmax > gtol:
@@ -128,6 +138,6 @@ def fit_glm(model: nn.Module, X: Tensor, y: Tensor, *, weight_decay: float = 0.0
     fitted = clone_model(model).to(torch.float64)
     target = _glm_of(fitted)
     with torch.no_grad():
-        target.linear.weight.copy_(torch.from_numpy(B[:-1].T.copy()))
-        target.linear.bias.copy_(torch.from_numpy(B[-1].copy()))
+        M.leaf(target.linear, "weight").copy_(torch.from_numpy(B[:-1].T.copy()))
+        M.leaf(target.linear, "bias").copy_(torch.from_numpy(B[-1].copy()))
     return fitted

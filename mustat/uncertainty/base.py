@@ -348,7 +348,7 @@ def default_estimators() -> list[str]:
     return [n for n, c in ESTIMATORS.items() if c.default]
 
 
-def variant(label: str) -> tuple[str, dict[str, Any]]:
+def variant(label: str, argname: str = "se") -> tuple[str, dict[str, Any]]:
     """``(registered name, options)`` of a study label: a registered estimator, or a variant one
     declares (``"pseudo-ema"``); ValueError listing every valid label otherwise."""
     if label in ESTIMATORS:
@@ -357,7 +357,7 @@ def variant(label: str) -> tuple[str, dict[str, Any]]:
         if label in cls.variants:
             return name, dict(cls.variants[label])
     labels = sorted(ESTIMATORS) + sorted(v for c in ESTIMATORS.values() for v in c.variants)
-    check_option(label, "estimator", labels)
+    check_option(label, argname, labels)
     raise AssertionError("unreachable")
 
 
