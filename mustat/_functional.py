@@ -139,7 +139,91 @@ class FunctionalModel:
         return state
 
     def __call__(self, values: Mapping[str, Tensor], *args, **kwargs):
-        return functional_call(self.model, self.state(values), args, kwargs, tie_weights=False, strict=False)
+        with differentiable():
+            return functional_call(self.model, self.state(values), args, kwargs, tie_weights=False, strict=False)
+
+
+@contextmanager
+def differentiable() -> Iterator[None]:
+    """Run attention on composite kernels that ``torch.func`` can differentiate to any order and
+    batch: torch's fused attention paths (the ``nn.TransformerEncoderLayer`` / ``MultiheadAttention``
+    fast path in eval mode, flash scaled-dot-product attention) have no forward-mode or double
+    derivatives and no batching rules. The fast-path switch is process-wide in torch, so it is
+    set for the call and restored."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+def _no_batching_rule(err: Exception) -> bool:
+    text = str(err)
+    return "Batching rule not implemented" in text or "vmap" in text and "not supported" in text
+
+
+def vmap_or_loop(fn, in_dims=0):
+    """``torch.func.vmap(fn, in_dims)``, falling back to a Python loop over the mapped dimension
+    (stacking the results) for ops without a batching rule, such as torch's fused LSTM and GRU
+    kernels: the same numbers, slower."""
+    mapped = torch.func.vmap(fn, in_dims=in_dims)
+
+    def call(*args):
+        try:
+            return mapped(*args)
+        except (RuntimeError, NotImplementedError) as err:
+            if not _no_batching_rule(err):
+                raise
+        dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+        size = next(_leading(a) for a, d in zip(args, dims) if d is not None)
+        outs = [fn(*[a if d is None else _index(a, i) for a, d in zip(args, dims)]) for i in range(size)]
+        return _stack(outs)
+
+    return call
+
+
+def _leading(a):
+    if isinstance(a, Tensor):
+        return a.shape[0]
+    return _leading(next(iter(a.values())) if isinstance(a, Mapping) else a[0])
+
+
+def _index(a, i):
+    if isinstance(a, Tensor):
+        return a[i]
+    if isinstance(a, Mapping):
+        return {k: _index(v, i) for k, v in a.items()}
+    return type(a)(_index(v, i) for v in a)
+
+
+def _stack(outs):
+    first = outs[0]
+    if isinstance(first, Tensor):
+        return torch.stack(outs)
+    if isinstance(first, Mapping):
+        return {k: _stack([o[k] for o in outs]) for k in first}
+    return type(first)(_stack(list(z)) for z in zip(*outs))
+
+
+def hessian(fn, argnums: int = 0):
+    """``torch.func.hessian`` (forward-over-reverse), or reverse-over-reverse where an op has no
+    forward-mode derivative (fused attention kernels): the same matrix."""
+    fwd = torch.func.hessian(fn, argnums=argnums)
+    rev = torch.func.jacrev(torch.func.jacrev(fn, argnums=argnums), argnums=argnums)
+
+    def call(*args):
+        try:
+            return fwd(*args)
+        except NotImplementedError as err:
+            if "forward AD" not in str(err):
+                raise
+            return rev(*args)
+
+    return call
 
 
 def clone_model(model: nn.Module) -> nn.Module:

@@ -23,6 +23,20 @@ from mustat import _masking as M
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def prunable(module: nn.Module, attr: str) -> bool:
+    """Whether ``module.<attr>`` is pruned by default: the ``weight`` of a Linear or convolution,
+    the input and hidden weights of a recurrent layer (``weight_ih_l0``, ``weight_hh_l0``, ...),
+    and the packed input projection of an attention layer (``in_proj_weight``; its output
+    projection is a Linear). Embeddings, norms and biases are not."""
+    if isinstance(module, PRUNABLE_TYPES):
+        return attr == "weight"
+    if isinstance(module, nn.RNNBase):
+        return attr.startswith(("weight_ih_l", "weight_hh_l"))
+    if isinstance(module, nn.MultiheadAttention):
+        return attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return False
+
+
 @dataclass(frozen=True, eq=False)
 class Slot:
     """One place a tensor is used: ``module.<attr>``, called ``path`` (``"head.weight"``)."""
@@ -131,13 +145,12 @@ def resolve(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def default_names(model: nn.Module, table: dict[str, Entry] | None = None) -> list[str]:
-    """The trainable ``weight`` of every ``nn.Linear`` and ``nn.Conv{1,2,3}d``, in module order
-    (a tied weight once, under its first name). Frozen tensors (``requires_grad=False``) are
-    left out: training does not move them, so nothing can retrain around their pruning and
-    the trajectory estimators cannot measure them; name them in ``params=`` to prune them."""
+    """Every trainable weight :func:`prunable` by default, in module order (a tied weight once,
+    under its first name). Frozen tensors (``requires_grad=False``) are left out: training does
+    not move them, so nothing can retrain around their pruning and the trajectory estimators
+    cannot measure them; name them in ``params=`` to prune them."""
     table = entries(model) if table is None else table
-    return [e.name for e in table.values()
-            if not e.frozen and any(isinstance(s.module, PRUNABLE_TYPES) and s.attr == "weight" for s in e.slots)]
+    return [e.name for e in table.values() if not e.frozen and any(prunable(s.module, s.attr) for s in e.slots)]
 
 
 def all_names(model: nn.Module) -> list[str]:
@@ -184,7 +197,7 @@ def select(model: nn.Module, params: Iterable[str] | None, argname: str = "param
         names = list(dict.fromkeys(default_names(model, table) + masked_names(model, table)))
         if not names:
             raise ValueError(
-                "the model has nothing to prune: no trainable nn.Linear or nn.Conv{1,2,3}d weights; "
+                "the model has nothing to prune: no trainable Linear, convolution, recurrent or attention weights; "
                 f"pass {argname}=[...] with parameter names from model.named_parameters()"
             )
         return names

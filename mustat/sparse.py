@@ -266,7 +266,8 @@ def sparse_inference(model: nn.Module, *, min_sparsity: float = 0.9, min_params:
     the batch size and the machine (``benchmarks/sparse_export.py``, figures in
     docs/PERFORMANCE.md: on a 2-core CPU the CSR model is faster at batch 128 and not
     at batch 1, where per-call overheads dominate). Convolutions stay dense: torch has
-    no sparse CPU convolution. ``model`` is not modified.
+    no sparse CPU convolution; so do the Linear layers of torch's transformer layers, whose
+    fused fast paths read their weights directly. ``model`` is not modified.
     """
     check_scalar(min_sparsity, "min_sparsity", low=0.0, high=1.0)
     check_scalar(min_params, "min_params", kind=Integral, low=0)
@@ -275,8 +276,12 @@ def sparse_inference(model: nn.Module, *, min_sparsity: float = 0.9, min_params:
     from mustat.pruning import finalize
 
     work = finalize(clone_model(model)).eval()
+    # these read their Linear children's weights directly (torch's fused fast paths), so a
+    # sparse weight there would break them
+    readers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+    inside = {id(m) for r in work.modules() if isinstance(r, readers) for m in r.modules()}
     for path, module in list(work.named_modules()):
-        if (type(module) is nn.Linear and module.weight.numel() >= min_params
+        if (type(module) is nn.Linear and id(module) not in inside and module.weight.numel() >= min_params
                 and float((module.weight == 0).double().mean()) >= min_sparsity):
             parent, _, child = path.rpartition(".")
             setattr(work.get_submodule(parent) if parent else work, child, SparseLinear(module))

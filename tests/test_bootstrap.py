@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 import mustat
-from validation.glm import fit_glm
 from mustat.data import glm_design
 from mustat.models import GLM
 from mustat.uncertainty import FitContext, bootstrap_replicates, bootstrap_se, make_estimator
 from validation.bootstrap import bootstrap_replicates_loop
+from validation.glm import fit_glm
 
 
 def mean_nll(model):

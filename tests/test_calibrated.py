@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import mustat
-from validation.glm import fit_glm
 from mustat.data import glm_design
 from mustat.models import GLM
 from mustat.uncertainty import PseudoBootstrap, calibrated_se, stationarity
+from validation.glm import fit_glm
 
 
 @functools.cache

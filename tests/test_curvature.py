@@ -8,10 +8,10 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import mustat
-from validation.glm import fit_glm
 from mustat.data import glm_design
 from mustat.models import GLM
 from mustat.uncertainty import FitContext, ggn_diagonal, make_estimator
+from validation.glm import fit_glm
 
 
 def _glm(family, seed=0, n=500):

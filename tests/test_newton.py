@@ -9,9 +9,9 @@ from torch.func import hessian, vmap
 from torch.nn import functional as F
 
 from mustat.uncertainty import bootstrap_replicates
+from mustat.uncertainty.bootstrap import plan
 from validation import newton as N
 from validation.bootstrap import newton_bootstrap
-from mustat.uncertainty.bootstrap import plan
 
 
 def _logistic(n=400, d=4, seed=0):

@@ -6,8 +6,8 @@ import torch
 
 import mustat
 from mustat.cli import main
-from mustat.models import build
 from mustat.config import TrainConfig, expand, schedule
+from mustat.models import build
 from mustat.pipeline import run
 from mustat.results import RESULT_COLUMNS
 

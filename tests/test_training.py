@@ -9,7 +9,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from mustat.config import RunConfig, TrainConfig
 from mustat.pipeline import dense_phase
 from mustat.runs import load_checkpoint
-from mustat.training import Callback, DivergenceError, MinibatchSampler, evaluate, resolve_device, train_epochs
+from mustat.training import (
+    Callback,
+    DivergenceError,
+    MinibatchSampler,
+    evaluate,
+    resolve_device,
+    train_epochs,
+)
 from mustat.uncertainty import make_estimator
 
 

@@ -7,10 +7,10 @@ import statsmodels.api as sm
 import torch
 
 import mustat
-from validation.glm import fit_glm
 from mustat.models import GLM
 from validation import references as R
 from validation.designs import get_design
+from validation.glm import fit_glm
 
 
 def _stack(family, reps=3, n=500, seed=0):

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
 from mustat._checks import check_option, check_scalar
-from mustat._functional import FunctionalModel, eval_mode
+from mustat._functional import FunctionalModel, eval_mode, vmap_or_loop
 from mustat.batching import Data, gather
 from mustat.uncertainty.base import Estimator, FitContext, NotFittedError, register_estimator
 
@@ -128,8 +127,10 @@ def bootstrap_replicates(
         def one(p, xb, yb):
             return loss(fm(p, xb), yb)
 
+        per_replicate = vmap_or_loop(one)
+
         def losses(p, xb, yb):
-            return vmap(one)(p, xb, yb).sum()
+            return per_replicate(p, xb, yb).sum()
 
     with eval_mode(model):
         for order in orders:

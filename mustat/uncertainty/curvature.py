@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, vmap
+from torch.func import grad, vmap
 
 from mustat._checks import check_option, check_scalar
-from mustat._functional import FunctionalModel, eval_mode
+from mustat._functional import FunctionalModel, eval_mode, hessian, vmap_or_loop
 from mustat.batching import Data, batches
 from mustat.uncertainty.base import Estimator, FitContext, Loss, NotFittedError, register_estimator
 
@@ -86,8 +86,8 @@ def ggn_diagonal(model: nn.Module, loss: Loss, data: Data, *, names: Iterable[st
         def vjp_sq(p, x, v):
             return (output(p, x).reshape(-1) * v).sum()
 
-        per_vec = vmap(grad(vjp_sq), in_dims=(None, None, 0))  # over the C factor columns
-        per_sample = vmap(per_vec, in_dims=(None, 0, 0))       # over samples
+        per_vec = vmap_or_loop(grad(vjp_sq), in_dims=(None, None, 0))  # over the C factor columns
+        per_sample = vmap_or_loop(per_vec, in_dims=(None, 0, 0))       # over samples
         P = sum(t.numel() for t in wanted.values())
         widths = sum(mod.in_features + mod.out_features for mod in linear)
         chunk = max(1, chunk_elements // (C * max(P, widths, 1)))
@@ -105,7 +105,7 @@ def ggn_diagonal(model: nn.Module, loss: Loss, data: Data, *, names: Iterable[st
                     for n in wanted:
                         diag[n] += g[n].square().sum((0, 1))
                 if linear:
-                    _linear_rule(fm, linear, xb, factor, C, diag)
+                    _linear_rule(fm, linear, params, xb, factor, C, diag)
     return diag
 
 
@@ -132,8 +132,8 @@ def _linear_layers(model: nn.Module, fm: FunctionalModel, names: list[str], prob
     return layers
 
 
-def _linear_rule(fm: FunctionalModel, linear: dict[nn.Linear, dict[str, str]], xb: Tensor, factor: Tensor, C: int,
-                 diag: dict[str, Tensor]) -> None:
+def _linear_rule(fm: FunctionalModel, linear: dict[nn.Linear, dict[str, str]], params: dict[str, Tensor], xb: Tensor,
+                 factor: Tensor, C: int, diag: dict[str, Tensor]) -> None:
     """Add one chunk's diagonal for the layers of :func:`_linear_layers` to ``diag``."""
     inputs, outputs = {}, {}
 
@@ -143,7 +143,9 @@ def _linear_rule(fm: FunctionalModel, linear: dict[nn.Linear, dict[str, str]], x
     handles = [m.register_forward_hook(keep) for m in linear]
     try:
         with torch.enable_grad():
-            out = fm({}, xb.detach().requires_grad_()).reshape(len(xb), C)  # a graph through every layer
+            # a graph through every layer (the inputs may be token ids, so the tensors carry it)
+            leaves = {n: v.detach().requires_grad_() for n, v in params.items()}
+            out = fm(leaves, xb).reshape(len(xb), C)
     finally:
         for h in handles:
             h.remove()

@@ -12,10 +12,10 @@ from numbers import Real
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, vmap
+from torch.func import grad
 
 from mustat._checks import check_option, check_scalar
-from mustat._functional import FunctionalModel, Layout, eval_mode
+from mustat._functional import FunctionalModel, Layout, eval_mode, hessian, vmap_or_loop
 from mustat._params import select, trainable_names
 from mustat.batching import Data, batches
 
@@ -93,7 +93,7 @@ def information(
             value += float(total(theta, xb, yb))
             n += len(yb)
             if sandwich:
-                per_sample = vmap(grad(lambda th, xi, yi: total(th, xi[None], yi[None])), in_dims=(None, 0, 0))
+                per_sample = vmap_or_loop(grad(lambda th, xi, yi: total(th, xi[None], yi[None])), in_dims=(None, 0, 0))
                 G = per_sample(theta, xb, yb)
                 J += G.T @ G
                 S += G.sum(0)
