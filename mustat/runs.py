@@ -143,9 +143,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, garbage, a pickle of something else
-        raise RunFileError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-                           "it is damaged: delete it and rerun to redo that part (finished parts are kept)",
-                           path) from None
+        raise RunFileError(f"checkpoint {path} cannot be read ({type(err).__name__}: it is truncated, empty, or not "
+                           "a checkpoint mustat wrote); delete it and rerun to redo that part (finished parts are "
+                           "kept)", path) from None
     if not isinstance(state, dict) or "round" not in state or "model" not in state:
         raise RunFileError(f"checkpoint {path} is not a mustat checkpoint; delete it and rerun to redo that part",
                            path)
