@@ -92,3 +92,19 @@ def test_bad_input():
         BatchMeans(model, batch_steps=0)
     with pytest.raises(ValueError, match="batch_size=..., n=..."):
         BatchMeans(model, batch_steps=2).fit(FitContext())
+
+
+def test_sums_are_exact_where_the_level_dwarfs_the_spread():
+    """In the weight's dtype the batch sums lost 14% of the long-run variance at |w| / sd ~ 3e4 in
+    float32; the float64 sums match numpy's float64 batch means."""
+    rng = np.random.default_rng(3)
+    e = np.zeros((4000, 2, 3))
+    for t in range(1, len(e)):  # AR(1) around 1.0 with sd ~ 3.3e-5
+        e[t] = 0.9 * e[t - 1] + 1.4e-5 * rng.standard_normal((2, 3))
+    xs = (1.0 + e).astype(np.float32)
+    model = Trajectory((2, 3), dtype=torch.float32)
+    est = BatchMeans(model, batch_steps=200, min_batches=5)
+    _feed(est, model, xs)
+    means = xs.astype(np.float64).reshape(20, 200, 2, 3).mean(1)
+    ref = 200 * means.var(0, ddof=1)
+    np.testing.assert_allclose(est.lrv()["layers.0.weight"].double().numpy(), ref, rtol=1e-4)

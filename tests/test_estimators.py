@@ -141,3 +141,55 @@ def test_a_new_estimator_runs_through_a_study(toy, tmp_path):
     assert (ref.se == 1).all()
     # pooled over the replications' weights (a new estimator needs no study code of its own)
     assert row.se_ratio_median == pytest.approx((1 / ref.ref_se).median())
+
+
+def test_decoupled_weight_decay_is_refused_where_an_l2_penalty_is_assumed(mlp):
+    """Adam(decoupled_weight_decay=True) was taken for an L2 penalty (AdamW was recognised by its
+    class name only), and calibrated accepted AdamW."""
+    for opt in (torch.optim.Adam(mlp.parameters(), weight_decay=0.01, decoupled_weight_decay=True),
+                torch.optim.AdamW(mlp.parameters(), weight_decay=0.01)):
+        assert mustat.uncertainty.decoupled_decay(opt)
+        with pytest.raises(ValueError, match="decoupled weight decay is not an L2 penalty"):
+            FitContext(optimizer=opt).penalty()
+    assert not mustat.uncertainty.decoupled_decay(torch.optim.Adam(mlp.parameters(), weight_decay=0.01))
+    setup = mustat.TrainingSetup(optimizer="adam", n=100, batch_size=10, window_steps=100,
+                                 decoupled_weight_decay=True)
+    with pytest.raises(ValueError, match="'calibrated' needs weight decay as an L2 penalty"):
+        make_estimator("calibrated", mlp, setup=setup)
+    est = make_estimator("calibrated", mlp)
+    opt = torch.optim.AdamW(mlp.parameters(), weight_decay=0.01)
+    est.attach(opt)
+    X, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(mlp(X), y).backward()
+        opt.step()
+    with pytest.raises(ValueError, match="supports SGD and Adam, not AdamW"):
+        est.fit(FitContext(optimizer=opt, batch_size=16, n=16))
+
+
+def test_declared_needs_are_checked_before_any_training(mlp):
+    setup = mustat.TrainingSetup(optimizer="adadelta", n=100, batch_size=10, window_steps=100)
+    with pytest.raises(ValueError, match="'calibrated' supports the optimizers sgd, adam, not 'adadelta'"):
+        make_estimator("calibrated", mlp, setup=setup)
+    with pytest.raises(ValueError, match="at least 2 optimizer steps, the run gives 1"):
+        make_estimator("pseudo", mlp, setup=mustat.TrainingSetup("adam", n=10, batch_size=10, window_steps=1))
+    with pytest.warns(UserWarning, match="assumes minibatches drawn with replacement"):
+        make_estimator("batch-means", mlp, setup=mustat.TrainingSetup("adam", 100, 10, 100, sampler="shuffle"))
+    # options derived from the training: batch means splits the window into its batches
+    assert make_estimator("batch-means", mlp, setup=mustat.TrainingSetup("adam", 100, 10, 400)).batch_steps == 20
+
+
+def test_registration_checks_the_declarations():
+    class NoState(Estimator):
+        trajectory = True
+
+        def se(self):
+            return {}
+
+    with pytest.raises(TypeError, match="must implement state_dict"):
+        register_estimator("no-state")(NoState)
+    bad = type("Bad", (Estimator,), {"se": lambda self: {}, "needs": ("labels",)})
+    with pytest.raises(ValueError, match="needs has \\['labels'\\]"):
+        register_estimator("bad-needs")(bad)
+    assert "no-state" not in ESTIMATORS and "bad-needs" not in ESTIMATORS

@@ -225,3 +225,41 @@ def test_cap_holds_when_other_tensors_score_infinite():
     kept = model[0].parametrizations.weight[0].mask.bool().flatten()
     assert torch.equal(kept.nonzero().flatten().sort().values,
                        torch.topk(scores["0.weight"].flatten(), 10).indices.sort().values)
+
+
+def test_layer_scope_respects_the_cap():
+    """n = 5, s = c = 0.3: the target prunes round(1.5) = 2, the cap allows floor(1.5) = 1."""
+    model = nn.Sequential(nn.Linear(5, 1, bias=False))
+    with pytest.raises(ValueError, match="'0.weight' has 5 entries, so the target prunes 2 and the cap allows 1"):
+        mustat.prune(model, {"0.weight": torch.rand(1, 5)}, sparsity=0.3, scope="layer", max_tensor_sparsity=0.3)
+    assert not mustat.pruning.masked_names(model)  # refused before any mask
+
+
+def test_global_cap_holds_when_live_entries_score_minus_inf():
+    """Live -inf entries used to tie with dead ones in the protected set: cap 0.5 on 10 entries pruned 7."""
+    model = nn.Sequential(nn.Linear(10, 1, bias=False), nn.Linear(1, 40, bias=False))
+    mustat.prune(model, {"0.weight": torch.tensor([[0.0, 0, 0, 5, 5, 5, 5, 5, 5, 5]]), "1.weight": torch.rand(40, 1)},
+                 sparsity=0.2, scope="layer")  # 2 of the first tensor dead
+    scores = {"0.weight": torch.full((1, 10), float("-inf")), "1.weight": torch.rand(40, 1) + 1}
+    rep = mustat.prune(model, scores, sparsity=0.5, max_tensor_sparsity=0.5)
+    assert rep.pruned[0] == 5
+
+
+def test_tied_linears_get_one_mask_and_finalize_keeps_the_outputs():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(7, 7), nn.Linear(7, 7)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(5, 7)
+    rep = mustat.prune(model, mustat.score(model, "random", seed=1), sparsity=0.5)
+    assert rep.names == ("a.weight",) and rep.sizes == (49,) and rep.pruned == (24,)  # counted once
+    assert torch.equal(model.a.weight, model.b.weight)
+    out = model(x)
+    mustat.finalize(model)
+    assert torch.equal(model(x), out) and model.a.weight is model.b.weight

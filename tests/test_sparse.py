@@ -1,5 +1,8 @@
 """Sparse model files: smaller on disk, bit-exact on load; sparse inference equals dense."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +104,42 @@ def test_cli_saves_each_final_model_sparse(tmp_path):
         mustat.load_pruned_state_dict(from_ckpt, torch.load(tmp_path / "checkpoints" / f"{stem}.pt")["model"])
         assert torch.equal(from_file(data.X_test), from_ckpt(data.X_test))
         assert path.stat().st_size < 0.2 * (tmp_path / "checkpoints" / f"{stem}.pt").stat().st_size
+
+
+def test_a_lightly_pruned_tensor_keeps_its_mask_through_a_file(tmp_path):
+    """2% pruned: dense values are the smallest encoding, but the mask must come back (it did not:
+    three SGD steps then revived the 200 pruned weights)."""
+    model = nn.Sequential(nn.Linear(100, 100))
+    mustat.prune(model, mustat.score(model, "magnitude"), sparsity=0.02)
+    fresh = mustat.load_sparse(mustat.save_sparse(model, tmp_path / "m.safetensors"), nn.Sequential(nn.Linear(100, 100)))
+    opt = torch.optim.SGD(fresh.parameters(), lr=0.5)
+    x = torch.randn(8, 100)
+    for _ in range(3):
+        opt.zero_grad()
+        fresh(x).square().sum().backward()
+        opt.step()
+    assert int((fresh[0].weight == 0).sum()) == 200
+
+
+def test_bad_files_are_named_and_a_wrong_architecture_leaves_the_model_untouched(tmp_path):
+    path = mustat.save_sparse(_pruned("mlp", 0.9), tmp_path / "m.safetensors")
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 10))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit this model"):
+        mustat.load_sparse(path, other)
+    assert not mustat.pruning.masked_names(other)  # no mask installed
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    for name, data in [("truncated", path.read_bytes()[:300]), ("garbage", b"\x00" * 64)]:
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match=str(bad)):
+            mustat.load_sparse(bad, build("mlp", (1, 28, 28), 10))
+
+
+def test_sparse_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = mustat.save_sparse(_pruned("mlp", 0.9), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -3,6 +3,7 @@ import pytest
 import torch
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
+from torch import nn
 
 import mustat
 from mustat.models import GLM
@@ -140,3 +141,32 @@ def test_exact_wald_intervals_cover_at_the_nominal_rate():
         hits.append((ci[:, 0] <= coef) & (coef <= ci[:, 1]))
     coverage = np.mean(hits)
     assert abs(coverage - 0.95) < 3 * np.sqrt(0.95 * 0.05 / 600), coverage
+
+
+def test_degrees_of_freedom_give_student_t_tests_and_intervals():
+    model = nn.Sequential(nn.Linear(3, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.5, -1.2, 2.0]]))
+    se = {"0.weight": torch.tensor([[0.25, 0.5, 0.4]])}
+    t = mustat.wald(model, se, dof=19)
+    z = np.array([2.0, -2.4, 5.0])
+    np.testing.assert_allclose(t.pvalues["0.weight"].ravel(), 2 * sps.t.sf(np.abs(z), 19), rtol=1e-6)  # float32 weights
+    lo, hi = t.conf_int()["0.weight"][0].T
+    q = sps.t.ppf(0.975, 19)
+    np.testing.assert_allclose(lo, [0.5 - q * 0.25, -1.2 - q * 0.5, 2.0 - q * 0.4], rtol=1e-6)
+    normal = mustat.wald(model, se)
+    assert (t.pvalues["0.weight"] > normal.pvalues["0.weight"]).all()  # t has heavier tails
+    assert "t(19)" in str(t.summary()) and "N(0, 1)" in str(normal.summary())
+    with pytest.raises(ValueError, match="dof must be in"):
+        mustat.wald(model, se, dof=0)
+
+
+def test_labels_and_header_in_the_table():
+    model = nn.Sequential(nn.Linear(3, 1, bias=False))
+    res = mustat.wald(model, {"0.weight": torch.full((1, 3), 0.1)}, labels={"0.weight": ["age", "dose", "sex"]},
+                      nobs=120, llf=-55.5)
+    assert list(res.to_frame()["label"]) == ["age", "dose", "sex"]
+    text = str(res.summary())
+    assert "age" in text and "n = 120" in text and "log-likelihood -55.5000" in text
+    with pytest.raises(ValueError, match="does not broadcast"):
+        mustat.wald(model, {"0.weight": torch.ones(1, 3)}, labels={"0.weight": ["a", "b"]})
