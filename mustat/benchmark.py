@@ -46,7 +46,7 @@ from mustat.data import DATASETS
 from mustat.models import MODELS
 from mustat.pipeline import run
 from mustat.pruning import Scope
-from mustat.results import metric
+from mustat.results import RESULT_COLUMNS, metric
 from mustat.runs import read_table
 from mustat.uncertainty import default_estimators
 
@@ -171,7 +171,7 @@ def run_benchmark(grid: BenchmarkGrid, out: str | Path = "runs/benchmark", *, sc
     run_grid(run_cell, cells, out, key="grid", settings=grid.as_dict(),
              done=lambda c: (out / "cells" / f"{c.key}.csv").exists(), scheduler=scheduler, workers=workers,
              quiet=quiet, desc="benchmark cells", device=device)
-    results = pd.concat([read_table(out / "cells" / f"{c.key}.csv") for c in cells], ignore_index=True)
+    results = pd.concat([read_table(out / "cells" / f"{c.key}.csv", RESULT_COLUMNS) for c in cells], ignore_index=True)
     summary = summarise(results)
     atomic_write(out / "results.csv", lambda p: results.to_csv(p, index=False))
     atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))

@@ -156,10 +156,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda t: torch.save(state, t))
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """A results CSV the runner wrote; a clear error naming the file when it is damaged."""
+def read_table(path: Path, required: Iterable[str] = ()) -> pd.DataFrame:
+    """A results CSV the runner wrote, with the ``required`` columns; a clear error naming the
+    file when it is damaged."""
     try:
         df = pd.read_csv(path)
+        missing = [c for c in required if c not in df]
+        if missing:
+            raise ValueError(f"it lacks the columns {missing}")
     except Exception as err:
         raise RunFileError(f"{path} cannot be read ({type(err).__name__}: {err}); it is damaged: delete it and "
                            "rerun to recompute it", path) from None

@@ -199,3 +199,73 @@ def test_comparison_counts_significant_differences():
     assert mu.vs_dense_at_max == pytest.approx(acc.loc[0.98, "mu[pseudo]"].mean() - 0.95)
     assert comp.loc["magnitude", "vs_dense_at_max"] == pytest.approx(acc.loc[0.98, "magnitude"].mean() - 0.95)
     assert f"{100 * d[0.9]:+.1f} (1↓ 0↑ of 2)" in report(summarise(df))
+
+
+def _results(**setting):
+    rows = []
+    for seed in range(3):
+        rows.append(dict(label="dense", seed=seed, target_sparsity=0.0, test_accuracy=0.95))
+        for lab in ("magnitude", "mu[pseudo]"):
+            rows.append(dict(label=lab, seed=seed, target_sparsity=0.9, test_accuracy=0.5 + 0.2 * seed))
+    return pd.DataFrame(rows).assign(dataset="d", model="m", scope="global", weight_decay=0.0, sparsity=0.9,
+                                     compression_ratio=10.0, flop_speedup=10.0, test_loss=1.0, **setting)
+
+
+def test_summary_keeps_experiments_apart_on_every_setting():
+    """Two batch sizes (or momenta, samplers, data folders) were merged into one row of 6 seeds."""
+    for column, values in (("batch_size", (32, 64)), ("momentum", (0.0, 0.9)), ("sampler", ("shuffle", "replacement")),
+                           ("data_dir", ("/a", "/b"))):
+        df = pd.concat([_results(**{column: v}) for v in values], ignore_index=True)
+        s = summarise(df)
+        assert len(s[s.label == "mu[pseudo]"]) == 2 and (s.n_seeds == 3).all(), column
+
+
+def test_accuracy_intervals_stay_in_the_unit_interval():
+    s = summarise(_results()).set_index("label")
+    assert s.loc["magnitude", "ci_low"] >= 0.0 and s.loc["magnitude", "ci_high"] <= 1.0
+    assert s.loc["magnitude", "ci_high"] == 1.0  # 0.7 ± t(2) * 0.2 / sqrt(3) reaches past 1
+
+
+@pytest.mark.parametrize("edit, match", [
+    (('epochs = 2', 'epochs = "1"'), "block 1: epochs must be an integer, got '1'"),
+    (('seeds = [0, 1]', 'seeds = 0'), "seeds must be a non-empty list"),
+    (('criteria = ["magnitude", "random", "gradient-weight", "mu"]', 'criteria = "magnitude"'),
+     "criteria must be a non-empty list"),
+    (('model = "mlp"', 'model = 3'), "model must be a name"),
+    (('target_sparsity = 0.8', 'target_sparsity = "high"'), "top-level settings: target_sparsity must be a real"),
+])
+def test_grid_values_of_the_wrong_type_name_the_file(tmp_path, edit, match):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GRID.replace(*edit))
+    with pytest.raises(ValueError, match=match) as err:
+        load_grid(bad)
+    assert str(bad) in str(err.value)
+
+
+def test_empty_and_binary_grid_files(tmp_path):
+    from validation.study import load_grid as load_study_grid
+
+    for loader in (load_grid, load_study_grid):
+        empty = tmp_path / "empty.toml"
+        empty.write_text("")
+        with pytest.raises(ValueError, match=f"{empty} is empty"):
+            loader(empty)
+        binary = tmp_path / "bin.toml"
+        binary.write_bytes(bytes(range(256)))
+        with pytest.raises(ValueError, match=f"{binary} is not a text file"):
+            loader(binary)
+    only = tmp_path / "only.toml"
+    only.write_text('replications = 4\n')
+    with pytest.raises(ValueError, match="defines no cells"):
+        load_study_grid(only)
+
+
+def test_a_damaged_cell_file_is_named(tmp_path):
+    (tmp_path / "g.toml").write_text(GRID.replace('scope = ["global", "layer"]', 'scope = "global"').replace("[0, 1]", "[0]"))
+    out = tmp_path / "out"
+    grid = load_grid(tmp_path / "g.toml")
+    run_benchmark(grid, out, scheduler="serial", quiet=True)
+    cell = next((out / "cells").iterdir())
+    cell.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ValueError, match=f"{cell} cannot be read.*delete it"):
+        run_benchmark(grid, out, scheduler="serial", quiet=True)

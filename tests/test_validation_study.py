@@ -136,7 +136,7 @@ def test_load_grid(tmp_path):
     p.write_text('designz = ["x"]\n')
     with pytest.raises(ValueError, match="unknown keys"):
         load_grid(p)
-    p.write_text('designs = ["imagenet"]\n')
+    p.write_text('designs = ["imagenet"]\n[[setting]]\noptimizer = "adam"\n')
     with pytest.raises(ValueError, match="design='imagenet' is not valid"):
         load_grid(p)
     with pytest.raises(FileNotFoundError):

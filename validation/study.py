@@ -398,8 +398,10 @@ def run_study(
     run_grid(run_cell, cells, out, key="grid", settings=grid.as_dict(), volatile=("references",),
              done=lambda c: (out / "cells" / f"{c.key}.summary.csv").exists(), scheduler=scheduler,
              workers=workers, quiet=quiet, desc="calibration cells", on_cell=on_cell)
-    summary = pd.concat([read_table(out / "cells" / f"{c.key}.summary.csv") for c in cells], ignore_index=True)
-    table = pd.concat([read_table(out / "cells" / f"{c.key}.csv") for c in cells], ignore_index=True)
+    summary = pd.concat([read_table(out / "cells" / f"{c.key}.summary.csv", ["design", "estimator"]) for c in cells],
+                        ignore_index=True)
+    table = pd.concat([read_table(out / "cells" / f"{c.key}.csv", ["design", "estimator", "se"]) for c in cells],
+                      ignore_index=True)
     atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
     atomic_write(out / "cells.csv", lambda p: table.to_csv(p, index=False))
     from validation.report import write_report
@@ -433,9 +435,11 @@ def load_grid(path: str | Path) -> Grid:
     """
     spec = read_grid(path, {"designs", "replications", "bootstrap_B", "teacher_replicates", "seed", "setting",
                             "estimators"}, lists=("designs", "estimators", "setting"))
+    if "setting" not in spec:
+        raise ValueError(f"{path} defines no cells: give [[setting]] blocks (see validation.study.load_grid)")
     settings, scoped = [], []
     fields = set(Setting.__dataclass_fields__)
-    for i, block in enumerate(spec.get("setting", [{}])):
+    for i, block in enumerate(spec["setting"]):
         block = dict(block)
         designs = block.pop("designs", None)
         bad = set(block) - fields
