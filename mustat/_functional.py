@@ -210,20 +210,10 @@ def _stack(outs):
 
 
 def hessian(fn, argnums: int = 0):
-    """``torch.func.hessian`` (forward-over-reverse), or reverse-over-reverse where an op has no
-    forward-mode derivative (fused attention kernels): the same matrix."""
-    fwd = torch.func.hessian(fn, argnums=argnums)
-    rev = torch.func.jacrev(torch.func.jacrev(fn, argnums=argnums), argnums=argnums)
-
-    def call(*args):
-        try:
-            return fwd(*args)
-        except NotImplementedError as err:
-            if "forward AD" not in str(err):
-                raise
-            return rev(*args)
-
-    return call
+    """The Hessian by reverse-over-reverse differentiation (``jacrev(jacrev(fn))``): the same matrix
+    as ``torch.func.hessian``'s forward-over-reverse, about twice as fast on small models here,
+    and defined for ops without a forward-mode derivative."""
+    return torch.func.jacrev(torch.func.jacrev(fn, argnums=argnums), argnums=argnums)
 
 
 def clone_model(model: nn.Module) -> nn.Module:

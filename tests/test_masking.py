@@ -66,7 +66,7 @@ def test_mustat_masks_export_to_torch_prune_and_back():
     mustat.to_torch_prune(model)
     assert torch_prune.is_pruned(model) and model[0].weight_orig is leaves[0]
     assert torch.equal(model(X), out)
-    assert all(torch.equal(getattr(model[int(n[0])], "weight_mask"), masks[n]) for n in masks)
+    assert all(torch.equal(model[int(n[0])].weight_mask, masks[n]) for n in masks)
     mustat.from_torch_prune(model)
     assert not torch_prune.is_pruned(model)
     assert model[0].parametrizations.weight.original is leaves[0] and model[2].parametrizations.weight.original is leaves[1]

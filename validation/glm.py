@@ -4,8 +4,8 @@
 (closed-form gradient and Hessian of the mean negative log-likelihood plus PyTorch's
 L2 penalty), and refuses data whose maximum-likelihood estimate does not exist: a
 logistic design that is completely or quasi-completely separated (checked exactly, by
-a linear program, before any iteration), or a softmax fit whose linear predictor
-diverges. statsmodels refuses the same data (``PerfectSeparationError``).
+a linear program, whenever the fit saturates or diverges), or a softmax fit whose linear
+predictor diverges. statsmodels refuses the same data (``PerfectSeparationError``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from numbers import Real
 import numpy as np
 import torch
 from scipy.optimize import linprog
+from scipy.special import expit
 from torch import Tensor, nn
 
 from mustat import _masking as M
@@ -53,9 +54,10 @@ def separated(X: np.ndarray, y: np.ndarray) -> bool:
 
 
 def _newton(family: Family, X: np.ndarray, y: np.ndarray, k: int, weight_decay: float, gtol: float,
-            max_iter: int, free: np.ndarray) -> tuple[np.ndarray, float]:
-    """Penalised MLE ``B (d + 1, k)`` (weights, then intercept) and the final max-abs gradient;
-    coefficients where ``free`` (the same shape) is False are held at 0 (pruned)."""
+            max_iter: int, free: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Penalised MLE ``B (d + 1, k)`` (weights, then intercept), the final max-abs gradient and
+    the Hessian's smallest-to-largest eigenvalue ratio; coefficients where ``free`` (the same
+    shape) is False are held at 0."""
     n, d = X.shape
     Xa = np.c_[X, np.ones(n)]
     p = d + 1
@@ -69,7 +71,7 @@ def _newton(family: Family, X: np.ndarray, y: np.ndarray, k: int, weight_decay: 
             P = np.exp(z - z.max(1, keepdims=True))
             P = (P / P.sum(1, keepdims=True))[:, 1:]
         elif family is Family.LOGISTIC:
-            P = 1 / (1 + np.exp(-eta))
+            P = expit(eta)
         else:
             P = eta
         G = Xa.T @ (P - Y) / n + weight_decay * B
@@ -83,23 +85,26 @@ def _newton(family: Family, X: np.ndarray, y: np.ndarray, k: int, weight_decay: 
             H = (Xa * w).T @ Xa / n
         H += weight_decay * np.eye(p * k)
         step = np.zeros(p * k)
+        Hf = H[np.ix_(f, f)]
         try:
-            step[f] = np.linalg.solve(H[np.ix_(f, f)], G.reshape(-1)[f])
+            step[f] = np.linalg.solve(Hf, G.reshape(-1)[f])
         except np.linalg.LinAlgError:
-            return B, float("inf")
+            return B, float("inf"), 0.0
         B = B - step.reshape(p, k)
-        if np.abs(Xa @ B).max() > 1e3:  # probabilities saturated far past float64: diverging
-            return B, float("inf")
+        if np.abs(Xa @ B).max() > 1e4:  # probabilities saturated far past float64: diverging
+            return B, float("inf"), 0.0
     eta = Xa @ B
     if family is Family.SOFTMAX:
         z = np.c_[np.zeros(n), eta]
         P = np.exp(z - z.max(1, keepdims=True))
         P = (P / P.sum(1, keepdims=True))[:, 1:]
     elif family is Family.LOGISTIC:
-        P = 1 / (1 + np.exp(-eta))
+        P = expit(eta)
     else:
         P = eta
-    return B, float(np.abs((Xa.T @ (P - Y) / n + weight_decay * B).reshape(-1)[f]).max())
+    gmax = float(np.abs((Xa.T @ (P - Y) / n + weight_decay * B).reshape(-1)[f]).max())
+    ev = np.linalg.eigvalsh(Hf)  # the last step's curvature: near-singular along a separating direction
+    return B, gmax, float(ev[0] / ev[-1]) if ev[-1] > 0 else 0.0
 
 
 def fit_glm(model: nn.Module, X: Tensor, y: Tensor, *, weight_decay: float = 0.0, gtol: float = 1e-10,
@@ -121,17 +126,22 @@ def fit_glm(model: nn.Module, X: Tensor, y: Tensor, *, weight_decay: float = 0.0
     if Xn.shape[1] != glm.linear.in_features:
         raise ValueError(f"X has {Xn.shape[1]} features, the GLM {glm.linear.in_features}")
     remedy = "the maximum-likelihood estimate does not exist; fit with a penalty (weight_decay > 0) or drop features"
-    if glm.family is Family.LOGISTIC and weight_decay == 0 and separated(Xn, yn):
-        raise SeparationError(f"the data are (quasi-)separable: a hyperplane splits the two classes, so {remedy}")
     k = glm.linear.out_features
     free = np.ones((glm.linear.in_features + 1, k), bool)
     for row, attr in ((slice(None, -1), "weight"), (-1, "bias")):
         mask = M.find_mask(glm.linear, attr)
         if mask is not None:  # a pruned coefficient is held at 0: the fit without it
             free[row] = (mask != 0).cpu().numpy().T
-    B, gmax = _newton(glm.family, Xn, yn, k, weight_decay, gtol, max_iter, free)
-    if not np.isfinite(gmax) and glm.family is not Family.LINEAR and weight_decay == 0:
-        raise SeparationError(f"the linear predictor diverges (some classes are separable), so {remedy}")
+    B, gmax, conditioning = _newton(glm.family, Xn, yn, k, weight_decay, gtol, max_iter, free)
+    # Under separation the separated points' probabilities saturate, so their gradient underflows
+    # to "converged" while the coefficients diverge, and the curvature along the separating
+    # direction vanishes with them: a diverging or near-singular fit is checked exactly (a linear
+    # program, not run for ordinary fits, where it would cost more than the fit itself)
+    if weight_decay == 0 and glm.family is not Family.LINEAR and (not np.isfinite(gmax) or conditioning < 1e-8):
+        if glm.family is Family.LOGISTIC and separated(Xn, yn):
+            raise SeparationError(f"the data are (quasi-)separable: a hyperplane splits the two classes, so {remedy}")
+        if glm.family is Family.SOFTMAX:
+            raise SeparationError(f"the linear predictor diverges (some classes are separable), so {remedy}")
     if gmax > gtol:
         raise RuntimeError(f"fit_glm did not converge: max |gradient| {gmax:.3g} > gtol={gtol:g} after "
                            f"{max_iter} Newton steps")
