@@ -47,11 +47,11 @@ def main() -> None:
         X = X_all[:, :k]
         Xt, yt = torch.tensor(X), torch.tensor(y)
 
-        def ours():
+        def ours(k=k, Xt=Xt, yt=yt):
             model = fit_glm(GLM(k), Xt, yt)
             return hessian_se(model, model.nll, (Xt, yt))
 
-        def theirs():
+        def theirs(X=X):
             return sm.Logit(y, sm.add_constant(X)).fit(disp=0).bse
 
         ours(), theirs()  # warm up
