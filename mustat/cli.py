@@ -36,7 +36,7 @@ def _prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = run(config, out=args.out, quiet=args.quiet, save_sparse=args.save_sparse)
+        results = run(config, out=args.out, quiet=args.quiet, save_sparse=args.save_sparse, workers=args.workers)
     from mustat.distributed import is_main
 
     if not is_main():
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-sparse", action="store_true",
                    help="also save each run's final pruned model, compactly, as models/seed<S>-<label>.safetensors "
                         "(load with mustat.load_sparse)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes of one torch thread each, training the seeds' dense models and then every "
+                        "(seed, criterion) side by side on the CPU; the numbers equal a serial run's at one thread")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prune)
 

@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
+from numbers import Integral
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 import mustat
 from mustat import distributed
+from mustat._checks import check_scalar
 from mustat._params import entries, select
 from mustat.config import PruneConfig, RunConfig, TrainConfig
 from mustat.criteria import get_criterion, loss_gradient
@@ -200,8 +202,47 @@ def _stem(seed: int, label: str) -> str:
     return f"seed{seed}-{label.replace('[', '-').replace(']', '')}"
 
 
+def _data(config: RunConfig, seed: int, device: torch.device, cache: dict) -> Dataset:
+    if seed not in cache:
+        cache.clear()  # one seed's data at a time
+        cache[seed] = load(config.dataset, data_dir=config.data_dir, seed=seed).to(device)
+    return cache[seed]
+
+
+def _dense_task(config: RunConfig, seed: int, path: Path, device: torch.device, cache: dict, progress=None) -> dict:
+    """The dense model of ``seed``: from its checkpoint, or trained and checkpointed."""
+    if path.exists():
+        if progress is not None:
+            progress.update(config.train.epochs)
+        return load_checkpoint(path)
+    dense = dense_phase(config, _data(config, seed, device, cache), seed=seed, progress=progress)
+    if distributed.is_main():
+        save_checkpoint(path, dense)
+    return dense
+
+
+def _prune_task(config: RunConfig, pair: tuple[str, str | None], seed: int, dense_path: Path, path: Path,
+                device: torch.device, cache: dict, progress=None, on_round=None, save_to: Path | None = None
+                ) -> list[dict]:
+    """One criterion's rounds for ``seed``, resumed from its checkpoint or started from the dense one."""
+    prune = config.prune_config(*pair)
+    start = load_checkpoint(path) if path.exists() else dict(load_checkpoint(dense_path), rows=[])
+    if progress is not None:
+        progress.update(start["round"] * config.train.retrain_epochs)
+    data = _data(config, seed, device, cache)
+    rows = prune_phase(config, prune, data, start, seed=seed, checkpoint=path, progress=progress, on_round=on_round)
+    if save_to is not None and distributed.is_main():
+        _save_model(config, data, load_checkpoint(path)["model"], save_to)
+    return rows
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # the workers give the parallelism (and tiny models run fastest on one thread)
+
+
 def run(config: RunConfig | None = None, *, out: str | Path | None = None, quiet: bool = False,
-        save_sparse: bool = False, on_round: Callable[[dict], None] | None = None, **settings) -> pd.DataFrame:
+        save_sparse: bool = False, on_round: Callable[[dict], None] | None = None, workers: int = 1,
+        **settings) -> pd.DataFrame:
     """Run the pipeline for every seed and criterion; returns the tidy results
     (``results.attrs["out"]`` is the run folder).
 
@@ -210,6 +251,12 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None, quiet
     both (keywords override). Every combination is checked before any training
     (:func:`preflight`). ``save_sparse``: also write each run's final pruned model as
     ``models/seed<S>-<label>.safetensors`` (:func:`mustat.save_sparse`).
+
+    ``workers > 1`` trains in that many processes of one torch thread each: the dense models
+    first, then every (seed, criterion) as its own task, each resuming from and writing to its
+    own checkpoint (``on_round`` is then called as each task finishes). Float32 training
+    reproduces at a fixed thread count, so the numbers equal a serial run's at one thread
+    (``OMP_NUM_THREADS=1``), not necessarily at the machine's default.
 
     Raises ``ValueError`` for unknown names or incompatible combinations (naming the
     option), when ``out`` holds a run with other settings (naming them) or is used by
@@ -220,11 +267,15 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None, quiet
     Under ``torchrun`` (``WORLD_SIZE > 1``) the ranks train data-parallel
     (:mod:`mustat.distributed`); only rank 0 writes, and every rank returns the results.
     """
+    check_scalar(workers, "workers", kind=Integral, low=1)
     config = replace(config, **settings) if config is not None else RunConfig(**settings)
     first = load(config.dataset, data_dir=config.data_dir, seed=config.seeds[0])
     preflight(config, first)
     dev = distributed.init_from_env(resolve_device(config.device))
     main = distributed.is_main()
+    if workers > 1 and (distributed.rank_world()[1] > 1 or dev.type == "cuda"):
+        raise ValueError(f"workers={workers} runs CPU processes side by side; with torchrun or a CUDA device use "
+                         "workers=1")
     params = config.settings(dev.type)
     out = Path(out) if out is not None else Path("runs") / run_id(params)
     pairs = config.pairs()
@@ -248,37 +299,31 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None, quiet
         total = len(config.seeds) * (train.epochs + len(pairs) * len(config.targets()) * train.retrain_epochs)
         bar = tqdm(total=total, desc="mustat prune", unit="epoch", disable=quiet or not main)
 
-        def write():
-            rows = [r for seed in config.seeds for s in stems[seed] for r in done.get(s, [])]
-            write_table(out / "results.csv", pd.DataFrame(rows, columns=RESULT_COLUMNS))
+        def ordered() -> list[dict]:
+            return [r for seed in config.seeds for s in stems[seed] for r in done.get(s, [])]
 
-        for seed in config.seeds:
-            data = (first if seed == config.seeds[0] else load(config.dataset, data_dir=config.data_dir, seed=seed)).to(dev)
-            dense_path = ckpt / f"{stems[seed][0]}.pt"
-            distributed.barrier()  # every rank sees the same files before deciding what to resume
-            if dense_path.exists():
-                dense = load_checkpoint(dense_path)
-                bar.update(train.epochs)
-            else:
-                dense = dense_phase(config, data, seed=seed, progress=bar)
-                if main:
-                    save_checkpoint(dense_path, dense)
-            done[stems[seed][0]] = [dense["dense_row"]]
-            for (crit, est), stem in zip(pairs, stems[seed][1:]):
-                prune = config.prune_config(crit, est)
-                path = ckpt / f"{stem}.pt"
-                distributed.barrier()
-                start = load_checkpoint(path) if path.exists() else dict(dense, rows=[])
-                bar.update(start["round"] * train.retrain_epochs)
-                done[stem] = prune_phase(config, prune, data, start, seed=seed, checkpoint=path, progress=bar,
-                                         on_round=on_round)
-                if main:
-                    write()
-                    if save_sparse:
-                        _save_model(config, data, load_checkpoint(path)["model"], out / "models" / f"{stem}.safetensors")
+        def write() -> None:
+            write_table(out / "results.csv", pd.DataFrame(ordered(), columns=RESULT_COLUMNS))
+
+        def model_file(stem: str) -> Path | None:
+            return out / "models" / f"{stem}.safetensors" if save_sparse else None
+
+        cache = {config.seeds[0]: first.to(dev)} if workers == 1 else {}
+        if workers == 1:
+            for seed in config.seeds:
+                dense_path = ckpt / f"{stems[seed][0]}.pt"
+                distributed.barrier()  # every rank sees the same files before deciding what to resume
+                done[stems[seed][0]] = [_dense_task(config, seed, dense_path, dev, cache, bar)["dense_row"]]
+                for pair, stem in zip(pairs, stems[seed][1:]):
+                    distributed.barrier()
+                    done[stem] = _prune_task(config, pair, seed, dense_path, ckpt / f"{stem}.pt", dev, cache, bar,
+                                             on_round, model_file(stem))
+                    if main:
+                        write()
+        else:
+            _run_parallel(config, stems, ckpt, pairs, done, workers, bar, on_round, write, model_file)
         bar.close()
-        rows = [r for seed in config.seeds for s in stems[seed] for r in done.get(s, [])]
-        results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        results = pd.DataFrame(ordered(), columns=RESULT_COLUMNS)
         if main:
             write()
             plot(results, out / "accuracy_vs_sparsity.png", title=title(config.dataset, config.model, config.scope,
@@ -287,6 +332,43 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None, quiet
         distributed.barrier()
     results.attrs["out"] = str(out)
     return results
+
+
+def _run_parallel(config, stems, ckpt, pairs, done, workers, bar, on_round, write, model_file) -> None:
+    """The dense models, then every (seed, criterion), on a pool of ``workers`` processes."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    cpu = torch.device("cpu")
+    train = config.train
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
+        dense = {pool.submit(_dense_task, config, seed, ckpt / f"{stems[seed][0]}.pt", cpu, {}): seed
+                 for seed in config.seeds}
+        running: dict = {}
+        try:
+            while dense or running:
+                finished, _ = wait([*dense, *running], return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    if fut in dense:
+                        seed = dense.pop(fut)
+                        done[stems[seed][0]] = [fut.result()["dense_row"]]
+                        bar.update(train.epochs)
+                        for pair, stem in zip(pairs, stems[seed][1:]):
+                            task = pool.submit(_prune_task, config, pair, seed, ckpt / f"{stems[seed][0]}.pt",
+                                               ckpt / f"{stem}.pt", cpu, {}, None, None, model_file(stem))
+                            running[task] = stem
+                    else:
+                        stem = running.pop(fut)
+                        before = len(done.get(stem, []))
+                        done[stem] = fut.result()
+                        bar.update((len(done[stem]) - before) * train.retrain_epochs)
+                        for row in done[stem][before:] if on_round is not None else ():
+                            on_round(row)
+                        write()
+        except BaseException:
+            for fut in [*dense, *running]:
+                fut.cancel()
+            raise
 
 
 def _save_model(config: RunConfig, data: Dataset, state: dict, path: Path) -> None:

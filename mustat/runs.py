@@ -31,6 +31,9 @@ class RunFileError(ValueError):
         super().__init__(message)
         self.path = Path(path)
 
+    def __reduce__(self):  # crosses process boundaries intact (parallel workers)
+        return type(self), (str(self), self.path)
+
 
 def ensure_folder(out: Path) -> Path:
     """Create ``out`` (and its parents), or say clearly why it cannot be written."""

@@ -98,6 +98,9 @@ class DivergenceError(RuntimeError):
         super().__init__(message)
         self.epoch = epoch
 
+    def __reduce__(self):  # crosses process boundaries intact (parallel workers)
+        return type(self), (str(self), self.epoch)
+
 
 #: an epoch whose mean training loss exceeds this multiple of the first batch's has diverged
 DIVERGENCE_FACTOR = 1000.0

@@ -193,3 +193,20 @@ def test_registration_checks_the_declarations():
     with pytest.raises(ValueError, match="needs has \\['labels'\\]"):
         register_estimator("bad-needs")(bad)
     assert "no-state" not in ESTIMATORS and "bad-needs" not in ESTIMATORS
+
+
+@pytest.mark.parametrize("name", ["curvature", "wald", "bootstrap"])
+def test_post_hoc_estimators_read_a_dataloader_as_they_read_tensors(name, mlp, batch):
+    """Batches in, not whole datasets: the same SEs from a DataLoader (read batch by batch; the
+    bootstrap gathers its rows) as from the tensors."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, y = batch
+    loss = nn.functional.cross_entropy
+    options = {"wald": dict(damping=50.0), "bootstrap": dict(B=3, epochs=2, gtol=1e3)}.get(name, {})
+    a = make_estimator(name, mlp, **options).fit(FitContext(X=X, y=y, loss=loss, weight_decay=1e-3)).se()
+    loader = DataLoader(TensorDataset(X, y), batch_size=24)  # 64 rows: 24 + 24 + 16
+    b = make_estimator(name, mlp, **options).fit(FitContext(data=loader, loss=loss, weight_decay=1e-3)).se()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert FitContext(data=loader).n == 64

@@ -209,3 +209,21 @@ def test_dropout_models_are_reproducible_and_global_rng_untouched(tmp_path, monk
     torch.manual_seed(999)  # a different global state must not change the results
     b = run(out=tmp_path / "b", **kw)
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_parallel_workers_give_the_serial_numbers_at_one_thread(tmp_path):
+    """--workers trains the dense models, then every (seed, criterion), in processes of one torch
+    thread: the same results as a serial run at one thread, in the same order."""
+    cfg = TrainConfig(epochs=2, retrain_epochs=1, track_epochs=1)
+    kw = dict(criteria=["mu", "magnitude"], se=["pseudo"], seeds=(0, 1), target_sparsity=0.8, train=cfg, quiet=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = run(out=tmp_path / "serial", **kw)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = run(out=tmp_path / "parallel", workers=2, **kw)
+    pd.testing.assert_frame_equal(parallel, serial, check_exact=True)
+    assert (tmp_path / "parallel" / "results.csv").read_bytes() == (tmp_path / "serial" / "results.csv").read_bytes()
+    with pytest.raises(ValueError, match="workers must be in"):
+        run(out=tmp_path / "x", workers=0, **kw)
