@@ -103,8 +103,8 @@ class TrainConfig:
 class PruneConfig:
     """One pruning run: a criterion (with its estimator when it uses one), the scope and the schedule."""
 
-    criterion: str = "mu"
-    se: str | None = "pseudo"
+    criterion: str = "magnitude"
+    se: str | None = None
     scope: str = "global"
     schedule: str = "geometric"
     target_sparsity: float = 0.95

@@ -152,3 +152,15 @@ def test_load_flat_round_trip():
     torch.testing.assert_close(N.flat_parameters(back), theta * 2)
     with pytest.raises(ValueError, match="theta has 3 entries but the model has 11 parameters"):
         N.load_flat(m, theta[:3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_newton_runs_where_its_data_are():
+    """Every tensor Newton allocates follows the data's device (eye, step sizes, flags were on the CPU)."""
+    X, y = _logistic(n=200)
+    Xc, yc = torch.tensor(X, device="cuda")[None], torch.tensor(y, device="cuda")[None]
+    fits = N.newton_fits(nn.Linear(4, 1).double().cuda(), bce, Xc, yc, weight_decay=1e-3, gtol=1e-10)
+    assert fits.params["weight"].device.type == "cuda" and bool(fits.converged.all())
+    ref = N.newton_fits(nn.Linear(4, 1).double(), bce, torch.tensor(X)[None], torch.tensor(y)[None], weight_decay=1e-3,
+                        gtol=1e-10)
+    torch.testing.assert_close(fits.params["weight"].cpu(), ref.params["weight"], rtol=0, atol=1e-10)

@@ -52,7 +52,7 @@ def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
     """Estimator SE against the reference SE, log-log, one panel per estimator (replication 0)."""
     sns = _setup()
     cells = _primary(cells)
-    d = cells[(cells.replication == 0) & cells.estimator.isin(TRAJECTORY + ["curvature"]) & (cells.se > 0)
+    d = cells[(cells.replication == 0) & cells.estimator.isin([e for e in MAIN_ESTIMATORS if e != "wald"]) & (cells.se > 0)
               & np.isfinite(cells.se) & (cells.ref_se > 0)].copy()
     d["optimizer"] = d["setting"].str.split(" ").str[0]
     d["sampler"] = np.where(d["setting"].str.contains("replacement"), "replacement", "shuffle")
