@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
@@ -240,6 +241,15 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # the workers give the parallelism (and tiny models run fastest on one thread)
 
 
+def _in_worker(task, *args):
+    """``task(*args)`` in a worker process, with its warnings returned so the parent re-issues them
+    (the CLI summarises the estimators' window checks from the warnings' data)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = task(*args)
+    return result, [w.message for w in caught]
+
+
 def run(config: RunConfig | None = None, *, out: str | Path | None = None, quiet: bool = False,
         save_sparse: bool = False, on_round: Callable[[dict], None] | None = None, workers: int = 1,
         **settings) -> pd.DataFrame:
@@ -342,25 +352,29 @@ def _run_parallel(config, stems, ckpt, pairs, done, workers, bar, on_round, writ
     cpu = torch.device("cpu")
     train = config.train
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
-        dense = {pool.submit(_dense_task, config, seed, ckpt / f"{stems[seed][0]}.pt", cpu, {}): seed
+        dense = {pool.submit(_in_worker, _dense_task, config, seed, ckpt / f"{stems[seed][0]}.pt", cpu, {}): seed
                  for seed in config.seeds}
         running: dict = {}
         try:
             while dense or running:
                 finished, _ = wait([*dense, *running], return_when=FIRST_COMPLETED)
                 for fut in finished:
+                    result, caught = fut.result()
+                    for message in caught:
+                        warnings.warn(message, stacklevel=2)
                     if fut in dense:
                         seed = dense.pop(fut)
-                        done[stems[seed][0]] = [fut.result()["dense_row"]]
+                        done[stems[seed][0]] = [result["dense_row"]]
                         bar.update(train.epochs)
                         for pair, stem in zip(pairs, stems[seed][1:]):
-                            task = pool.submit(_prune_task, config, pair, seed, ckpt / f"{stems[seed][0]}.pt",
-                                               ckpt / f"{stem}.pt", cpu, {}, None, None, model_file(stem))
+                            task = pool.submit(_in_worker, _prune_task, config, pair, seed,
+                                               ckpt / f"{stems[seed][0]}.pt", ckpt / f"{stem}.pt", cpu, {}, None, None,
+                                               model_file(stem))
                             running[task] = stem
                     else:
                         stem = running.pop(fut)
                         before = len(done.get(stem, []))
-                        done[stem] = fut.result()
+                        done[stem] = result
                         bar.update((len(done[stem]) - before) * train.retrain_epochs)
                         for row in done[stem][before:] if on_round is not None else ():
                             on_round(row)
