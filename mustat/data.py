@@ -90,7 +90,7 @@ def _breast_cancer(seed, val_fraction, data_dir):
 def _needs_data_extra(module: str):
     raise ImportError(
         f"this dataset needs the optional package {module!r}: install the extra with "
-        "`pip install 'mustat[data]'` (make test and make run install it)"
+        "`pip install 'mustat[data]'` (make test installs it)"
     )
 
 
