@@ -47,7 +47,7 @@ def main():
     t0 = time.perf_counter()
     slow = bootstrap_replicates_loop(model, loss, (X, y), **kw)
     t_slow = time.perf_counter() - t0
-    diff = max(float((fast[k] - slow[k]).abs().max()) for k in fast)
+    diff = max(float((fast.params[k] - slow[k]).abs().max()) for k in fast.params)
     print(f"vectorized {t_fast:7.2f} s")
     print(f"loop       {t_slow:7.2f} s")
     print(f"speed-up   {t_slow / t_fast:7.1f}x   (max |difference| between the two: {diff:.2e})")
