@@ -18,7 +18,7 @@ import torch
 from mustat._checks import check_option, check_scalar
 from mustat.criteria import get_criterion, label, parse_label
 from mustat.pruning import Scope
-from mustat.training import OPTIMIZERS, Sampler, make_optimizer, steps_per_epoch
+from mustat.training import check_training, make_optimizer, steps_per_epoch
 from mustat.uncertainty import ESTIMATORS, TrainingSetup, default_estimators
 
 #: the default comparison: criteria, each se-based one run with every default estimator
@@ -75,13 +75,7 @@ class TrainConfig:
     sampler: str = "replacement"
 
     def __post_init__(self):
-        check_option(self.optimizer, "optimizer", OPTIMIZERS)
-        check_option(self.sampler, "sampler", Sampler)
-        check_scalar(self.lr, "lr", kind=Real, low=0.0, closed="neither")
-        check_scalar(self.momentum, "momentum", kind=Real, low=0.0, high=1.0, closed="left")
-        check_scalar(self.weight_decay, "weight_decay", kind=Real, low=0.0)
-        check_scalar(self.batch_size, "batch_size", kind=Integral, low=1)
-        check_scalar(self.epochs, "epochs", kind=Integral, low=1)
+        check_training(self)
         check_scalar(self.retrain_epochs, "retrain_epochs", kind=Integral, low=1)
         check_scalar(self.track_epochs, "track_epochs", kind=Integral, low=1)
 

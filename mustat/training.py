@@ -41,6 +41,19 @@ class Sampler(str, Enum):
 OPTIMIZERS = ("sgd", "adam", "adadelta")
 
 
+def check_training(settings) -> None:
+    """Check the training fields of a settings object (the pipeline's ``TrainConfig``, the study's
+    ``Setting``): ``optimizer``, ``sampler``, ``lr``, ``momentum``, ``weight_decay``, ``batch_size``
+    and ``epochs``; each message names the field, the value and what is allowed."""
+    check_option(settings.optimizer, "optimizer", OPTIMIZERS)
+    check_option(settings.sampler, "sampler", Sampler)
+    check_scalar(settings.lr, "lr", kind=Real, low=0.0, closed="neither")
+    check_scalar(settings.momentum, "momentum", kind=Real, low=0.0, high=1.0, closed="left")
+    check_scalar(settings.weight_decay, "weight_decay", kind=Real, low=0.0)
+    check_scalar(settings.batch_size, "batch_size", kind=Integral, low=1)
+    check_scalar(settings.epochs, "epochs", kind=Integral, low=1)
+
+
 def make_optimizer(name: str, params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
                    ) -> torch.optim.Optimizer:
     """``"sgd"`` (heavy-ball ``momentum``), ``"adam"`` or ``"adadelta"`` (the optimizer of PyTorch's

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mustat._checks import check_option, check_scalar
-from mustat.training import OPTIMIZERS, Sampler, make_optimizer, steps_per_epoch, train_epochs
+from mustat._checks import check_scalar
+from mustat.training import check_training, make_optimizer, steps_per_epoch, train_epochs
 from mustat.uncertainty import FitContext, TrainingSetup, WindowWarning, make_estimator, variant
 
 
@@ -32,13 +32,7 @@ class Setting:
     sampler: str = "replacement"
 
     def __post_init__(self):
-        check_option(self.optimizer, "optimizer", OPTIMIZERS)
-        check_option(self.sampler, "sampler", Sampler)
-        check_scalar(self.lr, "lr", kind=Real, low=0.0, closed="neither")
-        check_scalar(self.momentum, "momentum", kind=Real, low=0.0, high=1.0, closed="left")
-        check_scalar(self.weight_decay, "weight_decay", kind=Real, low=0.0)
-        check_scalar(self.batch_size, "batch_size", kind=Integral, low=1)
-        check_scalar(self.epochs, "epochs", kind=Integral, low=1)
+        check_training(self)
         check_scalar(self.window, "window", kind=Integral, low=1)
         if not 0 < self.window <= self.epochs:
             raise ValueError(f"window must be in [1, epochs={self.epochs}], got {self.window}")

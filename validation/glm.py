@@ -53,57 +53,50 @@ def separated(X: np.ndarray, y: np.ndarray) -> bool:
     return bool(res.status == 0 and -res.fun > 1e-7 * len(Xa))
 
 
-def _newton(family: Family, X: np.ndarray, y: np.ndarray, k: int, weight_decay: float, gtol: float,
-            max_iter: int, free: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Penalised MLE ``B (d + 1, k)`` (weights, then intercept), the final max-abs gradient and
-    the Hessian's smallest-to-largest eigenvalue ratio; coefficients where ``free`` (the same
-    shape) is False are held at 0."""
-    n, d = X.shape
-    Xa = np.c_[X, np.ones(n)]
-    p = d + 1
-    B = np.zeros((p, k))
-    f = free.reshape(-1)
-    Y = np.eye(k + 1)[y.astype(int)][:, 1:] if family is Family.SOFTMAX else y.reshape(n, 1).astype(float)
-    for _ in range(max_iter):
-        eta = Xa @ B
-        if family is Family.SOFTMAX:
-            z = np.c_[np.zeros(n), eta]
-            P = np.exp(z - z.max(1, keepdims=True))
-            P = (P / P.sum(1, keepdims=True))[:, 1:]
-        elif family is Family.LOGISTIC:
-            P = expit(eta)
-        else:
-            P = eta
-        G = Xa.T @ (P - Y) / n + weight_decay * B
-        if np.abs(G.reshape(-1)[f]).max() <= gtol:
-            break
-        if family is Family.SOFTMAX:  # (p k) x (p k): blocks X^T diag(P_a (delta_ab - P_b)) X
-            W = np.einsum("na,ab->nab", P, np.eye(k)) - np.einsum("na,nb->nab", P, P)
-            H = np.einsum("ni,nab,nj->iajb", Xa, W, Xa).reshape(p * k, p * k) / n
-        else:
-            w = P * (1 - P) if family is Family.LOGISTIC else np.ones_like(P)
-            H = (Xa * w).T @ Xa / n
-        H += weight_decay * np.eye(p * k)
-        step = np.zeros(p * k)
-        Hf = H[np.ix_(f, f)]
-        try:
-            step[f] = np.linalg.solve(Hf, G.reshape(-1)[f])
-        except np.linalg.LinAlgError:
-            return B, float("inf"), 0.0
-        B = B - step.reshape(p, k)
-        if np.abs(Xa @ B).max() > 1e4:  # probabilities saturated far past float64: diverging
-            return B, float("inf"), 0.0
+def _moments(family: Family, Xa: np.ndarray, Y: np.ndarray, B: np.ndarray, weight_decay: float
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient ``(p, k)`` and Hessian ``(p k, p k)`` of the penalised mean NLL at ``B``."""
+    n, p = Xa.shape
+    k = B.shape[1]
     eta = Xa @ B
     if family is Family.SOFTMAX:
         z = np.c_[np.zeros(n), eta]
         P = np.exp(z - z.max(1, keepdims=True))
         P = (P / P.sum(1, keepdims=True))[:, 1:]
-    elif family is Family.LOGISTIC:
-        P = expit(eta)
+        W = np.einsum("na,ab->nab", P, np.eye(k)) - np.einsum("na,nb->nab", P, P)  # blocks P_a (delta_ab - P_b)
+        H = np.einsum("ni,nab,nj->iajb", Xa, W, Xa).reshape(p * k, p * k) / n
     else:
-        P = eta
-    gmax = float(np.abs((Xa.T @ (P - Y) / n + weight_decay * B).reshape(-1)[f]).max())
-    ev = np.linalg.eigvalsh(Hf)  # the last step's curvature: near-singular along a separating direction
+        P = expit(eta) if family is Family.LOGISTIC else eta
+        w = P * (1 - P) if family is Family.LOGISTIC else np.ones_like(P)
+        H = (Xa * w).T @ Xa / n
+    return Xa.T @ (P - Y) / n + weight_decay * B, H + weight_decay * np.eye(p * k)
+
+
+def _newton(family: Family, X: np.ndarray, y: np.ndarray, k: int, weight_decay: float, gtol: float,
+            max_iter: int, free: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Penalised MLE ``B (d + 1, k)`` (weights, then intercept), the final max-abs gradient and
+    the Hessian's smallest-to-largest eigenvalue ratio there; coefficients where ``free`` (the
+    same shape) is False are held at 0."""
+    n, d = X.shape
+    Xa = np.c_[X, np.ones(n)]
+    B = np.zeros((d + 1, k))
+    f = free.reshape(-1)
+    Y = np.eye(k + 1)[y.astype(int)][:, 1:] if family is Family.SOFTMAX else y.reshape(n, 1).astype(float)
+    for _ in range(max_iter + 1):
+        G, H = _moments(family, Xa, Y, B, weight_decay)
+        Hf = H[np.ix_(f, f)]
+        gmax = float(np.abs(G.reshape(-1)[f]).max())
+        if gmax <= gtol:
+            break
+        step = np.zeros(B.size)
+        try:
+            step[f] = np.linalg.solve(Hf, G.reshape(-1)[f])
+        except np.linalg.LinAlgError:
+            return B, float("inf"), 0.0
+        B = B - step.reshape(B.shape)
+        if np.abs(Xa @ B).max() > 1e4:  # probabilities saturated far past float64: diverging
+            return B, float("inf"), 0.0
+    ev = np.linalg.eigvalsh(Hf)  # near-singular along a separating direction
     return B, gmax, float(ev[0] / ev[-1]) if ev[-1] > 0 else 0.0
 
 
