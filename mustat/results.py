@@ -40,6 +40,16 @@ def table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(results: pd.DataFrame, path: Path, *, title: str = "", chance: float | None = None) -> Path:
+    """Save :func:`figure` as a PNG at ``path`` (atomically); returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, title=title, chance=chance)
+    atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def figure(results: pd.DataFrame, *, title: str = "", chance: float | None = None):
     """The :func:`metric` against sparsity by run, one line per criterion (mean, band: sd over
     seeds; seaborn, from the tidy results), the dense model and chance as reference lines.
 
@@ -69,9 +79,7 @@ def plot(results: pd.DataFrame, path: Path, *, title: str = "", chance: float | 
            title=title)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return fig
 
 
 def title(dataset: str, model: str, scope: str, seeds) -> str:
