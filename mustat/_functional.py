@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mustat._masking import effective, find_mask
+from mustat import _masking as M
 from mustat._params import Entry, entries, entry, trainable_names
 
 
@@ -86,9 +86,11 @@ class FunctionalModel:
         self.dtype, self.device = dtype, device
         self._state = {k: self._cast(v.detach()) for k, v in model.named_parameters(remove_duplicate=False)}
         self._state.update({k: self._cast(v) for k, v in model.named_buffers(remove_duplicate=False)})
+        self._pruned_places = [(s.module, s.attr) for e in self.table.values() for s in e.places()
+                               if M.kind(s.module, s.attr) == "torch-prune"]
         self._masks: dict[str, Tensor | None] = {}
         for name, e in self.table.items():
-            m = find_mask(e.module, e.attr)
+            m = e.mask()
             self._masks[name] = None if m is None else self._cast(m)
 
     def _cast(self, t: Tensor) -> Tensor:
@@ -116,7 +118,7 @@ class FunctionalModel:
     def params(self, names: Iterable[str] | None = None) -> dict[str, Tensor]:
         """Effective values (masks applied), detached, cast; default: every trainable tensor."""
         names = self.trainable() if names is None else [self.name(n) for n in names]
-        return {n: self._cast(effective(self.table[n].module, self.table[n].attr)) for n in names}
+        return {n: self._cast(self.table[n].effective()) for n in names}
 
     def layout(self, names: Iterable[str]) -> Layout:
         names = [self.name(n) for n in names]
@@ -139,8 +141,15 @@ class FunctionalModel:
         return state
 
     def __call__(self, values: Mapping[str, Tensor], *args, **kwargs):
-        with differentiable():
-            return functional_call(self.model, self.state(values), args, kwargs, tie_weights=False, strict=False)
+        # torch.nn.utils.prune's pre-hook writes the computed weight onto its module during the call;
+        # the module's own value is put back, so no traced or batched tensor outlives the call
+        computed = [(m, a, m.__dict__.get(a)) for m, a in self._pruned_places]
+        try:
+            with differentiable():
+                return functional_call(self.model, self.state(values), args, kwargs, tie_weights=False, strict=False)
+        finally:
+            for module, attr, value in computed:
+                setattr(module, attr, value)
 
 
 @contextmanager
@@ -217,11 +226,15 @@ def hessian(fn, argnums: int = 0):
 
 
 def clone_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copies recurrent layers whose weights are parametrized (torch
-    caches their computed, non-leaf weights, which ``deepcopy`` refuses)."""
+    """``copy.deepcopy`` that also copies modules holding computed, non-leaf weights, which
+    ``deepcopy`` refuses: recurrent layers whose weights are parametrized (torch caches them) and
+    modules pruned with ``torch.nn.utils.prune`` after a forward pass."""
     memo: dict[int, object] = {}
     for m in model.modules():
-        for t in getattr(m, "_flat_weights", None) or ():
+        cached = list(getattr(m, "_flat_weights", None) or ())
+        # torch.nn.utils.prune leaves its computed (non-leaf) weight as a plain attribute
+        cached += [v for v in m.__dict__.values() if isinstance(v, Tensor)]
+        for t in cached:
             if isinstance(t, Tensor) and not t.is_leaf:
                 memo[id(t)] = t.detach().clone()
     return copy.deepcopy(model, memo)

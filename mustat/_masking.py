@@ -170,14 +170,25 @@ def set_mask(module: nn.Module, attr: str, keep: Tensor) -> None:
     parametrize.register_parametrization(module, attr, WeightMask(keep.to(device=ref.device, dtype=ref.dtype)))
 
 
-def remove_mask(module: nn.Module, attr: str) -> None:
-    """Make the mask permanent: ``module.<attr>`` becomes a plain zero-filled parameter."""
+def strip_mask(module: nn.Module, attr: str) -> None:
+    """Remove any recognised mask from ``module.<attr>`` *without* applying it: the plain leaf
+    parameter (the same object, its unmasked values) is put back. :func:`mustat.finalize`
+    then zeroes the masked entries once, for a tensor used in several places."""
     k = kind(module, attr)
-    if k == "torch-prune":
-        torch_prune.remove(module, attr)
-    elif k == "masked":
+    if k == "masked":
         _own_class(module)
-        parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+    elif k == "torch-prune":
+        param = module._parameters[f"{attr}_orig"]
+        hook = prune_hook(module, attr)
+        for key, h in list(module._forward_pre_hooks.items()):
+            if h is hook:
+                del module._forward_pre_hooks[key]
+        del module._parameters[f"{attr}_orig"]
+        del module._buffers[f"{attr}_mask"]
+        if attr in module.__dict__:
+            delattr(module, attr)
+        module.register_parameter(attr, param)
 
 
 def to_torch_prune(module: nn.Module, attr: str) -> None:
@@ -196,22 +207,7 @@ def from_torch_prune(module: nn.Module, attr: str) -> None:
     """Move a ``torch.nn.utils.prune`` or ``torch.ao.pruning`` mask on ``module.<attr>`` to a
     mustat mask, keeping the unmasked values and the parameter object."""
     k = kind(module, attr)
-    if k == "torch-prune":
-        keep = getattr(module, f"{attr}_mask").detach().clone()
-        param = module._parameters[f"{attr}_orig"]
-        hook = prune_hook(module, attr)
-        for key, h in list(module._forward_pre_hooks.items()):
-            if h is hook:
-                del module._forward_pre_hooks[key]
-        del module._parameters[f"{attr}_orig"]
-        del module._buffers[f"{attr}_mask"]
-        if hasattr(module, attr):
-            delattr(module, attr)
-        module.register_parameter(attr, param)
-    elif k == "masked" and not all(isinstance(p, WeightMask) for p in module.parametrizations[attr]):
+    if k == "torch-prune" or (k == "masked" and not all(isinstance(p, WeightMask) for p in module.parametrizations[attr])):
         keep = find_mask(module, attr).detach().clone()
-        _own_class(module)
-        parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-    else:
-        return
-    set_mask(module, attr, keep)
+        strip_mask(module, attr)
+        set_mask(module, attr, keep)

@@ -77,6 +77,37 @@ class Entry:
     def tied(self) -> bool:
         return len(self.slots) > 1
 
+    def places(self) -> list[Slot]:
+        """The distinct ``(module, attr)`` places (a shared module's paths count once)."""
+        seen, out = set(), []
+        for s in self.slots:
+            if (id(s.module), s.attr) not in seen:
+                seen.add((id(s.module), s.attr))
+                out.append(s)
+        return out
+
+    def mask(self) -> Tensor | None:
+        """The tensor's keep-mask (nonzero = kept): every place's mask combined, so a mask put on
+        any one use (torch.nn.utils.prune on a tied head, say) is the tensor's; None if none."""
+        masks = [m for m in (M.find_mask(s.module, s.attr) for s in self.places()) if m is not None]
+        if not masks:
+            return None
+        out = masks[0]
+        for m in masks[1:]:
+            out = out * m.to(out)
+        return out
+
+    def source(self) -> tuple[Tensor, Tensor | None]:
+        """The tensor holding the values (the leaf, detached) and the mask to apply to it; no data
+        is touched for a tensor used in one place."""
+        values = self.leaf.detach() if self.leaf is not None else getattr(self.module, self.attr).detach()
+        return values, self.mask()
+
+    def effective(self) -> Tensor:
+        """The values the model computes with (masks applied), detached."""
+        values, mask = self.source()
+        return values if mask is None else values * mask.to(values.dtype)
+
 
 def _internal(module: nn.Module) -> set[int]:
     """Ids of the modules inside ``module``'s parametrizations (not part of the model proper)."""
@@ -166,23 +197,18 @@ def trainable_names(model: nn.Module) -> list[str]:
 def masked_names(model: nn.Module, table: dict[str, Entry] | None = None) -> list[str]:
     """Names of every tensor carrying a mask (mustat's, torch.nn.utils.prune's or torch.ao's)."""
     table = entries(model) if table is None else table
-    return [e.name for e in table.values() if M.find_mask(e.module, e.attr) is not None]
+    return [e.name for e in table.values() if e.mask() is not None]
 
 
 def mask_of(model: nn.Module, name: str) -> Tensor | None:
     """The keep-mask of the tensor called ``name`` (nonzero = kept), or None."""
-    e = entry(model, name)
-    return M.find_mask(e.module, e.attr)
+    return entry(model, name).mask()
 
 
 def install_mask(model: nn.Module, name: str, keep: Tensor, table: dict[str, Entry] | None = None) -> None:
     """Install (or tighten, in place) the mask of ``name`` on every place the tensor is used."""
-    e = entry(model, name, table)
-    done = set()
-    for s in e.slots:
-        if (id(s.module), s.attr) not in done:
-            M.set_mask(s.module, s.attr, keep)
-            done.add((id(s.module), s.attr))
+    for s in entry(model, name, table).places():
+        M.set_mask(s.module, s.attr, keep)
 
 
 def select(model: nn.Module, params: Iterable[str] | None, argname: str = "params") -> list[str]:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mustat import _masking as M
 from mustat._checks import check_option
 from mustat._functional import FunctionalModel, eval_mode
 from mustat._params import entries, select
@@ -193,8 +192,8 @@ def score(
     out = {}
     table = entries(model)
     for name in names:
-        module, attr = table[name].module, table[name].attr
-        w = M.effective(module, attr)
+        e = table[name]
+        w = e.effective()
         if weights is not None:
             w = _lookup(weights, name, w, "weights")
         s = None
@@ -204,7 +203,7 @@ def score(
                 raise ValueError(f"se[{name!r}] has NaN or negative entries; standard errors must be >= 0 (+inf: unidentified)")
         extra = {"grad": _lookup(grads, name, w, "grads")} if crit.requires_grad else {}
         scores = crit.fn(w, se=s, generator=generator, **extra)
-        mask = M.find_mask(module, attr)
+        mask = e.mask()
         if mask is not None:
             scores = scores.masked_fill(mask == 0, float("-inf"))
         out[name] = scores

@@ -302,7 +302,9 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None, quiet
                 if (ckpt / f"{stem}.pt").exists():
                     state = load_checkpoint(ckpt / f"{stem}.pt")
                     done[stem] = [state["dense_row"]] if "dense_row" in state else list(state["rows"])
-            claim(out, "settings", params, finished=bool(done), world_size=distributed.rank_world()[1])
+            # a folder with any checkpoint or results of its own is finished work, whatever its seeds
+            finished = bool(done) or any(ckpt.glob("*.pt")) or (out / "results.csv").exists()
+            claim(out, "settings", params, finished=finished, world_size=distributed.rank_world()[1])
         distributed.barrier()
 
         train = config.train

@@ -47,7 +47,7 @@ class PruningReport:
         sizes, pruned = [], []
         for name in names:
             e = table[name]
-            m = M.find_mask(e.module, e.attr)
+            m = e.mask()
             sizes.append(getattr(e.module, e.attr).numel())
             pruned.append(0 if m is None else int((m == 0).sum()))
         return cls(tuple(names), tuple(sizes), tuple(pruned))
@@ -119,6 +119,9 @@ class LayerCollapseWarning(UserWarning):
         super().__init__(message)
         self.tensors = list(tensors)
 
+    def __reduce__(self):  # crosses process boundaries intact (parallel workers)
+        return type(self), (str(self), self.tensors)
+
 
 def _protected(scores: Tensor, alive: Tensor, max_pruned: int) -> Tensor:
     """The live entries a per-tensor cap keeps: the highest-scoring ones beyond ``max_pruned`` cuts.
@@ -134,13 +137,18 @@ def _protected(scores: Tensor, alive: Tensor, max_pruned: int) -> Tensor:
     return out
 
 
+def _cap_count(cap: float, n: int) -> int:
+    """``floor(cap * n)``, robust to the float error of the product (0.29 * 100 is 28.999...)."""
+    return math.floor(cap * n + 1e-9)
+
+
 def cap_violation(sizes: dict[str, int], dead: dict[str, int], sparsity: float, scope: str | Scope,
                   max_tensor_sparsity: float) -> str | None:
     """Why :func:`prune` cannot reach ``sparsity`` on tensors of ``sizes`` (``dead`` entries each
     already pruned) under the per-tensor cap, or None when it can. The pipeline checks every
     round's target with it before training."""
     scope = check_option(scope, "scope", Scope)
-    allowed = {n: max(math.floor(max_tensor_sparsity * sizes[n]), dead.get(n, 0)) for n in sizes}
+    allowed = {n: max(_cap_count(max_tensor_sparsity, sizes[n]), dead.get(n, 0)) for n in sizes}
     if scope is Scope.GLOBAL:
         total = sum(sizes.values())
         k = round(sparsity * total)
@@ -235,7 +243,7 @@ def prune(
         for _, _, s, a in targets.values():
             flat_s, flat_a = s.flatten().to(device, torch.float64), a.flatten().to(device)
             if max_tensor_sparsity is not None:
-                most = max(math.floor(max_tensor_sparsity * s.numel()), int((~flat_a).sum()))
+                most = max(_cap_count(max_tensor_sparsity, s.numel()), int((~flat_a).sum()))
                 guards.append(_protected(flat_s, flat_a, most))
             parts.append(flat_s)
         flat = torch.cat(parts)
@@ -281,7 +289,7 @@ def sparsity(model: nn.Module, params=None) -> float:
     zeros = total = 0
     table = entries(model)
     for name in select(model, params):
-        w = M.effective(table[name].module, table[name].attr)
+        w = table[name].effective()
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / total
@@ -297,17 +305,16 @@ def finalize(model: nn.Module) -> nn.Module:
     table = entries(model)
     for name in masked_names(model, table):
         e = table[name]
-        first = e.slots[0]
-        M.remove_mask(first.module, first.attr)
-        done = {(id(first.module), first.attr)}
-        param = getattr(first.module, first.attr)
-        for s in e.slots[1:]:
-            if (id(s.module), s.attr) in done:
-                continue
-            M.remove_mask(s.module, s.attr)  # then re-tie to the one finalized parameter
-            delattr(s.module, s.attr)
-            s.module.register_parameter(s.attr, param)
-            done.add((id(s.module), s.attr))
+        keep = e.mask().detach()
+        for s in e.places():  # every mechanism off, the one leaf parameter back in every place
+            M.strip_mask(s.module, s.attr)
+        with torch.no_grad():
+            e.leaf.mul_(keep.to(e.leaf))
+        for s in e.places():
+            if s.module._parameters.get(s.attr) is not e.leaf:
+                if hasattr(s.module, s.attr):
+                    delattr(s.module, s.attr)
+                s.module.register_parameter(s.attr, e.leaf)
     return model
 
 
@@ -319,9 +326,16 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], s
 
     A fresh, unpruned model has no place for masks, so plain
     ``model.load_state_dict`` refuses a pruned state; this installs each mask
-    found in ``state_dict`` first, then loads. Returns what
+    found in ``state_dict`` first, then loads. A state saved in ``torch.nn.utils.prune``'s
+    layout (``<attr>_orig``, ``<attr>_mask``) is loaded as mustat masks. Returns what
     ``load_state_dict`` returns.
     """
+    state_dict = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith("_mask") and f"{k[:-5]}_orig" in state_dict]:
+        head, _, attr = key[:-5].rpartition(".")
+        prefix = f"{head}." if head else ""
+        state_dict[f"{prefix}parametrizations.{attr}.original"] = state_dict.pop(f"{key[:-5]}_orig")
+        state_dict[f"{prefix}parametrizations.{attr}.0.mask"] = state_dict.pop(key)
     installs = []
     for key, value in state_dict.items():
         m = _MASK_KEY.match(key)

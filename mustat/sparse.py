@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mustat import _masking as M
 from mustat._checks import check_option, check_scalar
 from mustat._functional import clone_model
 from mustat._io import atomic_write
@@ -74,8 +73,8 @@ def effective_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str,
     table = entries(model)
     state, patterns, aliases, owned = {}, {}, {}, set()
     for e in table.values():
-        value = M.effective(e.module, e.attr)
-        mask = M.find_mask(e.module, e.attr)
+        value = e.effective()
+        mask = e.mask()
         for i, s in enumerate(e.slots):
             state[s.path] = value
             if mask is not None:
@@ -83,10 +82,18 @@ def effective_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str,
             if i:
                 aliases[s.path] = e.name
             owned |= {s.key, f"{s.path.rpartition('.')[0]}.{s.attr}_mask".lstrip(".")}
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    first_key: dict[int, str] = {}
     for key, value in model.state_dict().items():
         if key in state or key in owned or ".parametrizations." in f".{key}":
             continue
         state[key] = value.detach()
+        if key in buffers:  # a buffer of a module shared by two paths is stored once
+            ident = id(buffers[key])
+            if ident in first_key:
+                aliases[key] = first_key[ident]
+            else:
+                first_key[ident] = key
     return state, patterns, aliases
 
 
@@ -192,7 +199,10 @@ def load_sparse(path: str | Path, model: nn.Module, *, masks: bool = True) -> nn
     ``masks=True`` installs the masks of tensors that were pruned (mustat masks, on every
     place a tied tensor is used), so further training keeps them at zero;
     ``masks=False`` loads the values only (zeros where pruned; the model's own masks, if
-    any, stay as they are). Either way the outputs equal the saved model's exactly.
+    any, stay as they are). Either way the outputs equal the saved model's exactly (but for a
+    tied tensor that was masked in only some of the places it is used, as
+    ``torch.nn.utils.prune`` on a tied head leaves it: mustat's tensor has one mask, so it
+    comes back masked everywhere).
     Everything is checked before the model is touched: a file that does not fit leaves it
     as it was.
     """
@@ -208,14 +218,15 @@ def load_sparse(path: str | Path, model: nn.Module, *, masks: bool = True) -> nn
                              f"{tuple(own[key].shape)}: is it the same architecture?")
     table = entries(model)
     buffers = dict(model.named_buffers(remove_duplicate=False))
+    for e in table.values():  # what could fail mid-way is checked first
+        if e.leaf is None:
+            raise ValueError(f"{path}: {e.name!r} is computed by a parametrization load_sparse cannot write; "
+                             "remove it (torch.nn.utils.parametrize.remove_parametrizations) first")
     with torch.no_grad():
         for e in table.values():
             if masks and e.name in patterns:
                 install_mask(model, e.name, patterns[e.name], table)
-            target = M.leaf(e.module, e.attr)
-            if target is None:
-                raise ValueError(f"{path}: {e.name!r} is computed by a parametrization load_sparse cannot write")
-            target.copy_(state[e.name])
+            e.leaf.copy_(state[e.name])
         for key, value in state.items():
             if key in buffers:
                 buffers[key].copy_(value)

@@ -16,7 +16,6 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from torch import Tensor, nn
 
-from mustat import _masking as M
 from mustat._checks import check_option, check_scalar
 from mustat._params import entries, entry, install_mask, mask_of, select
 from mustat.pruning import PruningReport
@@ -282,8 +281,7 @@ def wald(
         if name not in se:
             raise ValueError(f"se has no entry {name!r}; it has {sorted(se)}")
         e = entry(model, name, table)
-        module, attr = e.module, e.attr
-        w = (weights[name] if weights is not None and name in weights else M.effective(module, attr)).detach()
+        w = (weights[name] if weights is not None and name in weights else e.effective()).detach()
         s = se[name].detach() if isinstance(se[name], Tensor) else torch.as_tensor(se[name])
         if s.shape != w.shape:
             raise ValueError(f"se[{name!r}] has shape {tuple(s.shape)}, the weight has {tuple(w.shape)}")
@@ -295,7 +293,7 @@ def wald(
                 "(a failed Hessian inversion? see hessian_se's damping)"
             )
         w64 = w.to("cpu", torch.float64).numpy()
-        m = M.find_mask(module, attr)
+        m = e.mask()
         pruned[name] = np.zeros(w64.shape, bool) if m is None else (m == 0).cpu().numpy()
         if labels is not None and name in labels:
             try:

@@ -115,7 +115,7 @@ class DivergenceError(RuntimeError):
         return type(self), (str(self), self.epoch)
 
 
-#: an epoch whose mean training loss exceeds this multiple of the first batch's has diverged
+#: an epoch whose mean training loss exceeds this multiple of the first batch's (or of 1) has diverged
 DIVERGENCE_FACTOR = 1000.0
 
 
@@ -198,7 +198,7 @@ def _epoch_batches(data: Data, batch_size, sampler, generator) -> Iterator[tuple
 
 def _check_distributed(model: nn.Module) -> None:
     plain = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and not isinstance(m, nn.SyncBatchNorm) and m.training]
+             and not isinstance(m, nn.SyncBatchNorm)]
     if plain:
         raise ValueError(f"data-parallel training with BatchNorm layers ({', '.join(plain[:4])}) would normalise each "
                          "rank's shard by its own statistics, so N ranks would not train the model one process "
@@ -243,8 +243,9 @@ def train_epochs(
         bf16 autocast of the forward pass (default: on for CUDA).
 
     The model's train/eval mode is restored. A non-finite loss, or an epoch whose mean
-    loss exceeds :data:`DIVERGENCE_FACTOR` times the first batch's, raises
-    :class:`DivergenceError` naming the epoch (checked once per epoch: one host sync).
+    loss exceeds :data:`DIVERGENCE_FACTOR` times the first batch's (or times 1, whichever is
+    larger), raises :class:`DivergenceError` naming the epoch (checked once per epoch: one
+    host sync).
 
     Inside a ``torch.distributed`` process group every rank draws the same global
     minibatch and trains on its shard; gradients are combined as the global mean
@@ -306,21 +307,24 @@ def train_epochs(
 
 
 def _check_divergence(total: Tensor, rows: int, first: Tensor | None, epoch: int) -> None:
-    stats = torch.stack([total, torch.tensor(float(rows), dtype=torch.float64, device=total.device),
-                         first if first is not None else torch.zeros((), dtype=torch.float64, device=total.device)])
+    zero = torch.zeros((), dtype=torch.float64, device=total.device)
+    stats = torch.stack([total, zero + rows, first if first is not None else zero, zero + (first is not None)])
     if distributed.rank_world()[1] > 1:  # every rank decides on the same global numbers
         stats = distributed.all_reduce_sum(stats)
-    loss_sum, count, first_loss = (float(v) for v in stats.cpu())
+    loss_sum, count, first_sum, ranks = (float(v) for v in stats.cpu())
     if count == 0:
         return
     mean = loss_sum / count
     if not math.isfinite(mean):
         raise DivergenceError(f"training diverged at epoch {epoch}: the mean training loss is {mean} (non-finite); "
                               "lower the learning rate", epoch)
-    if first_loss > 0 and mean > DIVERGENCE_FACTOR * first_loss:
+    first_loss = first_sum / max(ranks, 1.0)
+    # relative to the first batch, but never below a loss of 1: a converged model fine-tuned from a
+    # tiny loss may legitimately move up by a large factor
+    if mean > DIVERGENCE_FACTOR * max(first_loss, 1.0):
         raise DivergenceError(f"training diverged at epoch {epoch}: mean training loss {mean:.3g} is over "
-                              f"{DIVERGENCE_FACTOR:g} times the first batch's ({first_loss:.3g}); lower the learning "
-                              "rate", epoch)
+                              f"{DIVERGENCE_FACTOR:g} times the first batch's ({first_loss:.3g}, or 1); lower the "
+                              "learning rate", epoch)
 
 
 @torch.no_grad()

@@ -97,3 +97,19 @@ def test_pruned_entries_stay_pruned_in_every_refit():
     se = est.se()["linear.weight"][0]
     assert (se[[1, 3]] == 0).all() and (se[[0, 2]] > 0).all()
     assert (glm.linear.weight[0, [1, 3]] == 0).all()
+
+
+def test_a_reused_activation_module_keeps_the_fast_path_honest():
+    """named_children() lists a reused module once: the hand-batched MLP dropped the second Tanh."""
+    from mustat._functional import FunctionalModel
+    from mustat.uncertainty.bootstrap import _batched_mlp
+
+    act = nn.Tanh()
+    model = nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 1))
+    assert _batched_mlp(model, FunctionalModel(model)) is None
+    X = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(20, generator=torch.Generator().manual_seed(1))
+    reps = bootstrap_replicates(model, lambda o, t: (o.squeeze(-1) - t).square().mean(), (X, y), B=2, epochs=1)
+    loop = bootstrap_replicates_loop(model, lambda o, t: (o.squeeze(-1) - t).square().mean(), (X, y), B=2, epochs=1)
+    for k in reps.params:
+        torch.testing.assert_close(reps.params[k], loop[k], rtol=1e-5, atol=1e-6)

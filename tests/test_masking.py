@@ -92,3 +92,58 @@ def test_tied_tensors_cannot_go_to_torch_prune():
     mustat.prune(model, mustat.score(model, "magnitude"), sparsity=0.5)
     with pytest.raises(ValueError, match="tied"):
         mustat.to_torch_prune(model)
+
+
+def test_a_mask_on_a_later_use_of_a_tied_tensor_is_the_tensors_mask():
+    """torch.nn.utils.prune on a tied head: the report, further pruning and finalize see it."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, t):
+            return self.head(self.emb(t))
+
+    torch.manual_seed(0)
+    model = LM()
+    torch_prune.l1_unstructured(model.head, "weight", 0.5)
+    old = model.head.weight_mask.clone()
+    assert mustat.PruningReport.from_model(model).pruned == (20,)
+    mustat.prune(model, {"emb.weight": torch.rand(10, 4)}, sparsity=0.6)
+    now = mask_of(model, "emb.weight")
+    assert int((now == 0).sum()) == 24 and bool(((old == 0) <= (now == 0)).all())  # never revived
+    t = torch.tensor([[1, 2, 3]])
+    out = model(t)
+    mustat.finalize(model)
+    assert model.emb.weight is model.head.weight and torch.equal(model(t), out)
+
+
+def test_shared_modules_with_buffers_save_and_functional_calls_leave_no_traces(tmp_path):
+    bn = nn.BatchNorm1d(4)
+    shared = nn.Sequential(nn.Linear(4, 4), bn, nn.Linear(4, 4), bn).eval()
+    mustat.prune(shared, mustat.score(shared, "magnitude"), sparsity=0.5)
+    other = nn.BatchNorm1d(4)
+    fresh = nn.Sequential(nn.Linear(4, 4), other, nn.Linear(4, 4), other).eval()
+    x = torch.randn(3, 4)
+    mustat.load_sparse(mustat.save_sparse(shared, tmp_path / "s.safetensors"), fresh)
+    assert torch.equal(fresh(x), shared(x))
+    # torch prune's pre-hook writes its computed weight during a functional call: it is put back
+    model = _mlp()
+    torch_prune.l1_unstructured(model[0], "weight", 0.5)
+    model(X)
+    before = model[0].__dict__["weight"]
+    fm = mustat.FunctionalModel(model, dtype=torch.float64)
+    fm(fm.params(), X.double())
+    assert model[0].__dict__["weight"] is before and model[0].weight.dtype == torch.float32
+    assert isinstance(mustat.sparse_inference(model, min_params=1, min_sparsity=0.0)[0], mustat.sparse.SparseLinear)
+
+
+def test_a_torch_prune_state_dict_loads_as_mustat_masks():
+    model = _mlp()
+    mustat.prune(model, mustat.score(model, "random", seed=3), sparsity=0.5)
+    out = model(X)
+    state = mustat.to_torch_prune(model).state_dict()
+    fresh = _mlp(5)
+    mustat.load_pruned_state_dict(fresh, state)
+    assert torch.equal(fresh(X), out) and mustat.pruning.masked_names(fresh) == ["0.weight", "2.weight"]

@@ -246,3 +246,12 @@ def test_the_figure_says_what_it_shows():
     assert ticks[2] / ticks[1] == pytest.approx(1.25)  # 16x to 20x compression
     assert any("chance" in line.get_label() and list(line.get_ydata()) == [0.1, 0.1] for line in ax.get_lines())
     plt.close(fig)
+
+
+def test_a_finished_run_with_other_seeds_is_not_taken_over(tmp_path):
+    cfg = TrainConfig(epochs=1, retrain_epochs=1, track_epochs=1)
+    run(out=tmp_path, criteria=["magnitude"], target_sparsity=0.5, train=cfg, quiet=True, seeds=(0,))
+    before = (tmp_path / "results.csv").read_bytes()
+    with pytest.raises(ValueError, match="seeds"):
+        run(out=tmp_path, criteria=["magnitude"], target_sparsity=0.5, train=cfg, quiet=True, seeds=(1,))
+    assert (tmp_path / "results.csv").read_bytes() == before

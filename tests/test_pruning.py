@@ -263,3 +263,20 @@ def test_tied_linears_get_one_mask_and_finalize_keeps_the_outputs():
     out = model(x)
     mustat.finalize(model)
     assert torch.equal(model(x), out) and model.a.weight is model.b.weight
+
+
+def test_a_target_equal_to_the_cap_is_reachable_despite_float_error():
+    """0.29 * 100 is 28.999... in floating point: the cap allowed 28 of the target's 29."""
+    model = nn.Sequential(nn.Linear(100, 1, bias=False))
+    for scope in ("layer", "global"):
+        fresh = nn.Sequential(nn.Linear(100, 1, bias=False))
+        rep = mustat.prune(fresh, {"0.weight": torch.rand(1, 100)}, sparsity=0.29, max_tensor_sparsity=0.29, scope=scope)
+        assert rep.pruned == (29,)
+    del model
+
+
+def test_layer_collapse_warnings_cross_process_boundaries():
+    import pickle
+
+    w = pickle.loads(pickle.dumps(mustat.LayerCollapseWarning("empty", ["a.weight"])))
+    assert w.tensors == ["a.weight"] and str(w) == "empty"

@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mustat._checks import check_option
-from mustat._masking import effective
 from mustat._params import entries, select
 from mustat.batching import batches, check_data, count
 
@@ -216,7 +215,8 @@ class Estimator(abc.ABC):
     def __init__(self, model: nn.Module, *, params: Iterable[str] | None = None):
         self.names: list[str] = select(model, params)
         table = entries(model)
-        self._targets = [(table[n].module, table[n].attr) for n in self.names]
+        self._entries = [table[n] for n in self.names]
+        self._targets = [(e.module, e.attr) for e in self._entries]
         self._model = model
         frozen = [n for n in self.names if table[n].frozen]
         if frozen and not self.measures_frozen:
@@ -293,7 +293,7 @@ class Estimator(abc.ABC):
         pass
 
     def _current_weights(self) -> dict[str, Tensor]:
-        return {n: effective(m, a).clone() for n, (m, a) in zip(self.names, self._targets)}
+        return {n: e.effective().clone() for n, e in zip(self.names, self._entries)}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, tensors={len(self.names)})"

@@ -158,8 +158,11 @@ def _batched_mlp(model: nn.Module, fm: FunctionalModel):
     ``(B, n, ...)``; masks multiply the weights as in the model."""
     if not isinstance(model, nn.Sequential):
         return None
+    children = list(model._modules.items())  # with repeats: named_children() lists a reused module once
+    if len({id(m) for _, m in children}) < len(children):
+        return None  # a module used twice: the general path handles it
     steps = []
-    for name, m in model.named_children():
+    for name, m in children:
         if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
             if any(fm.table[f"{name}.{a}"].tied for a in ("weight", "bias") if f"{name}.{a}" in fm.table):
                 return None

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_scalar
-from mustat._masking import find_mask, leaf
+from mustat._masking import leaf
 from mustat.uncertainty.base import (
     Estimator,
     FitContext,
@@ -163,11 +163,11 @@ def calibrated_se(
     check_scalar(batch_size, "batch_size", kind=Integral, low=1)
     comps = _components(tracker, optimizer)
     out = {}
-    for (name, (var, m, eta, p)), (module, attr) in zip(comps.items(), tracker._targets):
+    for (name, (var, m, eta, p)), e in zip(comps.items(), tracker._entries):
         se = (2.0 * var / (eta * p)) * torch.sqrt(batch_size / (n * m))
         se = torch.where(m > 0, se, torch.full_like(se, float("inf")))  # no data gradient: unidentified
         se = torch.where(var > 0, se, torch.where(m > 0, torch.zeros_like(se), se))
-        mask = find_mask(module, attr)
+        mask = e.mask()
         if mask is not None:  # a pruned weight is known exactly (it is 0), not unidentified
             se = torch.where(mask.to(se.device) != 0, se, torch.zeros_like(se))
         out[name] = se

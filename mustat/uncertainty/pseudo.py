@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_option, check_scalar
-from mustat._masking import leaf, source
+from mustat._masking import leaf
 from mustat.uncertainty.base import Estimator, register_estimator
 
 
@@ -143,8 +143,8 @@ class PseudoBootstrap(Estimator):
     # ------------------------------------------------------------------ recording
     def _current(self) -> list[Tensor]:
         values, to_mask, masks = [], [], []
-        for module, attr in self._targets:
-            value, mask = source(module, attr)
+        for e in self._entries:
+            value, mask = e.source()
             if mask is not None:
                 to_mask.append(len(values))
                 masks.append(mask)
