@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -77,14 +78,18 @@ class Entry:
     def tied(self) -> bool:
         return len(self.slots) > 1
 
-    def places(self) -> list[Slot]:
-        """The distinct ``(module, attr)`` places (a shared module's paths count once)."""
+    @cached_property
+    def _places(self) -> tuple[Slot, ...]:
         seen, out = set(), []
         for s in self.slots:
             if (id(s.module), s.attr) not in seen:
                 seen.add((id(s.module), s.attr))
                 out.append(s)
-        return out
+        return tuple(out)
+
+    def places(self) -> tuple[Slot, ...]:
+        """The distinct ``(module, attr)`` places (a shared module's paths count once)."""
+        return self._places
 
     def mask(self) -> Tensor | None:
         """The tensor's keep-mask (nonzero = kept): every place's mask combined, so a mask put on
