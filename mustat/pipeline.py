@@ -39,8 +39,8 @@ from mustat.config import PruneConfig, RunConfig, TrainConfig
 from mustat.criteria import get_criterion, loss_gradient
 from mustat.data import Dataset, load
 from mustat.models import build, flops, loss_fn
-from mustat.pruning import Scope, cap_violation
-from mustat.results import RESULT_COLUMNS, plot, table, title  # noqa: F401  (table: the CLI's)
+from mustat.pruning import cap_violation
+from mustat.results import RESULT_COLUMNS, plot, title
 from mustat.runs import (
     FolderLock,
     claim,
@@ -392,5 +392,3 @@ def _save_model(config: RunConfig, data: Dataset, state: dict, path: Path) -> No
     mustat.load_pruned_state_dict(model, state)
     mustat.save_sparse(model, path)
 
-
-__all__ = ["Scope", "criterion_scores", "dense_phase", "preflight", "prune_phase", "run"]

@@ -187,7 +187,8 @@ def test_global_prune_warns_when_a_tensor_would_vanish_and_the_cap_prevents_it()
 
 
 def test_empty_tensors_are_counted_in_pipeline_rows():
-    from mustat.pipeline import RESULT_COLUMNS, _row
+    from mustat.pipeline import _row
+    from mustat.results import RESULT_COLUMNS
 
     class Data:
         input_shape = (20,)
