@@ -39,12 +39,6 @@ class WeightMask(nn.Module):
         return weight * self.mask
 
 
-def split_name(name: str) -> tuple[str, str]:
-    """``"features.3.weight"`` -> ``("features.3", "weight")``."""
-    module_path, _, attr = name.rpartition(".")
-    return module_path, attr
-
-
 def _is_mask_parametrization(p: nn.Module) -> bool:
     """mustat's mask, or torch.ao.pruning's ``FakeSparsity`` (``w * mask``, a ``mask`` buffer)."""
     return isinstance(p, WeightMask) or (type(p).__name__ == "FakeSparsity" and isinstance(getattr(p, "mask", None), Tensor))
@@ -114,24 +108,6 @@ def functional_key(path: str, module: nn.Module, attr: str) -> str | None:
     if k == "torch-prune":
         return f"{prefix}{attr}_orig"
     return None
-
-
-def source(module: nn.Module, attr: str) -> tuple[Tensor, Tensor | None]:
-    """The tensor that holds ``module.<attr>``'s values and the mask to apply to it.
-
-    Touches no data for the recognised mechanisms, so the per-step tracker update stays a
-    few fused ops.
-    """
-    p = leaf(module, attr)
-    if p is not None:
-        return p.detach(), find_mask(module, attr)
-    return getattr(module, attr).detach(), None
-
-
-def effective(module: nn.Module, attr: str) -> Tensor:
-    """The value the module computes with (masks applied), detached."""
-    values, mask = source(module, attr)
-    return values if mask is None else values * mask.to(values.dtype)
 
 
 def _own_class(module: nn.Module) -> None:
