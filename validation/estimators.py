@@ -80,5 +80,5 @@ def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Se
             warnings.simplefilter("ignore", WindowWarning)  # recorded in the diagnostics instead
             est.fit(ctx)
         out[lab] = (est.estimate(), est.se(), est.diagnostics(), est.centre)
-    final = {n: getattr(m, a).detach().clone() for n, (m, a) in zip(est.names, est._targets)}
+    final = {n: e.effective().clone() for n, e in zip(est.names, est._entries)}
     return out, final

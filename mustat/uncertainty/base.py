@@ -216,7 +216,6 @@ class Estimator(abc.ABC):
         self.names: list[str] = select(model, params)
         table = entries(model)
         self._entries = [table[n] for n in self.names]
-        self._targets = [(e.module, e.attr) for e in self._entries]
         self._model = model
         frozen = [n for n in self.names if table[n].frozen]
         if frozen and not self.measures_frozen:

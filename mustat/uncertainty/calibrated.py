@@ -57,7 +57,6 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_scalar
-from mustat._masking import leaf
 from mustat.uncertainty.base import (
     Estimator,
     FitContext,
@@ -104,8 +103,8 @@ def _components(tracker: PseudoBootstrap, optimizer: torch.optim.Optimizer):
                          "module notes' formula. Use Adam(weight_decay=...) or SGD")
     var, g2 = tracker.var(), tracker.grad_var()
     out = {}
-    for name, (module, attr) in zip(tracker.names, tracker._targets):
-        param = leaf(module, attr)
+    for name, e in zip(tracker.names, tracker._entries):
+        param = e.leaf
         group = _group(optimizer, param)
         lr = float(group["lr"])
         if kind == "SGD":

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_option, check_scalar
-from mustat._masking import leaf
 from mustat.uncertainty.base import Estimator, register_estimator
 
 
@@ -129,7 +128,7 @@ class PseudoBootstrap(Estimator):
         super().__init__(model, params=params)
         self.grad_moment = bool(grad_moment)
         if self.grad_moment:
-            unsupported = [n for n, t in zip(self.names, self._targets) if leaf(*t) is None]
+            unsupported = [n for n, e in zip(self.names, self._entries) if e.leaf is None]
             if unsupported:
                 raise ValueError(f"grad_moment=True needs plain or masked parameters; {unsupported} are computed "
                                  "by another parametrization")
@@ -193,8 +192,8 @@ class PseudoBootstrap(Estimator):
 
     def _grads(self) -> list[Tensor]:
         grads = []
-        for name, (module, attr) in zip(self.names, self._targets):
-            g = leaf(module, attr).grad
+        for name, e in zip(self.names, self._entries):
+            g = e.leaf.grad
             if g is None:
                 raise RuntimeError(f"grad_moment=True but {name!r} has no .grad: call update() after backward() and step()")
             grads.append(g.detach())
