@@ -75,7 +75,9 @@ class WaldResults:
     ``labels`` (str arrays naming each entry, such as feature names; empty when not
     given); ``alpha`` (default level of :meth:`conf_int` and :meth:`summary`); ``dof``
     (None: normal); ``nobs`` and ``llf`` (sample size and log-likelihood, shown in the
-    summary's header when given).
+    summary's header when given); ``quantity`` (the estimator's: ``"sampling"`` or
+    ``"saliency"``; a saliency's z ranks weights but its p-values are not tests, which the
+    summary says).
     """
 
     params: dict[str, np.ndarray]
@@ -86,6 +88,7 @@ class WaldResults:
     labels: dict[str, np.ndarray] | None = None
     nobs: int | None = None
     llf: float | None = None
+    quantity: str | None = None
 
     @property
     def distribution(self) -> str:
@@ -194,7 +197,10 @@ class WaldSummary:
     def _title(self) -> str:
         r = self.results
         about = "".join([f"; n = {r.nobs}" if r.nobs is not None else "",
-                         f"; log-likelihood {r.llf:.4f}" if r.llf is not None else ""])
+                         f"; log-likelihood {r.llf:.4f}" if r.llf is not None else "",
+                         "; se is a SALIENCY (curvature scale for ranking): p-values and intervals are not "
+                         "sampling statements" if r.quantity == "saliency" else
+                         "; se is a sampling SE" if r.quantity == "sampling" else ""])
         return (f"Wald tests of H0: w = 0 (z = w / se, two-sided p from {r.distribution}, "
                 f"{100 * (1 - r.alpha):g}% intervals; BH = Benjamini-Hochberg across all entries{about})")
 
@@ -231,6 +237,7 @@ def wald(
     labels: Mapping[str, object] | None = None,
     nobs: int | None = None,
     llf: float | None = None,
+    quantity: str | None = None,
 ) -> WaldResults:
     """Wald table for the model's weights given their standard errors.
 
@@ -255,6 +262,9 @@ def wald(
         shape as strings (feature names for a GLM's ``(1, d)`` weight, say).
     nobs, llf
         Sample size and log-likelihood, shown in the summary's header.
+    quantity
+        What ``se`` is: ``"sampling"`` or ``"saliency"`` (the estimator's ``quantity``), shown in
+        the summary's header; ``None``: not said.
 
     Raises
     ------
@@ -312,8 +322,10 @@ def wald(
         )
     if labels is not None and set(labels) - set(names):
         raise ValueError(f"labels has entries {sorted(set(labels) - set(names))} for no tested tensor; tested: {names}")
+    if quantity is not None:
+        check_option(quantity, "quantity", ("sampling", "saliency"))
     return WaldResults(est, bse, pruned, alpha, None if dof is None else float(dof), named or None,
-                       nobs, None if llf is None else float(llf))
+                       nobs, None if llf is None else float(llf), quantity)
 
 
 def prune_fdr(

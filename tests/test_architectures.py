@@ -15,6 +15,8 @@ from mustat.uncertainty import ESTIMATORS, FitContext, make_estimator
 
 # wald at an untrained point needs damping beyond its negative curvature (refused without: below)
 OPTIONS = {"batch-means": dict(batch_steps=2), "bootstrap": dict(B=3, epochs=1), "wald": dict(damping=100.0)}
+# Kronecker factors exist for Linear and Conv layers only: the others are refused up front
+REFUSED = {("kfac", a): "factors the weights of nn.Linear" for a in ("lstm", "tied-lm", "transformer")}
 
 
 def _outputs(model, X):
@@ -79,6 +81,10 @@ def test_every_estimator_works_or_refuses_clearly(arch, name):
     model, (X, y), loss = make(arch)
     mustat.prune(model, mustat.score(model, "magnitude"), sparsity=0.3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
+    if (name, arch) in REFUSED:
+        with pytest.raises(ValueError, match=REFUSED[name, arch]):
+            make_estimator(name, model, **OPTIONS.get(name, {}))
+        return
     est = make_estimator(name, model, **OPTIONS.get(name, {}))
     if est.trajectory:
         est.attach(opt)

@@ -83,7 +83,7 @@ def test_missing_context_names_the_fields(name, need, mlp, batch):
 
 
 def test_unknown_estimator_lists_the_valid_ones(mlp):
-    with pytest.raises(ValueError, match="se='oracle' is not valid; choose one of: batch-means, bootstrap, calibrated"):
+    with pytest.raises(ValueError, match="se=.oracle. is not valid; choose one of: batch-means, block, bootstrap, calibrated"):
         make_estimator("oracle", mlp)
     with pytest.raises(TypeError, match="Estimator subclasses"):
         register_estimator("x")(object)

@@ -8,7 +8,11 @@ Built in (the registry's order is the default comparison's): ``pseudo`` (the
 paper's pseudo bootstrap), ``calibrated`` (stationary-SGD theory),
 ``batch-means`` (long-run variance of the iterates), ``curvature`` (diagonal
 Gauss-Newton / expected Fisher), ``wald`` (full Hessian or sandwich) and
-``bootstrap`` (B warm-started refits). Estimators from outside the package
+``bootstrap`` (B warm-started refits); the marginal second-order family
+(:mod:`~mustat.uncertainty.marginal`: ``sqrt([H^-1]_qq)``, Optimal Brain Surgeon's statistic)
+``fisher`` (the whole model's penalised Gauss-Newton), ``block`` (WoodFisher blocks of
+per-sample gradients), ``kfac`` (Kronecker factors) and ``woodfisher`` (blocks of the
+minibatch gradients training already computes). Estimators from outside the package
 register through :func:`load_plugins`.
 """
 
@@ -35,9 +39,15 @@ from mustat.uncertainty.curvature import Curvature, ggn_diagonal  # isort: skip
 from mustat.uncertainty.bootstrap import Bootstrap, Replicates, bootstrap_replicates, bootstrap_se
 from mustat.uncertainty.hessian import Information, Kind, hessian_se, information
 from mustat.uncertainty.wald import Wald
+from mustat.uncertainty.marginal import Marginal  # isort: skip
+from mustat.uncertainty.fisher import Fisher  # isort: skip
+from mustat.uncertainty.block import Block  # isort: skip
+from mustat.uncertainty.kfac import KFAC  # isort: skip
+from mustat.uncertainty.woodfisher import WoodFisher  # isort: skip
 
 __all__ = [
-    "ESTIMATORS", "BatchMeans", "Bootstrap", "Calibrated", "Center", "Curvature", "Estimator", "FitContext",
+    "ESTIMATORS", "KFAC", "BatchMeans", "Block", "Bootstrap", "Calibrated", "Center", "Curvature", "Estimator", "Fisher",
+    "FitContext", "Marginal", "WoodFisher",
     "Information", "Kind", "NotFittedError", "PseudoBootstrap", "Replicates", "StationarityReport", "TrainingSetup",
     "Wald", "Window", "WindowWarning", "bootstrap_replicates", "bootstrap_se", "calibrated_se", "decoupled_decay",
     "default_estimators", "get_estimator", "ggn_diagonal", "hessian_se", "information", "load_plugins",

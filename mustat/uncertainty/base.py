@@ -197,7 +197,10 @@ class Estimator(abc.ABC):
     * ``variants``: named option sets the calibration study can run (``"pseudo-ema"``);
     * ``constants``: code-level settings that shape its results (they go into run settings
       and cell keys, so changing one recomputes what it shapes);
-    * :meth:`options`: options derived from the training (:class:`TrainingSetup`).
+    * :meth:`options`: options derived from the training (:class:`TrainingSetup`);
+    * ``quantity``: ``"sampling"`` (an estimate of the weight's sampling standard deviation,
+      for intervals and tests) or ``"saliency"`` (a curvature-based scale for ranking, such as
+      ``sqrt([H^-1]_qq)``, which is a sampling SE only for a correct, unpenalised likelihood).
     """
 
     name: ClassVar[str] = ""
@@ -211,6 +214,7 @@ class Estimator(abc.ABC):
     default: ClassVar[bool] = False
     variants: ClassVar[dict[str, dict]] = {}
     constants: ClassVar[dict[str, Any]] = {}
+    quantity: ClassVar[str] = "sampling"
 
     def __init__(self, model: nn.Module, *, params: Iterable[str] | None = None):
         self.names: list[str] = select(model, params)
@@ -290,6 +294,20 @@ class Estimator(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027  (an optional hook)
         pass
+
+    def _identified(self, se: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The se = 0 policy of trajectory estimators: an unpruned entry whose trajectory never moved
+        has no information from the data (no gradient ever reached it), not infinite precision, so
+        its SE is ``inf`` (z = 0: M&U prunes it first). The count is ``diagnostics()["unidentified"]``."""
+        out, count = {}, 0
+        for n, e in zip(self.names, self._entries):
+            s = se[n]
+            m = e.mask()
+            flat = s == 0 if m is None else (s == 0) & (m.reshape(s.shape).to(s.device) != 0)
+            count += int(flat.sum())
+            out[n] = s.masked_fill(flat, float("inf"))
+        self._unidentified = count
+        return out
 
     def _current_weights(self) -> dict[str, Tensor]:
         return {n: e.effective().clone() for n, e in zip(self.names, self._entries)}

@@ -215,7 +215,7 @@ class BatchMeans(Estimator):
     def se(self) -> dict[str, Tensor]:
         if self._se is None:
             raise NotFittedError("batch-means is not fitted: after training call fit(FitContext(batch_size=..., n=...))")
-        return {k: v.clone() for k, v in self._se.items()}
+        return self._identified({k: v.clone() for k, v in self._se.items()})
 
     def estimate(self) -> dict[str, Tensor]:
         """The window mean (averaged SGD)."""
@@ -226,8 +226,10 @@ class BatchMeans(Estimator):
         return "window mean"
 
     def diagnostics(self) -> dict[str, Any]:
-        return dict(self._diag) if self._diag else dict(batch_steps=self.batch_steps, batches=self.batches,
-                                                        steps=self._window.steps)
+        if self._diag:
+            self.se()
+            return {**self._diag, "unidentified": self._unidentified}
+        return dict(batch_steps=self.batch_steps, batches=self.batches, steps=self._window.steps)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

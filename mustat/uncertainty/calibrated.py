@@ -266,7 +266,7 @@ class Calibrated(Estimator):
         if self._se is None:
             raise NotFittedError("calibrated is not fitted: after training call "
                                  "fit(FitContext(optimizer=..., batch_size=..., n=...))")
-        return {k: v.clone() for k, v in self._se.items()}
+        return self._identified({k: v.clone() for k, v in self._se.items()})
 
     def estimate(self) -> dict[str, Tensor]:
         """The window mean (averaged SGD)."""
@@ -278,6 +278,9 @@ class Calibrated(Estimator):
 
     def diagnostics(self) -> dict[str, Any]:
         out = dict(steps=self.tracker.steps)
+        if self._se is not None:
+            self.se()
+            out["unidentified"] = self._unidentified
         if self._report is not None:
             out.update(n_eff_median=self._report.n_eff_median, frac_short=self._report.frac_short,
                        ok=self._report.ok)

@@ -272,15 +272,20 @@ class PseudoBootstrap(Estimator):
 
     # ------------------------------------------------------------------ estimator protocol
     def se(self) -> dict[str, Tensor]:
-        """The pseudo-bootstrap SD, :meth:`std`."""
-        return self.std()
+        """The pseudo-bootstrap SD, :meth:`std`; ``inf`` where the weight never moved
+        (:meth:`~mustat.uncertainty.Estimator._identified`)."""
+        return self._identified(self.std())
 
     def estimate(self) -> dict[str, Tensor]:
         """The current weights, or the window mean with ``center="mean"``."""
         return self.mean() if self.center is Center.MEAN else self._current_weights()
 
     def diagnostics(self) -> dict[str, Any]:
-        return dict(recorded=self.count, steps=self._steps)
+        out = dict(recorded=self.count, steps=self._steps)
+        if self.count >= 2:
+            self.se()
+            out["unidentified"] = self._unidentified
+        return out
 
     @property
     def centre(self) -> str:

@@ -74,5 +74,9 @@ class Wald(Estimator):
             return self._current_weights()
         return {k: v.clone() for k, v in self._estimate.items()}
 
+    @property
+    def quantity(self) -> str:
+        return "sampling" if self.kind is Kind.SANDWICH else "saliency"
+
     def diagnostics(self) -> dict[str, Any]:
         return dict(kind=self.kind.value, damping=self.damping)

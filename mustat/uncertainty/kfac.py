@@ -1,0 +1,188 @@
+r"""The ``kfac`` estimator: marginal standard errors from a Kronecker-factored curvature per layer
+(K-FAC; Martens & Grosse 2015, for convolutions Grosse & Martens 2016), with the exact diagonal
+of its damped inverse (:mod:`mustat.uncertainty.marginal`).
+
+For a layer :math:`s = W \tilde a` (``nn.Linear``; ``nn.Conv1d``/``Conv2d`` on unfolded patches,
+with :math:`T` output positions) whose bias is appended to :math:`W` as a last column
+(:math:`\tilde a = (a, 1)`), the summed GGN block is approximated by
+
+.. math:: G_W \approx B \otimes A, \quad B = \sum_{i,t,c} b_{itc} b_{itc}^\top, \quad
+          A = \frac{1}{nT} \sum_{i,t} \tilde a_{it} \tilde a_{it}^\top,
+
+with :math:`b_{itc}` the output-space factor columns :math:`L_{ic}` (:math:`\Lambda_i = L_i L_i^\top`,
+exact: no Monte Carlo labels) back-propagated to the layer's output: curvlinops' ``KFAC`` with
+``fisher_type="type-2"`` and ``kfac_approx="expand"`` (``tests/test_kfac.py`` compares the
+factors). Both factors are eigendecomposed in float64, :math:`A = Q_A \mathrm{diag}(\alpha) Q_A^\top`,
+:math:`B = Q_B \mathrm{diag}(\beta) Q_B^\top`, and the diagonal of
+:math:`(B \otimes A + d I)^{-1}` with :math:`d = n(\lambda + \delta)` is exact:
+
+.. math:: [(B\otimes A + dI)^{-1}]_{(o,j),(o,j)} = \sum_{k,l} \frac{Q_{B,ok}^2\, Q_{A,jl}^2}{\beta_k \alpha_l + d}.
+
+The bias is marginalised over (re-fitted), not held fixed. The approximation is exact for a
+linear-Gaussian layer (one output, :math:`\Lambda = 1`); in general it assumes inputs and
+output gradients independent. Masks are not part of the factors (pruned entries keep their
+place in the Kronecker basis); the compensating update respects them exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mustat.batching import batches
+from mustat.uncertainty.base import FitContext, register_estimator
+from mustat.uncertainty.curvature import output_factor
+from mustat.uncertainty.marginal import Marginal, cast_inputs, kept_solve
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _patches(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input as ``(m, T, features)`` rows (a Linear layer: ``T = 1``; a
+    convolution: its unfolded patches, in the order of ``weight.reshape(out, -1)``)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(len(x), -1, x.shape[-1])
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        k, d, p, s = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
+    else:
+        k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
+    return F.unfold(x, k, dilation=d, padding=p, stride=s).transpose(1, 2)
+
+
+@register_estimator("kfac")
+class KFAC(Marginal):
+    """Kronecker-factored marginal SEs (module notes) for the weights of ``nn.Linear``,
+    ``nn.Conv1d`` and ``nn.Conv2d`` layers (``groups=1``, string padding resolved by torch),
+    each applied once per forward pass. Other tensors: an error offering ``block``."""
+
+    cheaper = "curvature"
+
+    def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
+                 params: Iterable[str] | None = None, max_memory: int = 4 << 30):
+        super().__init__(model, kind=kind, damping=damping, params=params, max_memory=max_memory)
+        self._layers: dict[str, nn.Module] = {}
+        for n, e in zip(self.names, self._entries):
+            mod = e.module
+            if e.tied or e.attr != "weight" or not isinstance(mod, _LAYERS) or getattr(mod, "groups", 1) != 1 \
+                    or isinstance(getattr(mod, "padding", 0), str):
+                raise ValueError(
+                    f"estimator 'kfac' factors the weights of nn.Linear, nn.Conv1d and nn.Conv2d layers (groups=1, "
+                    f"numeric padding, used once), not {n!r} ({type(mod).__name__}.{e.attr}); use se='block' "
+                    "or leave it out of params=")
+            self._layers[n] = mod
+
+    def _bias(self, mod: nn.Module) -> bool:
+        return mod.bias is not None and mod.bias.requires_grad
+
+    def _memory(self, context: FitContext) -> int:
+        total = 0
+        for mod in self._layers.values():
+            a = mod.weight[0].numel() + self._bias(mod)
+            total += 3 * (a * a + mod.weight.shape[0] ** 2) + 2 * mod.weight.shape[0] * a
+        return 8 * total + (64 << 20)
+
+    def _build(self, context: FitContext) -> None:
+        fm = self._fm
+        mods = {mod: n for n, mod in self._layers.items()}
+        A = {n: 0.0 for n in self._layers}
+        B = {n: 0.0 for n in self._layers}
+        positions = {}
+        factor_of = None
+        for X, y in batches(context.source):
+            for s in range(0, len(y), 512):
+                xb, yb = cast_inputs(X[s:s + 512], torch.float64), y[s:s + 512]
+                inputs, outputs = {}, {}
+
+                def keep(mod, inp, out):
+                    if mod in inputs:
+                        raise ValueError(f"estimator 'kfac': layer {mods[mod]!r} is applied more than once per "
+                                         "forward pass; use se='block'")
+                    inputs[mod], outputs[mod] = inp[0].detach(), out
+
+                handles = [m.register_forward_hook(keep) for m in mods]
+                try:
+                    with torch.enable_grad():
+                        leaves = {n: v.detach().requires_grad_() for n, v in fm.params(list(self._layers)).items()}
+                        out = fm(leaves, xb)
+                finally:
+                    for h in handles:
+                        h.remove()
+                shape = out.shape[1:]
+                C = max(1, int(shape.numel()))
+                out = out.reshape(len(xb), C)
+                if factor_of is None:
+                    factor_of = output_factor(context.loss, shape)
+                L = factor_of(out.detach(), yb)
+                order = list(mods)
+                for c in range(C):
+                    gs = torch.autograd.grad((out * L[:, :, c]).sum(), [outputs[m] for m in order],
+                                             retain_graph=c < C - 1, allow_unused=True)
+                    for m, g in zip(order, gs):
+                        if g is not None:
+                            g = g.reshape(len(g), g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
+                            B[mods[m]] = B[mods[m]] + g.T @ g
+                for m in order:
+                    a = _patches(m, inputs[m])
+                    positions[mods[m]] = a.shape[1]
+                    if self._bias(m):
+                        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], 2)
+                    a = a.reshape(-1, a.shape[2])
+                    A[mods[m]] = A[mods[m]] + a.T @ a
+        self._factors = {}
+        for n, mod in self._layers.items():
+            a_mat = A[n] / (context.n * positions[n])
+            b_mat = B[n] if isinstance(B[n], Tensor) else torch.zeros(mod.weight.shape[0], mod.weight.shape[0],
+                                                                       dtype=torch.float64)
+            alpha, QA = torch.linalg.eigh(0.5 * (a_mat + a_mat.T))
+            beta, QB = torch.linalg.eigh(0.5 * (b_mat + b_mat.T))
+            denom = beta.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :] + self._d
+            if bool((denom <= 0).any()):
+                raise ValueError(f"estimator 'kfac': layer {n!r} has directions without curvature and there is no "
+                                 "weight decay; pass damping=delta > 0 or train with weight decay")
+            self._factors[n] = (QA, QB, denom, a_mat, b_mat)
+
+    def _inverse_diagonal(self) -> dict[str, Tensor]:
+        out = {}
+        for n, (QA, QB, denom, _, _) in self._factors.items():
+            full = QB.square() @ denom.reciprocal() @ QA.square().T           # (out, in [+1])
+            w = self._layers[n].weight
+            out[n] = full[:, : w[0].numel()].reshape(w.shape)
+        return out
+
+    def _block_names(self) -> list[str]:
+        names = list(self._layers)
+        for n, mod in self._layers.items():
+            if self._bias(mod):
+                names.append(self._bias_name(mod))
+        return names
+
+    def _bias_name(self, mod: nn.Module) -> str:
+        return next(k for k, v in self._model.named_parameters() if v is mod.bias)
+
+    def _solve(self, psi: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for n, (QA, QB, denom, _, _) in self._factors.items():
+            mod = self._layers[n]
+            g = psi[n].reshape(len(psi[n]), mod.weight.shape[0], -1)
+            if self._bias(mod):
+                g = torch.cat([g, psi[self._bias_name(mod)].reshape(len(g), -1, 1)], 2)
+            sol = QB @ ((QB.T @ g @ QA) / denom) @ QA.T
+            out[n] = sol[:, :, : mod.weight[0].numel()].reshape(len(g), *mod.weight.shape)
+        return out
+
+    def _kept_solve(self, name: str, weight: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
+        # row o of the Kronecker block, B_oo A + d I (cross-row terms dropped), with the bias held
+        _, _, _, a_mat, b_mat = self._factors[name]
+        w = weight.reshape(weight.shape[0], -1)
+        k = w.shape[1]
+        keep, cut = keep.reshape(w.shape), cut.reshape(w.shape)
+        out = w.clone()
+        eye = torch.eye(k, dtype=torch.float64)
+        for o in torch.nonzero(cut.any(1)).flatten().tolist():
+            H = b_mat[o, o] * a_mat[:k, :k] + self._d * eye
+            out[o] = kept_solve(H, w[o], keep[o], cut[o])
+        return out.view_as(weight)

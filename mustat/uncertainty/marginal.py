@@ -1,0 +1,319 @@
+r"""Marginal second-order standard errors: the diagonal of the *inverse* penalised curvature.
+
+Statistics. With :math:`\ell(\theta) = \sum_i \ell_i(\theta)` the summed loss, :math:`G` its
+generalized Gauss-Newton matrix (the expected Fisher information for softmax cross-entropy,
+the Bernoulli and Gaussian likelihoods) and weight decay :math:`\lambda` on the mean loss, the
+penalised curvature is :math:`H = G + n\lambda I`. The marginal Wald statistic of weight
+:math:`q` is
+
+.. math:: z_q = |w_q| / \sqrt{[H^{-1}]_{qq}},
+
+the test of :math:`w_q = 0` with every other weight re-fitted. Its square over two is Optimal
+Brain Surgeon's saliency :math:`w_q^2 / (2 [H^{-1}]_{qq})`, the rise of the quadratic model of
+the loss when :math:`w_q` is removed and the others compensate (Hassibi & Stork 1993). The
+*conditional* statistic :math:`|w_q| \sqrt{H_{qq}}` (``curvature``, Optimal Brain Damage)
+holds the others fixed and is larger by :math:`\sqrt{\mathrm{VIF}_q}`. Magnitude pruning is the
+limit :math:`H \to n\lambda I`, and a weight the data say nothing about has
+:math:`se = 1/\sqrt{n\lambda}`, so it is pruned first.
+
+``kind="observed"`` returns :math:`\sqrt{[H^{-1}]_{qq}}`: the ranking quantity (a
+*saliency*; under a correct likelihood without penalty also the sampling SE).
+``kind="sandwich"`` returns :math:`\sqrt{[H^{-1} J H^{-1}]_{qq}}` with
+:math:`J = \sum_i \psi_i\psi_i^\top` from the per-sample penalised scores
+:math:`\psi_i = \nabla\ell_i + \lambda\theta`: the *sampling* SE of the penalised estimate,
+robust to misspecification (HC0), for reporting. Both are computed in the same block
+structure: the whole model (``fisher``), blocks of each tensor from per-sample gradients
+(``block``, ``woodfisher``) or Kronecker factors per layer (``kfac``).
+
+``damping`` :math:`\delta` is stated in the units of the penalty: the curvature used is
+:math:`G + n(\lambda + \delta) I`, so ``damping=1e-4`` acts like 1e-4 more weight decay.
+Pruned (masked) entries are fixed at 0: they are left out of every block and get SE 0.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from numbers import Integral, Real
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad
+
+from mustat._checks import check_option, check_scalar
+from mustat._functional import FunctionalModel, eval_mode, vmap_or_loop
+from mustat.batching import batches
+from mustat.uncertainty.base import Estimator, FitContext, Loss, NotFittedError
+
+KINDS = ("observed", "sandwich")
+_GiB = 1 << 30
+
+
+def per_sample_gradients(fm: FunctionalModel, names: list[str], loss: Loss, xb: Tensor, yb: Tensor
+                         ) -> dict[str, Tensor]:
+    """Per-sample gradients of ``loss`` (a batch mean, so one sample's loss) with respect to the
+    effective tensors ``names``: ``{name: (m, *shape)}``; masked entries get 0."""
+    values = fm.params(names)
+
+    def one(v, x, t):
+        return loss(fm(v, x[None]), t[None])
+
+    return vmap_or_loop(grad(one), in_dims=(None, 0, 0))(values, xb, yb)
+
+
+def cast_inputs(xb: Tensor, dtype: torch.dtype) -> Tensor:
+    return xb.to(dtype) if xb.is_floating_point() else xb
+
+
+def cholesky(H: Tensor, what: str) -> Tensor:
+    """Lower Cholesky factors of a batch of symmetric matrices; a clear error when one is not
+    positive definite (no penalty, and the data leave a direction flat)."""
+    L, info = torch.linalg.cholesky_ex(0.5 * (H + H.transpose(-1, -2)))
+    if bool((info > 0).any()):
+        raise ValueError(
+            f"{what} is not positive definite: the data leave some directions without curvature and there is "
+            "no weight decay to bound them. Pass damping=delta > 0 (curvature + n*delta*I, in weight-decay units), "
+            "train with weight decay, or restrict params=[...]")
+    return L
+
+
+class Marginal(Estimator):
+    """Base of the marginal estimators (module notes): ``fit`` builds the penalised curvature in
+    the subclass's block structure, then returns :math:`\\sqrt{[H^{-1}]_{qq}}` (``kind="observed"``,
+    a saliency) or :math:`\\sqrt{[H^{-1}JH^{-1}]_{qq}}` (``kind="sandwich"``, a sampling SE).
+
+    Subclasses implement :meth:`_memory` (bytes, checked against ``max_memory`` before any
+    allocation), :meth:`_build`, :meth:`_inverse_diagonal` (``{name: variance}`` over the tracked
+    tensors), :meth:`_solve` (``H^-1`` applied to per-sample vectors of :meth:`_block_names`) and
+    :meth:`_kept_solve` (the compensating update, :meth:`obs_update`)."""
+
+    needs = ("data", "loss")
+    cheaper: ClassVar[str] = "curvature"
+
+    def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
+                 params: Iterable[str] | None = None, max_memory: int = 4 * _GiB):
+        super().__init__(model, params=params)
+        self.kind = check_option(kind, "kind", KINDS)
+        self.damping = float(check_scalar(damping, "damping", kind=Real, low=0.0))
+        self.max_memory = int(check_scalar(max_memory, "max_memory", kind=Integral, low=1))
+        self._se: dict[str, Tensor] | None = None
+        self._estimate: dict[str, Tensor] | None = None
+        self._penalty = 0.0
+        self._d = 0.0
+        self._fm: FunctionalModel | None = None
+
+    @property
+    def quantity(self) -> str:
+        return "saliency" if self.kind == "observed" else "sampling"
+
+    # ------------------------------------------------------------------ structure hooks
+    @abc.abstractmethod
+    def _memory(self, context: FitContext) -> int: ...
+
+    @abc.abstractmethod
+    def _build(self, context: FitContext) -> None: ...
+
+    @abc.abstractmethod
+    def _inverse_diagonal(self) -> dict[str, Tensor]: ...
+
+    def _block_names(self) -> list[str]:
+        """The tensors inside the blocks (the sandwich needs their scores)."""
+        return list(self.names)
+
+    @abc.abstractmethod
+    def _solve(self, psi: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``H^-1 psi`` for a chunk of per-sample vectors ``{name: (m, *shape)}`` of :meth:`_block_names`."""
+
+    def _kept_solve(self, name: str, weight: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
+        raise NotImplementedError(f"estimator {self.name!r} has no compensating update")
+
+    # ------------------------------------------------------------------ fit and results
+    def fit(self, context: FitContext) -> Marginal:
+        context.need(self.name, *self.needs)
+        self._penalty = context.penalty()
+        self._d = context.n * (self._penalty + self.damping)
+        need = self._memory(context)
+        if need > self.max_memory:
+            raise ValueError(
+                f"estimator {self.name!r} needs about {need / _GiB:.2f} GiB for its curvature on this model, more "
+                f"than max_memory={self.max_memory / _GiB:.2f} GiB; {self._cheaper_hint()}")
+        self._fm = FunctionalModel(self._model, dtype=torch.float64)
+        with eval_mode(self._model):
+            self._build(context)
+            var = self._inverse_diagonal() if self.kind == "observed" else self._sandwich(context)
+        ref = self._current_weights()
+        se = {}
+        for n in self.names:
+            v = var[n].clamp_min(0).sqrt()
+            mask = self._fm.mask(n)
+            if mask is not None:
+                v = torch.where(mask.reshape(v.shape).to(v.device) == 0, torch.zeros_like(v), v)
+            se[n] = v.to(device=ref[n].device, dtype=ref[n].dtype)
+        self._se, self._estimate = se, ref
+        return self
+
+    def _cheaper_hint(self) -> str:
+        return f"use se={self.cheaper!r}, or raise max_memory"
+
+    def _sandwich(self, context: FitContext) -> dict[str, Tensor]:
+        names = self._block_names()
+        fm = self._fm
+        theta = fm.params(names)
+        out = {n: torch.zeros_like(theta[n]) for n in names}
+        chunk = max(1, (64 << 20) // (8 * max(1, sum(t.numel() for t in theta.values()))))
+        for X, y in batches(context.source):
+            for s in range(0, len(y), chunk):
+                xb, yb = cast_inputs(X[s:s + chunk], torch.float64), y[s:s + chunk]
+                g = per_sample_gradients(fm, names, context.loss, xb, yb)
+                psi = {n: g[n] + self._penalty * theta[n] for n in names}
+                for n, v in self._solve(psi).items():
+                    out[n] += v.square().sum(0)
+        return out
+
+    def se(self) -> dict[str, Tensor]:
+        if self._se is None:
+            raise NotFittedError(f"{self.name} is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after "
+                                 "training (or FitContext(data=loader, loss=...))")
+        return {k: v.clone() for k, v in self._se.items()}
+
+    @property
+    def centre(self) -> str:
+        return "weights at the end of training (where the curvature is evaluated)"
+
+    def estimate(self) -> dict[str, Tensor]:
+        """The weights at which the curvature was evaluated."""
+        if self._estimate is None:
+            return self._current_weights()
+        return {k: v.clone() for k, v in self._estimate.items()}
+
+    def diagnostics(self) -> dict[str, Any]:
+        return dict(kind=self.kind, quantity=self.quantity, weight_decay=self._penalty, damping=self.damping)
+
+    # ------------------------------------------------------------------ OBS update
+    def obs_update(self) -> dict[str, float]:
+        r"""Optimal Brain Surgeon's compensating update after a prune: every weight pruned since
+        :meth:`fit` is set to 0 and the weights still kept in its block move to the minimum of
+        the quadratic model, :math:`\Delta_K = H_{KK}^{-1} H_{KQ} w_Q` (``K`` kept, ``Q`` newly
+        pruned, ``H`` this estimator's block of the penalised curvature). Masks are respected:
+        weights pruned before :meth:`fit` stay out. Changes the model's weights in place and
+        returns each tensor's relative change ``|Delta| / |w|``; the estimator must be refitted
+        before another update (the curvature has moved)."""
+        if self._estimate is None or self._fm is None:
+            raise NotFittedError(f"{self.name}.obs_update() needs fit() first, at the weights being pruned")
+        changes = {}
+        for n, e in zip(self.names, self._entries):
+            before = self._fm.mask(n)
+            before = torch.ones(self._estimate[n].shape, dtype=torch.bool) if before is None else before.cpu() != 0
+            now = e.mask()
+            now = torch.ones_like(before) if now is None else now.cpu().reshape(before.shape) != 0
+            cut = before & ~now
+            if not bool(cut.any()):
+                changes[n] = 0.0
+                continue
+            w = self._estimate[n].detach().to("cpu", torch.float64).reshape(before.shape)
+            if not torch.equal(e.effective().detach().cpu()[now], self._estimate[n].cpu()[now]):
+                raise RuntimeError(f"{self.name}.obs_update(): {n!r} changed since fit(); refit the estimator at the "
+                                   "weights being pruned")
+            new = self._kept_solve(n, w, now, cut)
+            leaf, _ = e.source()
+            with torch.no_grad():
+                leaf.copy_(torch.where(now, new, torch.zeros_like(new)).to(leaf.dtype).reshape(leaf.shape))
+            changes[n] = float((new - w)[now].norm() / w.norm().clamp_min(1e-300))
+        self._estimate = None
+        self._fm = None
+        return changes
+
+
+def kept_solve(H: Tensor, w: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
+    """One block's compensating update: ``w`` with ``w_K + H_KK^-1 H_KQ w_Q`` on the kept
+    entries ``K`` (``Q``: the entries cut now); entries outside both are left as they are."""
+    K = torch.nonzero(keep).flatten()
+    Q = torch.nonzero(cut).flatten()
+    out = w.clone()
+    if len(K) == 0 or len(Q) == 0:
+        return out
+    L = cholesky(H[K][:, K], "the kept weights' curvature block")
+    rhs = H[K][:, Q] @ w[Q]
+    out[K] = w[K] + torch.cholesky_solve(rhs[:, None], L)[:, 0]
+    return out
+
+
+class LowRankBlocks:
+    r"""Contiguous blocks of one tensor's free entries with curvature
+    :math:`H_b = c\, U_b^\top U_b + d I` from ``m`` gradient rows ``U`` (``(m, P)``, float64):
+    the WoodFisher structure (Singh & Alistarh 2020). A block no larger than ``m`` is formed and
+    Cholesky-factored directly; a larger one is inverted by Woodbury,
+    :math:`H_b^{-1} = d^{-1} I - c\,d^{-2} U_b^\top (I_m + (c/d) U_b U_b^\top)^{-1} U_b`
+    (which needs :math:`d > 0`: ``m`` rows span at most ``m`` directions)."""
+
+    def __init__(self, U: Tensor, c: float, d: float, block_size: int | None):
+        self.U, self.c, self.d = U, float(c), float(d)
+        P = U.shape[1]
+        self.bs = P if block_size is None else max(1, min(int(block_size), P))
+        self.direct = self.bs <= U.shape[0]
+        if not self.direct and self.d <= 0:
+            raise ValueError(
+                f"blocks of {self.bs} weights from {U.shape[0]} gradients are singular without a penalty: train with "
+                "weight decay, pass damping=delta > 0, or use smaller blocks (block_size <= samples)")
+
+    def _slices(self):
+        """``(start, stop, count)`` runs of equal-size blocks, about 64 MB of work each."""
+        P, m, bs = self.U.shape[1], self.U.shape[0], self.bs
+        per = bs * bs if self.direct else m * m + m * bs
+        step = max(1, (64 << 20) // (8 * per))
+        full = P // bs
+        for b0 in range(0, full, step):
+            b1 = min(full, b0 + step)
+            yield b0 * bs, b1 * bs, b1 - b0
+        if P % bs:
+            yield full * bs, P, 1
+
+    def _factor(self, start: int, stop: int, count: int) -> tuple[Tensor, Tensor]:
+        Ub = self.U[:, start:stop].reshape(len(self.U), count, -1).transpose(0, 1)   # (count, m, bs)
+        if self.direct:
+            H = self.c * Ub.transpose(1, 2) @ Ub + self.d * torch.eye(Ub.shape[2], dtype=Ub.dtype)
+            return Ub, cholesky(H, "a curvature block")
+        K = torch.eye(Ub.shape[1], dtype=Ub.dtype) + (self.c / self.d) * Ub @ Ub.transpose(1, 2)
+        return Ub, cholesky(K, "a Woodbury kernel")
+
+    def inverse_diagonal(self) -> Tensor:
+        out = []
+        for start, stop, count in self._slices():
+            Ub, L = self._factor(start, stop, count)
+            if self.direct:
+                out.append(torch.cholesky_inverse(L).diagonal(dim1=1, dim2=2).reshape(-1))
+            else:
+                W = torch.linalg.solve_triangular(L, Ub, upper=False)
+                out.append((1 / self.d - self.c / self.d**2 * W.square().sum(1)).reshape(-1))
+        return torch.cat(out)
+
+    def solve(self, V: Tensor) -> Tensor:
+        """``H^-1 v`` for the rows ``v`` of ``V`` (``(k, P)``)."""
+        out = torch.empty_like(V)
+        for start, stop, count in self._slices():
+            Ub, L = self._factor(start, stop, count)
+            Vb = V[:, start:stop].reshape(len(V), count, -1).transpose(0, 1)           # (count, k, bs)
+            if self.direct:
+                sol = torch.cholesky_solve(Vb.transpose(1, 2), L).transpose(1, 2)
+            else:
+                inner = torch.cholesky_solve(Ub @ Vb.transpose(1, 2), L)              # (count, m, k)
+                sol = Vb / self.d - self.c / self.d**2 * (Ub.transpose(1, 2) @ inner).transpose(1, 2)
+            out[:, start:stop] = sol.transpose(0, 1).reshape(len(V), -1)
+        return out
+
+    def kept_solve(self, w: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
+        """The compensating update of :func:`kept_solve`, block by block."""
+        out = w.clone()
+        P = self.U.shape[1]
+        if self.bs > 4096:
+            raise ValueError(f"the compensating update forms each block's {self.bs} x {self.bs} curvature; use "
+                             "block_size <= 4096")
+        for start in range(0, P, self.bs):
+            sl = slice(start, min(P, start + self.bs))
+            if not bool(cut[sl].any()):
+                continue
+            Ub = self.U[:, sl]
+            H = self.c * Ub.T @ Ub + self.d * torch.eye(Ub.shape[1], dtype=Ub.dtype)
+            out[sl] = kept_solve(H, w[sl], keep[sl], cut[sl])
+        return out
