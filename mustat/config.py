@@ -113,6 +113,14 @@ class PruneConfig:
         return schedule(self.schedule, self.target_sparsity, self.rounds)
 
 
+def _check_update(crit, se: str) -> None:
+    """A criterion that updates the kept weights (``obs``) needs an estimator that has the update."""
+    if crit.updates and not callable(getattr(ESTIMATORS[se], "obs_update", None)):
+        able = sorted(n for n, c in ESTIMATORS.items() if callable(getattr(c, "obs_update", None)))
+        raise ValueError(f"criterion {crit.name!r} ends with the compensating update, which estimator {se!r} does not "
+                         f"have; use one of {', '.join(able)}")
+
+
 def expand(criteria: Sequence[str], se: Sequence[str]) -> list[tuple[str, str | None]]:
     """``(criterion, estimator)`` pairs: each se-based criterion with every estimator in
     ``se``, the others once. ``"mu[curvature]"`` names one pair directly."""
@@ -128,11 +136,14 @@ def expand(criteria: Sequence[str], se: Sequence[str]) -> list[tuple[str, str | 
             if not crit.requires_se:
                 raise ValueError(f"criterion {name!r} uses no standard errors, so {text!r} makes no sense; write {name!r}")
             check_option(est, "se", sorted(ESTIMATORS))
+            _check_update(crit, est)
             pairs.append((name, est))
         elif crit.requires_se:
             if not se:
                 raise ValueError(f"criterion {name!r} needs standard errors: give se=[...] from {sorted(ESTIMATORS)}")
             pairs += [(name, check_option(s, "se", sorted(ESTIMATORS))) for s in se]
+            for s in se:
+                _check_update(crit, s)
         else:
             pairs.append((name, None))
     return list(dict.fromkeys(pairs))

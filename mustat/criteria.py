@@ -30,28 +30,31 @@ CriterionFn = Callable[..., Tensor]
 @dataclass(frozen=True)
 class Criterion:
     """A registered criterion: its name, its function ``fn(weight, *, se, generator)``,
-    and whether it needs standard errors, or the loss gradient (then ``fn`` also takes ``grad``)."""
+    and whether it needs standard errors, or the loss gradient (then ``fn`` also takes ``grad``);
+    ``updates``: pruning by it ends with its estimator's compensating update (``obs``)."""
 
     name: str
     fn: CriterionFn
     requires_se: bool = False
     requires_grad: bool = False
+    updates: bool = False
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, *, requires_se: bool = False,
-                       requires_grad: bool = False) -> Callable[[CriterionFn], CriterionFn]:
+def register_criterion(name: str, *, requires_se: bool = False, requires_grad: bool = False,
+                       updates: bool = False) -> Callable[[CriterionFn], CriterionFn]:
     """Register ``fn(weight, *, se, generator) -> scores`` under ``name``
-    (``fn(weight, *, se, generator, grad)`` with ``requires_grad=True``)."""
+    (``fn(weight, *, se, generator, grad)`` with ``requires_grad=True``; ``updates=True``: the
+    pipeline follows each prune with the estimator's ``obs_update()``)."""
     if "[" in name or "]" in name:
         raise ValueError(f"criterion names cannot contain brackets (they mark the estimator: 'mu[pseudo]'), got {name!r}")
 
     def deco(fn: CriterionFn) -> CriterionFn:
         if name in CRITERIA:
             raise ValueError(f"a criterion named {name!r} is already registered")
-        CRITERIA[name] = Criterion(name, fn, requires_se, requires_grad)
+        CRITERIA[name] = Criterion(name, fn, requires_se, requires_grad, updates)
         return fn
 
     return deco
@@ -89,6 +92,27 @@ def mu(weight: Tensor, *, se: Tensor, generator=None) -> Tensor:
     conventions of :func:`mustat.stats.zvalues`. With the constant ``se`` it is
     magnitude pruning; with the curvature SE, Optimal Brain Damage's ranking."""
     return zvalues(weight, se).abs()
+
+
+@register_criterion("obs", requires_se=True, updates=True)
+def obs(weight: Tensor, *, se: Tensor, generator=None) -> Tensor:
+    """Optimal Brain Surgeon (Hassibi & Stork 1993): rank by the saliency ``w^2 / (2 se^2)`` with
+    ``se^2 = [H^-1]_qq`` (the same order as ``mu``), then move the kept weights by the compensating
+    update (``Marginal.obs_update``). Needs a marginal estimator: ``obs[kfac]``, ``obs[block]``, ..."""
+    return zvalues(weight, se).square() / 2
+
+
+@register_criterion("lamp")
+def lamp(weight: Tensor, *, se: Tensor | None = None, generator=None) -> Tensor:
+    """Layer-adaptive magnitude pruning (Lee et al. 2021): ``w_u^2 / sum_{v >= u} w_v^2`` over the
+    tensor's weights sorted by magnitude, so each tensor's largest weight scores 1 and global
+    ranking needs no per-layer ratio. Scale-invariant per tensor; no standard error."""
+    sq = weight.detach().double().reshape(-1).square()
+    order = torch.sort(sq, stable=True).indices
+    tail = sq[order].flip(0).cumsum(0).flip(0)          # sum of the weights at or above each rank
+    out = torch.empty_like(sq)
+    out[order] = torch.where(tail > 0, sq[order] / tail.clamp_min(1e-300), torch.zeros_like(tail))
+    return out.reshape(weight.shape).to(weight.device)
 
 
 @register_criterion("random")

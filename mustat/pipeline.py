@@ -176,7 +176,9 @@ def prune_phase(config: RunConfig, prune: PruneConfig, data: Dataset, start: dic
             est.fit(_context(model, data, opt, train))
             se_ok = est.diagnostics().get("ok")
         scores = criterion_scores(model, prune.criterion, data, estimator=est, seed=seed * 1000 + rnd)
-        mustat.prune(model, scores, sparsity=target, scope=prune.scope, max_tensor_sparsity=prune.max_tensor_sparsity)
+        updates = get_criterion(prune.criterion).updates
+        mustat.prune(model, scores, sparsity=target, scope=prune.scope, max_tensor_sparsity=prune.max_tensor_sparsity,
+                     update=est if updates else None)
         distributed.broadcast_masks(model)
         with seeded(model, seed * 1000 + rnd):
             train_epochs(model, opt, (data.X_train, data.y_train), epochs=train.retrain_epochs,

@@ -173,6 +173,7 @@ def prune(
     sparsity: float,
     scope: str | Scope = "global",
     max_tensor_sparsity: float | None = None,
+    update=None,
 ) -> PruningReport:
     """Mask the lowest-scoring weights so that ``sparsity`` of them are zero.
 
@@ -196,6 +197,11 @@ def prune(
         entries; weights already pruned stay pruned). Global ranking can otherwise
         empty a whole layer when a criterion's scale differs between layers
         (``None``: no cap). A target the cap makes unreachable is an error.
+    update
+        A fitted marginal estimator (``fisher``, ``block``, ``kfac``, ``woodfisher``): after the
+        masks are set, the kept weights get Optimal Brain Surgeon's compensating update in its
+        block structure (:meth:`mustat.uncertainty.Marginal.obs_update`), fitted at the weights
+        being pruned. ``None``: the kept weights are left as they are.
 
     Returns
     -------
@@ -209,6 +215,9 @@ def prune(
     """
     check_scalar(sparsity, "sparsity", kind=Real, low=0.0, high=1.0, closed="left")
     scope = check_option(scope, "scope", Scope)
+    if update is not None and not callable(getattr(update, "obs_update", None)):
+        raise ValueError(f"update must be a fitted marginal estimator (fisher, block, kfac, woodfisher) with "
+                         f"obs_update(), got {type(update).__name__}")
     if max_tensor_sparsity is not None:
         check_scalar(max_tensor_sparsity, "max_tensor_sparsity", kind=Real, low=0.0, high=1.0, closed="right")
     if not isinstance(scores, Mapping) or not scores:
@@ -278,6 +287,8 @@ def prune(
             collapsed), stacklevel=2)
     for name in targets:
         install_mask(model, name, keeps[name], table)
+    if update is not None:
+        update.obs_update()
     return PruningReport.from_model(model, list(targets))
 
 

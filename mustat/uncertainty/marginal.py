@@ -69,8 +69,12 @@ def cast_inputs(xb: Tensor, dtype: torch.dtype) -> Tensor:
 def cholesky(H: Tensor, what: str) -> Tensor:
     """Lower Cholesky factors of a batch of symmetric matrices; a clear error when one is not
     positive definite (no penalty, and the data leave a direction flat)."""
-    L, info = torch.linalg.cholesky_ex(0.5 * (H + H.transpose(-1, -2)))
-    if bool((info > 0).any()):
+    H = 0.5 * (H + H.transpose(-1, -2))
+    L, info = torch.linalg.cholesky_ex(H)
+    # an exactly singular matrix can factor with rounding-sized pivots: those count as zero
+    scale = H.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)
+    tiny = L.diagonal(dim1=-2, dim2=-1).square() <= H.shape[-1] * torch.finfo(H.dtype).eps * scale
+    if bool((info > 0).any()) or bool(tiny.any()):
         raise ValueError(
             f"{what} is not positive definite: the data leave some directions without curvature and there is "
             "no weight decay to bound them. Pass damping=delta > 0 (curvature + n*delta*I, in weight-decay units), "

@@ -1,0 +1,268 @@
+"""The marginal second-order estimators (fisher, block, kfac, woodfisher) against independent
+float64 references: statsmodels-equal Wald SEs on GLMs, numpy inverses of the same blocks, the
+exact penalised least-squares refit for the compensating update, and curvlinops' K-FAC factors."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mustat
+from mustat.models import GLM
+from mustat.uncertainty import FitContext, ggn_diagonal, hessian_se, make_estimator
+from mustat.uncertainty.marginal import LowRankBlocks
+
+WD = 1e-3
+
+
+def _logistic(n=300, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, 1] += 0.8 * X[:, 0]                                   # correlated: marginal != conditional
+    y = (torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(X @ torch.linspace(-1, 1, d).double())).double()
+    model = GLM(d, "logistic").double()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = model.nll(model(X), y) / n + WD / 2 * sum(p.square().sum() for p in model.parameters())
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return model, X, y, (lambda o, t: model.nll(o, t) / len(t))
+
+
+def _gaussian(n=200, d=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, 2] += 0.9 * X[:, 0]
+    y = X @ torch.ones(d, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    model = GLM(d, "linear").double()
+    Xc = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
+    beta = torch.linalg.solve(Xc.T @ Xc + n * WD * torch.eye(d + 1, dtype=torch.float64), Xc.T @ y)
+    with torch.no_grad():
+        model.linear.weight.copy_(beta[:d][None])
+        model.linear.bias.copy_(beta[d:])
+    return model, X, y, (lambda o, t: model.nll(o, t) / len(t))
+
+
+@pytest.mark.parametrize("kind", ["observed", "sandwich"])
+def test_fisher_is_the_wald_se_of_a_canonical_glm(kind):
+    # the GGN of a canonical-link GLM is its Hessian, so the exact marginal SE is statsmodels' Wald
+    model, X, y, loss = _logistic()
+    ref = hessian_se(model, lambda o, t: model.nll(o, t), (X, y), weight_decay=WD, kind=kind)
+    est = make_estimator("fisher", model, kind=kind).fit(FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+    torch.testing.assert_close(est.se()["linear.weight"], ref["linear.weight"], rtol=1e-6, atol=0)
+    assert est.quantity == ("saliency" if kind == "observed" else "sampling")
+
+
+@pytest.mark.parametrize("kind", ["observed", "sandwich"])
+def test_kfac_is_exact_for_a_linear_gaussian_layer(kind):
+    # one output with Lambda = 1: B (x) A is sum_i a_i a_i^T exactly, bias marginalised as in Wald
+    model, X, y, loss = _gaussian()
+    ref = hessian_se(model, lambda o, t: model.nll(o, t), (X, y), weight_decay=WD, kind=kind)
+    for name in ("kfac", "fisher"):
+        est = make_estimator(name, model, kind=kind).fit(FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+        torch.testing.assert_close(est.se()["linear.weight"], ref["linear.weight"], rtol=1e-8, atol=0)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def test_fisher_matches_a_numpy_gauss_newton_on_a_hidden_layer():
+    model = _mlp()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    params = dict(model.named_parameters())
+    names = list(params)
+    sizes = [p.numel() for p in params.values()]
+
+    def out(*flat):
+        vals = {n: t.view_as(params[n]) for n, t in zip(names, flat)}
+        return torch.func.functional_call(model, vals, (X,))
+
+    jac = torch.autograd.functional.jacobian(out, tuple(p.detach().reshape(-1) for p in params.values()))
+    J = np.concatenate([j.numpy().reshape(40, 3, s) for j, s in zip(jac, sizes)], 2)   # (n, C, P)
+    p = torch.softmax(model(X), 1).detach().numpy()
+    G = sum(J[i].T @ (np.diag(p[i]) - np.outer(p[i], p[i])) @ J[i] for i in range(40))
+    Hinv = np.linalg.inv(G + 40 * WD * np.eye(G.shape[0]))
+    est = make_estimator("fisher", model).fit(FitContext(X=X, y=y, loss=F.cross_entropy, weight_decay=WD))
+    var = np.sqrt(np.diag(Hinv))
+    np.testing.assert_allclose(est.se()["0.weight"].numpy().ravel(), var[:35], rtol=1e-8)
+    np.testing.assert_allclose(est.se()["2.weight"].numpy().ravel(), var[42:63], rtol=1e-8)
+
+
+def test_low_rank_blocks_direct_and_woodbury_equal_numpy():
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    c, d = 2.5, 0.7
+    for bs in (4, 7, 20):                      # direct (<= m rows), then Woodbury, uneven tail
+        blocks = LowRankBlocks(U, c, d, bs)
+        ref_diag, ref_sol = [], []
+        V = torch.randn(3, 20, generator=g, dtype=torch.float64)
+        for s in range(0, 20, bs):
+            Ub = U[:, s:s + bs].numpy()
+            Hi = np.linalg.inv(c * Ub.T @ Ub + d * np.eye(Ub.shape[1]))
+            ref_diag.append(np.diag(Hi))
+            ref_sol.append(V[:, s:s + bs].numpy() @ Hi)
+        np.testing.assert_allclose(blocks.inverse_diagonal().numpy(), np.concatenate(ref_diag), rtol=1e-10)
+        np.testing.assert_allclose(blocks.solve(V).numpy(), np.concatenate(ref_sol, 1), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="singular without a penalty.*damping"):
+        LowRankBlocks(U, c, 0.0, 20)
+
+
+def test_block_is_the_inverse_of_the_penalised_empirical_fisher():
+    model, X, y, loss = _logistic()
+    n = len(y)
+    est = make_estimator("block", model, samples=n, block_size=None).fit(FitContext(X=X, y=y, loss=loss,
+                                                                                    weight_decay=WD))
+    Xc = X.numpy()
+    r = (torch.sigmoid(model(X)) - y).detach().numpy()               # per-sample d loss / d logit
+    Gs = r[:, None] * Xc
+    Hinv = np.linalg.inv(Gs.T @ Gs + n * WD * np.eye(Xc.shape[1]))
+    np.testing.assert_allclose(est.se()["linear.weight"].numpy().ravel(), np.sqrt(np.diag(Hinv)), rtol=1e-8)
+    # a subsample of m rows is scaled to n: (n / m) sum over the rows
+    sub = make_estimator("block", model, samples=100, block_size=None, seed=4).fit(
+        FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(4))[:100].numpy()
+    Hs = np.linalg.inv(n / 100 * Gs[idx].T @ Gs[idx] + n * WD * np.eye(Xc.shape[1]))
+    np.testing.assert_allclose(sub.se()["linear.weight"].numpy().ravel(), np.sqrt(np.diag(Hs)), rtol=1e-8)
+
+
+def test_woodfisher_corrects_minibatch_gradients_for_the_batch_size():
+    model, X, y, loss = _logistic(d=3)
+    est = make_estimator("woodfisher", model, gradients=5, block_size=None)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(1, 3, generator=g, dtype=torch.float64) for _ in range(7)]
+    for gr in grads:                         # 7 steps into a ring of 5: the last 5 are kept
+        model.linear.weight.grad = gr.clone()
+        est.update()
+    n, B = 300, 16
+    est.fit(FitContext(n=n, batch_size=B, weight_decay=WD))
+    G = torch.cat(grads[2:]).numpy()
+    F_per_sample = B * np.cov(G.T, ddof=1) + np.outer(G.mean(0), G.mean(0))
+    Hinv = np.linalg.inv(n * F_per_sample + n * WD * np.eye(3))
+    np.testing.assert_allclose(est.se()["linear.weight"].double().numpy().ravel(), np.sqrt(np.diag(Hinv)),
+                               rtol=1e-5)
+    state = est.state_dict()
+    again = make_estimator("woodfisher", model, gradients=5, block_size=None)
+    again.load_state_dict(state)
+    again.fit(FitContext(n=n, batch_size=B, weight_decay=WD))
+    torch.testing.assert_close(again.se()["linear.weight"], est.se()["linear.weight"])
+
+
+@pytest.mark.parametrize("name", ["fisher", "kfac"])
+def test_the_compensating_update_is_the_constrained_refit(name):
+    # the loss is quadratic (Gaussian, bias held), so OBS's update is exactly the penalised
+    # least-squares refit with the pruned weights fixed at 0
+    model, X, y, loss = _gaussian(d=6)
+    n, d = len(y), 6
+    est = make_estimator(name, model).fit(FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+    w0 = model.linear.weight.detach().clone()
+    b = model.linear.bias.detach().clone()
+    scores = {"linear.weight": torch.tensor([[5.0, 0.0, 4.0, 1.0, 3.0, 2.0]])}
+    mustat.prune(model, scores, sparsity=0.5, update=est)
+    keep = np.array([True, False, True, False, True, False])
+    Xk = X.numpy()[:, keep]
+    r = y.numpy() - b.numpy()
+    ref = np.linalg.solve(Xk.T @ Xk + n * WD * np.eye(keep.sum()), Xk.T @ r)
+    w = model.linear.weight.detach().numpy().ravel()
+    np.testing.assert_allclose(w[keep], ref, rtol=1e-8)
+    assert (w[~keep] == 0).all() and not np.allclose(w[keep], w0.numpy().ravel()[keep])
+    with pytest.raises(mustat.uncertainty.NotFittedError, match="fit"):
+        est.obs_update()                     # the curvature has moved: refit first
+
+
+def test_block_update_matches_its_own_blocks():
+    model, X, y, loss = _logistic(d=4)
+    est = make_estimator("block", model, samples=len(y), block_size=2).fit(
+        FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+    w0 = model.linear.weight.detach().clone().reshape(-1)
+    mustat.prune(model, {"linear.weight": torch.tensor([[1.0, 4.0, 3.0, 2.0]])}, sparsity=0.5, update=est)
+    U = est._blocks["linear.weight"].U
+    for s, (k, q) in ((0, (1, 0)), (2, (2, 3))):   # block {0,1}: 0 cut; block {2,3}: 3 cut
+        Ub = U[:, s:s + 2]
+        H = (est._blocks["linear.weight"].c * Ub.T @ Ub + est._d * torch.eye(2, dtype=torch.float64)).numpy()
+        kk, qq = k - s, q - s
+        new = w0[k].item() + H[kk, qq] / H[kk, kk] * w0[q].item()
+        assert model.linear.weight.detach().reshape(-1)[k].item() == pytest.approx(new, rel=1e-10)
+
+
+def test_memory_is_checked_before_any_allocation():
+    model, X, y, loss = _logistic()
+    est = make_estimator("block", model, max_memory=1000)
+    with pytest.raises(ValueError, match="needs about .* GiB.*more than max_memory.*lower samples="):
+        est.fit(FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+    with pytest.raises(ValueError, match="keeps 64 gradients.*lower gradients="):
+        make_estimator("woodfisher", model, max_memory=10)
+    with pytest.raises(ValueError, match="max_params=4"):
+        make_estimator("fisher", model, max_params=4)
+
+
+def test_an_unpenalised_singular_block_offers_damping():
+    model, X, y, loss = _logistic()
+    X2 = torch.cat([X, X[:, :1]], 1)          # a duplicated feature: no curvature along w_0 - w_4
+    m2 = GLM(5, "logistic").double()
+    with pytest.raises(ValueError, match="not positive definite.*damping"):
+        make_estimator("fisher", m2).fit(FitContext(X=X2, y=y, loss=lambda o, t: m2.nll(o, t) / len(t)))
+    est = make_estimator("fisher", m2, damping=1e-3).fit(FitContext(X=X2, y=y, loss=lambda o, t: m2.nll(o, t) / len(t)))
+    assert torch.isfinite(est.se()["linear.weight"]).all()
+
+
+def test_obs_needs_a_marginal_estimator_and_lamp_matches_its_definition():
+    from mustat.config import expand
+    with pytest.raises(ValueError, match="does not have; use one of block, fisher, kfac, woodfisher"):
+        expand(["obs"], ["curvature"])
+    w = torch.tensor([[0.5, -2.0, 1.0], [0.1, 3.0, -0.2]], dtype=torch.float64)
+    s = mustat.criteria.lamp(w)
+    sq = np.sort(w.numpy().ravel() ** 2)
+    for v, out in zip(w.numpy().ravel(), s.numpy().ravel()):
+        assert out == pytest.approx(v**2 / sq[sq >= v**2].sum(), rel=1e-12)
+    assert s.max() == 1.0
+
+
+def test_the_softmax_factor_is_exact_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10))
+    X, y = torch.randn(64, 8) * 3, torch.randint(0, 10, (64,))
+    names = ["0.weight", "2.weight"]
+    d32 = ggn_diagonal(model, F.cross_entropy, (X, y), names=names)
+    d64 = ggn_diagonal(model.double(), F.cross_entropy, (X.double(), y), names=names)
+    for n in names:
+        rel = ((d32[n].double() - d64[n]).abs() / d64[n].abs().clamp_min(1e-12)).max()
+        assert rel < 2e-5, (n, float(rel))
+
+
+def test_trajectory_estimators_flag_weights_that_never_moved():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    X = torch.randn(64, 3)
+    X[:, 1] = 0                                   # no gradient ever reaches column 1
+    y = torch.randint(0, 2, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    est = make_estimator("pseudo", model)
+    est.attach(opt)
+    for i in range(20):
+        opt.zero_grad()
+        F.cross_entropy(model(X[i::20]), y[i::20]).backward()
+        opt.step()
+    se = est.se()["0.weight"]
+    assert torch.isinf(se[:, 1]).all() and torch.isfinite(se[:, [0, 2]]).all()
+    assert est.diagnostics()["unidentified"] == 2
+    z = mustat.score(model, "mu", se=est.se())["0.weight"]
+    assert (z[:, 1] == 0).all()                   # pruned first, not kept as infinitely significant
+
+
+def test_the_wald_summary_says_what_the_se_is():
+    model, X, y, loss = _logistic()
+    est = make_estimator("kfac", model).fit(FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+    text = str(mustat.wald(model, est.se(), quantity=est.quantity).summary())
+    assert "SALIENCY" in text
+    with pytest.raises(ValueError, match="quantity"):
+        mustat.wald(model, est.se(), quantity="posterior")
