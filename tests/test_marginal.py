@@ -162,7 +162,7 @@ def test_the_compensating_update_is_the_constrained_refit(name):
     # the loss is quadratic (Gaussian, bias held), so OBS's update is exactly the penalised
     # least-squares refit with the pruned weights fixed at 0
     model, X, y, loss = _gaussian(d=6)
-    n, d = len(y), 6
+    n = len(y)
     est = make_estimator(name, model).fit(FitContext(X=X, y=y, loss=loss, weight_decay=WD))
     w0 = model.linear.weight.detach().clone()
     b = model.linear.bias.detach().clone()
@@ -266,3 +266,9 @@ def test_the_wald_summary_says_what_the_se_is():
     assert "SALIENCY" in text
     with pytest.raises(ValueError, match="quantity"):
         mustat.wald(model, est.se(), quantity="posterior")
+
+
+def test_the_report_says_which_estimators_are_saliencies():
+    from validation.report import quantity_of
+    assert [quantity_of(x) for x in ("pseudo", "batch-means", "curvature", "wald", "kfac", "teacher")] == \
+        ["sampling", "sampling", "saliency", "saliency", "saliency", "reference"]

@@ -8,11 +8,24 @@ import numpy as np
 import pandas as pd
 
 from mustat._io import atomic_write
-from mustat.uncertainty import ESTIMATORS
+from mustat.uncertainty import ESTIMATORS, variant
 from validation.metrics import pvalues, zvalues
 
 #: the rows of the headline tables: every registered estimator (the study's variants aside)
 MAIN_ESTIMATORS = list(ESTIMATORS)
+
+
+def quantity_of(label: str) -> str:
+    """``"sampling"`` or ``"saliency"`` for an estimator label (its class's ``quantity``; for the
+    estimators with a ``kind`` option, the sandwich is a sampling SE), ``"reference"`` otherwise."""
+    try:
+        name, opts = variant(label)
+    except ValueError:
+        return "reference"
+    q = ESTIMATORS[name].quantity
+    if isinstance(q, property):
+        return "sampling" if opts.get("kind") == "sandwich" else "saliency"
+    return q
 TRAJECTORY = [name for name, cls in ESTIMATORS.items() if cls.trajectory]
 
 
@@ -174,7 +187,8 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
             "frac_est_inf", "coverage95", "coverage95_lo", "coverage95_hi", "type1_05", "type1_05_lo",
             "type1_05_hi", "n_truth", "n_null", "ks_null_pvalue", "interval_dof", "window_ok"]
     glm = summary[~summary.design.isin(hidden_designs(summary))]
-    head = glm[glm.estimator.isin(MAIN_ESTIMATORS)][cols]
+    head = glm[glm.estimator.isin(MAIN_ESTIMATORS)][cols].copy()
+    head.insert(head.columns.get_loc("centre") + 1, "quantity", head.estimator.map(quantity_of))
     lines = ["# Calibration study", "",
              "Standard errors of each estimator against references: the exact Wald SE at the (penalised)",
              "optimum for GLM designs (no hidden layer; the sandwich when the fit has weight decay), and for",

@@ -13,13 +13,20 @@ from torch import Tensor, nn
 from mustat._checks import check_scalar
 from mustat.batching import batches
 from mustat.uncertainty.base import FitContext, register_estimator
-from mustat.uncertainty.marginal import LowRankBlocks, Marginal, cast_inputs, per_sample_gradients
+from mustat.uncertainty.marginal import (
+    Marginal,
+    cast_inputs,
+    check_block_size,
+    per_sample_gradients,
+    tensor_blocks,
+)
 
 
 @register_estimator("block")
 class Block(Marginal):
     r"""Block-diagonal marginal SEs: each tracked tensor's free entries are cut into contiguous
-    blocks of ``block_size`` (``None``: one block per tensor), and in each block
+    blocks of ``block_size`` (``None``: one block per tensor; ``"row"``: one per output row,
+    ``weight[o]``), and in each block
 
     .. math:: H_b = \frac{n}{m}\sum_{i=1}^m g_{i,b} g_{i,b}^\top + n(\lambda + \delta) I,
 
@@ -32,15 +39,13 @@ class Block(Marginal):
     to the per-sample penalised scores of every training sample."""
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
-                 params: Iterable[str] | None = None, samples: int = 1024, block_size: int | None = 128,
+                 params: Iterable[str] | None = None, samples: int = 1024, block_size: int | str | None = 128,
                  seed: int = 0, max_memory: int = 4 << 30):
         super().__init__(model, kind=kind, damping=damping, params=params, max_memory=max_memory)
         self.samples = int(check_scalar(samples, "samples", kind=Integral, low=1))
-        if block_size is not None:
-            check_scalar(block_size, "block_size", kind=Integral, low=1)
-        self.block_size = block_size
+        self.block_size = check_block_size(block_size)
         self.seed = int(check_scalar(seed, "seed", kind=Integral, low=0))
-        self._blocks: dict[str, LowRankBlocks] = {}
+        self._blocks: dict = {}
 
     def _cheaper_hint(self) -> str:
         return "lower samples= (memory is samples x tracked weights x 8 bytes), use se='kfac', or raise max_memory"
@@ -71,16 +76,18 @@ class Block(Marginal):
         m = 0
         for xb, yb in self._rows(context):
             g = per_sample_gradients(fm, list(layout.names), context.loss, cast_inputs(xb, torch.float64), yb)
-            for n, idx in zip(layout.names, layout.free):
-                rows[n].append(g[n].reshape(len(yb), -1)[:, idx])
+            for n in layout.names:
+                rows[n].append(g[n].reshape(len(yb), -1))
             m += len(yb)
-        self._blocks = {n: LowRankBlocks(torch.cat(rows[n]), context.n / m, self._d, self.block_size)
-                        for n in layout.names}
+        self._blocks, self._idx = {}, {}
+        for n, shape in zip(layout.names, layout.shapes):
+            self._blocks[n], self._idx[n] = tensor_blocks(torch.cat(rows[n]), fm.mask(n), shape, context.n / m,
+                                                          self._d, self.block_size)
         self._m = m
 
     def _scatter(self, name: str, flat: Tensor) -> Tensor:
         k = self._layout.names.index(name)
-        shape, idx = self._layout.shapes[k], self._layout.free[k]
+        shape, idx = self._layout.shapes[k], self._idx[name]
         full = flat.new_zeros(*flat.shape[:-1], shape.numel())
         full[..., idx] = flat
         return full.view(*flat.shape[:-1], *shape)
@@ -91,14 +98,14 @@ class Block(Marginal):
 
     def _solve(self, psi: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
-        for n, idx in zip(self._layout.names, self._layout.free):
-            v = psi[n].reshape(len(psi[n]), -1)[:, idx]
+        for n in self._layout.names:
+            v = psi[n].reshape(len(psi[n]), -1)[:, self._idx[n]]
             out[n] = self._scatter(n, self._blocks[n].solve(v))
         return out
 
     def _kept_solve(self, name: str, weight: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
         n = self._fm.name(name)
-        idx = self._layout.free[self._layout.names.index(n)]
+        idx = self._idx[n]
         flat = weight.reshape(-1).clone()
         flat[idx] = self._blocks[n].kept_solve(flat[idx], keep.reshape(-1)[idx], cut.reshape(-1)[idx])
         return flat.view_as(weight)

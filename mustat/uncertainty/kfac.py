@@ -95,22 +95,7 @@ class KFAC(Marginal):
         for X, y in batches(context.source):
             for s in range(0, len(y), 512):
                 xb, yb = cast_inputs(X[s:s + 512], torch.float64), y[s:s + 512]
-                inputs, outputs = {}, {}
-
-                def keep(mod, inp, out):
-                    if mod in inputs:
-                        raise ValueError(f"estimator 'kfac': layer {mods[mod]!r} is applied more than once per "
-                                         "forward pass; use se='block'")
-                    inputs[mod], outputs[mod] = inp[0].detach(), out
-
-                handles = [m.register_forward_hook(keep) for m in mods]
-                try:
-                    with torch.enable_grad():
-                        leaves = {n: v.detach().requires_grad_() for n, v in fm.params(list(self._layers)).items()}
-                        out = fm(leaves, xb)
-                finally:
-                    for h in handles:
-                        h.remove()
+                inputs, outputs, out = self._capture(fm, mods, xb)
                 shape = out.shape[1:]
                 C = max(1, int(shape.numel()))
                 out = out.reshape(len(xb), C)
@@ -145,6 +130,26 @@ class KFAC(Marginal):
                                  "weight decay; pass damping=delta > 0 or train with weight decay")
             self._factors[n] = (QA, QB, denom, a_mat, b_mat)
 
+    def _capture(self, fm, mods: dict[nn.Module, str], xb: Tensor):
+        """One forward pass with a graph: each layer's input and (differentiable) output, and the model's output."""
+        inputs, outputs = {}, {}
+
+        def keep(mod, inp, out):
+            if mod in inputs:
+                raise ValueError(f"estimator 'kfac': layer {mods[mod]!r} is applied more than once per forward "
+                                 "pass; use se='block'")
+            inputs[mod], outputs[mod] = inp[0].detach(), out
+
+        handles = [m.register_forward_hook(keep) for m in mods]
+        try:
+            with torch.enable_grad():
+                leaves = {n: v.detach().requires_grad_() for n, v in fm.params(list(self._layers)).items()}
+                out = fm(leaves, xb)
+        finally:
+            for h in handles:
+                h.remove()
+        return inputs, outputs, out
+
     def _inverse_diagonal(self) -> dict[str, Tensor]:
         out = {}
         for n, (QA, QB, denom, _, _) in self._factors.items():
@@ -155,7 +160,7 @@ class KFAC(Marginal):
 
     def _block_names(self) -> list[str]:
         names = list(self._layers)
-        for n, mod in self._layers.items():
+        for mod in self._layers.values():
             if self._bias(mod):
                 names.append(self._bias_name(mod))
         return names

@@ -244,19 +244,22 @@ def kept_solve(H: Tensor, w: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
 
 
 class LowRankBlocks:
-    r"""Contiguous blocks of one tensor's free entries with curvature
-    :math:`H_b = c\, U_b^\top U_b + d I` from ``m`` gradient rows ``U`` (``(m, P)``, float64):
+    r"""Contiguous blocks of one tensor's entries with curvature
+    :math:`H_b = c\, U_b^\top U_b + \mathrm{diag}(D_b)` from ``m`` gradient rows ``U``
+    (``(m, P)``, float64) and a positive diagonal ``D`` (the penalty :math:`n(\lambda+\delta)`):
     the WoodFisher structure (Singh & Alistarh 2020). A block no larger than ``m`` is formed and
     Cholesky-factored directly; a larger one is inverted by Woodbury,
-    :math:`H_b^{-1} = d^{-1} I - c\,d^{-2} U_b^\top (I_m + (c/d) U_b U_b^\top)^{-1} U_b`
-    (which needs :math:`d > 0`: ``m`` rows span at most ``m`` directions)."""
+    :math:`H_b^{-1} = D^{-1} - c\,D^{-1} U_b^\top (I_m + c\, U_b D^{-1} U_b^\top)^{-1} U_b D^{-1}`
+    (which needs :math:`D > 0`: ``m`` rows span at most ``m`` directions)."""
 
-    def __init__(self, U: Tensor, c: float, d: float, block_size: int | None):
-        self.U, self.c, self.d = U, float(c), float(d)
+    def __init__(self, U: Tensor, c: float, D: Tensor | float, block_size: int | None):
         P = U.shape[1]
+        self.U, self.c = U, float(c)
+        self.D = torch.as_tensor(D, dtype=U.dtype).expand(P).clone() if not isinstance(D, Tensor) or D.dim() == 0 \
+            else D.to(U.dtype)
         self.bs = P if block_size is None else max(1, min(int(block_size), P))
         self.direct = self.bs <= U.shape[0]
-        if not self.direct and self.d <= 0:
+        if not self.direct and bool((self.D <= 0).any()):
             raise ValueError(
                 f"blocks of {self.bs} weights from {U.shape[0]} gradients are singular without a penalty: train with "
                 "weight decay, pass damping=delta > 0, or use smaller blocks (block_size <= samples)")
@@ -273,36 +276,38 @@ class LowRankBlocks:
         if P % bs:
             yield full * bs, P, 1
 
-    def _factor(self, start: int, stop: int, count: int) -> tuple[Tensor, Tensor]:
+    def _factor(self, start: int, stop: int, count: int) -> tuple[Tensor, Tensor, Tensor]:
         Ub = self.U[:, start:stop].reshape(len(self.U), count, -1).transpose(0, 1)   # (count, m, bs)
+        Db = self.D[start:stop].reshape(count, -1)                                   # (count, bs)
         if self.direct:
-            H = self.c * Ub.transpose(1, 2) @ Ub + self.d * torch.eye(Ub.shape[2], dtype=Ub.dtype)
-            return Ub, cholesky(H, "a curvature block")
-        K = torch.eye(Ub.shape[1], dtype=Ub.dtype) + (self.c / self.d) * Ub @ Ub.transpose(1, 2)
-        return Ub, cholesky(K, "a Woodbury kernel")
+            H = self.c * Ub.transpose(1, 2) @ Ub + torch.diag_embed(Db)
+            return Ub, Db, cholesky(H, "a curvature block")
+        K = torch.eye(Ub.shape[1], dtype=Ub.dtype) + self.c * (Ub / Db[:, None]) @ Ub.transpose(1, 2)
+        return Ub, Db, cholesky(K, "a Woodbury kernel")
 
     def inverse_diagonal(self) -> Tensor:
         out = []
         for start, stop, count in self._slices():
-            Ub, L = self._factor(start, stop, count)
+            Ub, Db, L = self._factor(start, stop, count)
             if self.direct:
                 out.append(torch.cholesky_inverse(L).diagonal(dim1=1, dim2=2).reshape(-1))
             else:
                 W = torch.linalg.solve_triangular(L, Ub, upper=False)
-                out.append((1 / self.d - self.c / self.d**2 * W.square().sum(1)).reshape(-1))
+                out.append((1 / Db - self.c * W.square().sum(1) / Db**2).reshape(-1))
         return torch.cat(out)
 
     def solve(self, V: Tensor) -> Tensor:
         """``H^-1 v`` for the rows ``v`` of ``V`` (``(k, P)``)."""
         out = torch.empty_like(V)
         for start, stop, count in self._slices():
-            Ub, L = self._factor(start, stop, count)
+            Ub, Db, L = self._factor(start, stop, count)
             Vb = V[:, start:stop].reshape(len(V), count, -1).transpose(0, 1)           # (count, k, bs)
             if self.direct:
                 sol = torch.cholesky_solve(Vb.transpose(1, 2), L).transpose(1, 2)
             else:
-                inner = torch.cholesky_solve(Ub @ Vb.transpose(1, 2), L)              # (count, m, k)
-                sol = Vb / self.d - self.c / self.d**2 * (Ub.transpose(1, 2) @ inner).transpose(1, 2)
+                Y = Vb / Db[:, None]
+                inner = torch.cholesky_solve(Ub @ Y.transpose(1, 2), L)               # (count, m, k)
+                sol = Y - self.c * (Ub.transpose(1, 2) @ inner).transpose(1, 2) / Db[:, None]
             out[:, start:stop] = sol.transpose(0, 1).reshape(len(V), -1)
         return out
 
@@ -318,6 +323,31 @@ class LowRankBlocks:
             if not bool(cut[sl].any()):
                 continue
             Ub = self.U[:, sl]
-            H = self.c * Ub.T @ Ub + self.d * torch.eye(Ub.shape[1], dtype=Ub.dtype)
+            H = self.c * Ub.T @ Ub + torch.diag(self.D[sl])
             out[sl] = kept_solve(H, w[sl], keep[sl], cut[sl])
         return out
+
+
+def check_block_size(block_size) -> int | str | None:
+    """``None`` (a block per tensor), ``"row"`` (a block per output row: ``weight[o]``) or a positive int."""
+    if block_size is None or block_size == "row":
+        return block_size
+    if isinstance(block_size, str):
+        check_option(block_size, "block_size", ("row",))
+    return int(check_scalar(block_size, "block_size", kind=Integral, low=1))
+
+
+def tensor_blocks(U: Tensor, keep: Tensor | None, shape: torch.Size, c: float, d: float,
+                  block_size: int | str | None) -> tuple[LowRankBlocks, Tensor]:
+    """The blocks of one tensor from gradient rows ``U`` (``(m, numel)``) and its keep-mask, and
+    the flat indices they cover. Contiguous blocks run over the unpruned entries only; row blocks
+    (``"row"``) cover every entry of each output row, a pruned one decoupled (zero gradient, a unit
+    diagonal: its SE is 0 anyway), so the blocks stay aligned with the rows."""
+    numel = U.shape[1]
+    keep = torch.ones(numel, dtype=torch.bool) if keep is None else keep.reshape(-1).cpu() != 0
+    if block_size == "row":
+        D = torch.full((numel,), float(d), dtype=U.dtype) + (~keep).to(U.dtype)
+        return LowRankBlocks(U, c, D, numel // shape[0]), torch.arange(numel)
+    idx = torch.nonzero(keep).flatten()
+    return LowRankBlocks(U[:, idx], c, d, block_size), idx
+

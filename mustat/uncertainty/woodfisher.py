@@ -27,13 +27,14 @@ from torch import Tensor, nn
 
 from mustat._checks import check_option, check_scalar
 from mustat.uncertainty.base import FitContext, NotFittedError, register_estimator
-from mustat.uncertainty.marginal import LowRankBlocks, Marginal
+from mustat.uncertainty.marginal import Marginal, check_block_size, tensor_blocks
 
 
 @register_estimator("woodfisher")
 class WoodFisher(Marginal):
     """Block-diagonal marginal SEs from the last ``gradients`` minibatch gradients of training
-    (module notes), blocks of ``block_size`` entries (``None``: one per tensor). ``fit`` needs
+    (module notes), blocks of ``block_size`` entries (``None``: one per tensor; ``"row"``: one
+    per output row). ``fit`` needs
     ``FitContext(n=..., batch_size=...)`` and the penalty (``weight_decay=`` or the optimizer);
     no data pass. The buffer is ``gradients x tracked weights`` float32, checked against
     ``max_memory`` when it is made. Only ``kind="observed"``: the sandwich needs per-sample scores."""
@@ -44,14 +45,12 @@ class WoodFisher(Marginal):
     l2_only = True
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
-                 params: Iterable[str] | None = None, gradients: int = 64, block_size: int | None = 128,
+                 params: Iterable[str] | None = None, gradients: int = 64, block_size: int | str | None = 128,
                  max_memory: int = 4 << 30):
         super().__init__(model, kind=kind, damping=damping, params=params, max_memory=max_memory)
         check_option(self.kind, "kind", ("observed",))
         self.gradients = int(check_scalar(gradients, "gradients", kind=Integral, low=2))
-        if block_size is not None:
-            check_scalar(block_size, "block_size", kind=Integral, low=1)
-        self.block_size = block_size
+        self.block_size = check_block_size(block_size)
         for n, e in zip(self.names, self._entries):
             if e.leaf is None:
                 raise ValueError(f"estimator 'woodfisher' reads each tensor's gradient, but {n!r} is computed by a "
@@ -103,9 +102,9 @@ class WoodFisher(Marginal):
             G = self._buf[n][:m].to("cpu", torch.float64)
             mean = G.mean(0)
             U = torch.cat([(G - mean) * (B / (m - 1)) ** 0.5, mean[None]])
-            idx = self._fm.free(n)
-            self._free[n] = idx
-            self._blocks[n] = LowRankBlocks(U[:, idx], context.n, self._d, self.block_size)
+            shape = self._entries[self.names.index(n)].leaf.shape
+            self._blocks[n], self._free[n] = tensor_blocks(U, self._fm.mask(n), shape, context.n, self._d,
+                                                           self.block_size)
         self._m = m
 
     def _scatter(self, name: str, flat: Tensor) -> Tensor:
