@@ -19,6 +19,7 @@ from mustat.uncertainty import (
     ESTIMATORS,
     Estimator,
     FitContext,
+    Marginal,
     PseudoBootstrap,
     TrainingSetup,
     Window,
@@ -28,7 +29,7 @@ from mustat.uncertainty import (
     register_estimator,
 )
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "CRITERIA",
@@ -38,6 +39,7 @@ __all__ = [
     "FitContext",
     "FunctionalModel",
     "LayerCollapseWarning",
+    "Marginal",
     "PruningReport",
     "PseudoBootstrap",
     "Scope",

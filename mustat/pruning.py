@@ -215,9 +215,11 @@ def prune(
     """
     check_scalar(sparsity, "sparsity", kind=Real, low=0.0, high=1.0, closed="left")
     scope = check_option(scope, "scope", Scope)
-    if update is not None and not callable(getattr(update, "obs_update", None)):
-        raise ValueError(f"update must be a fitted marginal estimator (fisher, block, kfac, woodfisher) with "
-                         f"obs_update(), got {type(update).__name__}")
+    if update is not None:
+        if not callable(getattr(update, "obs_update", None)):
+            raise ValueError(f"update must be a fitted marginal estimator (fisher, block, kfac, woodfisher) with "
+                             f"obs_update(), got {type(update).__name__}")
+        update.check_update(model)          # before any mask changes
     if max_tensor_sparsity is not None:
         check_scalar(max_tensor_sparsity, "max_tensor_sparsity", kind=Real, low=0.0, high=1.0, closed="right")
     if not isinstance(scores, Mapping) or not scores:

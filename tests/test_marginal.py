@@ -272,3 +272,92 @@ def test_the_report_says_which_estimators_are_saliencies():
     from validation.report import quantity_of
     assert [quantity_of(x) for x in ("pseudo", "batch-means", "curvature", "wald", "kfac", "teacher")] == \
         ["sampling", "sampling", "saliency", "saliency", "saliency", "reference"]
+
+
+def test_the_study_fits_marginal_estimators_on_each_replicate_apart():
+    from validation.designs import get_design
+    from validation.estimators import Setting, fit_replicates, per_replicate
+
+    assert per_replicate("kfac-sandwich") and per_replicate("fisher") and not per_replicate("woodfisher-row")
+    design = get_design("logistic")
+    stack = design.stacked_model([3, 4])
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 2, stack.linear.in_features, generator=g)
+    y = (torch.rand(200, 2, generator=g) < 0.4).float()
+    out = fit_replicates(stack, lambda: design.model(0), design.loss(), X, y, Setting(weight_decay=1e-3),
+                         ("fisher",))
+    se = out["fisher"][1]["linear.weight"]
+    assert se.shape == stack.linear.weight.shape
+    for r in range(2):
+        glm = GLM(stack.linear.in_features, "logistic")
+        with torch.no_grad():
+            glm.linear.weight.copy_(stack.linear.weight[r][None])
+            glm.linear.bias.copy_(stack.linear.bias[r:r + 1])
+        ref = hessian_se(glm, lambda o, t, m=glm: m.nll(o, t), (X[:, r], y[:, r]), weight_decay=1e-3)
+        torch.testing.assert_close(se[r], ref["linear.weight"][0].float(), rtol=1e-5, atol=0)
+
+
+class _SequenceHead(nn.Module):
+    """A Linear layer applied at every position of a sequence, summed: K-FAC's T positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x).sum(1)
+
+
+def test_kfac_factors_of_a_linear_layer_on_sequences():
+    torch.manual_seed(0)
+    model = _SequenceHead().double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 5, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    est = make_estimator("kfac", model).fit(FitContext(X=X, y=y, loss=F.cross_entropy, weight_decay=WD))
+    *_, A, B = est._factors["lin.weight"]
+    Xa = np.concatenate([X.numpy(), np.ones((30, 5, 1))], 2).reshape(-1, 5)
+    p = torch.softmax(model(X), 1).detach().numpy()
+    lam = sum(np.diag(q) - np.outer(q, q) for q in p)
+    np.testing.assert_allclose(A.numpy(), Xa.T @ Xa / 150, rtol=1e-12)
+    np.testing.assert_allclose(B.numpy(), 5 * lam, rtol=1e-10, atol=1e-12)   # every position's b is L_ic
+
+
+def test_a_failed_update_changes_nothing_and_a_failed_refit_serves_nothing():
+    model, X, y, loss = _gaussian(d=6)
+    est = make_estimator("kfac", model)
+    before = model.linear.weight.detach().clone()
+    scores = {"linear.weight": torch.arange(6.0)[None]}
+    with pytest.raises(mustat.uncertainty.NotFittedError, match="needs fit"):
+        mustat.prune(model, scores, sparsity=0.5, update=est)
+    assert mustat.pruning.mask_of(model, "linear.weight") is None and torch.equal(model.linear.weight, before)
+    est.fit(FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+    with pytest.raises(ValueError, match="kind='observed'"):
+        sandwich = make_estimator("kfac", model, kind="sandwich").fit(FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+        mustat.prune(model, scores, sparsity=0.5, update=sandwich)
+    assert mustat.pruning.mask_of(model, "linear.weight") is None
+    with pytest.raises(ValueError, match="without curvature.*damping"):
+        est.fit(FitContext(X=torch.zeros_like(X), y=y, loss=loss))   # constant inputs, no penalty
+    with pytest.raises(mustat.uncertainty.NotFittedError):
+        est.se()
+
+
+def test_kfac_sandwich_takes_a_masked_bias():
+    model, X, y, loss = _gaussian()
+    torch.nn.utils.prune.l1_unstructured(model.linear, "bias", amount=0.0)   # a torch-pruned bias
+    est = make_estimator("kfac", model, kind="sandwich", params=["linear.weight"]).fit(
+        FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+    ref = hessian_se(model, lambda o, t: model.nll(o, t), (X, y), weight_decay=WD, kind="sandwich")
+    torch.testing.assert_close(est.se()["linear.weight"], ref["linear.weight"], rtol=1e-8, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_marginal_estimators_fit_a_model_on_cuda():
+    model, X, y, loss = _logistic()
+    ref = make_estimator("kfac", model).fit(FitContext(X=X, y=y, loss=loss, weight_decay=WD)).se()["linear.weight"]
+    model.cuda()
+    for name in ("kfac", "fisher", "block"):
+        est = make_estimator(name, model).fit(FitContext(X=X.cuda(), y=y.cuda(), loss=loss, weight_decay=WD))
+        assert est.se()["linear.weight"].device.type == "cuda"
+    torch.testing.assert_close(make_estimator("kfac", model).fit(FitContext(X=X.cuda(), y=y.cuda(), loss=loss,
+                               weight_decay=WD)).se()["linear.weight"].cpu(), ref)

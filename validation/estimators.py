@@ -6,12 +6,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 from numbers import Integral
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_scalar
+from mustat._params import entries, select
 from mustat.training import check_training, make_optimizer, steps_per_epoch, train_epochs
 from mustat.uncertainty import FitContext, TrainingSetup, WindowWarning, make_estimator, variant
 
@@ -80,5 +82,40 @@ def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Se
             warnings.simplefilter("ignore", WindowWarning)  # recorded in the diagnostics instead
             est.fit(ctx)
         out[lab] = (est.estimate(), est.se(), est.diagnostics(), est.centre)
-    final = {n: e.effective().clone() for n, e in zip(est.names, est._entries)}
+    table = entries(model)
+    final = {n: table[n].effective().clone() for n in select(model, None)}
     return out, final
+
+
+def per_replicate(label: str) -> bool:
+    """Whether the study fits ``label`` on each replicate GLM apart rather than on the stack: the
+    marginal estimators form curvature blocks over a whole model (``fisher``) or factor layers
+    (``kfac``), which a stack of replicates is not; on one GLM they see exactly one dataset."""
+    from mustat.uncertainty import ESTIMATORS, Marginal
+
+    cls = ESTIMATORS[resolve(label)[0]]
+    return issubclass(cls, Marginal) and not cls.trajectory
+
+
+def fit_replicates(stack: nn.Module, build: Callable[[], nn.Module], loss, X: Tensor, y: Tensor,
+                   setting: Setting, labels: tuple[str, ...]) -> dict[str, tuple[dict, dict, dict, str]]:
+    """Fit each post-hoc ``label`` on every replicate of a trained ``StackedGLM`` (data ``(n, R, d)``),
+    one GLM at a time: ``{label: (estimate, se, diagnostics of replicate 0, centre)}`` with the
+    stack's ``(R, d)`` shapes under ``"linear.weight"``."""
+    out = {}
+    W, b = stack.linear.weight.detach(), stack.linear.bias.detach()
+    for lab in labels:
+        ests, ses, diag, centre = [], [], {}, ""
+        for r in range(W.shape[0]):
+            glm = build()
+            with torch.no_grad():
+                glm.linear.weight.copy_(W[r][None])
+                glm.linear.bias.copy_(b[r:r + 1])
+            est = make_estimator(lab, glm).fit(FitContext(X=X[:, r], y=y[:, r], loss=loss,
+                                                          weight_decay=setting.weight_decay))
+            ests.append(est.estimate()["linear.weight"][0])
+            ses.append(est.se()["linear.weight"][0])
+            if r == 0:
+                diag, centre = est.diagnostics(), est.centre
+        out[lab] = ({"linear.weight": torch.stack(ests)}, {"linear.weight": torch.stack(ses)}, diag, centre)
+    return out

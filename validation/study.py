@@ -30,7 +30,7 @@ from mustat.uncertainty.bootstrap import plan
 from validation import metrics as M
 from validation.bootstrap import newton_bootstrap
 from validation.designs import DESIGNS, get_design
-from validation.estimators import Setting, resolve, train_and_estimate
+from validation.estimators import Setting, fit_replicates, per_replicate, resolve, train_and_estimate
 from validation.references import (
     converged_frac,
     glm_fit,
@@ -202,8 +202,11 @@ def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
     model = design.stacked_model([cell.seed * 10_000 + r for r in range(R)])
     Xt = torch.tensor(X.transpose(1, 0, 2), dtype=torch.float32)
     yt = torch.tensor(y.T.copy(), dtype=torch.float32)
+    apart = tuple(lab for lab in cell.estimators if per_replicate(lab))
     fits, _ = train_and_estimate(model, design.stacked_loss(), Xt, yt, s, seed=cell.seed * 10_000,
-                                 estimators=cell.estimators)
+                                 estimators=tuple(lab for lab in cell.estimators if lab not in apart))
+    fits.update(fit_replicates(model, lambda: design.model(0), design.loss(), Xt, yt, s, apart))
+    fits = {lab: fits[lab] for lab in cell.estimators}
     refs = glm_references(design.family, X, y, weight_decay=s.weight_decay)
     reference = "wald-sandwich" if s.weight_decay > 0 else "wald"
     per_weight = {lab: (est["linear.weight"].double().numpy(), se["linear.weight"].double().numpy())

@@ -38,6 +38,8 @@ class Block(Marginal):
     correlations inside a block are accounted for. ``kind="sandwich"`` applies the same blocks
     to the per-sample penalised scores of every training sample."""
 
+    variants = {"block-sandwich": {"kind": "sandwich"}}
+
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, samples: int = 1024, block_size: int | str | None = 128,
                  seed: int = 0, max_memory: int = 4 << 30):
@@ -53,20 +55,20 @@ class Block(Marginal):
     def _memory(self, context: FitContext) -> int:
         m = min(self.samples, context.n)
         P = sum(e.effective().numel() for e in self._entries)
-        return 8 * m * P + (64 << 20)
+        return 3 * 8 * m * P + (64 << 20)     # the gradient rows, their concatenation, the free columns
 
     def _rows(self, context: FitContext):
         """The ``m`` samples, as ``(inputs, targets)`` chunks."""
         if context.X is not None:
             n = len(context.y)
             idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:min(self.samples, n)]
-            yield from batches((context.X[idx.to(context.X.device)], context.y[idx.to(context.y.device)]), 256)
+            yield from batches((context.X[idx.to(context.X.device)], context.y[idx.to(context.y.device)].cpu()), 256)
             return
         left = self.samples
         for xb, yb in batches(context.source):
             if left <= 0:
                 return
-            yield xb[:left], yb[:left]
+            yield xb[:left], yb[:left].cpu()
             left -= len(yb[:left])
 
     def _build(self, context: FitContext) -> None:
@@ -102,6 +104,10 @@ class Block(Marginal):
             v = psi[n].reshape(len(psi[n]), -1)[:, self._idx[n]]
             out[n] = self._scatter(n, self._blocks[n].solve(v))
         return out
+
+    def _check_blocks(self) -> None:
+        for blocks in self._blocks.values():
+            blocks.check_update()
 
     def _kept_solve(self, name: str, weight: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
         n = self._fm.name(name)

@@ -58,7 +58,9 @@ def output_factor(loss: Loss, out_shape: torch.Size | tuple[int, ...]) -> Callab
     and :math:`\sigma(1-\sigma)` for one logit. Any other loss takes autograd's output Hessian and
     a per-sample eigendecomposition (negative eigenvalues of non-convex losses clipped at 0). The
     closed form is exact in any dtype; the eigendecomposition of a float32 autograd Hessian is not
-    (single entries of a GGN diagonal off by up to 3e-4 relative on LeNet-5).
+    (single entries of a GGN diagonal off by up to 3e-4 relative on LeNet-5). The loss must be
+    the same function of every sample's output: with ``ignore_index`` or per-sample weights the
+    first samples decide, so pass a loss without them.
     """
     shape = tuple(out_shape)
     C = max(1, int(torch.Size(shape).numel()))

@@ -31,6 +31,7 @@ class Fisher(Marginal):
     held fixed. ``max_params`` bounds the matrix (``P x P`` float64)."""
 
     cheaper = "kfac' or se='block"
+    variants = {"fisher-sandwich": {"kind": "sandwich"}}
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, max_params: int = 5000, max_memory: int = 4 << 30):
@@ -45,7 +46,7 @@ class Fisher(Marginal):
 
     def _memory(self, context: FitContext) -> int:
         P = sum(p.numel() for p in self._model.parameters() if p.requires_grad)
-        return 8 * 3 * P * P + (64 << 20)
+        return 8 * 5 * P * P + (64 << 20)     # G, H, its factor and inverse, the identity
 
     def _block_names(self) -> list[str]:
         return list(self._all)
@@ -67,16 +68,19 @@ class Fisher(Marginal):
 
         jac = vmap_or_loop(jacrev(out), in_dims=(None, 0))
         chunk = max(1, (64 << 20) // (8 * C * max(P, 1)))
+        seen = 0
         for X, y in batches(context.source):
             for s in range(0, len(y), chunk):
-                xb, yb = cast_inputs(X[s:s + chunk], torch.float64), y[s:s + chunk]
+                xb, yb = cast_inputs(X[s:s + chunk], torch.float64), y[s:s + chunk].cpu()
                 with torch.no_grad():
                     outs = fm({}, xb).reshape(len(xb), C)
                 L = factor_of(outs, yb)                       # (m, C, C): Lambda_i = L_i L_i^T
                 V = torch.einsum("mck,mcp->mkp", L, jac(theta, xb)).reshape(-1, P)
                 G += V.T @ V
-        self._H = G + self._d * torch.eye(P, dtype=torch.float64)
-        Lh = cholesky(self._H, "the penalised Gauss-Newton matrix")
+                seen += len(yb)
+        # the data may be a sample of the n training rows (FitContext(n=...)): G is scaled to n
+        self._H = G * (context.n / seen) + self._d * torch.eye(P, dtype=torch.float64)
+        Lh = cholesky(self._H, "the penalised Gauss-Newton matrix", ridge=self._d)
         self._Hinv = torch.cholesky_inverse(Lh)
 
     def _inverse_diagonal(self) -> dict[str, Tensor]:
@@ -105,5 +109,5 @@ class Fisher(Marginal):
         H = self._H[start:start + len(idx), start:start + len(idx)]
         flat = weight.reshape(-1)
         out = flat.clone()
-        out[idx] = kept_solve(H, flat[idx], keep.reshape(-1)[idx], cut.reshape(-1)[idx])
+        out[idx] = kept_solve(H, flat[idx], keep.reshape(-1)[idx], cut.reshape(-1)[idx], ridge=self._d)
         return out.view_as(weight)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mustat._functional import eval_mode
+from mustat._params import entries
 from mustat.batching import batches
 from mustat.uncertainty.base import FitContext, register_estimator
 from mustat.uncertainty.curvature import output_factor
@@ -56,10 +58,12 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
 @register_estimator("kfac")
 class KFAC(Marginal):
     """Kronecker-factored marginal SEs (module notes) for the weights of ``nn.Linear``,
-    ``nn.Conv1d`` and ``nn.Conv2d`` layers (``groups=1``, string padding resolved by torch),
-    each applied once per forward pass. Other tensors: an error offering ``block``."""
+    ``nn.Conv1d`` and ``nn.Conv2d`` layers (``groups=1``, numeric zero padding), each applied
+    once per forward pass (a Linear layer may see sequences: its positions are the ``T``).
+    Other tensors: an error offering ``block``."""
 
     cheaper = "curvature"
+    variants = {"kfac-sandwich": {"kind": "sandwich"}}
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, max_memory: int = 4 << 30):
@@ -68,10 +72,10 @@ class KFAC(Marginal):
         for n, e in zip(self.names, self._entries):
             mod = e.module
             if e.tied or e.attr != "weight" or not isinstance(mod, _LAYERS) or getattr(mod, "groups", 1) != 1 \
-                    or isinstance(getattr(mod, "padding", 0), str):
+                    or isinstance(getattr(mod, "padding", 0), str) or getattr(mod, "padding_mode", "zeros") != "zeros":
                 raise ValueError(
                     f"estimator 'kfac' factors the weights of nn.Linear, nn.Conv1d and nn.Conv2d layers (groups=1, "
-                    f"numeric padding, used once), not {n!r} ({type(mod).__name__}.{e.attr}); use se='block' "
+                    f"numeric zero padding, used once), not {n!r} ({type(mod).__name__}.{e.attr}); use se='block' "
                     "or leave it out of params=")
             self._layers[n] = mod
 
@@ -80,10 +84,30 @@ class KFAC(Marginal):
 
     def _memory(self, context: FitContext) -> int:
         total = 0
+        first = next(batches(context.source), None)
+        positions = self._positions(first[0][:1]) if first is not None else {}
         for mod in self._layers.values():
             a = mod.weight[0].numel() + self._bias(mod)
+            # factors, eigenvectors and the inverse diagonal; a chunk's unfolded inputs and output gradients
             total += 3 * (a * a + mod.weight.shape[0] ** 2) + 2 * mod.weight.shape[0] * a
+            total += 2 * 512 * positions.get(mod, 1) * (a + mod.weight.shape[0])
         return 8 * total + (64 << 20)
+
+    def _positions(self, probe: Tensor) -> dict[nn.Module, int]:
+        """Output positions ``T`` of each layer, from one sample."""
+        seen = {}
+
+        def count(mod, inp, out):
+            seen[mod] = _patches(mod, inp[0].detach()).shape[1]
+
+        handles = [m.register_forward_hook(count) for m in self._layers.values()]
+        try:
+            with torch.no_grad(), eval_mode(self._model):
+                self._model(probe)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
 
     def _build(self, context: FitContext) -> None:
         fm = self._fm
@@ -92,10 +116,16 @@ class KFAC(Marginal):
         B = {n: 0.0 for n in self._layers}
         positions = {}
         factor_of = None
+        seen = 0
         for X, y in batches(context.source):
             for s in range(0, len(y), 512):
-                xb, yb = cast_inputs(X[s:s + 512], torch.float64), y[s:s + 512]
+                xb, yb = cast_inputs(X[s:s + 512], torch.float64), y[s:s + 512].cpu()
                 inputs, outputs, out = self._capture(fm, mods, xb)
+                missing = [n for m, n in mods.items() if m not in inputs]
+                if missing:
+                    raise ValueError(f"estimator 'kfac': the layers {missing} are not called in the forward pass, so "
+                                     "they have no curvature; leave them out of params=")
+                seen += len(yb)
                 shape = out.shape[1:]
                 C = max(1, int(shape.numel()))
                 out = out.reshape(len(xb), C)
@@ -108,7 +138,10 @@ class KFAC(Marginal):
                                              retain_graph=c < C - 1, allow_unused=True)
                     for m, g in zip(order, gs):
                         if g is not None:
-                            g = g.reshape(len(g), g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
+                            if isinstance(m, nn.Linear):     # (m, ..., out): every leading position a row
+                                g = g.reshape(-1, g.shape[-1])
+                            else:                           # (m, out, *spatial)
+                                g = g.reshape(len(g), g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
                             B[mods[m]] = B[mods[m]] + g.T @ g
                 for m in order:
                     a = _patches(m, inputs[m])
@@ -119,9 +152,10 @@ class KFAC(Marginal):
                     A[mods[m]] = A[mods[m]] + a.T @ a
         self._factors = {}
         for n, mod in self._layers.items():
-            a_mat = A[n] / (context.n * positions[n])
-            b_mat = B[n] if isinstance(B[n], Tensor) else torch.zeros(mod.weight.shape[0], mod.weight.shape[0],
-                                                                       dtype=torch.float64)
+            # A is a mean over the rows seen; B a sum, scaled to the n training rows (FitContext(n=...))
+            a_mat = A[n] / (seen * positions[n])
+            b_mat = (B[n] if isinstance(B[n], Tensor) else torch.zeros(mod.weight.shape[0], mod.weight.shape[0],
+                                                                       dtype=torch.float64)) * (context.n / seen)
             alpha, QA = torch.linalg.eigh(0.5 * (a_mat + a_mat.T))
             beta, QB = torch.linalg.eigh(0.5 * (b_mat + b_mat.T))
             denom = beta.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :] + self._d
@@ -166,7 +200,8 @@ class KFAC(Marginal):
         return names
 
     def _bias_name(self, mod: nn.Module) -> str:
-        return next(k for k, v in self._model.named_parameters() if v is mod.bias)
+        # from the entry table: a masked (parametrized or torch-pruned) bias is not a plain parameter
+        return next(e.name for e in entries(self._model).values() if e.module is mod and e.attr == "bias")
 
     def _solve(self, psi: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
@@ -189,5 +224,5 @@ class KFAC(Marginal):
         eye = torch.eye(k, dtype=torch.float64)
         for o in torch.nonzero(cut.any(1)).flatten().tolist():
             H = b_mat[o, o] * a_mat[:k, :k] + self._d * eye
-            out[o] = kept_solve(H, w[o], keep[o], cut[o])
+            out[o] = kept_solve(H, w[o], keep[o], cut[o], ridge=self._d)
         return out.view_as(weight)

@@ -63,18 +63,20 @@ def per_sample_gradients(fm: FunctionalModel, names: list[str], loss: Loss, xb: 
 
 
 def cast_inputs(xb: Tensor, dtype: torch.dtype) -> Tensor:
-    return xb.to(dtype) if xb.is_floating_point() else xb
+    """A batch's inputs on the CPU, where the marginal estimators compute, floating ones in ``dtype``."""
+    return xb.to("cpu", dtype) if xb.is_floating_point() else xb.to("cpu")
 
 
-def cholesky(H: Tensor, what: str) -> Tensor:
+def cholesky(H: Tensor, what: str, ridge: float = 0.0) -> Tensor:
     """Lower Cholesky factors of a batch of symmetric matrices; a clear error when one is not
-    positive definite (no penalty, and the data leave a direction flat)."""
+    positive definite (no penalty, and the data leave a direction flat). ``ridge``: the smallest
+    diagonal term known to be added (the penalty); with one, rounding-sized pivots are genuine."""
     H = 0.5 * (H + H.transpose(-1, -2))
     L, info = torch.linalg.cholesky_ex(H)
-    # an exactly singular matrix can factor with rounding-sized pivots: those count as zero
+    # an exactly singular matrix can factor with rounding-sized pivots: without a ridge they count as zero
     scale = H.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)
     tiny = L.diagonal(dim1=-2, dim2=-1).square() <= H.shape[-1] * torch.finfo(H.dtype).eps * scale
-    if bool((info > 0).any()) or bool(tiny.any()):
+    if bool((info > 0).any()) or (ridge <= 0 and bool(tiny.any())):
         raise ValueError(
             f"{what} is not positive definite: the data leave some directions without curvature and there is "
             "no weight decay to bound them. Pass damping=delta > 0 (curvature + n*delta*I, in weight-decay units), "
@@ -135,6 +137,7 @@ class Marginal(Estimator):
     # ------------------------------------------------------------------ fit and results
     def fit(self, context: FitContext) -> Marginal:
         context.need(self.name, *self.needs)
+        self._se = self._estimate = self._fm = None      # a failed refit must not serve the last one
         self._penalty = context.penalty()
         self._d = context.n * (self._penalty + self.damping)
         need = self._memory(context)
@@ -142,17 +145,24 @@ class Marginal(Estimator):
             raise ValueError(
                 f"estimator {self.name!r} needs about {need / _GiB:.2f} GiB for its curvature on this model, more "
                 f"than max_memory={self.max_memory / _GiB:.2f} GiB; {self._cheaper_hint()}")
-        self._fm = FunctionalModel(self._model, dtype=torch.float64)
+        # float64 on the CPU whatever the model's dtype and device: Kronecker factors and Woodbury
+        # kernels lose several digits in float32, and the blocks are small next to the model
+        self._fm = FunctionalModel(self._model, dtype=torch.float64, device="cpu")
         with eval_mode(self._model):
             self._build(context)
             var = self._inverse_diagonal() if self.kind == "observed" else self._sandwich(context)
         ref = self._current_weights()
         se = {}
         for n in self.names:
-            v = var[n].clamp_min(0).sqrt()
+            v = var[n]
             mask = self._fm.mask(n)
-            if mask is not None:
-                v = torch.where(mask.reshape(v.shape).to(v.device) == 0, torch.zeros_like(v), v)
+            live = torch.ones_like(v, dtype=torch.bool) if mask is None else mask.reshape(v.shape).cpu() != 0
+            if bool((v[live] <= 0).any()) or not bool(torch.isfinite(v[live]).all()):
+                raise ValueError(
+                    f"estimator {self.name!r}: {int((~(v[live] > 0)).sum())} variances of {n!r} are not positive (the "
+                    "inverse lost its digits to cancellation: the curvature is nearly singular); pass damping=delta > 0 "
+                    "or use smaller blocks")
+            v = torch.where(live, v.clamp_min(0).sqrt(), torch.zeros_like(v))
             se[n] = v.to(device=ref[n].device, dtype=ref[n].dtype)
         self._se, self._estimate = se, ref
         return self
@@ -195,6 +205,32 @@ class Marginal(Estimator):
         return dict(kind=self.kind, quantity=self.quantity, weight_decay=self._penalty, damping=self.damping)
 
     # ------------------------------------------------------------------ OBS update
+    def check_update(self, model: nn.Module | None = None) -> None:
+        """Raise before anything is changed when :meth:`obs_update` cannot run: not fitted (or
+        already used), fitted on another model, a sandwich SE (the update needs ``H``), blocks
+        too large, or weights changed since :meth:`fit`."""
+        if self._estimate is None or self._fm is None:
+            raise NotFittedError(f"{self.name}: the compensating update needs fit() first, at the weights being "
+                                 "pruned (each update needs a fresh fit: the curvature moves)")
+        if model is not None and model is not self._model:
+            raise ValueError(f"update= was fitted on another model than the one being pruned ({self.name})")
+        if self.kind != "observed":
+            raise ValueError(f"the compensating update needs the curvature H: {self.name} has kind={self.kind!r}; "
+                             "use kind='observed'")
+        for n, e in zip(self.names, self._entries):
+            now = e.effective().detach().cpu()
+            mask = e.mask()
+            fitted = self._estimate[n].detach().cpu()
+            if mask is not None:              # entries masked since fit are 0 now, and that is the prune
+                fitted = fitted * (mask.cpu().reshape(fitted.shape) != 0)
+            if not torch.equal(now, fitted):
+                raise RuntimeError(f"{self.name}: {n!r} changed since fit(); refit the estimator at the weights "
+                                   "being pruned")
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:  # noqa: B027  (structures with a size limit override it)
+        pass
+
     def obs_update(self) -> dict[str, float]:
         r"""Optimal Brain Surgeon's compensating update after a prune: every weight pruned since
         :meth:`fit` is set to 0 and the weights still kept in its block move to the minimum of
@@ -202,34 +238,31 @@ class Marginal(Estimator):
         pruned, ``H`` this estimator's block of the penalised curvature). Masks are respected:
         weights pruned before :meth:`fit` stay out. Changes the model's weights in place and
         returns each tensor's relative change ``|Delta| / |w|``; the estimator must be refitted
-        before another update (the curvature has moved)."""
-        if self._estimate is None or self._fm is None:
-            raise NotFittedError(f"{self.name}.obs_update() needs fit() first, at the weights being pruned")
-        changes = {}
+        before another update or another ``se()`` (the curvature has moved)."""
+        self.check_update()
+        new_values = {}
         for n, e in zip(self.names, self._entries):
             before = self._fm.mask(n)
             before = torch.ones(self._estimate[n].shape, dtype=torch.bool) if before is None else before.cpu() != 0
             now = e.mask()
             now = torch.ones_like(before) if now is None else now.cpu().reshape(before.shape) != 0
             cut = before & ~now
-            if not bool(cut.any()):
+            w = self._estimate[n].detach().to("cpu", torch.float64).reshape(before.shape)
+            new_values[n] = (w, now, None if not bool(cut.any()) else self._kept_solve(n, w, now, cut))
+        changes = {}
+        for (n, (w, now, new)), e in zip(new_values.items(), self._entries):
+            if new is None:
                 changes[n] = 0.0
                 continue
-            w = self._estimate[n].detach().to("cpu", torch.float64).reshape(before.shape)
-            if not torch.equal(e.effective().detach().cpu()[now], self._estimate[n].cpu()[now]):
-                raise RuntimeError(f"{self.name}.obs_update(): {n!r} changed since fit(); refit the estimator at the "
-                                   "weights being pruned")
-            new = self._kept_solve(n, w, now, cut)
             leaf, _ = e.source()
             with torch.no_grad():
                 leaf.copy_(torch.where(now, new, torch.zeros_like(new)).to(leaf.dtype).reshape(leaf.shape))
             changes[n] = float((new - w)[now].norm() / w.norm().clamp_min(1e-300))
-        self._estimate = None
-        self._fm = None
+        self._se = self._estimate = self._fm = None
         return changes
 
 
-def kept_solve(H: Tensor, w: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
+def kept_solve(H: Tensor, w: Tensor, keep: Tensor, cut: Tensor, ridge: float = 0.0) -> Tensor:
     """One block's compensating update: ``w`` with ``w_K + H_KK^-1 H_KQ w_Q`` on the kept
     entries ``K`` (``Q``: the entries cut now); entries outside both are left as they are."""
     K = torch.nonzero(keep).flatten()
@@ -237,7 +270,7 @@ def kept_solve(H: Tensor, w: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
     out = w.clone()
     if len(K) == 0 or len(Q) == 0:
         return out
-    L = cholesky(H[K][:, K], "the kept weights' curvature block")
+    L = cholesky(H[K][:, K], "the kept weights' curvature block", ridge=ridge)
     rhs = H[K][:, Q] @ w[Q]
     out[K] = w[K] + torch.cholesky_solve(rhs[:, None], L)[:, 0]
     return out
@@ -276,14 +309,19 @@ class LowRankBlocks:
         if P % bs:
             yield full * bs, P, 1
 
+    def check_update(self) -> None:
+        if self.bs > 4096:
+            raise ValueError(f"the compensating update forms each block's {self.bs} x {self.bs} curvature; use "
+                             "block_size <= 4096")
+
     def _factor(self, start: int, stop: int, count: int) -> tuple[Tensor, Tensor, Tensor]:
         Ub = self.U[:, start:stop].reshape(len(self.U), count, -1).transpose(0, 1)   # (count, m, bs)
         Db = self.D[start:stop].reshape(count, -1)                                   # (count, bs)
         if self.direct:
             H = self.c * Ub.transpose(1, 2) @ Ub + torch.diag_embed(Db)
-            return Ub, Db, cholesky(H, "a curvature block")
+            return Ub, Db, cholesky(H, "a curvature block", ridge=float(self.D.min()))
         K = torch.eye(Ub.shape[1], dtype=Ub.dtype) + self.c * (Ub / Db[:, None]) @ Ub.transpose(1, 2)
-        return Ub, Db, cholesky(K, "a Woodbury kernel")
+        return Ub, Db, cholesky(K, "a Woodbury kernel", ridge=1.0)
 
     def inverse_diagonal(self) -> Tensor:
         out = []
@@ -315,16 +353,13 @@ class LowRankBlocks:
         """The compensating update of :func:`kept_solve`, block by block."""
         out = w.clone()
         P = self.U.shape[1]
-        if self.bs > 4096:
-            raise ValueError(f"the compensating update forms each block's {self.bs} x {self.bs} curvature; use "
-                             "block_size <= 4096")
         for start in range(0, P, self.bs):
             sl = slice(start, min(P, start + self.bs))
             if not bool(cut[sl].any()):
                 continue
             Ub = self.U[:, sl]
             H = self.c * Ub.T @ Ub + torch.diag(self.D[sl])
-            out[sl] = kept_solve(H, w[sl], keep[sl], cut[sl])
+            out[sl] = kept_solve(H, w[sl], keep[sl], cut[sl], ridge=float(self.D.min()))
         return out
 
 
@@ -346,8 +381,9 @@ def tensor_blocks(U: Tensor, keep: Tensor | None, shape: torch.Size, c: float, d
     numel = U.shape[1]
     keep = torch.ones(numel, dtype=torch.bool) if keep is None else keep.reshape(-1).cpu() != 0
     if block_size == "row":
+        # a buffer can hold gradients recorded before the mask: pruned columns are zeroed to decouple them
         D = torch.full((numel,), float(d), dtype=U.dtype) + (~keep).to(U.dtype)
-        return LowRankBlocks(U, c, D, numel // shape[0]), torch.arange(numel)
+        return LowRankBlocks(U * keep.to(U.dtype), c, D, numel // shape[0]), torch.arange(numel)
     idx = torch.nonzero(keep).flatten()
     return LowRankBlocks(U[:, idx], c, d, block_size), idx
 

@@ -43,6 +43,7 @@ class WoodFisher(Marginal):
     needs = ("n", "batch_size")
     with_replacement = True
     l2_only = True
+    variants = {"woodfisher-row": {"block_size": "row"}}
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, gradients: int = 64, block_size: int | str | None = 128,
@@ -118,6 +119,10 @@ class WoodFisher(Marginal):
 
     def _solve(self, psi: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError("woodfisher has no sandwich")
+
+    def _check_blocks(self) -> None:
+        for blocks in self._blocks.values():
+            blocks.check_update()
 
     def _kept_solve(self, name: str, weight: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
         idx = self._free[name]
