@@ -4,9 +4,9 @@ estimator from that single run, through the registry (:mod:`mustat.uncertainty`)
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from numbers import Integral
-from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -30,7 +30,13 @@ from mustat.uncertainty.bootstrap import plan
 from validation import metrics as M
 from validation.bootstrap import newton_bootstrap
 from validation.designs import DESIGNS, get_design
-from validation.estimators import Setting, fit_replicates, per_replicate, resolve, train_and_estimate
+from validation.estimators import (
+    Setting,
+    fit_replicates,
+    per_replicate,
+    resolve,
+    train_and_estimate,
+)
 from validation.references import (
     converged_frac,
     glm_fit,

@@ -78,11 +78,20 @@ class KFAC(Marginal):
                     f"numeric zero padding, used once), not {n!r} ({type(mod).__name__}.{e.attr}); use se='block' "
                     "or leave it out of params=")
             self._layers[n] = mod
+        self._find_biases()
 
     def _bias(self, mod: nn.Module) -> bool:
-        return mod.bias is not None and mod.bias.requires_grad
+        """Whether the layer has a trainable bias (masked ones included: torch-prune's ``bias`` is computed)."""
+        return self._bias_entry(mod) is not None
+
+    def _bias_entry(self, mod: nn.Module):
+        return self._biases.get(id(mod))
+
+    def _find_biases(self) -> None:
+        self._biases = {id(e.module): e for e in entries(self._model).values() if e.attr == "bias" and not e.frozen}
 
     def _memory(self, context: FitContext) -> int:
+        self._find_biases()                 # each fit: masks may have been installed since
         total = 0
         first = next(batches(context.source), None)
         positions = self._positions(first[0][:1]) if first is not None else {}
@@ -201,7 +210,7 @@ class KFAC(Marginal):
 
     def _bias_name(self, mod: nn.Module) -> str:
         # from the entry table: a masked (parametrized or torch-pruned) bias is not a plain parameter
-        return next(e.name for e in entries(self._model).values() if e.module is mod and e.attr == "bias")
+        return self._bias_entry(mod).name
 
     def _solve(self, psi: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
