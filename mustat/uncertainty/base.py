@@ -296,9 +296,10 @@ class Estimator(abc.ABC):
         pass
 
     def _identified(self, se: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The se = 0 policy of trajectory estimators: an unpruned entry whose trajectory never moved
-        has no information from the data (no gradient ever reached it), not infinite precision, so
-        its SE is ``inf`` (z = 0: M&U prunes it first). The count is ``diagnostics()["unidentified"]``."""
+        """The se = 0 policy of the estimators that measure spread (trajectories, refits): an unpruned
+        entry that never moved has no information from the data (no gradient ever reached it), not
+        infinite precision, so its SE is ``inf`` (z = 0: M&U prunes it first). The count is
+        ``diagnostics()["unidentified"]``. Curvature-based estimators get the same from the penalty."""
         out, count = {}, 0
         for n, e in zip(self.names, self._entries):
             s = se[n]

@@ -258,7 +258,8 @@ class Bootstrap(Estimator):
     def se(self) -> dict[str, Tensor]:
         if self._se is None:
             raise NotFittedError("bootstrap is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after training")
-        return {k: v.clone() for k, v in self._se.items()}
+        # a weight that no refit moved has no information from the resamples: inf, not 0
+        return self._identified({k: v.clone() for k, v in self._se.items()})
 
     @property
     def centre(self) -> str:
@@ -271,4 +272,7 @@ class Bootstrap(Estimator):
         return {k: v.clone() for k, v in self._estimate.items()}
 
     def diagnostics(self) -> dict[str, Any]:
-        return dict(self._diag)
+        if self._se is None:
+            return dict(self._diag)
+        self.se()
+        return {**self._diag, "unidentified": self._unidentified}
