@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     print(f"one training epoch (Adam, batch 64, {len(y)} rows): {t_epoch:.3f} s")
     print(f"  with woodfisher's ring buffer (64 gradients): {t_wf:.3f} s = {t_wf / t_epoch:.3f}x a plain epoch")
     rows = [("curvature (diagonal GGN)", "curvature", {}), ("kfac", "kfac", {}),
-            ("block (1024 samples, blocks of 128)", "block", {}), ("woodfisher fit (64 gradients)", None, {})]
+            ("block (256 samples, blocks of 128)", "block", {"samples": 256}), ("woodfisher fit (64 gradients)", None, {})]
     for label, name, opts in rows:
         est = wf if name is None else make_estimator(name, model, **opts)
         t = best(lambda est=est: est.fit(ctx), args.repeats)
