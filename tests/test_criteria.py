@@ -92,7 +92,7 @@ def test_score_uses_given_weights(mlp):
 
 
 def test_bad_input(mlp):
-    with pytest.raises(ValueError, match="magnitude, mu, random"):
+    with pytest.raises(ValueError, match="lamp, magnitude, mu, obs, random"):
         mustat.score(mlp, "wald-ish")
     with pytest.raises(ValueError, match="needs se="):
         mustat.score(mlp, "mu")

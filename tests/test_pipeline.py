@@ -80,8 +80,8 @@ def test_other_settings_in_same_folder_refused(tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["--dataset", "imagenet"], "invalid choice.*digits"),
     (["--model", "resnet"], "invalid choice.*lenet5"),
-    (["--criteria", "mu,psychic"], "criterion=.psychic. is not valid; choose one of: gradient-weight, magnitude, mu, random"),
-    (["--se", "pseudo,oracle"], "se=.oracle. is not valid; choose one of: batch-means, bootstrap, calibrated, curvature, pseudo, wald"),
+    (["--criteria", "mu,psychic"], "criterion=.psychic. is not valid; choose one of: gradient-weight, lamp, magnitude, mu, obs, random"),
+    (["--se", "pseudo,oracle"], "se=.oracle. is not valid; choose one of: batch-means, block, bootstrap, calibrated, curvature, fisher, kfac, pseudo, wald, woodfisher"),
     (["--criteria", "magnitude[pseudo]"], "uses no standard errors"),
     (["--criteria", "mu[wald]"], "full 50610 x 50610 Hessian.*use se='curvature'"),
     (["--track-epochs", "0"], "track_epochs must be in"),
