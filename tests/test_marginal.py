@@ -203,6 +203,8 @@ def test_memory_is_checked_before_any_allocation():
         make_estimator("woodfisher", model, max_memory=10)
     with pytest.raises(ValueError, match="max_params=4"):
         make_estimator("fisher", model, max_params=4)
+    with pytest.raises(ValueError, match="kind='sandwich' is not valid; choose one of: observed"):
+        make_estimator("woodfisher", model, kind="sandwich")   # no per-sample scores in training
 
 
 def test_an_unpenalised_singular_block_offers_damping():

@@ -91,16 +91,18 @@ class Marginal(Estimator):
 
     Subclasses implement :meth:`_memory` (bytes, checked against ``max_memory`` before any
     allocation), :meth:`_build`, :meth:`_inverse_diagonal` (``{name: variance}`` over the tracked
-    tensors), :meth:`_solve` (``H^-1`` applied to per-sample vectors of :meth:`_block_names`) and
-    :meth:`_kept_solve` (the compensating update, :meth:`obs_update`)."""
+    tensors), :meth:`_kept_solve` (the compensating update, :meth:`obs_update`) and, when
+    ``sandwich`` is true, ``_solve(psi)``: ``H^-1`` applied to a chunk of per-sample vectors
+    ``{name: (m, *shape)}`` of :meth:`_block_names`."""
 
     needs = ("data", "loss")
     cheaper: ClassVar[str] = "curvature"
+    sandwich: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, max_memory: int = 4 * _GiB):
         super().__init__(model, params=params)
-        self.kind = check_option(kind, "kind", KINDS)
+        self.kind = check_option(kind, "kind", KINDS if type(self).sandwich else ("observed",))
         self.damping = float(check_scalar(damping, "damping", kind=Real, low=0.0))
         self.max_memory = int(check_scalar(max_memory, "max_memory", kind=Integral, low=1))
         self._se: dict[str, Tensor] | None = None
@@ -128,11 +130,8 @@ class Marginal(Estimator):
         return list(self.names)
 
     @abc.abstractmethod
-    def _solve(self, psi: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``H^-1 psi`` for a chunk of per-sample vectors ``{name: (m, *shape)}`` of :meth:`_block_names`."""
-
     def _kept_solve(self, name: str, weight: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
-        raise NotImplementedError(f"estimator {self.name!r} has no compensating update")
+        """One tensor's weights after the compensating update (:meth:`obs_update`)."""
 
     # ------------------------------------------------------------------ fit and results
     def fit(self, context: FitContext) -> Marginal:

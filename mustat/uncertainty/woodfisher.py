@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mustat._checks import check_option, check_scalar
+from mustat._checks import check_scalar
 from mustat.uncertainty.base import FitContext, NotFittedError, register_estimator
 from mustat.uncertainty.marginal import Marginal, check_block_size, tensor_blocks
 
@@ -43,13 +43,13 @@ class WoodFisher(Marginal):
     needs = ("n", "batch_size")
     with_replacement = True
     l2_only = True
+    sandwich = False                 # the sandwich needs per-sample scores, which training does not keep
     variants = {"woodfisher-row": {"block_size": "row"}}
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, gradients: int = 64, block_size: int | str | None = 128,
                  max_memory: int = 4 << 30):
         super().__init__(model, kind=kind, damping=damping, params=params, max_memory=max_memory)
-        check_option(self.kind, "kind", ("observed",))
         self.gradients = int(check_scalar(gradients, "gradients", kind=Integral, low=2))
         self.block_size = check_block_size(block_size)
         for n, e in zip(self.names, self._entries):
@@ -116,9 +116,6 @@ class WoodFisher(Marginal):
 
     def _inverse_diagonal(self) -> dict[str, Tensor]:
         return {n: self._scatter(n, self._blocks[n].inverse_diagonal()) for n in self.names}
-
-    def _solve(self, psi: dict[str, Tensor]) -> dict[str, Tensor]:
-        raise NotImplementedError("woodfisher has no sandwich")
 
     def _check_blocks(self) -> None:
         for blocks in self._blocks.values():
