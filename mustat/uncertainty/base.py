@@ -321,6 +321,31 @@ class NotFittedError(RuntimeError):
     """An estimator was read before :meth:`Estimator.fit` gave it what it needs."""
 
 
+class CurvatureEstimator(Estimator):
+    """Base of the estimators that evaluate a curvature at the trained weights in :meth:`fit`
+    (``curvature`` and the marginal family): ``fit`` sets ``_se`` and ``_estimate``, the
+    weights it was evaluated at, which are the intervals' centre."""
+
+    _se: dict[str, Tensor] | None = None
+    _estimate: dict[str, Tensor] | None = None
+
+    def se(self) -> dict[str, Tensor]:
+        if self._se is None:
+            raise NotFittedError(f"{self.name} is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after "
+                                 "training (or FitContext(data=loader, loss=...))")
+        return {k: v.clone() for k, v in self._se.items()}
+
+    @property
+    def centre(self) -> str:
+        return "weights at the end of training (where the curvature is evaluated)"
+
+    def estimate(self) -> dict[str, Tensor]:
+        """The weights at which the curvature was evaluated."""
+        if self._estimate is None:
+            return self._current_weights()
+        return {k: v.clone() for k, v in self._estimate.items()}
+
+
 ESTIMATORS: dict[str, type[Estimator]] = {}
 
 _FIELDS = ("data", "loss", "optimizer", "batch_size", "n")

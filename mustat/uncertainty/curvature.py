@@ -44,7 +44,12 @@ from torch.func import grad, vmap
 from mustat._checks import check_option, check_scalar
 from mustat._functional import FunctionalModel, eval_mode, hessian, vmap_or_loop
 from mustat.batching import Data, batches
-from mustat.uncertainty.base import Estimator, FitContext, Loss, NotFittedError, register_estimator
+from mustat.uncertainty.base import (
+    CurvatureEstimator,
+    FitContext,
+    Loss,
+    register_estimator,
+)
 
 
 def output_factor(loss: Loss, out_shape: torch.Size | tuple[int, ...]) -> Callable[[Tensor, Tensor], Tensor]:
@@ -214,7 +219,7 @@ def _linear_rule(fm: FunctionalModel, linear: dict[nn.Linear, dict[str, str]], p
 
 
 @register_estimator("curvature")
-class Curvature(Estimator):
+class Curvature(CurvatureEstimator):
     """``1 / sqrt(diag(GGN) + n * weight_decay)`` after training (module notes).
 
     ``fit`` needs ``FitContext(X=..., y=..., loss=...)`` (or ``data=``); the penalty comes
@@ -231,8 +236,6 @@ class Curvature(Estimator):
     def __init__(self, model: nn.Module, *, params: Iterable[str] | None = None, chunk_elements: int = 1 << 24):
         super().__init__(model, params=params)
         self.chunk_elements = int(check_scalar(chunk_elements, "chunk_elements", kind=Integral, low=1))
-        self._se: dict[str, Tensor] | None = None
-        self._estimate: dict[str, Tensor] | None = None
         self._penalty = 0.0
 
     def fit(self, context: FitContext) -> Curvature:
@@ -245,22 +248,6 @@ class Curvature(Estimator):
                     for n, d in diag.items()}
         self._estimate = self._current_weights()
         return self
-
-    def se(self) -> dict[str, Tensor]:
-        if self._se is None:
-            raise NotFittedError("curvature is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after training "
-                                 "(or FitContext(data=loader, loss=...))")
-        return {k: v.clone() for k, v in self._se.items()}
-
-    @property
-    def centre(self) -> str:
-        return "weights at the end of training (where the curvature is evaluated)"
-
-    def estimate(self) -> dict[str, Tensor]:
-        """The weights at which the curvature was evaluated."""
-        if self._estimate is None:
-            return self._current_weights()
-        return {k: v.clone() for k, v in self._estimate.items()}
 
     def diagnostics(self) -> dict[str, Any]:
         return dict(weight_decay=self._penalty)

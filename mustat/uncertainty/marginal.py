@@ -44,7 +44,7 @@ from torch.func import grad
 from mustat._checks import check_option, check_scalar
 from mustat._functional import FunctionalModel, eval_mode, vmap_or_loop
 from mustat.batching import batches
-from mustat.uncertainty.base import Estimator, FitContext, Loss, NotFittedError
+from mustat.uncertainty.base import CurvatureEstimator, FitContext, Loss, NotFittedError
 
 KINDS = ("observed", "sandwich")
 _GiB = 1 << 30
@@ -84,7 +84,7 @@ def cholesky(H: Tensor, what: str, ridge: float = 0.0) -> Tensor:
     return L
 
 
-class Marginal(Estimator):
+class Marginal(CurvatureEstimator):
     """Base of the marginal estimators (module notes): ``fit`` builds the penalised curvature in
     the subclass's block structure, then returns :math:`\\sqrt{[H^{-1}]_{qq}}` (``kind="observed"``,
     a saliency) or :math:`\\sqrt{[H^{-1}JH^{-1}]_{qq}}` (``kind="sandwich"``, a sampling SE).
@@ -105,8 +105,6 @@ class Marginal(Estimator):
         self.kind = check_option(kind, "kind", KINDS if type(self).sandwich else ("observed",))
         self.damping = float(check_scalar(damping, "damping", kind=Real, low=0.0))
         self.max_memory = int(check_scalar(max_memory, "max_memory", kind=Integral, low=1))
-        self._se: dict[str, Tensor] | None = None
-        self._estimate: dict[str, Tensor] | None = None
         self._penalty = 0.0
         self._d = 0.0
         self._fm: FunctionalModel | None = None
@@ -183,22 +181,6 @@ class Marginal(Estimator):
                 for n, v in self._solve(psi).items():
                     out[n] += v.square().sum(0)
         return out
-
-    def se(self) -> dict[str, Tensor]:
-        if self._se is None:
-            raise NotFittedError(f"{self.name} is not fitted: call fit(FitContext(X=..., y=..., loss=...)) after "
-                                 "training (or FitContext(data=loader, loss=...))")
-        return {k: v.clone() for k, v in self._se.items()}
-
-    @property
-    def centre(self) -> str:
-        return "weights at the end of training (where the curvature is evaluated)"
-
-    def estimate(self) -> dict[str, Tensor]:
-        """The weights at which the curvature was evaluated."""
-        if self._estimate is None:
-            return self._current_weights()
-        return {k: v.clone() for k, v in self._estimate.items()}
 
     def diagnostics(self) -> dict[str, Any]:
         return dict(kind=self.kind, quantity=self.quantity, weight_decay=self._penalty, damping=self.damping)
