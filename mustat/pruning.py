@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mustat import _masking as M
 from mustat._checks import check_option, check_scalar
 from mustat._params import entries, entry, install_mask, mask_of, masked_names, select
+from mustat.patterns import check_groups, is_transposed, nm_keep, parse_pattern, resolve_sparsity
 
 
 class Scope(str, Enum):
@@ -170,10 +171,11 @@ def prune(
     model: nn.Module,
     scores: Mapping[str, Tensor],
     *,
-    sparsity: float,
+    sparsity: float | None = None,
     scope: str | Scope = "global",
     max_tensor_sparsity: float | None = None,
     update=None,
+    pattern: str = "unstructured",
 ) -> PruningReport:
     """Mask the lowest-scoring weights so that ``sparsity`` of them are zero.
 
@@ -189,7 +191,8 @@ def prune(
         the call, in [0, 1) (not an increment): exactly ``round(sparsity * n)`` pruned,
         over all tensors (``scope="global"``) or per tensor (``scope="layer"``).
         Pruned weights are never revived: a target below the current sparsity
-        leaves the masks as they are, with a warning.
+        leaves the masks as they are, with a warning. Required for an unstructured
+        pattern; an N:M pattern implies ``1 - N/M``.
     scope
         ``"global"`` or ``"layer"``; see :class:`Scope`.
     max_tensor_sparsity
@@ -202,6 +205,11 @@ def prune(
         masks are set, the kept weights get Optimal Brain Surgeon's compensating update in its
         block structure (:meth:`mustat.uncertainty.Marginal.obs_update`), fitted at the weights
         being pruned. ``None``: the kept weights are left as they are.
+    pattern
+        ``"unstructured"``, or ``"N:M"`` (``"2:4"``, ``"4:8"``): the N highest-scoring of every M
+        consecutive weights of each row are kept (:mod:`mustat.patterns`; a convolution's row is
+        ``in * kernel``). The groups are fixed, so ``scope`` does not apply, and
+        ``max_tensor_sparsity`` is refused. Check a model with :func:`mustat.check_pattern`.
 
     Returns
     -------
@@ -213,7 +221,13 @@ def prune(
     LayerCollapseWarning
         When a tensor that still had live weights ends fully pruned.
     """
-    check_scalar(sparsity, "sparsity", kind=Real, low=0.0, high=1.0, closed="left")
+    nm = parse_pattern(pattern)
+    if sparsity is not None:
+        check_scalar(sparsity, "sparsity", kind=Real, low=0.0, high=1.0, closed="left")
+    sparsity = resolve_sparsity(sparsity, nm)
+    if nm.structured and max_tensor_sparsity is not None:
+        raise ValueError(f"max_tensor_sparsity does not apply to pattern='{nm}': every tensor is pruned to exactly "
+                         f"{nm.sparsity:g}; leave it out")
     scope = check_option(scope, "scope", Scope)
     if update is not None:
         if not callable(getattr(update, "obs_update", None)):
@@ -238,6 +252,7 @@ def prune(
             raise ValueError(f"scores[{key!r}] has shape {shape}, the weight has {tuple(w.shape)}")
         if torch.isnan(s).any():
             raise ValueError(f"scores[{key!r}] contains NaN; scores must be numbers (+/-inf allowed)")
+        check_groups(w.T.shape if is_transposed(e.module, e.attr) else w.shape, nm, name)
         targets[name] = (e.module, e.attr, s.detach(), _alive(model, name, s))
 
     already = sum(int((~a).sum()) for *_, a in targets.values())
@@ -246,7 +261,14 @@ def prune(
                             {n: int((~t[3]).sum()) for n, t in targets.items()}, sparsity, scope, max_tensor_sparsity)
         if why:
             raise ValueError(why)
-    if scope is Scope.GLOBAL:
+    if nm.structured:
+        keeps = {}
+        for name, (module, attr, s, a) in targets.items():
+            flip = is_transposed(module, attr)
+            keep = nm_keep(s.T if flip else s, nm, a.T if flip else a)
+            keeps[name] = keep.T if flip else keep
+        below = False
+    elif scope is Scope.GLOBAL:
         device = next(iter(targets.values()))[2].device
         if device.type == "mps":  # no float64 there: rank on the CPU
             device = torch.device("cpu")

@@ -1,0 +1,136 @@
+"""The layers one-shot pruning finds, each seen as matrices ``W`` (rows x inputs) and the inputs
+that feed them.
+
+- ``nn.Linear`` (``y = x W^T + b``): the weight itself; its input is the module's input.
+- ``transformers``' ``Conv1D`` (GPT-2; ``y = x W + b``, weight stored inputs x outputs): the
+  transposed weight.
+- ``nn.MultiheadAttention`` (``nn.TransformerEncoder``, packed ``in_proj_weight``): the query, key
+  and value rows of ``in_proj_weight`` are three matrices fed by the query, key and value inputs;
+  its ``out_proj`` is never called as a module, so its input (the heads' concatenated values) is
+  recomputed by ``F.multi_head_attention_forward`` with an identity output projection, and checked
+  against the module's real output on the first batch.
+
+Embeddings, norms, biases and convolutions over images are left alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mustat._params import Entry
+from mustat.patterns import is_hf_conv1d
+
+KINDS = ("linear", "conv1d", "mha-in", "mha-out")
+
+
+@dataclass(eq=False)
+class Target:
+    """One prunable tensor: its mustat name, the module and attribute holding it, and its kind.
+    ``parts`` are ``(row slice, source)``: the rows of the matrix view fed by one input
+    (``"input"``, or for attention ``"query"``, ``"key"``, ``"value"``, ``"values"``)."""
+
+    name: str
+    path: str
+    module: nn.Module
+    attr: str
+    kind: str
+    entry: Entry
+    caller: nn.Module  # the module whose call carries the input (the attention module for out_proj)
+
+    @property
+    def parts(self) -> list[tuple[slice, str]]:
+        if self.kind == "mha-in":
+            e = self.module.embed_dim
+            return [(slice(0, e), "query"), (slice(e, 2 * e), "key"), (slice(2 * e, 3 * e), "value")]
+        return [(slice(None), "values" if self.kind == "mha-out" else "input")]
+
+    def matrix(self) -> Tensor:
+        """The effective weight (masks applied) as rows x inputs, detached."""
+        W = self.entry.effective()
+        return W.T if self.kind == "conv1d" else W
+
+    def alive(self) -> Tensor:
+        mask = self.entry.mask()
+        W = self.entry.source()[0]
+        alive = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.bool()
+        return alive.T if self.kind == "conv1d" else alive
+
+    def to_stored(self, M: Tensor) -> Tensor:
+        return M.T if self.kind == "conv1d" else M
+
+
+def find_targets(model: nn.Module, table: dict[str, Entry], names: list[str] | None,
+                 exclude: tuple[str, ...]) -> tuple[list[Target], list[tuple[str, str]]]:
+    """Every supported tensor (or the ``names`` asked for) and ``(name, why)`` for those left out."""
+    found: dict[str, Target] = {}
+    skipped: list[tuple[str, str]] = []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    owner = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    by_place = {(id(s.module), s.attr): e for e in table.values() for s in e.places()}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            if not module._qkv_same_embed_dim:
+                skipped.append((f"{path}.q_proj_weight", "attention with separate q/k/v weights is not supported"))
+                continue
+            attr, kind, caller = "in_proj_weight", "mha-in", module
+        elif id(module) in owner:
+            attr, kind, caller = "weight", "mha-out", owner[id(module)]
+        elif isinstance(module, nn.Linear):
+            attr, kind, caller = "weight", "linear", module
+        elif is_hf_conv1d(module):
+            attr, kind, caller = "weight", "conv1d", module
+        else:
+            continue
+        e = by_place.get((id(module), attr))
+        if e is None or e.name in found:
+            continue
+        if names is None:
+            if path in exclude or path.rpartition(".")[2] in exclude:
+                skipped.append((e.name, "excluded by name (exclude=...)"))
+                continue
+            if e.tied or (e.leaf is not None and id(e.leaf) in embeddings):
+                skipped.append((e.name, "tied to another tensor (an embedding, say)"))
+                continue
+        found[e.name] = Target(e.name, path, module, attr, kind, e, caller)
+    if names is not None:
+        missing = [n for n in names if n not in found and (n not in table or table[n].name not in found)]
+        if missing:
+            valid = ", ".join(list(found)[:8]) + (" ..." if len(found) > 8 else "")
+            raise ValueError(f"layers has {missing}, which are not weights one-shot pruning supports (Linear, "
+                             f"transformers' Conv1D, MultiheadAttention); supported here: {valid}")
+        wanted = {table[n].name for n in names}
+        for t in found.values():
+            if t.entry.tied:
+                raise ValueError(f"layers has {t.name!r}, which is tied (one tensor in several places); leave it out")
+        return [t for t in found.values() if t.name in wanted], skipped
+    return list(found.values()), skipped
+
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def mha_inputs(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict:
+    bound = _MHA_SIGNATURE.bind(mha, *args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def mha_values(mha: nn.MultiheadAttention, call: dict) -> Tensor:
+    """The input of ``out_proj``: the attention with an identity output projection, in the layout
+    of the module's output (``(batch, seq, embed)`` when ``batch_first``)."""
+    q, k, v = call["query"], call["key"], call["value"]
+    batched = q.dim() == 3
+    if mha.batch_first and batched:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    E = mha.embed_dim
+    out, _ = F.multi_head_attention_forward(
+        q, k, v, E, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+        mha.add_zero_attn, 0.0, torch.eye(E, dtype=q.dtype, device=q.device), None, training=False,
+        key_padding_mask=call["key_padding_mask"], need_weights=False, attn_mask=call["attn_mask"],
+        is_causal=call["is_causal"])
+    return out.transpose(0, 1) if mha.batch_first and batched else out

@@ -1,0 +1,195 @@
+"""One layer's one-shot problem: scores, masks and the compensating update from calibration inputs.
+
+A layer ``y = W x`` (``W``: rows x d) with calibration inputs ``x_1..x_n`` is pruned by
+least-squares reconstruction of its outputs. With ``H = sum_t x_t x_t^T`` (the Gram matrix,
+:class:`Gram`) the error of changing row ``i`` by ``dw`` is ``dw^T H dw``. Every method here is
+a score on that problem; lower is pruned first.
+
+- ``magnitude``: ``|w_ij|``.
+- ``wanda`` (Sun et al. 2024): ``|w_ij| * ||X_j||_2 = |w_ij| sqrt(H_jj)``, the conditional
+  statistic (others held fixed).
+- ``sparsegpt`` (Frantar & Alistarh 2023): Optimal Brain Surgeon's ``w_ij^2 / [H_d^-1]_jj``, the
+  error left after the other weights of the row are refitted; with the update, the masks are
+  chosen block by block from the updated weights, as the paper does.
+- ``mu``: the Wald statistic of ``w_ij = 0`` in the layer's regression, ``z^2 = w_ij^2 /
+  (sigma_i^2 [H_d^-1]_jj)``, where ``sigma_i^2 = w_i^T H w_i / n`` is the row's mean squared output.
+  Within a row it ranks as ``sparsegpt`` does; across rows and layers ``z^2 / n`` is the fraction of
+  the row's output energy that removing the weight costs (after the refit), which is invariant to
+  rescaling a row: the scale-invariance M&U claims, and the reason to compare its ``layer`` and
+  ``global`` scopes.
+- ``mu-sandwich``: the same with the heteroscedastic variance ``sigma_i^2 [H_d^-1 M H_d^-1]_jj``,
+  ``M = sum_t v_t x_t x_t^T``, where token ``t``'s noise factor ``v_t = ||W x_t||^2 / mean_t
+  ||W x_t||^2`` (the layer's own output energy, shared across rows; ``v_t = 1`` gives ``mu``).
+
+``H_d = H + damping * mean(diag H) * I`` (SparseGPT's 1% by default) keeps the inverse finite
+for inputs that are always zero or collinear.
+
+The update (OBS, in SparseGPT's column order): columns are processed left to right; each pruned
+weight is set to zero and its error ``w / U_jj`` is pushed to the not-yet-processed columns of
+its row through the upper Cholesky factor ``U`` of ``H_d^-1`` (row ``j`` of ``U`` is the first row
+of the inverse of ``H_d`` restricted to columns ``j..d``, scaled), in lazy blocks of columns.
+Weights already processed are frozen, so it is a greedy approximation of the row's constrained
+least-squares refit, not its optimum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mustat.patterns import Pattern, nm_keep
+
+UNSTRUCTURED = Pattern()
+METHODS = ("magnitude", "wanda", "sparsegpt", "mu", "mu-sandwich")
+SCOPES = ("row", "layer", "global")
+
+
+@dataclass
+class Gram:
+    """Calibration statistics of one input: ``H = sum_t x_t x_t^T`` over ``n`` tokens (float64),
+    and for the sandwich ``M_raw = sum_t e_t x_t x_t^T`` with ``e_t = ||W x_t||^2`` and
+    ``S = sum_t e_t``."""
+
+    d: int
+    device: torch.device
+    sandwich: bool = False
+    n: int = 0
+    H: Tensor = field(init=False)
+    M_raw: Tensor | None = field(init=False, default=None)
+    S: float = 0.0
+
+    def __post_init__(self):
+        self.H = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)
+        if self.sandwich:
+            self.M_raw = torch.zeros_like(self.H)
+
+    def add(self, x: Tensor, xtx: Tensor | None = None, W: Tensor | None = None) -> None:
+        """Add tokens ``x`` (tokens x d); ``xtx`` is their Gram when already computed, ``W`` the
+        rows this input feeds (for the sandwich's ``e_t``)."""
+        x32 = x.detach().to(torch.float32)
+        self.H += (x32.T @ x32).double() if xtx is None else xtx
+        self.n += x.shape[0]
+        if self.sandwich:
+            e = (x32 @ W.detach().to(device=x32.device, dtype=torch.float32).T).double().pow(2).sum(1)
+            xd = x32.double()
+            self.M_raw += (xd * e[:, None]).T @ xd
+            self.S += float(e.sum())
+
+    def meat(self) -> Tensor:
+        """``M`` with the token factors normalised to mean 1."""
+        if self.S <= 0:
+            return self.H
+        return self.M_raw * (self.n / self.S)
+
+
+def damped(H: Tensor, damping: float) -> Tensor:
+    """``H + damping * mean(diag H) * I``; refuses a Gram with no information."""
+    mean = float(H.diagonal().mean())
+    if not mean > 0:
+        raise ValueError("the calibration inputs of this layer are all zero (mean of diag H is 0): nothing "
+                         "tells which weights matter; check the calibration batches reach it")
+    return H + damping * mean * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
+def inverse_cholesky(Hd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(H_d^-1, U)`` with ``U`` upper triangular, ``U^T U = H_d^-1``."""
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info):
+        raise ValueError("the damped Gram matrix is not positive definite (rounding in a degenerate layer); "
+                         "raise damping, e.g. damping=0.1")
+    Hinv = torch.cholesky_inverse(L)
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    return Hinv, U
+
+
+def scores(method: str, W: Tensor, gram: Gram | None, damping: float) -> Tensor:
+    """The method's score for every weight of ``W`` (rows x d, float64); lower is pruned first."""
+    if method == "magnitude":
+        return W.abs()
+    H = gram.H
+    if method == "wanda":
+        return W.abs() * H.diagonal().clamp_min(0).sqrt()[None, :]
+    Hinv, _ = inverse_cholesky(damped(H, damping))
+    if method == "sparsegpt":
+        return W.pow(2) / Hinv.diagonal()[None, :]
+    sigma2 = torch.einsum("ij,jk,ik->i", W, H, W) / max(gram.n, 1)
+    if method == "mu":
+        var = Hinv.diagonal()
+    elif method == "mu-sandwich":
+        var = torch.einsum("ij,jk,ki->i", Hinv, gram.meat(), Hinv)
+    else:
+        raise ValueError(f"method={method!r} is not valid; choose one of: {', '.join(METHODS)}")
+    var = sigma2[:, None] * var[None, :]
+    # a row with no output (all its weights pruned or zero) says nothing: prune it first
+    return torch.where(var > 0, W.pow(2) / var.clamp_min(torch.finfo(var.dtype).tiny), torch.zeros_like(W))
+
+
+def cut(s: Tensor, alive: Tensor, sparsity: float, scope: str, pattern: Pattern) -> Tensor:
+    """Keep-mask: the lowest scores pruned, per row, per matrix (``layer``) or per N:M group.
+    Weights already pruned stay pruned and count towards the target."""
+    if pattern.structured:
+        return nm_keep(s, pattern, alive)
+    s = s.masked_fill(~alive, float("-inf"))
+    if scope == "row":
+        k = round(sparsity * s.shape[1])
+        dead = (~alive).sum(1)
+        order = torch.sort(s, dim=1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+        return rank >= torch.clamp(dead, min=k)[:, None]
+    k = max(round(sparsity * s.numel()), int((~alive).sum()))
+    keep = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
+    keep[torch.sort(s.flatten(), stable=True).indices[:k]] = False
+    return keep.view(s.shape)
+
+
+def obs_sweep(W: Tensor, U: Tensor, keep: Tensor | None, *, alive: Tensor, block_size: int,
+              sparsity: float = 0.0, scope: str = "row", pattern: Pattern = UNSTRUCTURED) -> tuple[Tensor, Tensor]:
+    """SparseGPT's column sweep (see the module notes). With ``keep`` given the mask is fixed;
+    with ``keep=None`` it is chosen from the running weights: per block of columns (``scope``
+    ``row``: each row's share, ``layer``: the block's share) or per N:M group."""
+    W = W.clone()
+    rows, d = W.shape
+    adaptive = keep is None
+    keep = torch.ones_like(W, dtype=torch.bool) if adaptive else keep.clone()
+    diag = U.diagonal()
+    for i1 in range(0, d, block_size):
+        i2 = min(i1 + block_size, d)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        err = torch.zeros_like(W1)
+        if adaptive and not pattern.structured:
+            keep[:, i1:i2] = cut(W1.pow(2) / diag[None, i1:i2].pow(2), alive[:, i1:i2], sparsity, scope, pattern)
+        for i in range(i2 - i1):
+            if adaptive and pattern.structured and i % pattern.m == 0:
+                g = slice(i1 + i, i1 + i + pattern.m)
+                keep[:, g] = nm_keep(W1[:, i:i + pattern.m].pow(2) / diag[None, g].pow(2), pattern, alive[:, g])
+            w = W1[:, i]
+            e = (w - w * keep[:, i1 + i]) / U1[i, i]
+            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            err[:, i] = e
+        W[:, i1:i2] = W1
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    return W * keep, keep
+
+
+def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """``||X (W_new - W)^T||^2 / ||X W^T||^2`` on the calibration inputs (from the Gram)."""
+    D = W_new - W
+    total = float(torch.einsum("ij,jk,ik->", W, H, W))
+    return float(torch.einsum("ij,jk,ik->", D, H, D)) / total if total > 0 else 0.0
+
+
+def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: str, pattern: Pattern,
+          update: bool, damping: float, block_size: int, alive: Tensor) -> tuple[Tensor, Tensor]:
+    """Prune one matrix: ``(new weights, keep-mask)`` (float64 in, float64 out)."""
+    W = W.to(torch.float64) * alive
+    if not update:
+        keep = cut(scores(method, W, gram, damping), alive, sparsity, scope, pattern)
+        return W * keep, keep
+    _, U = inverse_cholesky(damped(gram.H, damping))
+    if method == "sparsegpt":
+        return obs_sweep(W, U, None, alive=alive, block_size=block_size, sparsity=sparsity, scope=scope,
+                         pattern=pattern)
+    keep = cut(scores(method, W, gram, damping), alive, sparsity, scope, pattern)
+    return obs_sweep(W, U, keep, alive=alive, block_size=block_size)
