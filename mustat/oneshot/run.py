@@ -100,6 +100,9 @@ def _inference(model: nn.Module):
         torch.backends.mha.set_fastpath_enabled(fast)
         for m, mode in modes.items():
             m.training = mode
+        for m in model.modules():  # the masks' parametrizations added meanwhile: the model's mode
+            if m not in modes:
+                m.training = modes[model]
 
 
 class _Pass:
@@ -114,14 +117,15 @@ class _Pass:
 
     def _add(self, t: Target, part: int, rows: slice, x: Tensor, seq_first: bool = False) -> None:
         if id(x) not in self.cache:
-            tok = _tokens(x, self.mask, seq_first).to(torch.float32)
+            tok = _tokens(x, self.mask, seq_first)
+            tok = tok.to(torch.float64 if tok.dtype == torch.float64 else torch.float32)
             self.cache[id(x)] = (x, tok, (tok.T @ tok).double())
         _, tok, xtx = self.cache[id(x)]
         key = (t.name, part)
         if key not in self.grams:
             self.grams[key] = S.Gram(tok.shape[1], xtx.device, sandwich=self.sandwich)
         W = t.matrix()[rows] if self.sandwich else None
-        self.grams[key].add(tok, None if self.sandwich else xtx, W)
+        self.grams[key].add(tok, xtx, W)
 
     def hooks(self, stop: Target | None) -> list:
         handles = []

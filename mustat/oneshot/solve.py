@@ -68,12 +68,13 @@ class Gram:
     def add(self, x: Tensor, xtx: Tensor | None = None, W: Tensor | None = None) -> None:
         """Add tokens ``x`` (tokens x d); ``xtx`` is their Gram when already computed, ``W`` the
         rows this input feeds (for the sandwich's ``e_t``)."""
-        x32 = x.detach().to(torch.float32)
-        self.H += (x32.T @ x32).double() if xtx is None else xtx
+        x = x.detach()
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # float32 products, float64 sums
+        self.H += (x.T @ x).double() if xtx is None else xtx
         self.n += x.shape[0]
         if self.sandwich:
-            e = (x32 @ W.detach().to(device=x32.device, dtype=torch.float32).T).double().pow(2).sum(1)
-            xd = x32.double()
+            e = (x @ W.detach().to(device=x.device, dtype=x.dtype).T).double().pow(2).sum(1)
+            xd = x.double()
             self.M_raw += (xd * e[:, None]).T @ xd
             self.S += float(e.sum())
 

@@ -1,0 +1,306 @@
+"""One-shot pruning: each layer's statistic and update against float64 numpy references, the
+sequential scheme reproduced by hand, and the layer types of the model families it serves."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mustat
+from mustat.oneshot import oneshot
+from mustat.oneshot import solve as S
+from mustat.oneshot.layers import mha_values
+from mustat.patterns import Pattern, check_pattern, parse_pattern, pattern_violations
+
+
+def _problem(seed=0, n=300, d=16, rows=6):
+    rng = np.random.default_rng(seed)
+    C = 0.6 * np.ones((d, d)) + 0.4 * np.eye(d)   # correlated inputs: the refit matters
+    X = rng.standard_normal((n, d)) @ np.linalg.cholesky(C).T * rng.uniform(0.3, 3.0, d)
+    W = rng.standard_normal((rows, d))
+    return X, W
+
+
+def _gram(X, W=None, sandwich=False):
+    g = S.Gram(X.shape[1], torch.device("cpu"), sandwich=sandwich)
+    g.add(torch.from_numpy(X), W=None if W is None else torch.from_numpy(W))
+    return g
+
+
+def _naive_obs(W, H, keep, damping):
+    """Column by column: each pruned weight's OBS update through the inverse of the damped Gram
+    restricted to the columns not yet processed (no Cholesky, no lazy blocks)."""
+    d = H.shape[0]
+    Hd = H + damping * np.mean(np.diag(H)) * np.eye(d)
+    W = W.copy()
+    for j in range(d):
+        Hinv = np.linalg.inv(Hd[j:, j:])
+        for r in range(W.shape[0]):
+            if not keep[r, j]:
+                W[r, j:] -= W[r, j] / Hinv[0, 0] * Hinv[0, :]
+    return W
+
+
+def _error(W, W_new, H):
+    D = W_new - W
+    return np.einsum("ij,jk,ik->", D, H, D)
+
+
+@pytest.mark.parametrize("block_size", [5, 16, 128])
+def test_sweep_equals_naive_obs(block_size):
+    X, W = _problem()
+    H = X.T @ X
+    keep = np.random.default_rng(1).random(W.shape) > 0.5
+    Hd = S.damped(torch.from_numpy(H), 0.01)
+    _, U = S.inverse_cholesky(Hd)
+    got, k = S.obs_sweep(torch.from_numpy(W), U, torch.from_numpy(keep), alive=torch.ones(W.shape, dtype=torch.bool),
+                         block_size=block_size)
+    ref = _naive_obs(W, H, keep, 0.01)
+    np.testing.assert_allclose(got.numpy(), ref * keep, rtol=1e-9, atol=1e-10)
+    assert np.array_equal(k.numpy(), keep)
+
+
+def test_update_error_between_the_optimum_and_no_update():
+    X, W = _problem(2)
+    H = X.T @ X
+    g = _gram(X)
+    alive = torch.ones(W.shape, dtype=torch.bool)
+    kw = dict(sparsity=0.5, scope="row", pattern=Pattern(), damping=1e-6, block_size=128, alive=alive)
+    no_update, keep = S.solve(torch.from_numpy(W), g, method="mu", update=False, **kw)
+    updated, keep2 = S.solve(torch.from_numpy(W), g, method="mu", update=True, **kw)
+    assert torch.equal(keep, keep2)
+    # the row's exact constrained least-squares refit, by numpy
+    best = np.zeros_like(W)
+    for r in range(W.shape[0]):
+        K, Q = keep[r].numpy(), ~keep[r].numpy()
+        best[r, K] = W[r, K] + np.linalg.solve(H[np.ix_(K, K)], H[np.ix_(K, Q)] @ W[r, Q])
+    e_best, e_obs, e_none = (_error(W, x, H) for x in (best, updated.numpy(), no_update.numpy()))
+    assert e_best <= e_obs * (1 + 1e-9) and e_obs < e_none
+
+
+def test_wanda_ranks_within_rows_like_numpy():
+    X, W = _problem(3)
+    keep = S.cut(S.scores("wanda", torch.from_numpy(W), _gram(X), 0.01), torch.ones(W.shape, dtype=torch.bool),
+                 0.5, "row", Pattern())
+    score = np.abs(W) * np.linalg.norm(X, axis=0)
+    ref = np.ones(W.shape, bool)
+    for r in range(W.shape[0]):
+        ref[r, np.argsort(score[r])[: W.shape[1] // 2]] = False
+    np.testing.assert_array_equal(keep.numpy(), ref)
+
+
+def test_mu_and_sandwich_scores_match_numpy():
+    X, W = _problem(4)
+    n, d = X.shape
+    H = X.T @ X
+    Hinv = np.linalg.inv(H + 0.01 * np.mean(np.diag(H)) * np.eye(d))
+    sigma2 = ((X @ W.T) ** 2).mean(0)
+    z2 = W ** 2 / (sigma2[:, None] * np.diag(Hinv)[None, :])
+    got = S.scores("mu", torch.from_numpy(W), _gram(X), 0.01).numpy()
+    np.testing.assert_allclose(got, z2, rtol=1e-10)
+    v = ((X @ W.T) ** 2).sum(1)
+    v = v / v.mean()
+    M = (X * v[:, None]).T @ X
+    var = np.diag(Hinv @ M @ Hinv)
+    got = S.scores("mu-sandwich", torch.from_numpy(W), _gram(X, W, sandwich=True), 0.01).numpy()
+    np.testing.assert_allclose(got, W ** 2 / (sigma2[:, None] * var[None, :]), rtol=1e-9)
+    # SparseGPT's saliency is mu times each row's sigma^2: the same ranking within a row
+    sg = S.scores("sparsegpt", torch.from_numpy(W), _gram(X), 0.01).numpy()
+    np.testing.assert_allclose(sg, z2 * sigma2[:, None], rtol=1e-10)
+
+
+def test_mu_is_invariant_to_rescaling_a_row_and_magnitude_is_not():
+    X, W = _problem(5)
+    W2 = W.copy()
+    W2[0] *= 100.0
+    alive = torch.ones(W.shape, dtype=torch.bool)
+    for method, invariant in [("mu", True), ("mu-sandwich", True), ("magnitude", False), ("wanda", False)]:
+        masks = [S.cut(S.scores(method, torch.from_numpy(w), _gram(X, w, sandwich=True), 0.01), alive, 0.5, "layer",
+                       Pattern()) for w in (W, W2)]
+        assert torch.equal(masks[0], masks[1]) is invariant, method
+
+
+def test_sparsegpt_masks_follow_its_blocks_and_patterns():
+    X, W = _problem(6, d=32, rows=8)
+    g = _gram(X)
+    alive = torch.ones(W.shape, dtype=torch.bool)
+    common = dict(method="sparsegpt", update=True, damping=0.01, alive=alive)
+    _, keep = S.solve(torch.from_numpy(W), g, sparsity=0.5, scope="layer", pattern=Pattern(), block_size=8, **common)
+    # the paper's rule: every block of 8 columns is half pruned over all rows, rows free
+    assert [int((~keep[:, i:i + 8]).sum()) for i in range(0, 32, 8)] == [32] * 4
+    assert len({int((~keep[r]).sum()) for r in range(8)}) > 1
+    _, keep = S.solve(torch.from_numpy(W), g, sparsity=0.5, scope="row", pattern=Pattern(), block_size=8, **common)
+    assert ((~keep[:, :8]).sum(1) == 4).all()
+    for p in ("2:4", "4:8"):
+        W_new, keep = S.solve(torch.from_numpy(W), g, sparsity=0.5, scope="row", pattern=parse_pattern(p),
+                              block_size=16, **common)
+        assert pattern_violations(W_new, p) == 0 and int(keep.sum()) == W.size // 2
+
+
+def _mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+
+
+def test_layers_see_the_outputs_of_the_pruned_layers_before_them():
+    model = _mlp()
+    X = torch.randn(200, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(model)
+    report = oneshot(model, [X[:100], X[100:]], method="sparsegpt", sparsity=0.5)
+    assert report.passes == 3 and list(report.layers["name"]) == ["0.weight", "2.weight"]
+    # by hand: layer 0 from X, layer 1 from the pruned layer 0's outputs
+    kw = dict(method="sparsegpt", sparsity=0.5, scope="row", pattern=Pattern(), update=True, damping=0.01,
+              block_size=128)
+    W0, _ = S.solve(ref[0].weight.detach(), _gram(X.numpy()), alive=torch.ones(16, 12, dtype=torch.bool), **kw)
+    h = torch.tanh(X @ W0.T + ref[0].bias.detach())
+    W1, _ = S.solve(ref[2].weight.detach(), _gram(h.numpy()), alive=torch.ones(4, 16, dtype=torch.bool), **kw)
+    torch.testing.assert_close(model[0].weight.detach(), W0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model[2].weight.detach(), W1, rtol=1e-10, atol=1e-12)
+    assert report.pruning.sparsity == pytest.approx(0.5)
+
+
+def test_padding_tokens_are_left_out():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).double()
+    lengths = [9, 5, 7]
+    ids = [torch.randint(1, 50, (L,), generator=torch.Generator().manual_seed(L)) for L in lengths]
+    padded = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, x in enumerate(ids):
+        padded[i, : len(x)], mask[i, : len(x)] = x, 1
+    one = copy.deepcopy(model)
+    apart = [{"input_ids": x[None], "attention_mask": torch.ones(1, len(x), dtype=torch.long)} for x in ids]
+    r1 = oneshot(model, [{"input_ids": padded, "attention_mask": mask}], method="wanda", sparsity=0.5)
+    r2 = oneshot(one, apart, method="wanda", sparsity=0.5)
+    for (n, a), (_, b) in zip(model.named_parameters(), one.named_parameters()):
+        torch.testing.assert_close(a, b, msg=n)
+    np.testing.assert_allclose(r1.layers["error"], r2.layers["error"], rtol=1e-8)
+
+
+def test_attention_values_recomputed():
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+        x = torch.randn(3, 5, 8)
+        kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+        call = dict(query=x, key=x, value=x, key_padding_mask=kpm if batch_first else None, attn_mask=None,
+                    is_causal=False)
+        out = mha(x, x, x, key_padding_mask=call["key_padding_mask"], need_weights=False)[0]
+        torch.testing.assert_close(mha.out_proj(mha_values(mha, call)), out, rtol=1e-5, atol=1e-6)
+
+
+def _families():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                          num_attention_heads=2, intermediate_size=32),
+                                  add_pooling_layer=False)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2,
+                                                                n_positions=32, bos_token_id=0, eos_token_id=0))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, bos_token_id=0, eos_token_id=0))
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
+                                    enable_nested_tensor=False)
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(0))
+    tok = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    return {
+        # family: (model, calibration, kinds of one block in call order, layers per block, what is left out)
+        "bert": (bert, tok, ["linear"] * 6, ["query", "key", "value", "attention.output.dense",
+                                            "intermediate.dense", "output.dense"], []),
+        "gpt2": (gpt2, tok, ["conv1d"] * 4, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+                 ["transformer.wte.weight"]),
+        "llama": (llama, tok, ["linear"] * 7, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"], ["lm_head.weight"]),
+        "nn.TransformerEncoder": (encoder, [torch.randn(3, 8, 16)], ["mha-in", "mha-out", "linear", "linear"],
+                                  ["self_attn.in_proj_weight", "self_attn.out_proj", "linear1", "linear2"], []),
+    }
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "nn.TransformerEncoder"])
+def test_every_layer_of_each_family_is_found_and_pruned(family):
+    model, cal, kinds, names, skipped = _families()[family]
+    model.train()
+    fast = torch.backends.mha.get_fastpath_enabled()
+    before = _output(model, cal[0])
+    report = oneshot(model, cal, method="sparsegpt", pattern="2:4")
+    assert list(report.layers["kind"]) == kinds * 2
+    for row, name in zip(report.layers["name"], names * 2):
+        assert name in row
+    assert [s[0] for s in report.skipped] == skipped
+    assert (report.layers["sparsity"] == 0.5).all() and check_pattern(model, "2:4") == {}
+    # groups sharing an input share a pass: one per group and block, plus the trace
+    groups = {"bert": 4, "gpt2": 4, "llama": 4, "nn.TransformerEncoder": 4}[family]
+    assert report.passes == 2 * groups + 1
+    assert model.training and all(m.training for m in model.modules())  # mode put back
+    assert torch.backends.mha.get_fastpath_enabled() == fast
+    after = _output(model, cal[0])
+    assert torch.isfinite(after).all() and not torch.allclose(after, before)
+
+
+def _output(model, batch):
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch) if isinstance(batch, dict) else model(batch)
+    model.train(was)
+    return out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state", getattr(out, "logits", out))
+
+
+def test_global_scope_shares_the_sparsity_between_layers():
+    model = _mlp()
+    X = torch.randn(300, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    report = oneshot(model, [X], method="mu", sparsity=0.6, scope="global")
+    assert report.pruning.sparsity == pytest.approx(0.6, abs=1 / 256)
+    assert report.layers["sparsity"].nunique() == 2
+
+
+def test_the_result_saves_and_reloads(tmp_path):
+    model = _mlp(torch.float32)
+    X = torch.randn(64, 12)
+    oneshot(model, (x for x in X.split(16)), method="mu", sparsity=0.5, update=True)   # an iterator is read once
+    path = mustat.save_sparse(model, tmp_path / "m.safetensors")
+    fresh = mustat.load_sparse(path, _mlp(torch.float32))
+    torch.testing.assert_close(fresh(X), model(X))
+
+
+def test_magnitude_needs_no_calibration():
+    model = _mlp()
+    report = oneshot(model, None, method="magnitude", sparsity=0.25)
+    assert report.passes == 0 and report.pruning.sparsity == pytest.approx(0.25, abs=0.01)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(method="obs"), ValueError, "method='obs' is not valid; choose one of: magnitude, wanda"),
+    (dict(scope="block"), ValueError, "scope='block' is not valid"),
+    (dict(pattern="2:4", scope="layer"), ValueError, "does not apply to pattern='2:4'"),
+    (dict(pattern="2:4", sparsity=0.6), ValueError, "contradicts"),
+    (dict(sparsity=None), ValueError, "sparsity is required"),
+    (dict(pattern="4:8", block_size=12), ValueError, "multiple of M=8"),
+    (dict(layers=["1.weight"]), ValueError, "not weights one-shot pruning supports"),
+    (dict(damping=0.0), ValueError, "damping must be in"),
+])
+def test_bad_arguments_are_refused_before_any_work(kwargs, error, match):
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    kwargs = {"sparsity": 0.5, **kwargs} if "pattern" not in kwargs or "sparsity" in kwargs else kwargs
+    with pytest.raises(error, match=match):
+        oneshot(model, [torch.randn(8, 12, dtype=torch.float64)], **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_calibration_errors():
+    model = _mlp()
+    with pytest.raises(ValueError, match="calibration batches are required for method='wanda'"):
+        oneshot(model, None, method="wanda", sparsity=0.5)
+    with pytest.raises(ValueError, match="calibration is empty"):
+        oneshot(model, [], method="wanda", sparsity=0.5)
+    with pytest.raises(TypeError, match="not one Tensor; wrap a single batch in a list"):
+        oneshot(model, torch.randn(4, 12), method="wanda", sparsity=0.5)
+    with pytest.raises(ValueError, match="no layer one-shot pruning supports"):
+        oneshot(nn.Sequential(nn.Conv2d(1, 2, 3)), [torch.randn(1, 1, 5, 5)], method="wanda", sparsity=0.5)
