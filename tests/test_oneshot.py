@@ -67,9 +67,10 @@ def test_update_error_between_the_optimum_and_no_update():
     H = X.T @ X
     g = _gram(X)
     alive = torch.ones(W.shape, dtype=torch.bool)
-    kw = dict(sparsity=0.5, scope="row", pattern=Pattern(), damping=1e-6, block_size=128, alive=alive)
-    no_update, keep = S.solve(torch.from_numpy(W), g, method="mu", update=False, **kw)
-    updated, keep2 = S.solve(torch.from_numpy(W), g, method="mu", update=True, **kw)
+    no_update, keep = S.solve(torch.from_numpy(W), g, method="mu", update=False, sparsity=0.5, scope="row",
+                              pattern=Pattern(), damping=1e-6, block_size=128, alive=alive)
+    _, U = S.inverse_cholesky(S.damped(g.H, 1e-6))
+    updated, keep2 = S.obs_sweep(torch.from_numpy(W), U, keep, alive=alive, block_size=4)
     assert torch.equal(keep, keep2)
     # the row's exact constrained least-squares refit, by numpy
     best = np.zeros_like(W)
@@ -137,6 +138,22 @@ def test_sparsegpt_masks_follow_its_blocks_and_patterns():
         W_new, keep = S.solve(torch.from_numpy(W), g, sparsity=0.5, scope="row", pattern=parse_pattern(p),
                               block_size=16, **common)
         assert pattern_violations(W_new, p) == 0 and int(keep.sum()) == W.size // 2
+
+
+def test_mu_with_the_update_is_sparsegpt_where_sigma_is_constant():
+    """Within a row (or a layer, with one sigma per layer) the Wald statistic ranks as OBS's saliency,
+    so the adaptive sweeps agree exactly; a row-wise sigma across a layer's rows does not."""
+    X, W = _problem(7, d=32, rows=8)
+    g = _gram(X)
+    kw = dict(update=True, damping=0.01, alive=torch.ones(W.shape, dtype=torch.bool), block_size=8, sparsity=0.5,
+              pattern=Pattern())
+    Wt = torch.from_numpy(W)
+    for scope, sigma, same in [("row", "row", True), ("layer", "layer", True), ("layer", "row", False)]:
+        a = S.solve(Wt, g, method="sparsegpt", scope=scope, **kw)
+        b = S.solve(Wt, g, method="mu", scope=scope, sigma=sigma, **kw)
+        assert torch.equal(a[1], b[1]) is same, (scope, sigma)
+        if same:
+            torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
 
 
 def _mlp(dtype=torch.float64):
@@ -284,6 +301,7 @@ def test_magnitude_needs_no_calibration():
     (dict(pattern="4:8", block_size=12), ValueError, "multiple of M=8"),
     (dict(layers=["1.weight"]), ValueError, "not weights one-shot pruning supports"),
     (dict(damping=0.0), ValueError, "damping must be in"),
+    (dict(sigma="unit"), ValueError, "sigma='unit' is not valid; choose one of: row, layer"),
 ])
 def test_bad_arguments_are_refused_before_any_work(kwargs, error, match):
     model = _mlp()

@@ -57,8 +57,13 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, object]:
         raise FileNotFoundError(f"{path} has no config.json: give a folder saved with save_pretrained")
     config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
     kwargs = {"add_pooling_layer": False} if config.model_type == "bert" else {}
-    model = tf.AutoModel.from_pretrained(path, local_files_only=True, **kwargs).eval()
-    tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    level = tf.logging.get_verbosity()
+    tf.logging.set_verbosity_error()  # its load report lists the unused pooler weights; put back below
+    try:
+        model = tf.AutoModel.from_pretrained(path, local_files_only=True, **kwargs).eval()
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    finally:
+        tf.logging.set_verbosity(level)
     return model, tokenizer
 
 

@@ -233,6 +233,7 @@ def oneshot(
     scope: str = "row",
     update: bool | None = None,
     damping: float = 0.01,
+    sigma: str = "row",
     block_size: int = 128,
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = ("lm_head",),
@@ -269,6 +270,9 @@ def oneshot(
         ``sparsegpt``, off for the others.
     damping
         Added to the Gram matrix's diagonal as a fraction of its mean (SparseGPT's 0.01).
+    sigma
+        The noise scale of ``mu`` and ``mu-sandwich``: ``row`` (each output row's mean squared
+        output) or ``layer`` (one for the layer); see :mod:`mustat.oneshot.solve`.
     block_size
         Columns per lazy block of the update (SparseGPT's 128); a multiple of M for N:M.
     layers
@@ -295,6 +299,7 @@ def oneshot(
         raise ValueError(f"scope={scope!r} does not apply to pattern='{nm}': every group of {nm.m} keeps {nm.n}; "
                          "use scope='row'")
     check_scalar(damping, "damping", kind=Real, low=0.0, closed="neither")
+    sigma = check_option(sigma, "sigma", ("row", "layer"))
     check_scalar(block_size, "block_size", kind=int, low=1)
     if nm.structured and block_size % nm.m:
         raise ValueError(f"block_size={block_size} must be a multiple of M={nm.m} for pattern='{nm}'")
@@ -341,7 +346,7 @@ def oneshot(
             raise ValueError("no layer was reached by the calibration forward; check forward= and the batches")
         shares = {t.name: sparsity for g in groups for t in g}
         if scope == "global":
-            shares = _global_shares(model, calibration, forward, groups, method, sparsity, damping, device)
+            shares = _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device)
             passes += int(needs_data)
             scope = "layer"
         flat = [t for g in groups for t in g]
@@ -364,7 +369,7 @@ def oneshot(
                     g = grams.get((t.name, i)) if grams is not None else None
                     W_new[rows], keep[rows] = S.solve(W[rows], g, method=method, sparsity=shares[t.name], scope=scope,
                                                       pattern=nm, update=update, damping=damping,
-                                                      block_size=block_size, alive=alive[rows])
+                                                      block_size=block_size, alive=alive[rows], sigma=sigma)
                     if g is not None:
                         D = W_new[rows] - W[rows]
                         error_num += float(torch.einsum("ij,jk,ik->", D, g.H, D))
@@ -383,7 +388,7 @@ def oneshot(
                          skipped, passes, time.perf_counter() - start)
 
 
-def _global_shares(model, calibration, forward, groups, method, sparsity, damping, device) -> dict[str, float]:
+def _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device) -> dict[str, float]:
     """Each layer's sparsity when the method's scores of the dense model compete across layers."""
     flat = [t for g in groups for t in g]
     grams = {}
@@ -394,7 +399,7 @@ def _global_shares(model, calibration, forward, groups, method, sparsity, dampin
     parts, sizes, alive_all = [], [], []
     for t in flat:
         W, alive = _matrix(t)
-        s = torch.cat([S.scores(method, W[rows] * alive[rows], grams.get((t.name, i)), damping).flatten()
+        s = torch.cat([S.scores(method, W[rows] * alive[rows], grams.get((t.name, i)), damping, sigma).flatten()
                        for i, (rows, _) in enumerate(t.parts)])
         a = torch.cat([alive[rows].flatten() for rows, _ in t.parts])
         parts.append(s.masked_fill(~a, float("-inf")).cpu())

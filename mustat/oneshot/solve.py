@@ -16,7 +16,9 @@ a score on that problem; lower is pruned first.
   Within a row it ranks as ``sparsegpt`` does; across rows and layers ``z^2 / n`` is the fraction of
   the row's output energy that removing the weight costs (after the refit), which is invariant to
   rescaling a row: the scale-invariance M&U claims, and the reason to compare its ``layer`` and
-  ``global`` scopes.
+  ``global`` scopes. With ``sigma="layer"`` one variance (the mean over rows) serves the whole
+  layer (isotropic noise): within a layer it ranks as ``sparsegpt``, and ``z^2 / n`` compares
+  layers by the share of their output energy.
 - ``mu-sandwich``: the same with the heteroscedastic variance ``sigma_i^2 [H_d^-1 M H_d^-1]_jj``,
   ``M = sum_t v_t x_t x_t^T``, where token ``t``'s noise factor ``v_t = ||W x_t||^2 / mean_t
   ||W x_t||^2`` (the layer's own output energy, shared across rows; ``v_t = 1`` gives ``mu``).
@@ -105,8 +107,21 @@ def inverse_cholesky(Hd: Tensor) -> tuple[Tensor, Tensor]:
     return Hinv, U
 
 
-def scores(method: str, W: Tensor, gram: Gram | None, damping: float) -> Tensor:
-    """The method's score for every weight of ``W`` (rows x d, float64); lower is pruned first."""
+def noise_variance(W: Tensor, gram: Gram, sigma: str) -> Tensor:
+    """``sigma^2`` per row: each row's mean squared output ``w_i^T H w_i / n`` (``"row"``), or
+    their mean, one variance shared by the layer's outputs (``"layer"``)."""
+    s2 = torch.einsum("ij,jk,ik->i", W, gram.H, W) / max(gram.n, 1)
+    return s2.mean().expand_as(s2) if sigma == "layer" else s2
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, 0 where ``den`` is 0 (a row with no output says nothing: pruned first)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+def scores(method: str, W: Tensor, gram: Gram | None, damping: float, sigma: str = "row") -> Tensor:
+    """The method's score for every weight of ``W`` (rows x d, float64); lower is pruned first.
+    ``sigma``: the noise scale of ``mu`` and ``mu-sandwich`` (:func:`noise_variance`)."""
     if method == "magnitude":
         return W.abs()
     H = gram.H
@@ -115,16 +130,14 @@ def scores(method: str, W: Tensor, gram: Gram | None, damping: float) -> Tensor:
     Hinv, _ = inverse_cholesky(damped(H, damping))
     if method == "sparsegpt":
         return W.pow(2) / Hinv.diagonal()[None, :]
-    sigma2 = torch.einsum("ij,jk,ik->i", W, H, W) / max(gram.n, 1)
+    sigma2 = noise_variance(W, gram, sigma)
     if method == "mu":
         var = Hinv.diagonal()
     elif method == "mu-sandwich":
         var = torch.einsum("ij,jk,ki->i", Hinv, gram.meat(), Hinv)
     else:
         raise ValueError(f"method={method!r} is not valid; choose one of: {', '.join(METHODS)}")
-    var = sigma2[:, None] * var[None, :]
-    # a row with no output (all its weights pruned or zero) says nothing: prune it first
-    return torch.where(var > 0, W.pow(2) / var.clamp_min(torch.finfo(var.dtype).tiny), torch.zeros_like(W))
+    return _ratio(W.pow(2), sigma2[:, None] * var[None, :])
 
 
 def cut(s: Tensor, alive: Tensor, sparsity: float, scope: str, pattern: Pattern) -> Tensor:
@@ -146,25 +159,32 @@ def cut(s: Tensor, alive: Tensor, sparsity: float, scope: str, pattern: Pattern)
 
 
 def obs_sweep(W: Tensor, U: Tensor, keep: Tensor | None, *, alive: Tensor, block_size: int,
-              sparsity: float = 0.0, scope: str = "row", pattern: Pattern = UNSTRUCTURED) -> tuple[Tensor, Tensor]:
+              sparsity: float = 0.0, scope: str = "row", pattern: Pattern = UNSTRUCTURED,
+              row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """SparseGPT's column sweep (see the module notes). With ``keep`` given the mask is fixed;
-    with ``keep=None`` it is chosen from the running weights: per block of columns (``scope``
+    with ``keep=None`` it is chosen from the running weights by ``w^2 / (row_scale_i U_jj^2)``
+    (SparseGPT: ``row_scale = 1``; ``mu``: ``sigma_i^2``): per block of columns (``scope``
     ``row``: each row's share, ``layer``: the block's share) or per N:M group."""
     W = W.clone()
     rows, d = W.shape
     adaptive = keep is None
     keep = torch.ones_like(W, dtype=torch.bool) if adaptive else keep.clone()
     diag = U.diagonal()
+    scale = torch.ones(rows, dtype=W.dtype, device=W.device) if row_scale is None else row_scale
+
+    def saliency(w: Tensor, cols: slice) -> Tensor:
+        return _ratio(w.pow(2), scale[:, None] * diag[None, cols].pow(2))
+
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         err = torch.zeros_like(W1)
         if adaptive and not pattern.structured:
-            keep[:, i1:i2] = cut(W1.pow(2) / diag[None, i1:i2].pow(2), alive[:, i1:i2], sparsity, scope, pattern)
+            keep[:, i1:i2] = cut(saliency(W1, slice(i1, i2)), alive[:, i1:i2], sparsity, scope, pattern)
         for i in range(i2 - i1):
             if adaptive and pattern.structured and i % pattern.m == 0:
                 g = slice(i1 + i, i1 + i + pattern.m)
-                keep[:, g] = nm_keep(W1[:, i:i + pattern.m].pow(2) / diag[None, g].pow(2), pattern, alive[:, g])
+                keep[:, g] = nm_keep(saliency(W1[:, i:i + pattern.m], g), pattern, alive[:, g])
             w = W1[:, i]
             e = (w - w * keep[:, i1 + i]) / U1[i, i]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
@@ -182,15 +202,18 @@ def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
 
 
 def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: str, pattern: Pattern,
-          update: bool, damping: float, block_size: int, alive: Tensor) -> tuple[Tensor, Tensor]:
-    """Prune one matrix: ``(new weights, keep-mask)`` (float64 in, float64 out)."""
+          update: bool, damping: float, block_size: int, alive: Tensor, sigma: str = "row") -> tuple[Tensor, Tensor]:
+    """Prune one matrix: ``(new weights, keep-mask)`` (float64 in, float64 out). With the update,
+    ``sparsegpt`` and ``mu`` choose the mask during the sweep from the updated weights (the paper's
+    adaptive selection); the other methods fix it from their scores first."""
     W = W.to(torch.float64) * alive
     if not update:
-        keep = cut(scores(method, W, gram, damping), alive, sparsity, scope, pattern)
+        keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
         return W * keep, keep
     _, U = inverse_cholesky(damped(gram.H, damping))
-    if method == "sparsegpt":
+    if method in ("sparsegpt", "mu"):
+        scale = noise_variance(W, gram, sigma) if method == "mu" else None
         return obs_sweep(W, U, None, alive=alive, block_size=block_size, sparsity=sparsity, scope=scope,
-                         pattern=pattern)
-    keep = cut(scores(method, W, gram, damping), alive, sparsity, scope, pattern)
+                         pattern=pattern, row_scale=scale)
+    keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
     return obs_sweep(W, U, keep, alive=alive, block_size=block_size)

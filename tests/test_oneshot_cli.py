@@ -1,0 +1,56 @@
+"""``mustat oneshot`` end to end on a tiny BERT and tokenizer saved by the test."""
+
+import json
+
+import pytest
+import torch
+
+import mustat
+from mustat.cli import main
+from mustat.patterns import check_pattern
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = "the a of to in is and function class returns value object list string module type name".split()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32)
+    transformers.BertModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    g = torch.Generator().manual_seed(1)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(n),), generator=g))
+             for n in torch.randint(4, 12, (40,), generator=g)]
+    (d / "text.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_oneshot_command_prunes_saves_and_reports(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["oneshot", str(folder), "--text", str(folder / "text.txt"), "--samples", "16", "--evaluate", "8",
+                 "--pattern", "2:4", "--method", "mu", "--update", "yes", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.5) and report["target"] == "2:4" and -1 <= report["cosine"] <= 1
+    model = transformers.BertModel.from_pretrained(folder, add_pooling_layer=False)
+    mustat.load_sparse(out / "model.safetensors", model)
+    assert check_pattern(model, "2:4") == {} and mustat.sparsity(model) == pytest.approx(0.5)
+    assert "fidelity on 8 held-out sentences" in capsys.readouterr().out
+
+
+def test_oneshot_command_errors(folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["oneshot", str(folder), "--text", str(folder / "text.txt"), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "give --sparsity" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["oneshot", str(folder), "--pattern", "5:4", "--out", str(tmp_path / "x")])
+    assert "--pattern='5:4' is not valid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["oneshot", str(tmp_path), "--sparsity", "0.5", "--text", str(folder / "text.txt")])
+    assert "has no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()   # nothing written on a refused run
