@@ -2,6 +2,8 @@
 
 from mustat._functional import FunctionalModel
 from mustat.criteria import CRITERIA, Criterion, loss_gradient, register_criterion, score
+from mustat.layerwise import OneShotReport, oneshot
+from mustat.patterns import check_pattern
 from mustat.pruning import (
     LayerCollapseWarning,
     PruningReport,
@@ -29,7 +31,7 @@ from mustat.uncertainty import (
     register_estimator,
 )
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "CRITERIA",
@@ -40,6 +42,7 @@ __all__ = [
     "FunctionalModel",
     "LayerCollapseWarning",
     "Marginal",
+    "OneShotReport",
     "PruningReport",
     "PseudoBootstrap",
     "Scope",
@@ -47,6 +50,7 @@ __all__ = [
     "Window",
     "WindowWarning",
     "TrainingSetup",
+    "check_pattern",
     "finalize",
     "from_torch_prune",
     "hessian_se",
@@ -54,6 +58,7 @@ __all__ = [
     "load_sparse",
     "loss_gradient",
     "make_estimator",
+    "oneshot",
     "prune",
     "prune_fdr",
     "pvalues",

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds")
     s.add_argument("--out", default="runs/scale", help="output folder")
     s.set_defaults(func=_scale)
-    from mustat.oneshot.command import add_parser as oneshot_parser
+    from mustat.layerwise.command import add_parser as oneshot_parser
 
     oneshot_parser(sub)
     _commands_from_plugins(sub)

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from mustat._io import atomic_write
-from mustat.oneshot import oneshot
+from mustat.layerwise import oneshot
 
 HERE = Path(__file__).parent
 CACHE = Path(__file__).resolve().parents[2] / "runs" / "models"

@@ -10,7 +10,7 @@ under the dense embeddings). Also the mean per-layer relative reconstruction err
 calibration inputs, and the seconds of each pruning. Rows are appended to ``results.csv`` as they
 finish (atomically); a rerun skips the rows already there.
 
-    python docs/oneshot/encoder.py            # every method, 3 calibration seeds (about 40 min on 2 cores)
+    python docs/oneshot/encoder.py            # every method, 3 calibration seeds (about 45 min on 2 cores)
     python docs/oneshot/encoder.py --report   # only rewrite summary.md from results.csv
 """
 
@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 
 from mustat._io import atomic_write
-from mustat.oneshot import oneshot
-from mustat.oneshot.hf import load_encoder, minilm_dir, sentence_embeddings, token_batches
+from mustat.layerwise import oneshot
+from mustat.layerwise.hf import load_encoder, minilm_dir, sentence_embeddings, token_batches
 from mustat.text import python_docs_sentences, split
 
 HERE = Path(__file__).parent
@@ -42,17 +42,18 @@ METHODS = {
     "magnitude": dict(method="magnitude", scope="row"),
     "wanda": dict(method="wanda", scope="row"),
     "sparsegpt": dict(method="sparsegpt", scope="layer"),       # the paper's: each block of columns at the target
+    "sparsegpt (row)": dict(method="sparsegpt", scope="row"),
     "mu (row)": dict(method="mu", scope="row"),
     "mu (layer)": dict(method="mu", scope="layer"),
     "mu (global)": dict(method="mu", scope="global"),
     "mu + update (layer)": dict(method="mu", scope="layer", update=True),
     "mu + update (global)": dict(method="mu", scope="global", update=True),
-    "mu-sandwich + update (layer)": dict(method="mu-sandwich", scope="layer", update=True),
+    "mu[sigma layer] + update (global)": dict(method="mu", scope="global", update=True, sigma="layer"),
+    "mu-sandwich + update (row)": dict(method="mu-sandwich", scope="row", update=True),
 }
-#: N:M fixes every group, so the scope is moot
+#: N:M fixes every group, so the scope is moot; mu + update would be sparsegpt exactly (sigma is constant in a row)
 NM_METHODS = {"magnitude": dict(method="magnitude"), "wanda": dict(method="wanda"),
               "sparsegpt": dict(method="sparsegpt"), "mu": dict(method="mu"),
-              "mu + update": dict(method="mu", update=True),
               "mu-sandwich + update": dict(method="mu-sandwich", update=True)}
 
 

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from mustat._checks import check_option, check_scalar
 from mustat._params import entries, install_mask
-from mustat.oneshot import solve as S
-from mustat.oneshot.layers import Target, find_targets, mha_inputs, mha_values
+from mustat.layerwise import solve as S
+from mustat.layerwise.layers import Target, find_targets, mha_inputs, mha_values
 from mustat.patterns import check_groups, parse_pattern, resolve_sparsity
 from mustat.pruning import PruningReport
 
@@ -246,7 +246,7 @@ def oneshot(
     ----------
     model
         Any module with ``nn.Linear``, ``transformers``' ``Conv1D`` (GPT-2) or
-        ``nn.MultiheadAttention`` layers (:mod:`mustat.oneshot.layers`); masks are installed and,
+        ``nn.MultiheadAttention`` layers (:mod:`mustat.layerwise.layers`); masks are installed and,
         with ``update``, the kept weights changed, in place. Its train/eval mode is restored.
     calibration
         Batches, iterated once per group of layers (a list, a DataLoader; an iterator is read into a
@@ -256,7 +256,7 @@ def oneshot(
         of the statistics). ``None`` only for ``method="magnitude"`` without update.
     method
         ``magnitude``, ``wanda``, ``sparsegpt``, ``mu`` or ``mu-sandwich``
-        (:mod:`mustat.oneshot.solve` states each statistic).
+        (:mod:`mustat.layerwise.solve` states each statistic).
     sparsity
         Fraction of each pruned tensor's weights set to zero, in [0, 1); implied by an N:M pattern.
     pattern
@@ -272,7 +272,7 @@ def oneshot(
         Added to the Gram matrix's diagonal as a fraction of its mean (SparseGPT's 0.01).
     sigma
         The noise scale of ``mu`` and ``mu-sandwich``: ``row`` (each output row's mean squared
-        output) or ``layer`` (one for the layer); see :mod:`mustat.oneshot.solve`.
+        output) or ``layer`` (one for the layer); see :mod:`mustat.layerwise.solve`.
     block_size
         Columns per lazy block of the update (SparseGPT's 128); a multiple of M for N:M.
     layers

@@ -11,7 +11,7 @@ from mustat._io import atomic_write, write_json
 
 
 def add_parser(sub) -> None:
-    from mustat.oneshot.solve import METHODS, SCOPES
+    from mustat.layerwise.solve import METHODS, SCOPES
 
     o = sub.add_parser(
         "oneshot", help="prune a pretrained Hugging Face encoder one-shot from calibration text (no training)",
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     o.add_argument("model", help="folder saved with save_pretrained (config.json, weights, tokenizer), or 'minilm'")
-    o.add_argument("--method", default="sparsegpt", choices=METHODS, help="statistic (mustat.oneshot.solve)")
+    o.add_argument("--method", default="sparsegpt", choices=METHODS, help="statistic (mustat.layerwise.solve)")
     o.add_argument("--sparsity", type=float, default=None, help="fraction pruned per layer (unstructured)")
     o.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4 or 4:8")
     o.add_argument("--scope", default="row", choices=SCOPES, help="where weights compete")
@@ -58,8 +58,8 @@ def _sentences(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mustat.oneshot import oneshot
-    from mustat.oneshot.hf import load_encoder, minilm_dir, sentence_embeddings, token_batches
+    from mustat.layerwise import oneshot
+    from mustat.layerwise.hf import load_encoder, minilm_dir, sentence_embeddings, token_batches
     from mustat.patterns import parse_pattern
     from mustat.sparse import save_sparse
     from mustat.text import split

@@ -1,7 +1,0 @@
-"""One-shot pruning of trained models from calibration data: magnitude, Wanda, SparseGPT and
-layer-wise M&U, unstructured or N:M (:func:`oneshot`)."""
-
-from mustat.oneshot.run import OneShotReport, oneshot
-from mustat.oneshot.solve import METHODS, SCOPES
-
-__all__ = ["METHODS", "SCOPES", "OneShotReport", "oneshot"]
