@@ -140,6 +140,53 @@ def test_sparsegpt_masks_follow_its_blocks_and_patterns():
         assert pattern_violations(W_new, p) == 0 and int(keep.sum()) == W.size // 2
 
 
+def _fasterprune_nm(W, H, n, m, blocksize, percdamp=0.01):
+    """SparseGPT's reference loop (IST-DASLab/sparsegpt, fasterprune, N:M branch) in numpy float64."""
+    W = W.copy()
+    d = W.shape[1]
+    H = H + percdamp * np.mean(np.diag(H)) * np.eye(d)
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T          # upper: Hinv = U^T U
+    for i1 in range(0, d, blocksize):
+        i2 = min(i1 + blocksize, d)
+        W1, Q1, Err1 = W[:, i1:i2].copy(), np.zeros((W.shape[0], i2 - i1)), np.zeros((W.shape[0], i2 - i1))
+        H1 = Hinv[i1:i2, i1:i2]
+        mask1 = np.zeros_like(W1, dtype=bool)
+        for i in range(i2 - i1):
+            w, dd = W1[:, i], H1[i, i]
+            if i % m == 0:
+                tmp = W1[:, i:i + m] ** 2 / np.diag(H1)[i:i + m][None, :] ** 2
+                idx = np.argsort(tmp, axis=1, kind="stable")[:, : m - n]
+                np.put_along_axis(mask1[:, i:i + m], idx, True, axis=1)
+            q = np.where(mask1[:, i], 0.0, w)
+            Q1[:, i] = q
+            err = (w - q) / dd
+            W1[:, i:] -= err[:, None] * H1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_sparsegpt_nm_equals_the_reference_loop(pattern):
+    X, W = _problem(8, d=32, rows=8)
+    p = parse_pattern(pattern)
+    got, _ = S.solve(torch.from_numpy(W), _gram(X), method="sparsegpt", sparsity=p.sparsity, scope="row", pattern=p,
+                     update=True, damping=0.01, block_size=16, alive=torch.ones(W.shape, dtype=torch.bool))
+    np.testing.assert_allclose(got.numpy(), _fasterprune_nm(W, X.T @ X, p.n, p.m, 16), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_adaptive_blocks_add_up_to_the_target(scope):
+    X, W = _problem(9, d=12, rows=5)
+    _, keep = S.solve(torch.from_numpy(W), _gram(X), method="sparsegpt", sparsity=0.5, scope=scope, pattern=Pattern(),
+                      update=True, damping=0.01, block_size=5, alive=torch.ones(W.shape, dtype=torch.bool))
+    if scope == "row":
+        assert ((~keep).sum(1) == 6).all()
+    else:
+        assert int((~keep).sum()) == 30
+
+
 def test_mu_with_the_update_is_sparsegpt_where_sigma_is_constant():
     """Within a row (or a layer, with one sigma per layer) the Wald statistic ranks as OBS's saliency,
     so the adaptive sweeps agree exactly; a row-wise sigma across a layer's rows does not."""
@@ -168,7 +215,7 @@ def test_layers_see_the_outputs_of_the_pruned_layers_before_them():
     report = oneshot(model, [X[:100], X[100:]], method="sparsegpt", sparsity=0.5)
     assert report.passes == 3 and list(report.layers["name"]) == ["0.weight", "2.weight"]
     # by hand: layer 0 from X, layer 1 from the pruned layer 0's outputs
-    kw = dict(method="sparsegpt", sparsity=0.5, scope="row", pattern=Pattern(), update=True, damping=0.01,
+    kw = dict(method="sparsegpt", sparsity=0.5, scope="layer", pattern=Pattern(), update=True, damping=0.01,
               block_size=128)
     W0, _ = S.solve(ref[0].weight.detach(), _gram(X.numpy()), alive=torch.ones(16, 12, dtype=torch.bool), **kw)
     h = torch.tanh(X @ W0.T + ref[0].bias.detach())
@@ -272,9 +319,36 @@ def _output(model, batch):
 def test_global_scope_shares_the_sparsity_between_layers():
     model = _mlp()
     X = torch.randn(300, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = copy.deepcopy(model)
     report = oneshot(model, [X], method="mu", sparsity=0.6, scope="global")
     assert report.pruning.sparsity == pytest.approx(0.6, abs=1 / 256)
-    assert report.layers["sparsity"].nunique() == 2
+    # the shares: a numpy ranking of every weight's z^2 on the dense model, layer 2 from the dense layer 1
+    h = torch.tanh(X @ ref[0].weight.detach().T + ref[0].bias.detach()).numpy()
+    z2 = []
+    for W, inp in [(ref[0].weight.detach().numpy(), X.numpy()), (ref[2].weight.detach().numpy(), h)]:
+        H = inp.T @ inp
+        Hinv = np.linalg.inv(H + 0.01 * np.mean(np.diag(H)) * np.eye(H.shape[0]))
+        z2.append(W ** 2 / (((inp @ W.T) ** 2).mean(0)[:, None] * np.diag(Hinv)[None, :]))
+    cut_at = np.sort(np.concatenate([z.ravel() for z in z2]))[round(0.6 * 256) - 1]
+    expected = [float((z <= cut_at).mean()) for z in z2]
+    np.testing.assert_allclose(report.layers["sparsity"], expected)
+    assert expected[0] != expected[1]
+
+
+def test_layers_can_be_chosen_in_a_model_with_a_tied_head():
+    model, cal, *_ = _families()["gpt2"]
+    report = oneshot(model, cal, method="wanda", sparsity=0.5, layers=["transformer.h.0.mlp.c_fc.weight"])
+    assert list(report.layers["name"]) == ["transformer.h.0.mlp.c_fc.weight"]
+    with pytest.raises(ValueError, match="tied"):
+        oneshot(model, cal, method="wanda", sparsity=0.5, layers=["lm_head.weight"])
+
+
+def test_nan_inputs_are_refused_with_the_layer_named():
+    model = _mlp()
+    X = torch.randn(8, 12, dtype=torch.float64)
+    X[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="calibration inputs of '0.weight' contain NaN"):
+        oneshot(model, [X], method="wanda", sparsity=0.5)
 
 
 def test_the_result_saves_and_reloads(tmp_path):
@@ -299,9 +373,14 @@ def test_magnitude_needs_no_calibration():
     (dict(pattern="2:4", sparsity=0.6), ValueError, "contradicts"),
     (dict(sparsity=None), ValueError, "sparsity is required"),
     (dict(pattern="4:8", block_size=12), ValueError, "multiple of M=8"),
-    (dict(layers=["1.weight"]), ValueError, "not weights one-shot pruning supports"),
+    (dict(layers=["1.weight"]), ValueError, "'1.weight' is not a parameter of the model"),
+    (dict(layers=["0.bias"]), ValueError, "not weights one-shot pruning supports"),
     (dict(damping=0.0), ValueError, "damping must be in"),
     (dict(sigma="unit"), ValueError, "sigma='unit' is not valid; choose one of: row, layer"),
+    (dict(damping=float("inf")), ValueError, "damping must be in"),
+    (dict(update="no"), TypeError, "update must be True, False or None"),
+    (dict(forward=3), TypeError, "forward must be a function"),
+    (dict(layers="0.weight"), TypeError, "layers must be a list of parameter names"),
 ])
 def test_bad_arguments_are_refused_before_any_work(kwargs, error, match):
     model = _mlp()

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     o.add_argument("--method", default="sparsegpt", choices=METHODS, help="statistic (mustat.layerwise.solve)")
     o.add_argument("--sparsity", type=float, default=None, help="fraction pruned per layer (unstructured)")
     o.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4 or 4:8")
-    o.add_argument("--scope", default="row", choices=SCOPES, help="where weights compete")
+    o.add_argument("--scope", default=None, choices=SCOPES,
+                   help="where weights compete (default: layer for sparsegpt, the paper's rule; row otherwise)")
     o.add_argument("--update", default="auto", choices=["auto", "yes", "no"],
                    help="OBS's compensating update of the kept weights (auto: only for sparsegpt)")
     o.add_argument("--sigma", default="row", choices=["row", "layer"],
@@ -67,6 +68,14 @@ def run(args: argparse.Namespace) -> int:
     pattern = parse_pattern(args.pattern, "--pattern")
     if not pattern.structured and args.sparsity is None:
         raise ValueError("give --sparsity (a fraction in [0, 1)) or an N:M --pattern")
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if pattern.structured and args.sparsity is not None:
+        raise ValueError(f"--pattern {pattern} fixes the sparsity at {pattern.sparsity:g}; leave out --sparsity")
+    if pattern.structured and args.scope not in (None, "row"):
+        raise ValueError(f"--scope {args.scope} does not apply to --pattern {pattern}: every group is fixed")
+    if not args.damping > 0:
+        raise ValueError(f"--damping must be positive, got {args.damping}")
     for name in ("samples", "max_length", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -77,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
     path = minilm_dir(Path("runs") / "models") if args.model == "minilm" else Path(args.model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: give a folder saved with save_pretrained, or 'minilm'")
-    cal, held = split(_sentences(args.text), args.samples, args.evaluate, seed=args.seed)
+    sentences = _sentences(args.text)
+    if args.samples + args.evaluate > len(sentences):
+        raise ValueError(f"--samples {args.samples} + --evaluate {args.evaluate} is more than the {len(sentences)} "
+                         f"sentences of --text {args.text}")
+    cal, held = split(sentences, args.samples, args.evaluate, seed=args.seed)
     model, tok = load_encoder(path)
     update = {"auto": None, "yes": True, "no": False}[args.update]
     eval_batches = token_batches(tok, held, 64, args.max_length) if held else []

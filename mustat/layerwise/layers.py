@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mustat._params import Entry
+from mustat._params import Entry, entry
 from mustat.patterns import is_hf_conv1d
 
 KINDS = ("linear", "conv1d", "mha-in", "mha-out")
@@ -98,15 +98,16 @@ def find_targets(model: nn.Module, table: dict[str, Entry], names: list[str] | N
                 continue
         found[e.name] = Target(e.name, path, module, attr, kind, e, caller)
     if names is not None:
-        missing = [n for n in names if n not in found and (n not in table or table[n].name not in found)]
+        wanted = {entry(model, n, table).name: n for n in names}   # an unknown name is refused there
+        missing = [n for name, n in wanted.items() if name not in found]
         if missing:
             valid = ", ".join(list(found)[:8]) + (" ..." if len(found) > 8 else "")
             raise ValueError(f"layers has {missing}, which are not weights one-shot pruning supports (Linear, "
                              f"transformers' Conv1D, MultiheadAttention); supported here: {valid}")
-        wanted = {table[n].name for n in names}
         for t in found.values():
-            if t.entry.tied:
-                raise ValueError(f"layers has {t.name!r}, which is tied (one tensor in several places); leave it out")
+            if t.name in wanted and t.entry.tied:
+                raise ValueError(f"layers has {wanted[t.name]!r}, which is tied to {t.name!r} (one tensor in several "
+                                 "places, an embedding and a head, say); leave it out")
         return [t for t in found.values() if t.name in wanted], skipped
     return list(found.values()), skipped
 

@@ -1,5 +1,7 @@
 """The one-shot driver: layers in the order the model calls them, each pruned from calibration
-inputs that have passed through the layers already pruned (SparseGPT's sequential scheme).
+inputs that have passed through the layers already pruned: GPTQ's "true-sequential" order, where
+SparseGPT's and Wanda's scripts feed all the layers of a transformer block from that block's inputs
+to the pruned blocks before it.
 
 One forward pass over the calibration batches per *group* of layers: layers that read the very
 same input tensor (query, key and value; a gated MLP's gate and up projections) share a pass and a
@@ -15,7 +17,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from numbers import Real
+from numbers import Integral, Real
 
 import pandas as pd
 import torch
@@ -112,15 +114,20 @@ class _Pass:
         self.targets, self.sandwich, self.device = targets, sandwich, device
         self.grams: dict[tuple[str, int], S.Gram] = {}
         self.mask: Tensor | None = None
-        self.cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self.cache: tuple[Tensor, Tensor, Tensor] | None = None
         self.checked: set[int] = set()
 
     def _add(self, t: Target, part: int, rows: slice, x: Tensor, seq_first: bool = False) -> None:
-        if id(x) not in self.cache:
+        # layers share an input only when called one after another: keep the last input's Gram only
+        if self.cache is None or self.cache[0] is not x:
             tok = _tokens(x, self.mask, seq_first)
             tok = tok.to(torch.float64 if tok.dtype == torch.float64 else torch.float32)
-            self.cache[id(x)] = (x, tok, (tok.T @ tok).double())
-        _, tok, xtx = self.cache[id(x)]
+            xtx = (tok.T @ tok).double()
+            if not bool(torch.isfinite(xtx).all()):
+                raise ValueError(f"the calibration inputs of {t.name!r} contain NaN or inf; check the model and "
+                                 "the batches (a float16 overflow?)")
+            self.cache = (x, tok, xtx)
+        _, tok, xtx = self.cache
         key = (t.name, part)
         if key not in self.grams:
             self.grams[key] = S.Gram(tok.shape[1], xtx.device, sandwich=self.sandwich)
@@ -169,7 +176,7 @@ class _Pass:
         handles = self.hooks(stop)
         try:
             for batch in batches:
-                self.mask, self.cache = _token_mask(batch), {}
+                self.mask, self.cache = _token_mask(batch), None
                 try:
                     _call(model, _to(batch, self.device), forward)
                 except _Stop:
@@ -177,7 +184,7 @@ class _Pass:
         finally:
             for h in handles:
                 h.remove()
-            self.cache = {}
+            self.cache = None
 
 
 def _trace(model, batch, forward, targets: list[Target], device) -> tuple[list[Target], bool, set[str], list[int]]:
@@ -230,7 +237,7 @@ def oneshot(
     method: str = "sparsegpt",
     sparsity: float | None = None,
     pattern: str = "unstructured",
-    scope: str = "row",
+    scope: str | None = None,
     update: bool | None = None,
     damping: float = 0.01,
     sigma: str = "row",
@@ -263,8 +270,10 @@ def oneshot(
         ``"unstructured"`` or ``"N:M"`` (``"2:4"``: at most 2 kept in every 4 consecutive inputs of a row).
     scope
         Where weights compete: ``row`` (each output row pruned to ``sparsity``: Wanda's choice),
-        ``layer`` (each layer) or ``global`` (the sparsity shared out between layers by the scores
-        of the dense model). An N:M pattern fixes every group, so only ``row`` applies.
+        ``layer`` (each layer; for ``sparsegpt``, each block of columns over all rows, the
+        paper's rule) or ``global`` (the sparsity shared out between layers by the scores of the
+        dense model). ``None``: ``layer`` for ``sparsegpt``, ``row`` for the others. An N:M pattern
+        fixes every group, so only ``row`` applies (and is the default).
     update
         Apply OBS's compensating update to the kept weights (SparseGPT's sweep). ``None``: on for
         ``sparsegpt``, off for the others.
@@ -290,17 +299,28 @@ def oneshot(
     OneShotReport
     """
     method = check_option(method, "method", S.METHODS)
-    scope = check_option(scope, "scope", S.SCOPES)
     nm = parse_pattern(pattern)
+    if scope is None:
+        scope = "layer" if method == "sparsegpt" and not nm.structured else "row"
+    scope = check_option(scope, "scope", S.SCOPES)
     if sparsity is not None:
         check_scalar(sparsity, "sparsity", kind=Real, low=0.0, high=1.0, closed="left")
     sparsity = resolve_sparsity(sparsity, nm)
     if nm.structured and scope != "row":
         raise ValueError(f"scope={scope!r} does not apply to pattern='{nm}': every group of {nm.m} keeps {nm.n}; "
                          "use scope='row'")
-    check_scalar(damping, "damping", kind=Real, low=0.0, closed="neither")
+    check_scalar(damping, "damping", kind=Real, low=0.0, high=1e6, closed="right")
+    if damping == 0:
+        raise ValueError("damping must be in (0, 1e6], got 0: the Gram matrix of collinear inputs is singular")
     sigma = check_option(sigma, "sigma", ("row", "layer"))
-    check_scalar(block_size, "block_size", kind=int, low=1)
+    check_scalar(block_size, "block_size", kind=Integral, low=1)
+    block_size = int(block_size)
+    if update is not None and not isinstance(update, bool):
+        raise TypeError(f"update must be True, False or None, got {update!r}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be a function forward(model, batch), got {type(forward).__name__}")
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a list of parameter names, got the string {layers!r}")
     if nm.structured and block_size % nm.m:
         raise ValueError(f"block_size={block_size} must be a multiple of M={nm.m} for pattern='{nm}'")
     if update is None:
@@ -347,7 +367,7 @@ def oneshot(
         shares = {t.name: sparsity for g in groups for t in g}
         if scope == "global":
             shares = _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device)
-            passes += int(needs_data)
+            passes += int(method != "magnitude")
             scope = "layer"
         flat = [t for g in groups for t in g]
         bar = tqdm(total=len(flat), desc=f"one-shot {method}", disable=not progress, unit="layer")

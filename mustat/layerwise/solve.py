@@ -140,19 +140,20 @@ def scores(method: str, W: Tensor, gram: Gram | None, damping: float, sigma: str
     return _ratio(W.pow(2), sigma2[:, None] * var[None, :])
 
 
-def cut(s: Tensor, alive: Tensor, sparsity: float, scope: str, pattern: Pattern) -> Tensor:
+def cut(s: Tensor, alive: Tensor, sparsity: float, scope: str, pattern: Pattern, count: int | None = None) -> Tensor:
     """Keep-mask: the lowest scores pruned, per row, per matrix (``layer``) or per N:M group.
-    Weights already pruned stay pruned and count towards the target."""
+    Weights already pruned stay pruned and count towards the target. ``count``: the number to
+    prune per row (``row``) or in all (``layer``) instead of ``round(sparsity * n)``."""
     if pattern.structured:
         return nm_keep(s, pattern, alive)
     s = s.masked_fill(~alive, float("-inf"))
     if scope == "row":
-        k = round(sparsity * s.shape[1])
+        k = round(sparsity * s.shape[1]) if count is None else count
         dead = (~alive).sum(1)
         order = torch.sort(s, dim=1, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
         return rank >= torch.clamp(dead, min=k)[:, None]
-    k = max(round(sparsity * s.numel()), int((~alive).sum()))
+    k = max(round(sparsity * s.numel()) if count is None else count, int((~alive).sum()))
     keep = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
     keep[torch.sort(s.flatten(), stable=True).indices[:k]] = False
     return keep.view(s.shape)
@@ -180,7 +181,10 @@ def obs_sweep(W: Tensor, U: Tensor, keep: Tensor | None, *, alive: Tensor, block
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         err = torch.zeros_like(W1)
         if adaptive and not pattern.structured:
-            keep[:, i1:i2] = cut(saliency(W1, slice(i1, i2)), alive[:, i1:i2], sparsity, scope, pattern)
+            # each block its share of the whole target, so the blocks' roundings add up to it
+            per = 1 if scope == "row" else rows
+            count = round(sparsity * per * i2) - round(sparsity * per * i1)
+            keep[:, i1:i2] = cut(saliency(W1, slice(i1, i2)), alive[:, i1:i2], sparsity, scope, pattern, count)
         for i in range(i2 - i1):
             if adaptive and pattern.structured and i % pattern.m == 0:
                 g = slice(i1 + i, i1 + i + pattern.m)
