@@ -125,7 +125,9 @@ def run(steps: int, seeds: list[int], out: Path) -> None:
     for target in TARGETS:
         for label, opts in METHODS.items():
             if ":" in target and opts.get("scope", "row") != "row":
-                continue  # N:M fixes every group: only the row scope exists
+                if opts["method"] != "sparsegpt":
+                    continue  # N:M fixes every group: only the row scope exists
+                opts = {k: v for k, v in opts.items() if k != "scope"}
             for seed in seeds[:1] if opts["method"] == "magnitude" else seeds:
                 if (label, target, seed) in done:
                     continue
@@ -162,7 +164,7 @@ def summary(results: Path, dest: Path) -> None:
                   "| method | perplexity | layer error | seconds | seeds |", "|---|---|---|---|---|"]
         for m, x in sub.iterrows():
             sd = "" if np.isnan(x.sd) else f" ({x.sd:.3f})"
-            lines.append(f"| {m} | {x.ppl:.3f}{sd} | {x.error:.4f} | {x.seconds:.1f} | {x.seeds} |")
+            lines.append(f"| {m} | {x.ppl:.3f}{sd} | {x.error:.4f} | {x.seconds:.1f} | {int(x.seeds)} |")
         lines.append("")
     atomic_write(dest, lambda p: Path(p).write_text("\n".join(lines)))
 

@@ -10,7 +10,7 @@ under the dense embeddings). Also the mean per-layer relative reconstruction err
 calibration inputs, and the seconds of each pruning. Rows are appended to ``results.csv`` as they
 finish (atomically); a rerun skips the rows already there.
 
-    python docs/oneshot/encoder.py            # every method, 3 calibration seeds (about 45 min on 2 cores)
+    python docs/oneshot/encoder.py            # every method, 3 calibration seeds (25 min on 2 cores)
     python docs/oneshot/encoder.py --report   # only rewrite summary.md from results.csv
 """
 
@@ -131,7 +131,7 @@ def summary(results: Path, dest: Path) -> None:
             sd = "" if np.isnan(x.cosine_sd) else f" ({x.cosine_sd:.4f})"
             nsd = "" if np.isnan(x.nn_sd) else f" ({x.nn_sd:.3f})"
             lines.append(f"| {x.method} | {x.cosine:.4f}{sd} | {x.nn:.3f}{nsd} | {x.error:.4f} | {x.seconds:.1f} | "
-                         f"{x.seeds} |")
+                         f"{int(x.seeds)} |")
         lines.append("")
     atomic_write(dest, lambda p: Path(p).write_text("\n".join(lines)))
 
