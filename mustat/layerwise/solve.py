@@ -198,13 +198,6 @@ def obs_sweep(W: Tensor, U: Tensor, keep: Tensor | None, *, alive: Tensor, block
     return W * keep, keep
 
 
-def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
-    """``||X (W_new - W)^T||^2 / ||X W^T||^2`` on the calibration inputs (from the Gram)."""
-    D = W_new - W
-    total = float(torch.einsum("ij,jk,ik->", W, H, W))
-    return float(torch.einsum("ij,jk,ik->", D, H, D)) / total if total > 0 else 0.0
-
-
 def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: str, pattern: Pattern,
           update: bool, damping: float, block_size: int, alive: Tensor, sigma: str = "row") -> tuple[Tensor, Tensor]:
     """Prune one matrix: ``(new weights, keep-mask)`` (float64 in, float64 out). With the update,
