@@ -17,6 +17,7 @@ from mustat.pruning import (
 )
 from mustat.sparse import load_sparse, save_sparse, sparse_inference
 from mustat.stats import WaldResults, prune_fdr, pvalues, wald, zvalues
+from mustat.structured import prune_channels, prune_channels_fdr, unit_statistics
 from mustat.uncertainty import (
     ESTIMATORS,
     Estimator,
@@ -31,7 +32,7 @@ from mustat.uncertainty import (
     register_estimator,
 )
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "CRITERIA",
@@ -60,6 +61,8 @@ __all__ = [
     "make_estimator",
     "oneshot",
     "prune",
+    "prune_channels",
+    "prune_channels_fdr",
     "prune_fdr",
     "pvalues",
     "register_criterion",
@@ -69,6 +72,7 @@ __all__ = [
     "sparse_inference",
     "sparsity",
     "to_torch_prune",
+    "unit_statistics",
     "wald",
     "zvalues",
 ]

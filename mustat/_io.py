@@ -14,7 +14,8 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)``, then rename the temporary file onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # the suffix kept last: some writers (torch.export.save) insist on it
+    tmp = str(path.parent / f".{path.stem}.{uuid.uuid4().hex}.tmp{path.suffix}")
     # created like any new file (0o666 less the umask), unlike mkstemp's owner-only 0o600
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     mode = os.stat(tmp).st_mode & 0o777

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mustat.layerwise.command import add_parser as oneshot_parser
 
     oneshot_parser(sub)
+    from mustat.structured.command import add_parser as structured_parser
+
+    structured_parser(sub)
     _commands_from_plugins(sub)
     return parser
 

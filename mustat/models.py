@@ -130,6 +130,37 @@ def vgg(input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, n_outputs))
 
 
+class _Residual(nn.Module):
+    """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``; the shortcut is the identity, or a
+    strided 1x1 convolution with BatchNorm when the width or resolution changes (He et al. 2016)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """A small ResNet for images ``(C, H, W)``: conv 16@3x3 + BatchNorm, residual blocks of 16, 32
+    (stride 2) and 32 channels, global average pooling, a linear head. Its identity shortcuts
+    couple channels across blocks: what structured pruning must remove together."""
+    if len(input_shape) != 3 or min(input_shape[1:]) < 8:
+        raise ValueError(f"resnet needs images (C, H, W) with H, W >= 8, the data has shape {tuple(input_shape)}")
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        _Residual(16, 16, 1), _Residual(16, 32, 2), _Residual(32, 32, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, n_outputs),
+    )
+
+
 def glm(input_shape: tuple[int, ...], n_outputs: int, *, task: str = "classification") -> GLM:
     """No hidden layer: logistic (2 classes), softmax (more) or linear regression."""
     d = int(torch.tensor(input_shape).prod())
@@ -148,7 +179,7 @@ class _Flat(nn.Sequential):
         return self[1].nll(output, target)
 
 
-MODELS = {"mlp": mlp, "lenet5": lenet5, "torch-example": torch_example, "cnn1d": cnn1d, "vgg": vgg, "glm": glm}
+MODELS = {"mlp": mlp, "lenet5": lenet5, "torch-example": torch_example, "cnn1d": cnn1d, "vgg": vgg, "resnet": resnet, "glm": glm}
 
 
 def build(name: str, input_shape: tuple[int, ...], n_outputs: int, *, task: str = "classification") -> nn.Module:

@@ -1,0 +1,30 @@
+"""Structured pruning: group Wald tests of whole neurons, channels and coupled groups, and their
+physical removal through Torch-Pruning's dependency graph, giving smaller dense models that are
+faster on any hardware (:mod:`~mustat.structured.units` states the statistics)."""
+
+from mustat.structured.groups import (
+    BASELINES,
+    Group,
+    WaldImportance,
+    dependency_graph,
+    groups,
+    output_layers,
+)
+from mustat.structured.surgery import (
+    IMPORTANCES,
+    StructuredReport,
+    count,
+    export,
+    fdr_keep,
+    group_tests,
+    prune_channels,
+    prune_channels_fdr,
+)
+from mustat.structured.timing import latency
+from mustat.structured.units import UnitStatistics, unit_statistics
+
+__all__ = [
+    "BASELINES", "IMPORTANCES", "Group", "StructuredReport", "UnitStatistics", "WaldImportance", "count",
+    "dependency_graph", "export", "fdr_keep", "group_tests", "groups", "latency", "output_layers",
+    "prune_channels", "prune_channels_fdr", "unit_statistics",
+]

@@ -1,0 +1,306 @@
+"""Physical removal of channels through Torch-Pruning's dependency graph: to a compute budget
+(:func:`prune_channels`) or to the channels a group-level FDR procedure keeps
+(:func:`prune_channels_fdr`). The result is a plain, smaller, dense ``nn.Module``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+import torch
+import torch_pruning as tp
+from statsmodels.stats.multitest import multipletests
+from torch import nn
+
+from mustat._checks import check_option, check_scalar
+from mustat._io import atomic_write
+from mustat._params import masked_names
+from mustat.structured.groups import (
+    BASELINES,
+    NEEDS_GRADIENT,
+    Group,
+    WaldImportance,
+    baseline,
+    channel_scores,
+    dependency_graph,
+    groups,
+    output_layers,
+    wald_scores,
+)
+from mustat.structured.units import UnitStatistics, chi2_sf
+
+ADJUST_METHODS = ("bonferroni", "holm", "fdr_bh", "fdr_by")
+
+#: ``wald`` is the group Wald statistic per MAC, ``wald-chi2`` and ``wald-pvalue`` its other scores
+#: (:class:`~mustat.structured.WaldImportance`); the rest are Torch-Pruning's
+IMPORTANCES = ("wald", "wald-chi2", "wald-pvalue", *BASELINES)
+
+
+@dataclass(frozen=True)
+class StructuredReport:
+    """What a structured pruning step did: multiply-accumulates and parameters before and after
+    (Torch-Pruning's counter, one sample), and per group root the channels ``removed`` and ``kept``."""
+
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    removed: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def flop_speedup(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    def __str__(self) -> str:
+        gone = ", ".join(f"{k}: -{v}" for k, v in self.removed.items() if v) or "nothing"
+        return (f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.flop_speedup:.2f}x), params "
+                f"{self.params_before:,} -> {self.params_after:,}; channels removed: {gone}")
+
+
+def count(model: nn.Module, example_inputs) -> tuple[int, int]:
+    """``(MACs, parameters)`` of one forward pass on ``example_inputs`` (Torch-Pruning's counter:
+    Linear, Conv, normalisation and pooling layers); the model's mode is restored."""
+    mode = model.training
+    try:
+        model.eval()
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    finally:
+        model.train(mode)
+    return int(macs), int(params)
+
+
+def _check_plain(model: nn.Module) -> None:
+    masked = masked_names(model)
+    if masked:
+        raise ValueError(f"structured pruning removes whole channels of a plain model, but {masked[:4]} carry "
+                         "mustat masks; call mustat.finalize(model) first or prune a model without masks")
+
+
+def _order(scores: list[np.ndarray], found: list[Group], min_channels: int) -> list[tuple[int, int]]:
+    """Channels in removal order (lowest score first; ties by group, then channel), each group
+    keeping its ``min_channels`` best."""
+    flat = [(s, gi, c) for gi, sc in enumerate(scores) for c, s in enumerate(sc)]
+    flat.sort(key=lambda t: (t[0], t[1], t[2]))
+    left = [g.size for g in found]
+    out = []
+    for _, gi, c in flat:
+        if left[gi] > min_channels:
+            out.append((gi, c))
+            left[gi] -= 1
+    return out
+
+
+def _apply(model: nn.Module, graph: tp.DependencyGraph, found: list[Group], plan: Sequence[tuple[int, int]]) -> None:
+    by_group: dict[int, list[int]] = {}
+    for gi, c in plan:
+        by_group.setdefault(gi, []).append(c)
+    for gi, idxs in sorted(by_group.items()):
+        item = found[gi].tp_group[0]
+        graph.get_pruning_group(item.dep.target.module, item.dep.handler, sorted(idxs)).prune()
+
+
+def _macs_after(model: nn.Module, example_inputs, found: list[Group], plan, ignored_names) -> int:
+    trial = copy.deepcopy(model)
+    graph = dependency_graph(trial, example_inputs)
+    mods = dict(trial.named_modules())
+    found_t = groups(trial, graph, [mods[n] for n in ignored_names])
+    by_root = {g.root: i for i, g in enumerate(found_t)}
+    _apply(trial, graph, found_t, [(by_root[found[gi].root], c) for gi, c in plan])
+    return count(trial, example_inputs)[0]
+
+
+def _importance(importance, model: nn.Module, stats: UnitStatistics | None, example_inputs):
+    if isinstance(importance, tp.importance.Importance):
+        return importance
+    check_option(importance, "importance", IMPORTANCES)
+    if importance.startswith("wald"):
+        if stats is None:
+            raise ValueError(f"importance={importance!r} needs stats=mustat.structured.unit_statistics(model, se) "
+                             "(or estimator=...)")
+        score = {"wald": "chi2-per-mac", "wald-chi2": "chi2", "wald-pvalue": "pvalue"}[importance]
+        return WaldImportance(stats, score, example_inputs)
+    if importance in NEEDS_GRADIENT:
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            raise ValueError(f"importance={importance!r} reads the loss gradient from .grad, which is empty for "
+                             f"{missing[:3]}: run loss.backward() on training data first")
+    return baseline(importance)
+
+
+def _names(model: nn.Module, layers) -> list[str]:
+    names = {m: n for n, m in model.named_modules()}
+    return [names[m] for m in layers]
+
+
+def prune_channels(
+    model: nn.Module,
+    example_inputs,
+    importance="wald",
+    *,
+    speedup: float | None = None,
+    target_macs: int | None = None,
+    stats: UnitStatistics | None = None,
+    ignored_layers: Sequence[nn.Module] | None = None,
+    min_channels: int = 1,
+) -> StructuredReport:
+    """Remove the least important channels, ranked across all groups, until the model's
+    multiply-accumulates fall to ``target_macs`` (or to the current count divided by ``speedup``).
+
+    Parameters
+    ----------
+    model
+        A plain model (no mustat masks), modified in place.
+    example_inputs
+        One input batch for tracing (one sample is enough).
+    importance
+        ``"wald"`` (mustat's group Wald statistic per MAC saved: needs ``stats``), ``"wald-chi2"``,
+        ``"wald-pvalue"`` (:class:`~mustat.structured.WaldImportance`), one of Torch-Pruning's
+        ``"magnitude"``, ``"taylor"`` (reads ``.grad``: call ``loss.backward()`` first),
+        ``"lamp"``, or any ``tp.importance.Importance``.
+    speedup, target_macs
+        The budget: exactly one.
+    stats
+        :func:`~mustat.structured.unit_statistics` of ``model`` for ``importance="wald"``.
+    ignored_layers
+        Layers whose outputs must keep their size; default: the last Linear or Conv.
+    min_channels
+        Channels every group keeps (>= 1).
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, a masked model, or a budget no removal reaches (the reachable
+        speed-up named); all before the model changes.
+
+    Notes
+    -----
+    The number of channels is the smallest that meets the budget, found by bisection on
+    copies of the model (MACs never grow when channels go), so the model is cut once.
+    """
+    _check_plain(model)
+    check_scalar(min_channels, "min_channels", kind=Integral, low=1)
+    if (speedup is None) == (target_macs is None):
+        raise ValueError("prune_channels takes speedup=... or target_macs=..., exactly one")
+    macs0, params0 = count(model, example_inputs)
+    if speedup is not None:
+        check_scalar(speedup, "speedup", kind=Real, low=1.0)
+        target_macs = int(macs0 / speedup)
+    else:
+        check_scalar(target_macs, "target_macs", kind=Integral, low=1)
+    imp = _importance(importance, model, stats, example_inputs)
+    graph = dependency_graph(model, example_inputs)
+    ignored = list(ignored_layers) if ignored_layers is not None else None
+    found = groups(model, graph, ignored)
+    ignored_names = _names(model, ignored if ignored is not None else output_layers(model))
+    order = _order(channel_scores(model, graph, found, imp), found, min_channels)
+    lo, hi = 0, len(order)
+    if macs0 <= target_macs:
+        hi = 0
+    elif _macs_after(model, example_inputs, found, order, ignored_names) > target_macs:
+        best = _macs_after(model, example_inputs, found, order, ignored_names)
+        raise ValueError(f"the budget target_macs={target_macs:,} is out of reach: removing every prunable channel "
+                         f"but {min_channels} per group leaves {best:,} MACs ({macs0 / best:.2f}x); ask for less")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _macs_after(model, example_inputs, found, order[:mid], ignored_names) <= target_macs:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _cut(model, example_inputs, graph, found, order[:hi], macs0, params0)
+
+
+def _cut(model, example_inputs, graph, found, plan, macs0, params0) -> StructuredReport:
+    removed = {g.root: 0 for g in found}
+    for gi, _ in plan:
+        removed[found[gi].root] += 1
+    _apply(model, graph, found, plan)
+    macs1, params1 = count(model, example_inputs)
+    kept = {g.root: g.size - removed[g.root] for g in found}
+    return StructuredReport(macs0, macs1, params0, params1, removed, kept)
+
+
+def group_tests(model: nn.Module, example_inputs, stats: UnitStatistics,
+                ignored_layers: Sequence[nn.Module] | None = None) -> pd.DataFrame:
+    """One row per channel of every prunable group: ``group`` (its root layer), ``channel``,
+    ``producers`` (the layers tested jointly), ``chi2``, ``dof`` and the :math:`\\chi^2_{dof}`
+    ``pvalue`` of ``H0: every weight producing the channel is 0``."""
+    graph = dependency_graph(model, example_inputs)
+    rows = []
+    for g in groups(model, graph, None if ignored_layers is None else list(ignored_layers)):
+        chi2, dof = wald_scores(g, stats, graph, model)
+        p = chi2_sf(chi2, dof)
+        rows.append(pd.DataFrame({"group": g.root, "channel": np.arange(g.size), "producers": ",".join(g.producers),
+                                  "chi2": chi2, "dof": dof, "pvalue": p}))
+    if not rows:
+        raise ValueError(f"{type(model).__name__} has no prunable group")
+    return pd.concat(rows, ignore_index=True)
+
+
+def fdr_keep(tests: pd.DataFrame, fdr: float = 0.05, method: str = "fdr_bh") -> pd.DataFrame:
+    """``tests`` with ``p_adjusted`` and ``keep``: the channels whose adjusted p-value is ``<= fdr``
+    (for ``fdr_bh``, Benjamini-Hochberg over every channel of every group: the expected share of
+    kept channels that are truly dead is at most ``fdr`` when the p-values are valid and
+    independent or positively dependent)."""
+    check_scalar(fdr, "fdr", kind=Real, low=0.0, high=1.0, closed="neither")
+    check_option(method, "method", ADJUST_METHODS)
+    out = tests.copy()
+    out["p_adjusted"] = multipletests(out["pvalue"].to_numpy(), method=method)[1]
+    out["keep"] = out["p_adjusted"] <= fdr
+    return out
+
+
+def prune_channels_fdr(
+    model: nn.Module,
+    example_inputs,
+    stats: UnitStatistics,
+    *,
+    fdr: float = 0.05,
+    method: str = "fdr_bh",
+    ignored_layers: Sequence[nn.Module] | None = None,
+    min_channels: int = 1,
+) -> tuple[StructuredReport, pd.DataFrame]:
+    """Remove every channel whose group Wald test is not significant at false discovery rate
+    ``fdr`` (:func:`fdr_keep`): the width of each layer is chosen by the data. A group with fewer
+    than ``min_channels`` discoveries keeps its most significant ones (marked ``forced``).
+
+    Returns the report and the tests with ``p_adjusted``, ``keep`` and ``forced``."""
+    _check_plain(model)
+    check_scalar(min_channels, "min_channels", kind=Integral, low=1)
+    tests = fdr_keep(group_tests(model, example_inputs, stats, ignored_layers), fdr, method)
+    tests["forced"] = False
+    for _, rows in tests.groupby("group", sort=False):
+        short = min_channels - int(rows["keep"].sum())
+        if short > 0:
+            best = rows[~rows["keep"]].sort_values("pvalue", kind="stable").index[:short]
+            tests.loc[best, "forced"] = True
+    macs0, params0 = count(model, example_inputs)
+    graph = dependency_graph(model, example_inputs)
+    found = groups(model, graph, None if ignored_layers is None else list(ignored_layers))
+    index = {g.root: i for i, g in enumerate(found)}
+    drop = tests[~tests["keep"] & ~tests["forced"]]
+    plan = [(index[r], int(c)) for r, c in zip(drop["group"], drop["channel"])]
+    return _cut(model, example_inputs, graph, found, plan, macs0, params0), tests
+
+
+def export(model: nn.Module, example_inputs: torch.Tensor, path) -> None:
+    """Save ``model`` with ``torch.export`` (any batch size) so that plain torch reloads it in any
+    process, no mustat needed: ``torch.export.load(path).module()(x)``. Written atomically; the
+    eval-mode graph is traced and the model's mode restored."""
+    if not isinstance(example_inputs, torch.Tensor):
+        raise ValueError(f"export takes one input tensor, got {type(example_inputs).__name__}")
+    if not str(path).endswith(".pt2"):
+        raise ValueError(f"path={str(path)!r}: torch.export archives end in .pt2")
+    # two rows: torch.export specialises a batch of one to the constant 1
+    x = example_inputs[:1].expand(2, *example_inputs.shape[1:]).contiguous()
+    mode = model.training
+    try:
+        model.eval()
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    finally:
+        model.train(mode)
+    atomic_write(path, lambda tmp: torch.export.save(program, tmp))

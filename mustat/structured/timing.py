@@ -1,0 +1,29 @@
+"""Measured inference latency: what structured pruning is for."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import torch
+from torch import Tensor, nn
+from torch.utils import benchmark
+
+from mustat._checks import check_scalar
+
+
+def latency(model: nn.Module, inputs: Tensor, *, threads: int = 1, min_run_time: float = 0.5) -> float:
+    """Median seconds of one ``model(inputs)`` call in eval mode without autograd, from
+    ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up included, blocks of calls until
+    ``min_run_time`` seconds). ``threads`` intra-op threads during the measurement (PyTorch's
+    setting is restored); the model's mode is restored."""
+    check_scalar(threads, "threads", kind=Integral, low=1)
+    check_scalar(min_run_time, "min_run_time", kind=Real, low=0.0, closed="neither")
+    mode = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(inputs)  # warm-up: lazy initialisation, allocator
+            timer = benchmark.Timer("model(inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads)
+            return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+    finally:
+        model.train(mode)

@@ -1,0 +1,152 @@
+r"""Wald statistics of whole units: the output neurons of ``nn.Linear`` layers, the output
+channels of convolutions, and the affine entries of normalisation layers.
+
+A unit :math:`u` of a layer is produced by the weights :math:`w_u` of its row (the
+out-channel slice of the weight, flattened over inputs and kernel) and its bias entry.
+The Wald statistic of :math:`H_0: w_u = 0` is
+
+.. math:: \chi^2_u = w_u^\top \Sigma_u^{-1} w_u \sim \chi^2_{k_u} \text{ under } H_0,
+
+with :math:`\Sigma_u` the estimator's covariance of :math:`w_u`. Two structures:
+
+* **diagonal** (any estimator, from its standard errors): :math:`\Sigma_u = \mathrm{diag}(se^2)`,
+  so :math:`\chi^2_u = \sum_j z_j^2`. This ignores the correlations inside the row, so it is a
+  valid :math:`\chi^2_{k}` statistic only when they are small (independent inputs); with
+  correlated inputs it is a ranking, not a test.
+* **block** (``kfac``): the exact marginal block of the damped Kronecker-factored
+  curvature, :math:`\Sigma = (B \otimes A + dI)^{-1}`. With :math:`A = Q_A\,\mathrm{diag}(\alpha)\,Q_A^\top`
+  and :math:`B = Q_B\,\mathrm{diag}(\beta)\,Q_B^\top`, the block of row :math:`o` is
+  :math:`\Sigma_o = Q_A\,\mathrm{diag}(c_o)\,Q_A^\top` with
+  :math:`c_{ol} = \sum_k Q_{B,ok}^2 / (\beta_k \alpha_l + d)`, so
+  :math:`\chi^2_o = \sum_l (Q_A^\top \tilde w_o)_l^2 / c_{ol}` (:math:`\tilde w_o` the row with
+  its bias). It is exact where K-FAC is (a linear-Gaussian layer) and otherwise assumes
+  inputs and output gradients independent.
+
+Units of different layers have different :math:`k_u`, so they are compared by p-value, which is
+what makes one ranking across layers meaningful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats as sps
+from torch import Tensor, nn
+
+from mustat._params import entries
+
+UNIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class UnitStatistics:
+    r"""Per-unit Wald statistics keyed by module name: ``chi2[name]`` and ``dof[name]`` are
+    float64 arrays of the layer's output units. ``structure`` is ``"diagonal"`` or ``"block"``.
+
+    Entries with an infinite SE (unidentified) add nothing and no degree of freedom; a nonzero
+    weight with ``se == 0`` makes its unit's statistic infinite (p = 0), as in :func:`mustat.wald`.
+    """
+
+    chi2: dict[str, np.ndarray]
+    dof: dict[str, np.ndarray]
+    structure: str
+
+    def pvalues(self) -> dict[str, np.ndarray]:
+        """Upper-tail :math:`\\chi^2_{k}` p-values of each unit (1 where ``k = 0``)."""
+        return {n: chi2_sf(self.chi2[n], self.dof[n]) for n in self.chi2}
+
+
+def chi2_sf(chi2: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """``P(chi2_k > x)``, 1 where ``k == 0``."""
+    chi2, dof = np.asarray(chi2, float), np.asarray(dof, float)
+    out = np.ones(np.broadcast(chi2, dof).shape)
+    ok = dof > 0
+    out[ok] = sps.chi2.sf(chi2[ok] if chi2.ndim else chi2, dof[ok])
+    return out
+
+
+def chi2_logsf(chi2: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """``log P(chi2_k > x)`` without underflow (the ranking score is its negative); 0 where ``k == 0``."""
+    chi2, dof = np.broadcast_arrays(np.asarray(chi2, float), np.asarray(dof, float))
+    out = np.zeros(chi2.shape)
+    ok = dof > 0
+    out[ok] = sps.chi2.logsf(chi2[ok], dof[ok])
+    return out
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", torch.float64).reshape(t.shape[0], -1)
+
+
+def _diagonal(model: nn.Module, se: Mapping[str, Tensor], weights: Mapping[str, Tensor] | None):
+    table = entries(model)
+    chi2: dict[str, np.ndarray] = {}
+    dof: dict[str, np.ndarray] = {}
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, UNIT_LAYERS):
+            continue
+        for attr in ("weight", "bias"):
+            name = f"{mod_name}.{attr}" if mod_name else attr
+            if name not in se or name not in table:
+                continue
+            w = (weights[name] if weights is not None and name in weights else table[name].effective())
+            s = se[name]
+            if tuple(s.shape) != tuple(w.shape):
+                raise ValueError(f"se[{name!r}] has shape {tuple(s.shape)}, the weight has {tuple(w.shape)}")
+            w64, s64 = _rows(w), _rows(torch.as_tensor(s))
+            if bool(torch.isnan(s64).any()) or bool((s64 < 0).any()):
+                raise ValueError(f"se[{name!r}] has NaN or negative entries; standard errors must be >= 0 "
+                                 "(+inf meaning unidentified)")
+            ident = torch.isfinite(s64)
+            z2 = torch.where((w64 == 0) | ~ident, torch.zeros_like(w64), (w64 / s64).square())
+            chi2[mod_name] = chi2.get(mod_name, 0.0) + z2.sum(1).numpy()
+            dof[mod_name] = dof.get(mod_name, 0.0) + ident.sum(1).to(torch.float64).numpy()
+    if not chi2:
+        raise ValueError("se covers no weight or bias of a Linear, Conv or normalisation layer; its keys are "
+                         f"{sorted(se)[:8]}")
+    return chi2, dof
+
+
+def _kfac_blocks(estimator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    chi2, dof = {}, {}
+    for name, (QA, QB, denom, _, _) in estimator._factors.items():
+        mod = estimator._layers[name]
+        w = _rows(mod.weight)
+        if estimator._bias(mod):
+            b = estimator._bias_entry(mod).effective().detach().to("cpu", torch.float64).reshape(-1, 1)
+            w = torch.cat([w, b], 1)
+        c = QB.square() @ denom.reciprocal()              # (out, features): the row blocks' eigenvalues
+        chi2[name.rsplit(".", 1)[0]] = ((w @ QA).square() / c).sum(1).numpy()
+        dof[name.rsplit(".", 1)[0]] = np.full(w.shape[0], float(w.shape[1]))
+    return chi2, dof
+
+
+def unit_statistics(model: nn.Module, se: Mapping[str, Tensor] | None = None, *, estimator=None,
+                    weights: Mapping[str, Tensor] | None = None) -> UnitStatistics:
+    """Wald statistics of every output unit of ``model``'s Linear, Conv and normalisation layers.
+
+    Parameters
+    ----------
+    model
+        The network (read only).
+    se
+        Standard errors keyed by tensor name (diagonal covariance; any estimator's ``se()``).
+    estimator
+        A fitted estimator instead of ``se``: a ``kfac`` estimator gives the exact marginal block
+        of each row (module notes); any other gives its diagonal ``se()`` and ``estimate()``.
+    weights
+        Estimates to test instead of the current weights (diagonal structure only).
+    """
+    if (se is None) == (estimator is None):
+        raise ValueError("unit_statistics takes se=... (standard errors) or estimator=... (a fitted estimator), "
+                         "exactly one")
+    if estimator is not None:
+        if getattr(estimator, "_factors", None) is not None and hasattr(estimator, "_layers"):
+            chi2, dof = _kfac_blocks(estimator)
+            return UnitStatistics(chi2, dof, "block")
+        se, weights = estimator.se(), estimator.estimate()
+    chi2, dof = _diagonal(model, se, weights)
+    return UnitStatistics(chi2, dof, "diagonal")
