@@ -59,7 +59,7 @@ def test_bad_arguments_are_refused_before_training(tmp_path):
         check_labels(["obd"])
     with pytest.raises(ValueError, match="repeat a label"):
         check_labels(["lamp", "lamp"])
-    with pytest.raises(ValueError, match=r"speedup must be in \(1.0, inf\]"):
+    with pytest.raises(ValueError, match=r"speedup must be in \(1.0, inf\), got 1.0"):
         run(importances=["lamp"], speedup=1.0, out=tmp_path)
     assert not (tmp_path / "results.csv").exists()
 
