@@ -79,7 +79,7 @@ def test_other_settings_in_same_folder_refused(tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["--dataset", "imagenet"], "invalid choice.*digits"),
-    (["--model", "resnet"], "invalid choice.*lenet5"),
+    (["--model", "resnet50"], "invalid choice.*lenet5"),
     (["--criteria", "mu,psychic"], "criterion=.psychic. is not valid; choose one of: gradient-weight, lamp, magnitude, mu, obs, random"),
     (["--se", "pseudo,oracle"], "se=.oracle. is not valid; choose one of: batch-means, block, bootstrap, calibrated, curvature, fisher, kfac, pseudo, wald, woodfisher"),
     (["--criteria", "magnitude[pseudo]"], "uses no standard errors"),

@@ -142,7 +142,7 @@ def test_group_chi2_of_dead_units_is_chi2_on_an_exact_linear_gaussian_layer():
     # statistic of a dead unit is exactly chi-square with d + 1 degrees of freedom
     rng = np.random.default_rng(0)
     null = []
-    for _ in range(150):
+    for _ in range(300):
         X, Y, _ = _linear_gaussian(rng, 80, 3, [[0.5, 0.0, -0.5], [0.3, 0.3, 0.3]], dead=4)
         layer = _ols_layer(X, Y)
         m = nn.Sequential(layer)
@@ -152,13 +152,14 @@ def test_group_chi2_of_dead_units_is_chi2_on_an_exact_linear_gaussian_layer():
     null = np.asarray(null)
     rate = float(np.mean(sps.chi2.sf(null, 4) < 0.05))
     sd = np.sqrt(0.05 * 0.95 / len(null))
-    assert abs(rate - 0.05) < 4 * sd, rate
+    assert abs(rate - 0.05) < 3 * sd, rate
     assert sps.kstest(null, sps.chi2(4).cdf).pvalue > 0.001
 
 
 def test_fdr_on_a_planted_layer_keeps_live_units_and_controls_false_discoveries():
     rng = np.random.default_rng(1)
-    false = kept = live_kept = 0
+    false = kept = 0
+    live = np.zeros(3)
     for _ in range(60):
         X, Y, W = _linear_gaussian(rng, 100, 3, [[1.0, 0, 0], [0, 1.0, 0], [0.4, 0.0, 0.0]], dead=5)
         m = nn.Sequential(_ols_layer(X, Y))
@@ -170,8 +171,10 @@ def test_fdr_on_a_planted_layer_keeps_live_units_and_controls_false_discoveries(
         keep = tests["keep"].to_numpy()
         false += int((keep & dead).sum())
         kept += int(keep.sum())
-        live_kept += int((keep & ~dead).sum())
-    assert live_kept >= 0.95 * 120          # the two strong units are always found, the weak one mostly
+        live += keep[:3]
+    # effects of 1.0 give z = 10 (always found); 0.4 gives z = 4 on 4 dof (chi2 noncentrality 16:
+    # power about 0.8 at BH's thresholds)
+    assert live[0] == live[1] == 60 and 30 <= live[2] < 60
     assert false / kept < 0.05 + 3 * np.sqrt(0.05 * 0.95 / kept)
 
 
@@ -210,7 +213,7 @@ def test_prune_channels_meets_the_budget_with_the_fewest_channels(name, shape):
     small = copy.deepcopy(m)
     rep = prune_channels(small, x[:1], "wald-chi2", speedup=2.0, stats=st)
     assert isinstance(rep, StructuredReport)
-    assert rep.macs_before == macs0 and rep.macs_after <= macs0 / 2 == pytest.approx(macs0 / 2)
+    assert rep.macs_before == macs0 and rep.macs_after <= macs0 / 2
     assert rep.macs_after == count(small, x[:1])[0] and small(x).shape == (4, 5)
     # one channel fewer would miss the budget: the bisection found the smallest cut
     graph = dependency_graph(m, x[:1])
@@ -388,3 +391,46 @@ def test_a_group_down_to_one_channel_is_skipped_not_emptied():
     st = unit_statistics(m, _se(m))
     rep = prune_channels(m, x, "wald", speedup=1.2, stats=st)
     assert rep.kept["0"] == 1 and rep.removed["2"] >= 1 and m[0].out_features == 1
+
+
+def test_kfac_block_of_a_convolution_without_bias():
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Conv1d(2, 3, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
+    X, y = torch.randn(40, 2, 6), torch.randint(0, 2, (40,))
+    est = _kfac(m, X, y)
+    st = unit_statistics(m, estimator=est)
+    _, _, _, A, B = est._factors["0.weight"]
+    A, B, d = A.numpy(), B.numpy(), float(est._d)
+    cov = np.linalg.inv(np.kron(B, A) + d * np.eye(B.shape[0] * A.shape[0]))
+    W = m[0].weight.detach().double().reshape(3, -1).numpy()
+    f = W.shape[1]
+    ref = [W[o] @ np.linalg.solve(cov[o * f:(o + 1) * f, o * f:(o + 1) * f], W[o]) for o in range(3)]
+    np.testing.assert_allclose(st.chi2["0"], ref, rtol=1e-8)
+    assert (st.dof["0"] == 6).all()
+
+
+def test_groups_without_statistics_or_with_stale_ones_are_refused():
+    m = _mlp()
+    x = torch.zeros(1, 5)
+    se = {k: v for k, v in _se(m).items() if not k.startswith("2.")}
+    st = unit_statistics(m, se)
+    with pytest.raises(ValueError, match="group rooted at '2' .* has no statistics"):
+        group_tests(m, x, st)
+    with pytest.raises(ValueError, match="rooted at '2' has no statistics for any layer"):
+        prune_channels(copy.deepcopy(m), x, "wald-chi2", speedup=1.5, stats=st)
+    full = unit_statistics(m, _se(m))
+    prune_channels(m, x, "magnitude", speedup=1.5)
+    with pytest.raises(ValueError, match="belong to another version of the model"):
+        group_tests(m, x, full)
+
+
+def test_submodule_modes_are_restored():
+    m = build("resnet", (1, 12, 12), 4)
+    m.train()
+    m[1].eval()                                    # a mixed state: one BatchNorm frozen
+    x = torch.randn(2, 1, 12, 12)
+    count(m, x[:1])
+    dependency_graph(m, x[:1])
+    from mustat.structured import latency
+    latency(m, x, min_run_time=0.01)
+    assert m.training and not m[1].training and m[3].bn1.training

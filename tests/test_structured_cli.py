@@ -38,6 +38,11 @@ def test_command_prunes_to_the_budget_measures_and_resumes(tmp_path, capsys):
     # rerun: every (seed, importance) is done, so nothing is recomputed and the rows stay
     assert main(argv) == 0
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), df)
+    # the same folder with other settings is refused, not mixed in
+    other = [a if a != "mlp" else "lenet5" for a in argv]
+    with pytest.raises(SystemExit):
+        main(other)
+    assert "holds a structured run with other settings (model" in capsys.readouterr().err
 
 
 def test_trajectory_estimators_track_each_architecture(tmp_path):

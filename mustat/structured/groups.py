@@ -26,6 +26,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from mustat._checks import check_option
+from mustat._functional import eval_mode
 from mustat.structured.units import UnitStatistics, chi2_logsf
 
 ROOTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -45,13 +46,8 @@ class Group:
 def dependency_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of ``model``, traced on ``example_inputs`` (autograd on,
     train/eval mode restored)."""
-    mode = model.training
-    try:
-        model.eval()
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-    finally:
-        model.train(mode)
+    with eval_mode(model), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
 
 
 def output_layers(model: nn.Module) -> list[nn.Module]:
@@ -78,7 +74,12 @@ def groups(model: nn.Module, graph: tp.DependencyGraph, ignored: list[nn.Module]
 
 def wald_scores(group: Group, stats: UnitStatistics, graph: tp.DependencyGraph, model: nn.Module
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(chi2, dof)`` of each of the group's channels: the sums over its producing layers."""
+    """``(chi2, dof)`` of each of the group's channels: the sums over its producing layers that
+    ``stats`` covers (:func:`tested_producers`).
+
+    Summing treats the producers' estimates as independent, as the estimators' layer blocks do;
+    where two producers are strongly correlated (a convolution and the BatchNorm after it, or the
+    branches of a residual sum) the sum overstates the evidence."""
     names = {m: n for n, m in model.named_modules()}
     chi2, dof = np.zeros(group.size), np.zeros(group.size)
     for item in group.tp_group.items:
@@ -87,9 +88,18 @@ def wald_scores(group: Group, stats: UnitStatistics, graph: tp.DependencyGraph, 
             continue
         if item.root_idxs is None or any(r is None for r in item.root_idxs):
             continue
+        width = graph.get_pruner_of_module(item.dep.target.module).get_out_channels(item.dep.target.module)
+        if width is not None and len(stats.chi2[name]) != width:
+            raise ValueError(f"stats for layer {name!r} cover {len(stats.chi2[name])} units, the layer has {width}: "
+                             "they belong to another version of the model; recompute them after every pruning step")
         np.add.at(chi2, item.root_idxs, stats.chi2[name][item.idxs])
         np.add.at(dof, item.root_idxs, stats.dof[name][item.idxs])
     return chi2, dof
+
+
+def tested_producers(group: Group, stats: UnitStatistics) -> tuple[str, ...]:
+    """The producers of ``group`` that ``stats`` covers (BatchNorm layers, say, have no K-FAC statistics)."""
+    return tuple(n for n in group.producers if n in stats.chi2)
 
 
 WALD_SCORES = ("chi2-per-mac", "chi2", "pvalue")
@@ -141,7 +151,10 @@ class WaldImportance(tp.importance.Importance):
         g = Group("", (), len(group[0].idxs), group)
         chi2, dof = wald_scores(g, self.stats, graph, graph.model)
         if not dof.any():
-            return None
+            root = {m: n for n, m in graph.model.named_modules()}[group[0].dep.target.module]
+            raise ValueError(f"the group rooted at {root!r} has no statistics for any layer producing it (stats "
+                             f"cover {sorted(self.stats.chi2)}); unscored, it would be pruned first. Estimate "
+                             "those layers' SEs, or pass the root layer in ignored_layers")
         if self.score == "pvalue":
             return torch.as_tensor(-chi2_logsf(chi2, dof), dtype=torch.float64)
         if self.score == "chi2":

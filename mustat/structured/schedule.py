@@ -10,7 +10,8 @@ those of the architecture being pruned. After every round the latency of the pru
 dense model are measured alternately in the same process, at each batch size (one intra-op
 thread by default: the other core's load then touches both alike).
 
-The run folder holds ``results.csv`` (one row per seed, importance and round, with the
+The run folder holds ``params.json`` (the settings: a folder is never reused for other ones),
+``results.csv`` (one row per seed, importance and round, with the
 latencies), ``dense-seed<k>.pt`` (cached dense states) and, with
 ``save_models=True``, ``models/<label>-seed<k>.pt2`` (``torch.export``: reloads with plain
 torch). Rows are written atomically as each importance finishes, so an interrupted run
@@ -20,9 +21,11 @@ resumes at the next one.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,8 @@ from torch import nn
 from tqdm import tqdm
 
 from mustat._checks import check_option, check_scalar
+from mustat._functional import eval_mode
+from mustat._io import write_json
 from mustat.config import TrainConfig
 from mustat.criteria import parse_label
 from mustat.data import Dataset, load
@@ -81,12 +86,14 @@ def _context(model, data: Dataset, opt, train: TrainConfig) -> FitContext:
 
 
 def _gradients(model: nn.Module, data: Dataset, chunk: int = 512) -> None:
-    """Fill ``.grad`` with the mean training-loss gradient (what Taylor importance reads)."""
+    """Fill ``.grad`` with the mean training-loss gradient (what Taylor importance reads), in eval
+    mode: BatchNorm's running statistics stay as they are and dropout draws nothing."""
     model.zero_grad(set_to_none=True)
     n = len(data.y_train)
-    for s in range(0, n, chunk):
-        xb, yb = data.X_train[s:s + chunk], data.y_train[s:s + chunk]
-        (loss_fn(model, model(xb), yb) * (len(yb) / n)).backward()
+    with eval_mode(model):
+        for s in range(0, n, chunk):
+            xb, yb = data.X_train[s:s + chunk], data.y_train[s:s + chunk]
+            (loss_fn(model, model(xb), yb) * (len(yb) / n)).backward()
 
 
 def _latencies(pruned: nn.Module, dense: nn.Module, shape, batches: Sequence[int], threads: int, repeats: int = 2
@@ -179,6 +186,21 @@ def prune_schedule(model: nn.Module, data: Dataset, importance: str, se: str | N
     return model, rows
 
 
+def _claim(out: Path, settings: dict) -> None:
+    """Record the settings in ``out/params.json``; a folder that holds another run's is refused
+    (seeds and importances may be added: they are what a rerun resumes)."""
+    path = out / "params.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(f"{out} holds a structured run with other settings ({', '.join(diff)}: "
+                             f"{ {k: old.get(k) for k in diff} }); use another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
+
+
 def run(*, dataset: str = "mnist5k", model: str = "lenet5", importances: Sequence[str] = ("wald[kfac]", "magnitude"),
         speedup: float = 2.0, rounds: int = 3, seeds: Sequence[int] = (0,), train: TrainConfig | None = None,
         out: str | Path = "runs/structured", batches: Sequence[int] = (1, 128), threads: int = 1,
@@ -200,7 +222,9 @@ def run(*, dataset: str = "mnist5k", model: str = "lenet5", importances: Sequenc
                          "pass (1, 128)")
     train = train or TrainConfig(epochs=15, retrain_epochs=3, track_epochs=3)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(dataset=dataset, model=model, speedup=float(speedup), rounds=int(rounds), threads=int(threads),
+                    train=asdict(train))
+    _claim(out, settings)
     table = out / "results.csv"
     done = read_table(table, COLUMNS) if table.exists() else pd.DataFrame(columns=COLUMNS)
     finished = set(zip(done["seed"], done["label"]))

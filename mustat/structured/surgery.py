@@ -17,6 +17,7 @@ from statsmodels.stats.multitest import multipletests
 from torch import nn
 
 from mustat._checks import check_option, check_scalar
+from mustat._functional import eval_mode
 from mustat._io import atomic_write
 from mustat._params import masked_names
 from mustat.structured.groups import (
@@ -29,6 +30,7 @@ from mustat.structured.groups import (
     dependency_graph,
     groups,
     output_layers,
+    tested_producers,
     wald_scores,
 )
 from mustat.structured.units import UnitStatistics, chi2_sf
@@ -65,12 +67,8 @@ class StructuredReport:
 def count(model: nn.Module, example_inputs) -> tuple[int, int]:
     """``(MACs, parameters)`` of one forward pass on ``example_inputs`` (Torch-Pruning's counter:
     Linear, Conv, normalisation and pooling layers); the model's mode is restored."""
-    mode = model.training
-    try:
-        model.eval()
+    with eval_mode(model):
         macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    finally:
-        model.train(mode)
     return int(macs), int(params)
 
 
@@ -201,10 +199,12 @@ def prune_channels(
     lo, hi = 0, len(order)
     if macs0 <= target_macs:
         hi = 0
-    elif _macs_after(model, example_inputs, found, order, ignored_names) > target_macs:
+    else:
         best = _macs_after(model, example_inputs, found, order, ignored_names)
-        raise ValueError(f"the budget target_macs={target_macs:,} is out of reach: removing every prunable channel "
-                         f"but {min_channels} per group leaves {best:,} MACs ({macs0 / best:.2f}x); ask for less")
+        if best > target_macs:
+            raise ValueError(f"the budget target_macs={target_macs:,} is out of reach: removing every prunable "
+                             f"channel but {min_channels} per group leaves {best:,} MACs "
+                             f"({macs0 / max(best, 1):.2f}x); ask for less")
     while lo < hi:
         mid = (lo + hi) // 2
         if _macs_after(model, example_inputs, found, order[:mid], ignored_names) <= target_macs:
@@ -228,13 +228,19 @@ def group_tests(model: nn.Module, example_inputs, stats: UnitStatistics,
                 ignored_layers: Sequence[nn.Module] | None = None) -> pd.DataFrame:
     """One row per channel of every prunable group: ``group`` (its root layer), ``channel``,
     ``producers`` (the layers tested jointly), ``chi2``, ``dof`` and the :math:`\\chi^2_{dof}`
-    ``pvalue`` of ``H0: every weight producing the channel is 0``."""
+    ``pvalue`` of ``H0: every weight producing the channel is 0``. A group none of whose producers
+    ``stats`` covers is an error (untested, it would count as p = 1)."""
+    _check_plain(model)
     graph = dependency_graph(model, example_inputs)
     rows = []
     for g in groups(model, graph, None if ignored_layers is None else list(ignored_layers)):
+        tested = tested_producers(g, stats)
+        if not tested:
+            raise ValueError(f"the group rooted at {g.root!r} (producers {list(g.producers)}) has no statistics; "
+                             f"stats cover {sorted(stats.chi2)}")
         chi2, dof = wald_scores(g, stats, graph, model)
         p = chi2_sf(chi2, dof)
-        rows.append(pd.DataFrame({"group": g.root, "channel": np.arange(g.size), "producers": ",".join(g.producers),
+        rows.append(pd.DataFrame({"group": g.root, "channel": np.arange(g.size), "producers": ",".join(tested),
                                   "chi2": chi2, "dof": dof, "pvalue": p}))
     if not rows:
         raise ValueError(f"{type(model).__name__} has no prunable group")
@@ -297,10 +303,6 @@ def export(model: nn.Module, example_inputs: torch.Tensor, path) -> None:
         raise ValueError(f"path={str(path)!r}: torch.export archives end in .pt2")
     # two rows: torch.export specialises a batch of one to the constant 1
     x = example_inputs[:1].expand(2, *example_inputs.shape[1:]).contiguous()
-    mode = model.training
-    try:
-        model.eval()
+    with eval_mode(model):
         program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    finally:
-        model.train(mode)
     atomic_write(path, lambda tmp: torch.export.save(program, tmp))

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 
 from mustat._checks import check_scalar
+from mustat._functional import eval_mode
 
 
 def latency(model: nn.Module, inputs: Tensor, *, threads: int = 1, min_run_time: float = 0.5) -> float:
@@ -18,12 +19,7 @@ def latency(model: nn.Module, inputs: Tensor, *, threads: int = 1, min_run_time:
     setting is restored); the model's mode is restored."""
     check_scalar(threads, "threads", kind=Integral, low=1)
     check_scalar(min_run_time, "min_run_time", kind=Real, low=0.0, closed="neither")
-    mode = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(inputs)  # warm-up: lazy initialisation, allocator
-            timer = benchmark.Timer("model(inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads)
-            return float(timer.blocked_autorange(min_run_time=min_run_time).median)
-    finally:
-        model.train(mode)
+    with eval_mode(model), torch.no_grad():
+        model(inputs)  # warm-up: lazy initialisation, allocator
+        timer = benchmark.Timer("model(inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads)
+        return float(timer.blocked_autorange(min_run_time=min_run_time).median)

@@ -119,8 +119,9 @@ def _kfac_blocks(estimator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
             b = estimator._bias_entry(mod).effective().detach().to("cpu", torch.float64).reshape(-1, 1)
             w = torch.cat([w, b], 1)
         c = QB.square() @ denom.reciprocal()              # (out, features): the row blocks' eigenvalues
-        chi2[name.rsplit(".", 1)[0]] = ((w @ QA).square() / c).sum(1).numpy()
-        dof[name.rsplit(".", 1)[0]] = np.full(w.shape[0], float(w.shape[1]))
+        layer = name[: -len(".weight")] if name.endswith(".weight") else ""
+        chi2[layer] = ((w @ QA).square() / c).sum(1).numpy()
+        dof[layer] = np.full(w.shape[0], float(w.shape[1]))
     return chi2, dof
 
 
@@ -136,7 +137,9 @@ def unit_statistics(model: nn.Module, se: Mapping[str, Tensor] | None = None, *,
         Standard errors keyed by tensor name (diagonal covariance; any estimator's ``se()``).
     estimator
         A fitted estimator instead of ``se``: a ``kfac`` estimator gives the exact marginal block
-        of each row (module notes); any other gives its diagonal ``se()`` and ``estimate()``.
+        of each row (module notes) of the observed-information kind at the current weights (a
+        sandwich ``kfac`` is not a block here); any other gives its diagonal ``se()`` tested at its
+        ``estimate()``.
     weights
         Estimates to test instead of the current weights (diagonal structure only).
     """
@@ -145,6 +148,12 @@ def unit_statistics(model: nn.Module, se: Mapping[str, Tensor] | None = None, *,
                          "exactly one")
     if estimator is not None:
         if getattr(estimator, "_factors", None) is not None and hasattr(estimator, "_layers"):
+            if weights is not None:
+                raise ValueError("weights=... is for the diagonal structure; the kfac block tests the layers' "
+                                 "current weights")
+            if getattr(estimator, "kind", "observed") != "observed":
+                raise ValueError(f"the kfac block is the inverse curvature; a {estimator.kind!r} kfac has no block "
+                                 "here: pass se=estimator.se() for its diagonal")
             chi2, dof = _kfac_blocks(estimator)
             return UnitStatistics(chi2, dof, "block")
         se, weights = estimator.se(), estimator.estimate()
