@@ -24,8 +24,8 @@ import copy
 import json
 import math
 from collections.abc import Sequence
-from numbers import Integral, Real
 from dataclasses import asdict
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
