@@ -7,8 +7,9 @@ residual sum, the output rows of every other layer that feeds the same sum
 over every layer that *produces* it: the group Wald statistic is the sum of the unit statistics
 of those layers (:mod:`~mustat.structured.units`; the estimators' blocks are independent across
 layers), with the summed degrees of freedom, and its p-value is the upper tail of
-:math:`\chi^2_{k}`. Scores are :math:`-\log p`, so channels of different groups and sizes share
-one scale: the scale problem that Torch-Pruning's users solve with ad-hoc normalisers.
+:math:`\chi^2_{k}`. For ranking under a compute budget the default score is the statistic per MAC
+the channel costs (:class:`WaldImportance`): one scale across groups and sizes, where
+Torch-Pruning's users reach for ad-hoc normalisers.
 
 The baselines are Torch-Pruning's own importances, used as its users would: group magnitude
 (L2), group Taylor :math:`|w\,g|` and LAMP.

@@ -22,8 +22,9 @@ with :math:`\Sigma_u` the estimator's covariance of :math:`w_u`. Two structures:
   its bias). It is exact where K-FAC is (a linear-Gaussian layer) and otherwise assumes
   inputs and output gradients independent.
 
-Units of different layers have different :math:`k_u`, so they are compared by p-value, which is
-what makes one ranking across layers meaningful.
+Units of different layers have different :math:`k_u`: the p-value makes them comparable as
+*tests*, while the statistic itself (twice the second-order loss increase of removing the unit)
+compares what removing them costs; :class:`~mustat.structured.WaldImportance` offers both.
 """
 
 from __future__ import annotations
