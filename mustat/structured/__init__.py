@@ -2,6 +2,7 @@
 physical removal through Torch-Pruning's dependency graph, giving smaller dense models that are
 faster on any hardware (:mod:`~mustat.structured.units` states the statistics)."""
 
+from mustat.structured.ffn import ffn_blocks, prune_ffn
 from mustat.structured.groups import (
     BASELINES,
     Group,
@@ -25,6 +26,6 @@ from mustat.structured.units import UnitStatistics, unit_statistics
 
 __all__ = [
     "BASELINES", "IMPORTANCES", "Group", "StructuredReport", "UnitStatistics", "WaldImportance", "count",
-    "dependency_graph", "export", "fdr_keep", "group_tests", "groups", "latency", "output_layers",
+    "dependency_graph", "export", "ffn_blocks", "prune_ffn", "fdr_keep", "group_tests", "groups", "latency", "output_layers",
     "prune_channels", "prune_channels_fdr", "unit_statistics",
 ]

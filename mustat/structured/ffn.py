@@ -1,0 +1,148 @@
+r"""Removing feed-forward neurons of a pretrained transformer in one shot, with a least-squares
+refit of the down projection: the structured counterpart of :mod:`mustat.layerwise`.
+
+A feed-forward block computes :math:`y = W_2\,\phi(W_1 x + b_1) + b_2`. Neuron :math:`u` is row
+:math:`u` of :math:`W_1` (with :math:`b_1[u]`) and column :math:`u` of :math:`W_2`. With the
+neurons' outputs on the calibration tokens, extended by a constant for the bias,
+:math:`\tilde h = (h, 1)`, and :math:`H = \sum \tilde h \tilde h^\top + \delta I`:
+
+* **refit**: after removing the set :math:`R`, the kept columns :math:`K` (and the bias) are
+  refitted by least squares to the dense block's outputs, :math:`\tilde W_{2,K} \leftarrow
+  \tilde W_2 H_{:,K} H_{KK}^{-1}`: the layer-wise optimum;
+* **obs** score :math:`\|W_2[:,u]\|^2 / [H^{-1}]_{uu}`: the increase of the summed squared
+  reconstruction error when neuron :math:`u` alone is removed and the rest refitted (Optimal
+  Brain Surgeon's saliency of the column group; with a per-output noise variance it is the
+  group's Wald statistic);
+* **activation** score :math:`\|W_2[:,u]\|^2 H_{uu}`: the same error without the refit;
+* **magnitude**: Torch-Pruning's group magnitude of the coupled pair,
+  :math:`(\|W_1[u]\|^2 + \|W_2[:,u]\|^2) / 2` (``GroupMagnitudeImportance(p=2)``'s reduction).
+
+Neurons are ranked within each block and the same share is removed from every block. The surgery
+is Torch-Pruning's (``prune_linear_out_channels`` / ``prune_linear_in_channels``), so the model
+stays a plain, smaller dense module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from numbers import Real
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from mustat._checks import check_option, check_scalar
+from mustat._functional import eval_mode
+
+FFN_SCORES = ("magnitude", "activation", "obs")
+
+
+def ffn_blocks(model: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
+    """``(name, up, down)`` of every feed-forward block: BERT's ``intermediate.dense`` /
+    ``output.dense`` pairs and ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2``."""
+    out = []
+    for name, mod in model.named_modules():
+        inter, output = getattr(mod, "intermediate", None), getattr(mod, "output", None)
+        if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(output, "dense", None),
+                                                                                nn.Linear):
+            out.append((name, inter.dense, output.dense))
+        elif isinstance(mod, nn.TransformerEncoderLayer):
+            out.append((name, mod.linear1, mod.linear2))
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no feed-forward block this module knows (BERT's "
+                         "intermediate/output pair, nn.TransformerEncoderLayer)")
+    return out
+
+
+@torch.no_grad()
+def ffn_grams(model: nn.Module, batches: Iterable[dict], blocks, damping: float = 0.01) -> dict[str, Tensor]:
+    """``H`` of each block (float64, neurons plus a bias coordinate last) over the real tokens of
+    ``batches`` (dicts for ``model(**batch)``; ``attention_mask == 0`` tokens left out), damped by
+    ``damping`` times the mean diagonal."""
+    check_scalar(damping, "damping", kind=Real, low=0.0)
+    grams: dict[str, Tensor] = {}
+    mask_now: list[Tensor | None] = [None]
+
+    def hook(name):
+        def pre(mod, args):
+            h = args[0].detach().to(torch.float64)
+            h = h.reshape(-1, h.shape[-1]) if mask_now[0] is None else h[mask_now[0].bool()]
+            h = torch.cat([h, h.new_ones(len(h), 1)], 1)
+            grams[name] = grams.get(name, 0) + h.T @ h
+        return pre
+
+    handles = [down.register_forward_pre_hook(hook(name)) for name, _, down in blocks]
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                mask_now[0] = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, H in grams.items():
+        ridge = damping * float(H.diagonal().mean())
+        out[name] = H + ridge * torch.eye(len(H), dtype=H.dtype)
+    return out
+
+
+def ffn_scores(up: nn.Linear, down: nn.Linear, H: Tensor | None, method: str) -> Tensor:
+    """Per-neuron scores (higher: keep) of one block (module notes)."""
+    check_option(method, "method", FFN_SCORES)
+    w2 = down.weight.detach().to(torch.float64)
+    col = w2.square().sum(0)
+    if method == "magnitude":
+        return (up.weight.detach().to(torch.float64).square().sum(1) + col) / 2
+    if H is None:
+        raise ValueError(f"method={method!r} needs the block's Gram matrix (ffn_grams)")
+    n = w2.shape[1]
+    if method == "activation":
+        return col * H.diagonal()[:n]
+    try:
+        inv_diag = torch.linalg.inv(H).diagonal()[:n]
+    except torch.linalg.LinAlgError:
+        raise ValueError("the block's Gram matrix is singular (neurons that never fire?): use damping > 0") from None
+    return col / inv_diag
+
+
+@torch.no_grad()
+def remove_neurons(up: nn.Linear, down: nn.Linear, idxs: list[int], H: Tensor | None = None) -> None:
+    """Remove neurons ``idxs`` of the block through Torch-Pruning's functions; with ``H``, refit the
+    kept columns and the bias of ``down`` by least squares first (module notes)."""
+    n = down.in_features
+    keep = [j for j in range(n) if j not in set(idxs)]
+    if not keep:
+        raise ValueError("remove_neurons would remove every neuron of the block")
+    if H is not None:
+        W = torch.cat([down.weight.to(torch.float64), (down.bias if down.bias is not None else
+                                                        down.weight.new_zeros(down.out_features))
+                       .to(torch.float64)[:, None]], 1)
+        K = [*keep, n]
+        refit = torch.linalg.solve(H[K][:, K], (W @ H[:, K]).T).T
+    tp.prune_linear_out_channels(up, idxs)
+    tp.prune_linear_in_channels(down, idxs)
+    if H is not None:
+        down.weight.copy_(refit[:, :-1].to(down.weight.dtype))
+        if down.bias is not None:
+            down.bias.copy_(refit[:, -1].to(down.bias.dtype))
+
+
+def prune_ffn(model: nn.Module, batches: list[dict], fraction: float, method: str = "obs", *, refit: bool = True,
+              damping: float = 0.01) -> dict[str, int]:
+    """Remove ``fraction`` of the neurons of every feed-forward block, the lowest-scoring first, in
+    place; returns the neurons kept per block. ``refit`` needs ``batches`` (their Grams are used)."""
+    check_scalar(fraction, "fraction", kind=Real, low=0.0, high=1.0, closed="left")
+    check_option(method, "method", FFN_SCORES)
+    blocks = ffn_blocks(model)
+    grams = ffn_grams(model, batches, blocks, damping) if (refit or method != "magnitude") else {}
+    kept = {}
+    for name, up, down in blocks:
+        H = grams.get(name)
+        scores = ffn_scores(up, down, H, method)
+        k = int(round(fraction * len(scores)))
+        idxs = sorted(torch.argsort(scores, stable=True)[:k].tolist())
+        if idxs:
+            remove_neurons(up, down, idxs, H if refit else None)
+        kept[name] = down.in_features
+    return kept
