@@ -10,7 +10,7 @@ the dense ones on the held-out sentences. Latency: the encoder on 1 and on 128 s
 tokens, dense and pruned timed alternately (1 intra-op thread). Writes
 ``docs/structured/ffn_minilm.md``.
 
-    python docs/structured/ffn_minilm.py      # about 5 minutes on 2 cores
+    python docs/structured/ffn_minilm.py      # 8 minutes on 2 cores
 """
 
 from __future__ import annotations
