@@ -104,6 +104,11 @@ def test_bad_input():
         ffn_scores(up, down, None, "obs")
     with pytest.raises(ValueError, match="every neuron"):
         remove_neurons(up, down, list(range(6)))
+    with pytest.raises(ValueError, match=r"distinct neuron indices in \[0, 6\)"):
+        remove_neurons(up, down, [1, 1])
+    with pytest.raises(ValueError, match="distinct neuron indices"):
+        remove_neurons(up, down, [6])
+    assert up.out_features == 6 and down.in_features == 6
 
 
 def test_tiny_bert_end_to_end_with_padding_left_out():

@@ -111,7 +111,10 @@ def remove_neurons(up: nn.Linear, down: nn.Linear, idxs: list[int], H: Tensor | 
     """Remove neurons ``idxs`` of the block through Torch-Pruning's functions; with ``H``, refit the
     kept columns and the bias of ``down`` by least squares first (module notes)."""
     n = down.in_features
-    keep = [j for j in range(n) if j not in set(idxs)]
+    gone = set(idxs)
+    if len(gone) != len(idxs) or not all(isinstance(i, int) and 0 <= i < n for i in idxs):
+        raise ValueError(f"idxs must be distinct neuron indices in [0, {n}), got {sorted(idxs)[:8]}")
+    keep = [j for j in range(n) if j not in gone]
     if not keep:
         raise ValueError("remove_neurons would remove every neuron of the block")
     if H is not None:
