@@ -44,7 +44,7 @@ MODELS = {
     "mlp": ("mnist5k", 15, WALD + BASE),
     "lenet5": ("mnist5k", 15, WALD + BASE),
     "cnn1d": ("mnist1d", 30, WALD + BASE),
-    # MNIST at 28x28 makes one curvature fit of the ResNet take a minute on 2 cores: the 8x8 digits instead
+    # at 28x28 the ResNet's curvature fits were too slow for 2 cores in a trial run: the 8x8 digits instead
     "resnet": ("digits", 30, WALD + BASE),
 }
 
