@@ -434,3 +434,12 @@ def test_submodule_modes_are_restored():
     from mustat.structured import latency
     latency(m, x, min_run_time=0.01)
     assert m.training and not m[1].training and m[3].bn1.training
+
+
+def test_paired_latency_sees_a_64x_smaller_layer_and_checks_repeats():
+    from mustat.structured import paired_latency
+    big, small = nn.Linear(512, 512), nn.Linear(512, 8)
+    t_big, t_small = paired_latency(big, small, torch.randn(128, 512), repeats=2, min_run_time=0.05)
+    assert 0 < t_small < t_big
+    with pytest.raises(ValueError, match="repeats must be"):
+        paired_latency(big, small, torch.randn(1, 512), repeats=0)

@@ -94,3 +94,15 @@ def sentence_embeddings(model: nn.Module, batches: list[dict]) -> Tensor:
         return torch.cat(out)
     finally:
         model.train(was)
+
+
+class TokenIds(nn.Module):
+    """``encoder(input_ids=ids, attention_mask=ones)``'s last hidden state as ``module(ids)``: the
+    one-tensor call that timing (:func:`mustat.structured.latency`) and export need."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state

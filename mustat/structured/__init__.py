@@ -11,6 +11,7 @@ from mustat.structured.groups import (
     groups,
     output_layers,
 )
+from mustat.structured.heads import attention_blocks, prune_heads
 from mustat.structured.surgery import (
     IMPORTANCES,
     StructuredReport,
@@ -21,11 +22,12 @@ from mustat.structured.surgery import (
     prune_channels,
     prune_channels_fdr,
 )
-from mustat.structured.timing import latency
+from mustat.structured.timing import latency, paired_latency
 from mustat.structured.units import UnitStatistics, unit_statistics
 
 __all__ = [
-    "BASELINES", "IMPORTANCES", "Group", "StructuredReport", "UnitStatistics", "WaldImportance", "count",
-    "dependency_graph", "export", "ffn_blocks", "prune_ffn", "fdr_keep", "group_tests", "groups", "latency", "output_layers",
-    "prune_channels", "prune_channels_fdr", "unit_statistics",
+    "BASELINES", "IMPORTANCES", "Group", "StructuredReport", "UnitStatistics", "WaldImportance", "attention_blocks",
+    "count", "dependency_graph", "export", "fdr_keep", "ffn_blocks", "group_tests", "groups", "latency",
+    "output_layers", "paired_latency", "prune_channels", "prune_channels_fdr", "prune_ffn", "prune_heads",
+    "unit_statistics",
 ]

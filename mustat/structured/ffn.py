@@ -32,7 +32,12 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from mustat._checks import check_option, check_scalar
-from mustat._functional import eval_mode
+from mustat.structured.reconstruction import (
+    group_scores,
+    input_grams,
+    least_squares_refit,
+    set_weights,
+)
 
 FFN_SCORES = ("magnitude", "activation", "obs")
 
@@ -54,56 +59,22 @@ def ffn_blocks(model: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
     return out
 
 
-@torch.no_grad()
 def ffn_grams(model: nn.Module, batches: Iterable[dict], blocks, damping: float = 0.01) -> dict[str, Tensor]:
     """``H`` of each block (float64, neurons plus a bias coordinate last) over the real tokens of
     ``batches`` (dicts for ``model(**batch)``; ``attention_mask == 0`` tokens left out), damped by
     ``damping`` times the mean diagonal."""
-    check_scalar(damping, "damping", kind=Real, low=0.0)
-    grams: dict[str, Tensor] = {}
-    mask_now: list[Tensor | None] = [None]
-
-    def hook(name):
-        def pre(mod, args):
-            h = args[0].detach().to(torch.float64)
-            h = h.reshape(-1, h.shape[-1]) if mask_now[0] is None else h[mask_now[0].bool()]
-            h = torch.cat([h, h.new_ones(len(h), 1)], 1)
-            grams[name] = grams.get(name, 0) + h.T @ h
-        return pre
-
-    handles = [down.register_forward_pre_hook(hook(name)) for name, _, down in blocks]
-    try:
-        with eval_mode(model):
-            for batch in batches:
-                mask_now[0] = batch.get("attention_mask")
-                model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name, H in grams.items():
-        ridge = damping * float(H.diagonal().mean())
-        out[name] = H + ridge * torch.eye(len(H), dtype=H.dtype)
-    return out
+    return input_grams(model, batches, {name: down for name, _, down in blocks}, damping)
 
 
 def ffn_scores(up: nn.Linear, down: nn.Linear, H: Tensor | None, method: str) -> Tensor:
     """Per-neuron scores (higher: keep) of one block (module notes)."""
     check_option(method, "method", FFN_SCORES)
-    w2 = down.weight.detach().to(torch.float64)
-    col = w2.square().sum(0)
     if method == "magnitude":
-        return (up.weight.detach().to(torch.float64).square().sum(1) + col) / 2
+        return (up.weight.detach().to(torch.float64).square().sum(1)
+                + down.weight.detach().to(torch.float64).square().sum(0)) / 2
     if H is None:
         raise ValueError(f"method={method!r} needs the block's Gram matrix (ffn_grams)")
-    n = w2.shape[1]
-    if method == "activation":
-        return col * H.diagonal()[:n]
-    try:
-        inv_diag = torch.linalg.inv(H).diagonal()[:n]
-    except torch.linalg.LinAlgError:
-        raise ValueError("the block's Gram matrix is singular (neurons that never fire?): use damping > 0") from None
-    return col / inv_diag
+    return group_scores(down, H, [[u] for u in range(down.in_features)], method)
 
 
 @torch.no_grad()
@@ -117,18 +88,11 @@ def remove_neurons(up: nn.Linear, down: nn.Linear, idxs: list[int], H: Tensor | 
     keep = [j for j in range(n) if j not in gone]
     if not keep:
         raise ValueError("remove_neurons would remove every neuron of the block")
-    if H is not None:
-        W = torch.cat([down.weight.to(torch.float64), (down.bias if down.bias is not None else
-                                                        down.weight.new_zeros(down.out_features))
-                       .to(torch.float64)[:, None]], 1)
-        K = [*keep, n]
-        refit = torch.linalg.solve(H[K][:, K], (W @ H[:, K]).T).T
+    fitted = least_squares_refit(down, H, keep) if H is not None else None
     tp.prune_linear_out_channels(up, idxs)
     tp.prune_linear_in_channels(down, idxs)
-    if H is not None:
-        down.weight.copy_(refit[:, :-1].to(down.weight.dtype))
-        if down.bias is not None:
-            down.bias.copy_(refit[:, -1].to(down.bias.dtype))
+    if fitted is not None:
+        set_weights(down, *fitted)
 
 
 def prune_ffn(model: nn.Module, batches: list[dict], fraction: float, method: str = "obs", *, refit: bool = True,

@@ -28,7 +28,6 @@ from dataclasses import asdict
 from numbers import Integral, Real
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -44,7 +43,7 @@ from mustat.models import build, loss_fn
 from mustat.runs import read_table, save_checkpoint, write_table
 from mustat.structured.groups import NEEDS_GRADIENT
 from mustat.structured.surgery import IMPORTANCES, count, export, prune_channels
-from mustat.structured.timing import latency
+from mustat.structured.timing import paired_latency
 from mustat.structured.units import unit_statistics
 from mustat.training import evaluate, seeded, train_epochs
 from mustat.uncertainty import ESTIMATORS, FitContext, get_estimator, make_estimator
@@ -98,16 +97,12 @@ def _gradients(model: nn.Module, data: Dataset, chunk: int = 512) -> None:
 
 def _latencies(pruned: nn.Module, dense: nn.Module, shape, batches: Sequence[int], threads: int, repeats: int = 2
                ) -> dict[str, float]:
-    """Median latencies, the two models measured alternately so that load on the machine hits both."""
     out = {}
     for b in batches:
-        x = torch.zeros(b, *shape)
-        t_p, t_d = [], []
-        for _ in range(repeats):
-            t_d.append(latency(dense, x, threads=threads, min_run_time=0.1))
-            t_p.append(latency(pruned, x, threads=threads, min_run_time=0.1))
-        out[f"latency_b{b}"], out[f"dense_latency_b{b}"] = float(np.median(t_p)), float(np.median(t_d))
-        out[f"speedup_b{b}"] = out[f"dense_latency_b{b}"] / out[f"latency_b{b}"]
+        t_d, t_p = paired_latency(dense, pruned, torch.zeros(b, *shape), repeats=repeats, threads=threads,
+                                  min_run_time=0.1)
+        out[f"latency_b{b}"], out[f"dense_latency_b{b}"] = t_p, t_d
+        out[f"speedup_b{b}"] = t_d / t_p
     return out
 
 

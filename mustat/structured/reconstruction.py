@@ -1,0 +1,116 @@
+r"""Layer-wise least-squares reconstruction of a ``Linear`` layer from a subset of its inputs: the
+calibration Gram matrix, the Optimal Brain Surgeon saliency of a group of input columns, and the
+refit of the kept columns. Shared by feed-forward neurons (:mod:`~mustat.structured.ffn`, groups of
+one column) and attention heads (:mod:`~mustat.structured.heads`, groups of ``head_size`` columns).
+
+With the layer's inputs on the calibration tokens extended by a constant for the bias,
+:math:`\tilde x = (x, 1)`, :math:`H = \sum \tilde x \tilde x^\top + \delta I` and
+:math:`\tilde W = (W, b)`, the summed squared error of reproducing the dense outputs
+:math:`\tilde W \tilde x` from the columns :math:`K` alone, re-fitted by least squares, is
+:math:`\operatorname{tr}(\tilde W_R\, S\, \tilde W_R^\top)` with :math:`R` the removed columns and
+:math:`S = ([H^{-1}]_{RR})^{-1}` (the Schur complement of :math:`H_{KK}`). For one group removed
+alone it is OBS's group saliency; with i.i.d. Gaussian output noise of variance :math:`\sigma^2`
+per output it is :math:`\sigma^2` times the group's Wald (likelihood-ratio) statistic, with
+``out_features * len(group)`` degrees of freedom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+
+from mustat._checks import check_option, check_scalar
+from mustat._functional import eval_mode
+
+GROUP_SCORES = ("activation", "obs")
+
+
+@torch.no_grad()
+def input_grams(model: nn.Module, batches: Iterable[dict], layers: Mapping[str, nn.Linear],
+                damping: float = 0.01) -> dict[str, Tensor]:
+    """``H`` of the input of each of ``layers`` (float64, the bias coordinate last) over the real
+    tokens of ``batches`` (dicts for ``model(**batch)``; ``attention_mask == 0`` tokens left out),
+    damped by ``damping`` times the mean diagonal. The model runs in eval mode; its flags are
+    restored."""
+    check_scalar(damping, "damping", kind=Real, low=0.0)
+    grams: dict[str, Tensor] = {}
+    mask_now: list[Tensor | None] = [None]
+
+    def hook(name):
+        def pre(mod, args):
+            x = args[0].detach().to(torch.float64)
+            x = x.reshape(-1, x.shape[-1]) if mask_now[0] is None else x[mask_now[0].bool()]
+            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+            grams[name] = grams.get(name, 0) + x.T @ x
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                mask_now[0] = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(layers) - set(grams))
+    if missing:
+        raise ValueError(f"no calibration input reached {missing} (empty batches?)")
+    out = {}
+    for name, H in grams.items():
+        ridge = damping * float(H.diagonal().mean())
+        out[name] = H + ridge * torch.eye(len(H), dtype=H.dtype)
+    return out
+
+
+def _fitted(layer: nn.Linear, H: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W, b)`` in float64 and the Gram of what can be re-fitted: without the bias coordinate
+    where the layer has no bias (it cannot absorb a mean shift)."""
+    n = layer.in_features
+    if H.shape != (n + 1, n + 1):
+        raise ValueError(f"H must be ({n + 1}, {n + 1}) for a layer with {n} inputs (the bias coordinate "
+                         f"last), got {tuple(H.shape)}")
+    W = layer.weight.detach().to(torch.float64)
+    if layer.bias is None:
+        return W, H[:n, :n]
+    return torch.cat([W, layer.bias.detach().to(torch.float64)[:, None]], 1), H
+
+
+def group_scores(layer: nn.Linear, H: Tensor, groups: Sequence[Sequence[int]], method: str) -> Tensor:
+    """Per-group error of removing each group of input columns alone (higher: keep):
+    ``"obs"`` with the rest re-fitted, ``"activation"`` without (module notes)."""
+    check_option(method, "method", GROUP_SCORES)
+    W, H = _fitted(layer, H)
+    if method == "activation":
+        return torch.stack([torch.einsum("oi,ij,oj->", W[:, g], H[g][:, g], W[:, g]) for g in map(list, groups)])
+    try:
+        Hinv = torch.linalg.inv(H)
+    except torch.linalg.LinAlgError:
+        raise ValueError("the layer's input Gram matrix is singular (inputs that are always zero?): "
+                         "use damping > 0") from None
+    out = []
+    for g in map(list, groups):
+        Wg = W[:, g]
+        out.append(torch.einsum("oi,io->", Wg, torch.linalg.solve(Hinv[g][:, g], Wg.T)))
+    return torch.stack(out)
+
+
+def least_squares_refit(layer: nn.Linear, H: Tensor, keep: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+    """Least-squares weight and bias (float64) on the input columns ``keep``:
+    :math:`\\tilde W_K = \\tilde W H_{:,K} H_{KK}^{-1}`, the bias coordinate kept where the layer
+    has a bias (``None`` is returned for the bias otherwise)."""
+    W, H = _fitted(layer, H)
+    K = [*keep, layer.in_features] if layer.bias is not None else list(keep)
+    coef = torch.linalg.solve(H[K][:, K], (W @ H[:, K]).T).T
+    return (coef[:, :-1], coef[:, -1]) if layer.bias is not None else (coef, None)
+
+
+@torch.no_grad()
+def set_weights(layer: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
+    """Copy a refit into ``layer`` in its own dtype (the bias only where the layer has one)."""
+    layer.weight.copy_(weight.to(layer.weight.dtype))
+    if layer.bias is not None:
+        layer.bias.copy_(bias.to(layer.bias.dtype))
