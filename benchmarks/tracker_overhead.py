@@ -6,7 +6,8 @@ Prints (1) one tracker update relative to one torch.optim.Adam step on the same
 model (goal: <= 0.5x), and (2) the whole training-step overhead of tracking at
 every=1 and every=10 for an MLP 784-300-100-10 and a small CNN at batch 128
 (goal: <= 3% at every=10), and of the calibrated and batch-means estimators
-against the plain pseudo bootstrap's step (goal for batch means: <= 1.1x).
+against the plain pseudo bootstrap's step (goal for batch means: <= 1.1x), and of
+both with gauge="balanced" (every snapshot mapped to its rescaling orbit's balanced point).
 Single ops: medians of torch.utils.benchmark's blocked_autorange; training steps:
 medians of interleaved blocks of 100 steps timed with time.perf_counter.
 """
@@ -75,7 +76,9 @@ def bench(name, model, device, min_run_time, repeats):
     print(f"  update, 50% pruned   {t_masked * 1e3:8.3f} ms   ratio {t_masked / t_adam:5.2f}x (masks applied on the fly)")
     configs = {"no tracker": None, "every=1": ("pseudo", {}), "every=10": ("pseudo", dict(every=10)),
                "calibrated (grad moments)": ("calibrated", {}),
-               "batch-means (b=100)": ("batch-means", dict(batch_steps=100))}
+               "batch-means (b=100)": ("batch-means", dict(batch_steps=100)),
+               "every=1, gauge=balanced": ("pseudo", dict(gauge="balanced")),
+               "batch-means, gauge=balanced": ("batch-means", dict(batch_steps=100, gauge="balanced"))}
     estimators = {k: make_estimator(v[0], model, **v[1]) for k, v in configs.items() if v}
     # Whole training steps, the configurations interleaved (10 warm-up steps, then 100 timed)
     # and repeated, so drift in machine load hits them alike; medians over the repetitions.
@@ -95,7 +98,7 @@ def bench(name, model, device, min_run_time, repeats):
     print(f"  train step, no tracker {base * 1e3:8.3f} ms   (median of {repeats} interleaved blocks of 100 steps)")
     for label in list(configs)[1:]:
         t = statistics.median(times[label])
-        print(f"  train step, {label:<26s} {t * 1e3:8.3f} ms   overhead {100 * (t / base - 1):+5.1f}%"
+        print(f"  train step, {label:<28s} {t * 1e3:8.3f} ms   overhead {100 * (t / base - 1):+5.1f}%"
               f"   ({t / pseudo:.3f}x the pseudo bootstrap's step)")
 
 

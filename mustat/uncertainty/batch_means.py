@@ -88,6 +88,12 @@ class BatchMeans(Estimator):
         Tensors to track; default every ``nn.Linear``/``nn.Conv*d`` weight.
     min_batches, min_ratio
         The diagnostic's thresholds (module notes).
+    gauge
+        ``"balanced"`` maps every iterate to its rescaling orbit's balanced point before
+        the batch sums (:mod:`mustat.gauge`; ``"none"``, the default, keeps them as they
+        are). The telescoping argument above holds for any smooth function of the iterates,
+        so the SE is then the sandwich's diagonal in the penalty's gauge (the delta method
+        through the balancing map), and the window mean is gauge-fixed too.
 
     ``fit`` needs ``FitContext(batch_size=S, n=N)`` (``n`` or data). Extra memory:
     six tensors per tracked weight tensor (window mean and variance, the window's first
@@ -113,12 +119,12 @@ class BatchMeans(Estimator):
         return dict(batch_steps=max(1, setup.window_steps // cls.BATCHES))
 
     def __init__(self, model: nn.Module, *, batch_steps: int, params: Iterable[str] | None = None,
-                 min_batches: int = 10, min_ratio: float = 5.0):
+                 min_batches: int = 10, min_ratio: float = 5.0, gauge: str = "none"):
         super().__init__(model, params=params)
         self.batch_steps = int(check_scalar(batch_steps, "batch_steps", kind=Integral, low=1))
         self.min_batches = int(check_scalar(min_batches, "min_batches", kind=Integral, low=2))
         self.min_ratio = float(check_scalar(min_ratio, "min_ratio", kind=Real, low=0.0, closed="neither"))
-        self._window = PseudoBootstrap(model, params=self.names)
+        self._window = PseudoBootstrap(model, params=self.names, gauge=gauge)
         self._sum: list[Tensor] = []
         self._anchor: list[Tensor] = []
         self._in_batch = 0

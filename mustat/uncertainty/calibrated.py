@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mustat._checks import check_scalar
+from mustat._checks import check_option, check_scalar
 from mustat.uncertainty.base import (
     Estimator,
     FitContext,
@@ -65,7 +65,7 @@ from mustat.uncertainty.base import (
     decoupled_decay,
     register_estimator,
 )
-from mustat.uncertainty.pseudo import PseudoBootstrap
+from mustat.uncertainty.pseudo import GAUGES, PseudoBootstrap
 
 
 @dataclass(frozen=True)
@@ -215,6 +215,14 @@ class Calibrated(Estimator):
     momentum) or Adam, and a window long enough for stationarity, which
     :meth:`fit` checks (a :class:`~mustat.uncertainty.WindowWarning` when not).
     ``fit`` needs ``FitContext(optimizer=..., batch_size=..., n=...)`` (``n`` or ``y``).
+
+    ``gauge="balanced"`` is refused. The formula eliminates the curvature through the
+    optimizer's own dynamics, in the coordinates the optimizer runs in. For a fixed rescaling
+    ``a' = c a`` it would carry over (the window variance scales by ``c^2``, the gradient
+    variance by ``1/c^2``, the preconditioner by ``c^2``), but the balancing scale changes at
+    every step, so the balanced trajectory is not preconditioned SGD with any fixed
+    preconditioner and the derivation has nothing to stand on. Use ``batch-means`` with
+    ``gauge="balanced"``, whose argument holds for any smooth function of the iterates.
     """
 
     trajectory = True
@@ -226,7 +234,11 @@ class Calibrated(Estimator):
     default = True
 
     def __init__(self, model: nn.Module, *, params: Iterable[str] | None = None, min_n_eff: float = 10.0,
-                 check: bool = True):
+                 check: bool = True, gauge: str = "none"):
+        if check_option(gauge, "gauge", GAUGES) != "none":
+            raise ValueError("calibrated does not support gauge='balanced': its stationary-SGD formula holds in the "
+                             "optimizer's coordinates only (class notes); use batch-means or pseudo with "
+                             "gauge='balanced'")
         super().__init__(model, params=params)
         self.min_n_eff = float(check_scalar(min_n_eff, "min_n_eff", kind=Real, low=0.0, closed="neither"))
         self.check = bool(check)

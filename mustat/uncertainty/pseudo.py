@@ -12,7 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_option, check_scalar
+from mustat._params import entries
+from mustat.gauge import chains, factors
 from mustat.uncertainty.base import Estimator, register_estimator
+
+#: ``gauge=`` options of the trajectory estimators (:mod:`mustat.gauge`)
+GAUGES = ("none", "balanced")
 
 
 class Window(str, Enum):
@@ -85,6 +90,13 @@ class PseudoBootstrap(Estimator):
     center
         The estimate :meth:`estimate` returns: ``"current"`` weights (default, the
         paper's M&U) or the window ``"mean"``.
+    gauge
+        ``"none"`` (default): record the weights as they are. ``"balanced"``: map every
+        snapshot to its rescaling orbit's balanced point first (:mod:`mustat.gauge`: per
+        hidden unit of ReLU-type layers, the point an L2 penalty's optimum sits at), so the
+        SD and the centre describe that gauge instead of the optimizer's wandering along
+        the orbit; gradients (``grad_moment``) are mapped with it. The model needs a
+        chain of such layers, and the tracked tensors must include one of its tensors.
 
     Notes
     -----
@@ -114,6 +126,7 @@ class PseudoBootstrap(Estimator):
         params: Iterable[str] | None = None,
         grad_moment: bool = False,
         center: str | Center = "current",
+        gauge: str = "none",
     ):
         self.window = check_option(window, "window", Window)
         if self.window is Window.EMA:
@@ -125,7 +138,21 @@ class PseudoBootstrap(Estimator):
         self.beta = None if beta is None else float(beta)
         self.every = int(check_scalar(every, "every", kind=Integral, low=1))
         self.center = check_option(center, "center", Center)
+        self.gauge = check_option(gauge, "gauge", GAUGES)
         super().__init__(model, params=params)
+        self._chains = self._gauge_entries = None
+        self._warm: dict = {}
+        if self.gauge == "balanced":
+            self._chains = chains(model)
+            table = entries(model)
+            self._gauge_entries = {k: table[k] for c in self._chains for n in c.layers
+                                   for k in (f"{n}.weight", f"{n}.bias") if k in table}
+            if not set(self._gauge_entries) & set(self.names):
+                raise ValueError(
+                    f"gauge='balanced' has nothing to balance: {type(model).__name__} has no tracked tensor in a "
+                    "chain of layers with rescalable hidden units (Linear/conv layers in an nn.Sequential with "
+                    f"ReLU-type activations between them; found chains {[c.layers for c in self._chains]}); "
+                    "use gauge='none'")
         self.grad_moment = bool(grad_moment)
         if self.grad_moment:
             unsupported = [n for n, e in zip(self.names, self._entries) if e.leaf is None]
@@ -152,7 +179,15 @@ class PseudoBootstrap(Estimator):
             masked = torch._foreach_mul([values[i] for i in to_mask], [m.to(values[i].dtype) for i, m in zip(to_mask, masks)])
             for i, m in zip(to_mask, masked):
                 values[i] = m
+        if self._chains is not None:
+            self._factors = factors({k: e.effective() for k, e in self._gauge_entries.items()}, self._chains,
+                                    warm=self._warm)
+            values = [(v * self._factors[n].to(v.dtype)) if n in self._factors else v
+                      for n, v in zip(self.names, values)]
         return values
+
+    def _current_weights(self) -> dict[str, Tensor]:
+        return {n: v.clone() for n, v in zip(self.names, self._current())}
 
     @torch.no_grad()
     def update(self) -> None:
@@ -196,7 +231,10 @@ class PseudoBootstrap(Estimator):
             g = e.leaf.grad
             if g is None:
                 raise RuntimeError(f"grad_moment=True but {name!r} has no .grad: call update() after backward() and step()")
-            grads.append(g.detach())
+            g = g.detach()
+            if self._chains is not None and name in self._factors:  # d/d(c a) = (d/da) / c
+                g = g / self._factors[name].to(g.dtype)
+            grads.append(g)
         return grads
 
     def reset(self) -> None:
@@ -305,6 +343,7 @@ class PseudoBootstrap(Estimator):
             "mean": {n: m.clone() for n, m in zip(self.names, self._mean[:k])},
             "m2": {n: m.clone() for n, m in zip(self.names, self._m2[:k])},
             "grad_moment": self.grad_moment,
+            "gauge": self.gauge,
         }
         if self.grad_moment:
             out["grad_mean"] = {n: m.clone() for n, m in zip(self.names, self._mean[k:])}
@@ -313,9 +352,9 @@ class PseudoBootstrap(Estimator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; settings and tensor names must match this tracker."""
-        for key in ("window", "beta", "every", "names", "grad_moment"):
+        for key in ("window", "beta", "every", "names", "grad_moment", "gauge"):
             mine = self.window.value if key == "window" else getattr(self, key)
-            if state.get(key, False if key == "grad_moment" else None) != mine:
+            if state.get(key, {"grad_moment": False, "gauge": "none"}.get(key)) != mine:
                 raise ValueError(
                     f"state_dict was saved with {key}={state.get(key)!r}, this tracker has "
                     f"{key}={mine!r}; construct the tracker with the same settings"
@@ -344,6 +383,8 @@ class PseudoBootstrap(Estimator):
 
     def __repr__(self) -> str:
         extra = f", beta={self.beta}" if self.beta is not None else ""
+        if self.gauge != "none":
+            extra += f", gauge={self.gauge!r}"
         return (
             f"PseudoBootstrap(window={self.window.value!r}{extra}, every={self.every}, "
             f"tensors={len(self.names)}, count={self.count})"
