@@ -51,11 +51,15 @@ def test_glm_fits_match_numpy_newton_on_each_resample():
     assert (fits.min_eig > 0).all()
 
 
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
 @pytest.mark.parametrize("kind", ["regression", "softmax", "binary"])
-def test_closed_form_mlp_hessian_equals_torch_func(kind):
+def test_closed_form_mlp_hessian_equals_torch_func(kind, activation):
     torch.manual_seed(0)
     d, h, k = (6, 5, 1) if kind != "softmax" else (4, 6, 3)
-    model = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, k)).double()
+    act = nn.ReLU() if activation == "relu" else nn.Softplus()
+    model = nn.Sequential(nn.Linear(d, h), act, nn.Linear(h, k)).double()
+    assert N._one_hidden(model) == activation
+    assert N._one_hidden(nn.Sequential(nn.Linear(d, h), nn.Softplus(beta=2), nn.Linear(h, k))) is None
     B, n, lam = 3, 200, 1e-2
     X = torch.randn(B, n, d, dtype=torch.float64)
     if kind == "softmax":
@@ -71,7 +75,7 @@ def test_closed_form_mlp_hessian_equals_torch_func(kind):
         return loss(fm(unflatten(th), xb), yb) + 0.5 * lam * th.square().sum()
 
     ref = vmap(hessian(objective))(theta, X, y)
-    got = N._mlp_hessian(loss, d, h, k, lam)(theta, X, y)
+    got = N._mlp_hessian(loss, d, h, k, lam, activation)(theta, X, y)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-13)
 
 

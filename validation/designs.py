@@ -133,21 +133,22 @@ def _glm_design(family: str, n: int = 2000, corr: float = 0.3, name: str | None 
                   family=family)
 
 
-def _mlp(d: int, hidden: int, k: int) -> Callable[[], nn.Module]:
-    return lambda: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, k))
+def _mlp(d: int, hidden: int, k: int, activation: type[nn.Module] = nn.ReLU) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(nn.Linear(d, hidden), activation(), nn.Linear(hidden, k))
 
 
 def _teacher_design(name: str, family: str, *, d: int, hidden: int, k: int, n: int = 2000, seed: int = 123,
-                    in_scale: float = 2.0, out_weight: float = 1.0) -> Design:
+                    in_scale: float = 2.0, out_weight: float = 1.0, activation: type[nn.Module] = nn.ReLU) -> Design:
     """A one-hidden-layer ReLU teacher and Gaussian inputs; labels from its likelihood
     (``family``); replication r draws its own data. The teacher is PyTorch's seeded init with
     the first layer times ``in_scale`` and every output weight of magnitude ``out_weight``
     (signs from the init): each unit matters, so weight decay up to 1e-2 keeps all of them
     alive and the penalised optimum is a strict minimum (a unit that weight decay collapses
-    sits at the ReLU's kink, where no Wald reference exists)."""
+    sits at the ReLU's kink, where no Wald reference exists). ``activation``: the hidden layer's
+    (teacher and student alike); a smooth one (softplus) has no kinks and no rescaling orbit."""
 
     def teacher():
-        t = _seeded(_mlp(d, hidden, k), seed).double()
+        t = _seeded(_mlp(d, hidden, k, activation), seed).double()
         with torch.no_grad():
             t[0].weight.mul_(in_scale)
             t[0].bias.mul_(in_scale)
@@ -171,7 +172,7 @@ def _teacher_design(name: str, family: str, *, d: int, hidden: int, k: int, n: i
             y = (P.cumsum(1) > rng.random((n, 1))).argmax(1).astype(float)
         return X, y, None
 
-    return Design(name, False, True, sample, lambda s: _seeded(_mlp(d, hidden, k), s), family=family,
+    return Design(name, False, True, sample, lambda s: _seeded(_mlp(d, hidden, k, activation), s), family=family,
                   teacher=teacher)
 
 
@@ -207,6 +208,10 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     "teacher-mlp": lambda: _teacher_design("teacher-mlp", "logistic", d=6, hidden=8, k=1),
     "teacher-regression": lambda: _teacher_design("teacher-regression", "linear", d=6, hidden=8, k=1),
     "teacher-softmax": lambda: _teacher_design("teacher-softmax", "softmax", d=10, hidden=16, k=3),
+    # the regression teacher with a smooth activation: no kinks and no rescaling orbit, so the three
+    # references can agree where ReLU's kinks defeat them (small weight decay)
+    "teacher-softplus": lambda: _teacher_design("teacher-softplus", "linear", d=6, hidden=8, k=1,
+                                                activation=nn.Softplus),
     "breast_cancer": _breast_cancer,
     "digits": _digits,
 }

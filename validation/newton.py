@@ -51,10 +51,11 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, hessian, vmap
 
-from mustat._checks import check_scalar
+from mustat._checks import check_option, check_scalar
 from mustat._functional import FunctionalModel
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -112,28 +113,38 @@ def _functional(model: nn.Module, device):
     return fm, names, unflatten, theta0
 
 
-def _relu_mlp(model: nn.Module) -> bool:
-    """``nn.Sequential(Linear, ReLU, Linear)`` (plain modules, biases on): the closed-form Hessian applies."""
+def _one_hidden(model: nn.Module) -> str | None:
+    """``"relu"`` or ``"softplus"`` for ``nn.Sequential(Linear, ReLU or Softplus(beta=1), Linear)``
+    (plain modules, biases on): the closed-form Hessian applies; else None."""
     if not isinstance(model, nn.Sequential) or len(model) != 3:
-        return False
+        return None
     a, act, b = model
-    return (type(a) is nn.Linear and type(b) is nn.Linear and type(act) is nn.ReLU
-            and a.bias is not None and b.bias is not None)
+    if not (type(a) is nn.Linear and type(b) is nn.Linear and a.bias is not None and b.bias is not None):
+        return None
+    if type(act) is nn.ReLU:
+        return "relu"
+    if type(act) is nn.Softplus and act.beta == 1:
+        return "softplus"
+    return None
 
 
-def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float):
-    r"""Exact Hessians of the penalised mean loss of ``Linear(d, h) -> ReLU -> Linear(h, k)``,
-    stacked over problems: ``hess(theta (B, p), X (B, n, d), y) -> (B, p, p)``.
+def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float, activation: str = "relu"):
+    r"""Exact Hessians of the penalised mean loss of ``Linear(d, h) -> ReLU -> Linear(h, k)`` (or
+    Softplus), stacked over problems: ``hess(theta (B, p), X (B, n, d), y) -> (B, p, p)``.
 
-    With :math:`a = W_1 x + b_1`, :math:`z = \max(a, 0)`, :math:`f = W_2 z + b_2`, per-sample
+    With :math:`a = W_1 x + b_1`, :math:`z = \phi(a)`, :math:`f = W_2 z + b_2`, per-sample
     output gradient :math:`r_i = \partial\ell_i/\partial f` and Hessian
     :math:`\Lambda_i = L_i L_i^\top`, the Hessian is the Gauss-Newton part
     :math:`\frac1n\sum_i (L_i^\top J_i)^\top (L_i^\top J_i)` plus the output's own curvature
-    :math:`\frac1n\sum_{i,c} r_{ic}\nabla^2 f_{ic}`, which for ReLU (second derivative 0 almost
-    everywhere) has only the cross block
-    :math:`\partial^2 f_c / \partial W_{2,cj}\,\partial(W_{1,j\cdot}, b_{1,j}) = 1[a_j>0]\,(x, 1)`,
-    plus :math:`\lambda I`. Parameter order: ``W1, b1, W2, b2`` (``named_parameters``).
+    :math:`\frac1n\sum_{i,c} r_{ic}\nabla^2 f_{ic}`: the cross block
+    :math:`\partial^2 f_c / \partial W_{2,cj}\,\partial(W_{1,j\cdot}, b_{1,j}) = \phi'(a_j)\,(x, 1)`
+    and, for a smooth :math:`\phi`, the per-unit block
+    :math:`\partial^2 f_c / \partial(W_{1,j\cdot}, b_{1,j})^2 = W_{2,cj}\,\phi''(a_j)\,(x, 1)(x, 1)^\top`
+    (zero almost everywhere for ReLU), plus :math:`\lambda I`. Softplus is
+    :math:`\log(1 + e^a)` (PyTorch switches to :math:`a` above 20, where :math:`\phi'' < 2\cdot 10^{-9}`).
+    Parameter order: ``W1, b1, W2, b2`` (``named_parameters``).
     """
+    check_option(activation, "activation", ("relu", "softplus"))
     sizes = [h * d, h, k * h, k]
 
     def sample_loss(o, t):
@@ -147,8 +158,10 @@ def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float):
         W1, b1, W2, b2 = theta.split(sizes, dim=1)
         W1, W2 = W1.view(B, h, d), W2.view(B, k, h)
         a = torch.baddbmm(b1.unsqueeze(1), X, W1.transpose(1, 2))          # (B, n, h)
-        on = (a > 0).to(X.dtype)
-        z = a.clamp_min(0)
+        if activation == "relu":
+            on, z = (a > 0).to(X.dtype), a.clamp_min(0)                     # phi', phi
+        else:
+            on, z = torch.sigmoid(a), F.softplus(a)
         f = torch.baddbmm(b2.unsqueeze(1), z, W2.transpose(1, 2))          # (B, n, k)
         r = out_grad(f, y).reshape(B, n, k)
         lam = out_hess(f, y).reshape(B, n, k, k)
@@ -172,6 +185,14 @@ def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float):
         cross = torch.cat([E.flatten(3), torch.diag_embed(C_b1)], dim=3).reshape(B, k * h, o2)
         H[:, o2:o3, :o2] += cross
         H[:, :o2, o2:o3] += cross.transpose(1, 2)
+        if activation == "softplus":
+            # the unit's own block: sum_c r_c W2[c, j] phi''(a_j) (x, 1)(x, 1)^T
+            w = torch.einsum("bnc,bcj->bnj", r, W2) * on * (1 - on)           # (B, n, h)
+            Xt = torch.cat([X, X.new_ones(B, n, 1)], 2)                        # (B, n, d + 1)
+            blocks = torch.einsum("bnj,bnd,bne->bjde", w, Xt, Xt)              # (B, h, d + 1, d + 1)
+            rows = torch.cat([torch.arange(h * d, device=X.device).view(h, d),
+                              h * d + torch.arange(h, device=X.device).view(h, 1)], 1)   # unit j's indices
+            H[:, rows.unsqueeze(2), rows.unsqueeze(1)] += blocks
         H = H / n
         return H + weight_decay * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
 
@@ -276,10 +297,11 @@ def newton_fits(
     hess_fn = vmap(hessian(objective))
     per_problem = 8 * p * n * max(p, int(X[0, 0].numel()), 16) * 2  # torch.func's forward-over-reverse
     rebalance = None
-    if _relu_mlp(work):
+    activation = _one_hidden(work)
+    if activation is not None:
         d, h, k = work[0].in_features, work[0].out_features, work[2].out_features
-        hess_fn = _mlp_hessian(loss, d, h, k, weight_decay)
-        if weight_decay > 0:
+        hess_fn = _mlp_hessian(loss, d, h, k, weight_decay, activation)
+        if weight_decay > 0 and activation == "relu":   # a smooth activation has no rescaling orbit
             rebalance = _rebalancer(d, h, k)
         per_problem = 8 * n * k * (p + h * d) * 3  # the whitened Jacobian and its pieces
     if chunk is None:
