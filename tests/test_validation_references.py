@@ -99,3 +99,14 @@ def test_teacher_replicates_are_converged_matched_and_balanced():
     assert (sd > 0).all() and torch.isfinite(sd).all()
     # replicate SDs are sampling SDs at n = 2000: of order 1/sqrt(n) times O(1), not 0 or O(1)
     assert 0.005 < float(sd.median()) < 0.5
+
+
+def test_the_smooth_teacher_polishes_to_a_strict_minimum_that_need_not_be_balanced():
+    design = get_design("teacher-softplus")
+    assert isinstance(design.teacher()[1], torch.nn.Softplus) and isinstance(design.model(0)[1], torch.nn.Softplus)
+    X, y, _ = design.sample(0)
+    fitted, fit = R.polish(design.teacher(), design.loss(), torch.tensor(X), torch.tensor(y), weight_decay=1e-2)
+    assert float(fit.grad_max[0]) < 1e-9 and float(fit.min_eig[0]) > 0
+    # softplus has no rescaling orbit, so the penalty does not balance its units
+    params = {k: v.detach() for k, v in fitted.named_parameters()}
+    assert R.balance(params, "0", "2").abs().max() > 1e-3
