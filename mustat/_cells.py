@@ -90,7 +90,9 @@ def read_grid(path, known: set[str], lists: Iterable[str] = ()) -> dict:
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
     for key in lists:
-        if key in spec and (not isinstance(spec[key], list) or not spec[key]):
+        if key in spec and spec[key] == []:
+            raise ValueError(f"{path}: {key} is an empty list; give at least one value, or leave {key} out")
+        if key in spec and not isinstance(spec[key], list):
             raise ValueError(f"{path}: {key} must be a non-empty list, e.g. {key} = [{spec[key]!r}], "
                              f"got {spec[key]!r}")
     return spec

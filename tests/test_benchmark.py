@@ -1,5 +1,7 @@
 """The pruning benchmark runner: a small grid end to end, resume, stale cells, the statistics."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -269,3 +271,9 @@ def test_a_damaged_cell_file_is_named(tmp_path):
     cell.write_bytes(b"\x00\x01garbage")
     with pytest.raises(ValueError, match=f"{cell} cannot be read.*delete it"):
         run_benchmark(grid, out, scheduler="serial", quiet=True)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "docs" / "pruning").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_committed_pruning_grid_loads(path):
+    assert load_grid(path).cells()         # the commands in docs/ must run as written

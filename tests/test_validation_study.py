@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -139,8 +141,17 @@ def test_load_grid(tmp_path):
     p.write_text('designs = ["imagenet"]\n[[setting]]\noptimizer = "adam"\n')
     with pytest.raises(ValueError, match="design='imagenet' is not valid"):
         load_grid(p)
+    p.write_text('designs = []\n[[setting]]\ndesigns = ["teacher-regression"]\nweight_decay = 1e-2\n')
+    with pytest.raises(ValueError, match="designs is an empty list; give at least one value, or leave designs out"):
+        load_grid(p)
     with pytest.raises(FileNotFoundError):
         load_grid(tmp_path / "none.toml")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "docs" / "calibration").rglob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_committed_calibration_grid_loads(path):
+    assert load_grid(path).cells()         # the commands in docs/CALIBRATION.md must run as written
 
 
 def test_cli_calibrate(tmp_path, capsys):
