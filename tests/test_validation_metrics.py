@@ -91,3 +91,6 @@ def test_truth_metrics_by_hand():
     assert m["power_05"] == 0.5
     # KS of null p-values {2 sf(3), 2 sf(0.1)} against U(0, 1): D = 1/2 - 2 sf(3)
     assert m["ks_null"] == pytest.approx(0.5 - 2 * sps.norm.sf(3.0))
+    # an infinite SE is an interval that says nothing: never covered, never a rejection
+    inf = M.truth_metrics(w, np.array([np.inf, 1.0, np.inf, 1.0]), truth)
+    assert inf["coverage95"] == 0.0 and inf["type1_05"] == 0.5 and inf["power_05"] == 0.5

@@ -117,10 +117,11 @@ def truth_metrics(w: np.ndarray, se: np.ndarray, truth: np.ndarray, dof: float |
     interval), type-I error (with its Wilson interval) and the KS statistic of p-values on
     null weights (truth == 0), power on the others. ``dof``: intervals and p-values from
     Student's t (an SE estimated with ``dof`` degrees of freedom), else the normal.
-    An infinite SE gives an interval that covers and a p-value of 1: counted as such, not dropped."""
+    An infinite SE is counted, not dropped: its interval is the whole line, which says nothing,
+    so it never counts as covered; its p-value is 1 (never a rejection)."""
     p = pvalues(zvalues(w, se), dof)
     q = Z95 if dof is None else sps.t.ppf(0.975, dof)
-    covered = np.abs(w - truth) <= q * se
+    covered = np.isfinite(se) & (np.abs(w - truth) <= q * se)
     null = truth == 0
     lo, hi = wilson(int(covered.sum()), len(w))
     out = dict(coverage95=float(covered.mean()), coverage95_lo=lo, coverage95_hi=hi, n_truth=int(len(w)),
