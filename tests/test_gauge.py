@@ -183,3 +183,21 @@ def test_bad_gauge_input():
     bal.update()
     with pytest.raises(ValueError, match="gauge='balanced'.*gauge='none'"):
         PseudoBootstrap(m).load_state_dict(bal.state_dict())
+
+
+def test_masks_from_balanced_scores_prune_the_raw_model_to_the_same_function():
+    import mustat
+    m = _mlp(7)
+    est = PseudoBootstrap(m, gauge="balanced")
+    for t in range(3):                            # a short walk: along the orbit and off it
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(t), dtype=p.dtype))
+        est.update()
+    scores = mustat.score(m, "mu", se=est.se(), weights=est.estimate())
+    raw, bal = copy.deepcopy(m), _load(m, balanced(m))
+    for net in (raw, bal):
+        mustat.prune(net, scores, sparsity=0.5)
+    x = torch.randn(10, 5, dtype=torch.float64)
+    torch.testing.assert_close(raw(x), bal(x), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(raw(x), m(x))       # the prune did something

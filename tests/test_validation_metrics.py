@@ -94,3 +94,24 @@ def test_truth_metrics_by_hand():
     # an infinite SE is an interval that says nothing: never covered, never a rejection
     inf = M.truth_metrics(w, np.array([np.inf, 1.0, np.inf, 1.0]), truth)
     assert inf["coverage95"] == 0.0 and inf["type1_05"] == 0.5 and inf["power_05"] == 0.5
+
+
+def test_paired_coverage_by_hand_and_against_scipys_binomial_test():
+    rng = np.random.default_rng(0)
+    truth = np.zeros(400)
+    w_ref = rng.standard_normal(400)
+    se_ref = np.ones(400)
+    w, se = w_ref + 0.3 * rng.standard_normal(400), np.full(400, 0.8)
+    se[:3] = np.inf
+    m = M.paired_coverage(w, se, w_ref, se_ref, truth)
+    mine = np.isfinite(se) & (np.abs(w) <= 1.959964 * se)
+    ref = np.abs(w_ref) <= 1.959964
+    b, c = int((mine & ~ref).sum()), int((~mine & ref).sum())
+    assert (m["covered_only_est"], m["covered_only_ref"]) == (b, c) and c > b
+    assert m["mcnemar_pvalue"] == pytest.approx(sps.binomtest(b, b + c, 0.5).pvalue, rel=1e-12)
+    assert m["width95_median"] == pytest.approx(2 * 1.959964 * 0.8, rel=1e-6)
+    assert m["ref_width95_median"] == pytest.approx(2 * 1.959964, rel=1e-6)
+    same = M.paired_coverage(w_ref, se_ref, w_ref, se_ref, truth)
+    assert same["covered_only_est"] == same["covered_only_ref"] == 0 and same["mcnemar_pvalue"] == 1.0
+    t = M.paired_coverage(w, se, w_ref, se_ref, truth, dof=19)
+    assert t["width95_median"] == pytest.approx(2 * sps.t.ppf(0.975, 19) * 0.8, rel=1e-12)

@@ -136,3 +136,21 @@ def truth_metrics(w: np.ndarray, se: np.ndarray, truth: np.ndarray, dof: float |
         out.update(type1_05=np.nan, type1_05_lo=np.nan, type1_05_hi=np.nan, ks_null=np.nan, ks_null_pvalue=np.nan)
     out["power_05"] = float((p[~null] < 0.05).mean()) if (~null).any() else np.nan
     return out
+
+
+def paired_coverage(w: np.ndarray, se: np.ndarray, w_ref: np.ndarray, se_ref: np.ndarray, truth: np.ndarray,
+                    dof: float | None = None) -> dict[str, float]:
+    """An estimator's 95% intervals against the exact reference's on the *same* weights and datasets
+    (the reference's interval is normal): the two discordant counts, McNemar's exact test of equal
+    coverage (statsmodels; a binomial test on the discordant pairs), and the median interval width
+    of each. An infinite SE never covers (:func:`truth_metrics`)."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    q = Z95 if dof is None else sps.t.ppf(0.975, dof)
+    mine = np.isfinite(se) & (np.abs(w - truth) <= q * se)
+    ref = np.isfinite(se_ref) & (np.abs(w_ref - truth) <= Z95 * se_ref)
+    only_mine, only_ref = int((mine & ~ref).sum()), int((~mine & ref).sum())
+    table = [[int((mine & ref).sum()), only_mine], [only_ref, int((~mine & ~ref).sum())]]
+    pvalue = float(mcnemar(table, exact=True).pvalue) if only_mine + only_ref else 1.0
+    return dict(covered_only_est=only_mine, covered_only_ref=only_ref, mcnemar_pvalue=pvalue,
+                width95_median=float(np.median(2 * q * se)), ref_width95_median=float(np.median(2 * Z95 * se_ref)))

@@ -184,8 +184,9 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
     coverage_figure(summary, out / "coverage.png")
     hidden_figure(summary, out / "hidden_layers.png")
     cols = ["design", "setting", "estimator", "centre", "se_ratio_median", "loglog_slope", "spearman_z",
-            "frac_est_inf", "coverage95", "coverage95_lo", "coverage95_hi", "type1_05", "type1_05_lo",
-            "type1_05_hi", "n_truth", "n_null", "ks_null_pvalue", "interval_dof", "window_ok"]
+            "frac_est_inf", "coverage95", "coverage95_lo", "coverage95_hi", "covered_only_est", "covered_only_ref",
+            "mcnemar_pvalue", "width95_median", "type1_05", "type1_05_lo", "type1_05_hi", "n_truth", "n_null",
+            "ks_null_pvalue", "interval_dof", "window_ok"]
     glm = summary[~summary.design.isin(hidden_designs(summary))]
     head = glm[glm.estimator.isin(MAIN_ESTIMATORS)][cols].copy()
     head.insert(head.columns.get_loc("centre") + 1, "quantity", head.estimator.map(quantity_of))
@@ -195,7 +196,10 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
              "hidden-layer designs the penalised sandwich, the converged bootstrap and the teacher replicates",
              "(section below). `window_ok`: whether the estimator's own diagnostic accepts its window. Truth",
              "metrics (coverage and type-I error with Wilson 95% intervals, KS of null p-values, power) pool",
-             "the simulated datasets of a cell; an estimator with finite `interval_dof` (batch means) has",
+             "the simulated datasets of a cell; `covered_only_est` / `covered_only_ref` count the intervals",
+             "only the estimator's or only the exact reference's covers (the same weights of the same datasets),",
+             "`mcnemar_pvalue` is McNemar's exact test of equal coverage, `width95_median` the estimator's",
+             "median interval width; an estimator with finite `interval_dof` (batch means) has",
              "t intervals with that many degrees of freedom. Ratio metrics pool every weight whose reference SE is finite and positive; a failed",
              "estimate (inf or 0) stays in the median and is counted (`frac_est_inf`, `frac_est_zero`).",
              "Tables: `summary.csv` (one row per cell, estimator and reference), `cells.csv` (one row per weight).", "",

@@ -54,7 +54,8 @@ SUMMARY_COLUMNS = [
     "design", "setting", *SETTING_COLUMNS, "estimator", "centre", "reference", "ref_mc_rel_error",
     "se_ratio_median", "se_ratio_iqr", "se_ratio_gmean", "loglog_slope", "spearman_se", "spearman_z", "jaccard_50",
     "jaccard_90", "n_weights", "n_ref_uninformative", "n_est_inf", "n_est_zero", "frac_est_inf", "frac_est_zero",
-    "interval_dof", "coverage95", "coverage95_lo", "coverage95_hi", "type1_05", "type1_05_lo", "type1_05_hi", "ks_null",
+    "interval_dof", "coverage95", "coverage95_lo", "coverage95_hi", "covered_only_est", "covered_only_ref",
+    "mcnemar_pvalue", "width95_median", "ref_width95_median", "type1_05", "type1_05_lo", "type1_05_hi", "ks_null",
     "ks_null_pvalue", "power_05", "n_truth", "n_null", "n_zero_se", "inv_sqrt_vif_median", "window_ok",
     "n_eff_median", "frac_short_window", "tau_median", "batches", "replications", "bootstrap_B",
     "teacher_replicates", "ref_converged_frac", "ref_grad_max", "fit_grad_max", "fit_min_eig", "fit_at_minimum",
@@ -369,9 +370,10 @@ def _summarise(cell: Cell, design, rows: list[dict], diags: dict[str, dict], cen
         dof = d.get("dof") if d else None
         row["interval_dof"] = dof if dof is not None else np.inf
         if design.simulated and design.glm and len(reps) > 1:
-            row.update(M.truth_metrics(np.concatenate([r["weight"] for r in reps]),
-                                       np.concatenate([r["se"] for r in reps]),
-                                       np.concatenate([r["truth"] for r in reps]), dof=dof))
+            pooled = [np.concatenate([np.ravel(r[k]) for r in reps]) for k in ("weight", "se", "ref_weight",
+                                                                                   "ref_se", "truth")]
+            row.update(M.truth_metrics(pooled[0], pooled[1], pooled[4], dof=dof))
+            row.update(M.paired_coverage(*pooled, dof=dof))
         if d and "ok" in d:
             row["window_ok"] = float(bool(d["ok"]))
             row["frac_short_window"] = float(d["frac_short"])
