@@ -116,13 +116,17 @@ def _pair_sq(w: Tensor, block: int) -> Tensor:
     return sq.reshape(sq.shape[0], -1, block).sum(2)
 
 
-def scales(tensors: dict[str, Tensor], chain: Chain, *, tol: float = 1e-10, max_iter: int = 1000,
+def scales(tensors: dict[str, Tensor], chain: Chain, *, tol: float | None = None, max_iter: int = 1000,
            start: list[Tensor] | None = None) -> list[Tensor]:
     """The balanced point's scale ``c`` (float64) of every hidden unit of ``chain``, one vector per
     hidden layer, from the effective ``"<layer>.weight"`` / ``"<layer>.bias"`` in ``tensors``
-    (module notes; a missing bias counts as zero). ``start``: scales to begin the descent from
-    (the last snapshot's, so that a trajectory needs a few sweeps per step); the answer is the
-    same to ``tol``."""
+    (module notes; a missing bias counts as zero). ``tol``: the largest change of any
+    ``log c`` in the last sweep; by default 1e-10 for float64 weights and 1e-6 otherwise
+    (a relative change of a few float32 ulps). ``start``: scales to begin the descent from (the
+    last snapshot's, so that a trajectory needs a few sweeps per step); the answer is the same to
+    ``tol``."""
+    if tol is None:
+        tol = 1e-10 if tensors[f"{chain.layers[0]}.weight"].dtype == torch.float64 else 1e-6
     check_scalar(tol, "tol", kind=Real, low=0.0, closed="neither")
     check_scalar(max_iter, "max_iter", kind=Integral, low=1)
     L = chain.layers
