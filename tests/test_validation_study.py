@@ -49,6 +49,10 @@ def test_outputs_and_columns(tmp_path):
     assert glm[glm.estimator != "bootstrap"].coverage95.notna().all() and mlp.coverage95.isna().all()
     assert glm[glm.estimator == "bootstrap"].coverage95.isna().all()
     assert set(glm.estimator) >= {"pseudo", "calibrated", "wald", "bootstrap"}
+    # the gauge-fixed variants read hidden layers only, centred in the penalty's gauge
+    assert not set(glm.estimator) & {"pseudo-balanced", "batch-means-balanced"}
+    balanced = mlp[mlp.estimator == "batch-means-balanced"]
+    assert len(balanced) and (balanced.centre == "window mean").all() and balanced.se_ratio_median.notna().all()
     wald = glm[glm.estimator == "wald"]
     assert (wald.se_ratio_median == 1).all() and (wald.loglog_slope.round(9) == 1).all()  # the reference itself
     # Wilson intervals bracket the coverage; each GLM cell pools replications x weights intervals
@@ -143,6 +147,9 @@ def test_load_grid(tmp_path):
         load_grid(p)
     p.write_text('designs = []\n[[setting]]\ndesigns = ["teacher-regression"]\nweight_decay = 1e-2\n')
     with pytest.raises(ValueError, match="designs is an empty list; give at least one value, or leave designs out"):
+        load_grid(p)
+    p.write_text('designs = ["linear"]\nestimators = ["batch-means-balanced"]\n[[setting]]\noptimizer = "adam"\n')
+    with pytest.raises(ValueError, match="design 'linear' has no estimator to read"):
         load_grid(p)
     with pytest.raises(FileNotFoundError):
         load_grid(tmp_path / "none.toml")

@@ -127,6 +127,10 @@ class Grid:
             resolve(e)
         if not self.estimators:
             raise ValueError("estimators is empty; give at least one estimator label")
+        for d in dict.fromkeys(d for d, _ in self.pairs()):
+            if not self.estimators_for(d):
+                raise ValueError(f"design {d!r} has no estimator to read: {list(self.estimators)} are all gauge-fixed "
+                                 "variants, which need hidden units; add an estimator that applies to a GLM")
         for design, setting in self.pairs():
             if not get_design(design).glm and setting.weight_decay <= 0:
                 raise ValueError(
@@ -141,8 +145,15 @@ class Grid:
                 + [(d, s) for d in self.designs for s in self.settings])
 
     def cells(self) -> list[Cell]:
-        return [Cell(d, s, self.replications, self.bootstrap_B, self.seed, tuple(self.estimators), self.references,
+        return [Cell(d, s, self.replications, self.bootstrap_B, self.seed, self.estimators_for(d), self.references,
                      self.teacher_replicates) for d, s in self.pairs()]
+
+    def estimators_for(self, design: str) -> tuple[str, ...]:
+        """The estimator labels a design's cells read: a GLM has no hidden units, so the
+        gauge-fixed variants (``gauge="balanced"``, :mod:`mustat.gauge`) are left out of its cells."""
+        if not get_design(design).glm:
+            return tuple(self.estimators)
+        return tuple(e for e in self.estimators if resolve(e)[1].get("gauge", "none") == "none")
 
     def as_dict(self) -> dict:
         return dict(designs=list(self.designs), settings=[s.as_dict() for s in self.settings],

@@ -112,6 +112,7 @@ class BatchMeans(Estimator):
     #: the tracking window is split into this many batches
     BATCHES = 20
     constants = {"batches": BATCHES}
+    variants = {"batch-means-balanced": dict(gauge="balanced")}
 
     @classmethod
     def options(cls, setup) -> dict[str, Any]:

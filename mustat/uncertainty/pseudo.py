@@ -114,6 +114,7 @@ class PseudoBootstrap(Estimator):
         "pseudo-every10": dict(every=10),
         "pseudo-ema": dict(window="ema", beta=0.999),
         "pseudo-epoch": dict(window="epoch"),
+        "pseudo-balanced": dict(gauge="balanced"),
     }
 
     def __init__(
