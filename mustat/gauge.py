@@ -21,8 +21,11 @@ The balanced point minimises :math:`\sum_\ell \|W_\ell\|^2 + \|b_\ell\|^2` over 
 exponentials of linear functions), solved by block coordinate descent over layers, each block in
 closed form (:math:`c_j = (\|v_j\| / \|(a_j, b_j)\|)^{1/2}`, one unit's incoming and outgoing
 norms given the other layers' scales). One hidden layer is one exact step; deeper chains iterate
-to ``tol`` in :math:`\log c`. Biases count in the norm, as they do under PyTorch's
-``weight_decay`` on ``model.parameters()``. A unit with no incoming or no outgoing weight (dead, or
+until a sweep changes no :math:`\log c` by more than ``tol`` (a warning if ``max_iter`` sweeps do
+not get there). Biases count in the norm, as they do under PyTorch's ``weight_decay`` on
+``model.parameters()``: the balanced point is the penalised optimum's gauge only when every weight
+and bias gets the same decay. Parameter groups that leave biases undecayed have another balance
+(incoming weights alone), which this module does not offer. A unit with no incoming or no outgoing weight (dead, or
 pruned away) has no balanced point and keeps its scale.
 
 What is covered: chains of ``nn.Linear`` layers, or of convolutions of one kind (``Conv1d``,
@@ -37,6 +40,7 @@ layers and are not followed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -154,6 +158,10 @@ def scales(tensors: dict[str, Tensor], chain: Chain, *, tol: float | None = None
             log_c[i] = new
         if len(log_c) == 1 or worst < tol:
             break
+    else:
+        warnings.warn(f"balancing {chain.layers} stopped after max_iter={max_iter} sweeps with a last change of "
+                      f"{worst:.3g} in log-scale (tol={tol:g}): the scales are approximate", RuntimeWarning,
+                      stacklevel=2)
     return [x.exp() for x in log_c]
 
 

@@ -9,6 +9,7 @@ import torch
 from scipy.optimize import minimize
 from torch import nn
 
+from mustat._params import mask_of
 from mustat.gauge import balanced, chains
 from mustat.uncertainty import make_estimator
 from mustat.uncertainty.batch_means import BatchMeans
@@ -185,19 +186,22 @@ def test_bad_gauge_input():
         PseudoBootstrap(m).load_state_dict(bal.state_dict())
 
 
-def test_masks_from_balanced_scores_prune_the_raw_model_to_the_same_function():
+def test_scores_from_balanced_estimates_do_not_depend_on_the_gauge_the_model_is_in():
     import mustat
     m = _mlp(7)
-    est = PseudoBootstrap(m, gauge="balanced")
-    for t in range(3):                            # a short walk: along the orbit and off it
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(t), dtype=p.dtype))
+    other = _rescale(m, 3)                        # the same function at another point of every orbit
+    masks = []
+    for net in (m, other):
+        est = PseudoBootstrap(net, gauge="balanced")
         est.update()
-    scores = mustat.score(m, "mu", se=est.se(), weights=est.estimate())
-    raw, bal = copy.deepcopy(m), _load(m, balanced(m))
-    for net in (raw, bal):
-        mustat.prune(net, scores, sparsity=0.5)
-    x = torch.randn(10, 5, dtype=torch.float64)
-    torch.testing.assert_close(raw(x), bal(x), rtol=1e-10, atol=1e-12)
-    assert not torch.allclose(raw(x), m(x))       # the prune did something
+        scores = mustat.score(net, "magnitude", weights=est.estimate())
+        pruned = copy.deepcopy(net)
+        mustat.prune(pruned, scores, sparsity=0.5)
+        masks.append({k: mask_of(pruned, k) for k in ("1.weight", "3.weight", "6.weight")})
+        assert 0.3 < float(sum((v == 0).sum() for v in masks[-1].values())) / 95 < 0.7   # half of the 95 weights
+        x = torch.randn(10, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        masks[-1]["out"] = pruned(x)
+    for k in masks[0]:
+        torch.testing.assert_close(masks[0][k], masks[1][k], rtol=1e-10, atol=1e-12)
+    raw = [mustat.score(net, "magnitude") for net in (m, other)]   # raw magnitudes do depend on it
+    assert any(not torch.equal(raw[0][k].argsort(), raw[1][k].argsort()) for k in raw[0])

@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +158,21 @@ def test_load_grid(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "docs" / "calibration").rglob("*.toml")),
                          ids=lambda p: p.name)
-def test_every_committed_calibration_grid_loads(path):
-    assert load_grid(path).cells()         # the commands in docs/CALIBRATION.md must run as written
+def test_every_committed_calibration_grid_loads_and_its_estimators_build(path):
+    from mustat.training import steps_per_epoch
+    from mustat.uncertainty import TrainingSetup, make_estimator
+    from validation.designs import get_design
+
+    cells = load_grid(path).cells()       # the commands in docs/CALIBRATION.md must run as written
+    assert cells
+    for cell in {(c.design, c.setting, c.estimators): c for c in cells}.values():
+        s, model = cell.setting, get_design(cell.design).model(0)
+        setup = TrainingSetup(optimizer=s.optimizer, n=2000, batch_size=s.batch_size, sampler=s.sampler,
+                              window_steps=s.window * steps_per_epoch(2000, s.batch_size), weight_decay=s.weight_decay)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # shuffle settings are measured on purpose
+            for label in cell.estimators:
+                make_estimator(label, model, setup=setup)
 
 
 def test_cli_calibrate(tmp_path, capsys):

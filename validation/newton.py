@@ -114,7 +114,7 @@ def _functional(model: nn.Module, device):
 
 
 def _one_hidden(model: nn.Module) -> str | None:
-    """``"relu"`` or ``"softplus"`` for ``nn.Sequential(Linear, ReLU or Softplus(beta=1), Linear)``
+    """``"relu"`` or ``"softplus"`` for ``nn.Sequential(Linear, ReLU or Softplus(beta=1, threshold=20), Linear)``
     (plain modules, biases on): the closed-form Hessian applies; else None."""
     if not isinstance(model, nn.Sequential) or len(model) != 3:
         return None
@@ -123,7 +123,7 @@ def _one_hidden(model: nn.Module) -> str | None:
         return None
     if type(act) is nn.ReLU:
         return "relu"
-    if type(act) is nn.Softplus and act.beta == 1:
+    if type(act) is nn.Softplus and act.beta == 1 and act.threshold == 20:   # F.softplus's defaults
         return "softplus"
     return None
 

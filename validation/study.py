@@ -24,6 +24,7 @@ import torch
 
 from mustat._cells import grid_values, one_thread_in_dask_worker, read_grid, run_grid
 from mustat._io import atomic_write
+from mustat.gauge import chains
 from mustat.runs import read_table
 from mustat.uncertainty import ESTIMATORS, default_estimators
 from mustat.uncertainty.bootstrap import plan
@@ -130,7 +131,7 @@ class Grid:
         for d in dict.fromkeys(d for d, _ in self.pairs()):
             if not self.estimators_for(d):
                 raise ValueError(f"design {d!r} has no estimator to read: {list(self.estimators)} are all gauge-fixed "
-                                 "variants, which need hidden units; add an estimator that applies to a GLM")
+                                 "variants, which need ReLU-type hidden units; add an estimator that applies to it")
         for design, setting in self.pairs():
             if not get_design(design).glm and setting.weight_decay <= 0:
                 raise ValueError(
@@ -149,9 +150,11 @@ class Grid:
                      self.teacher_replicates) for d, s in self.pairs()]
 
     def estimators_for(self, design: str) -> tuple[str, ...]:
-        """The estimator labels a design's cells read: a GLM has no hidden units, so the
-        gauge-fixed variants (``gauge="balanced"``, :mod:`mustat.gauge`) are left out of its cells."""
-        if not get_design(design).glm:
+        """The estimator labels a design's cells read: the gauge-fixed variants
+        (``gauge="balanced"``, :mod:`mustat.gauge`) only where the design's network has units with a
+        rescaling orbit (not a GLM, not a smooth activation)."""
+        d = get_design(design)
+        if not d.glm and chains(d.model(0)):
             return tuple(self.estimators)
         return tuple(e for e in self.estimators if resolve(e)[1].get("gauge", "none") == "none")
 

@@ -13,7 +13,7 @@ the 56 weights of the 5 fits of a setting: the median SE ratio to the sandwich, 
 median distance of the interval centre from the optimum in sandwich SEs. Writes
 ``docs/calibration/gauge.md``.
 
-    python docs/calibration/gauge.py        # 19 minutes on 2 cores
+    python docs/calibration/gauge.py        # about 20 minutes on 2 idle cores (40 with other jobs)
 """
 
 from __future__ import annotations

@@ -18,14 +18,15 @@ with :math:`H` the Gram of the contexts on the calibration tokens:
 * **activation** score :math:`\operatorname{tr}(W_{O,h} H_{hh} W_{O,h}^\top)`: the same error without
   the refit;
 * **magnitude**: the head's group magnitude, the mean over the four coupled layers of the squared
-  L2 norm of its weights (Torch-Pruning's ``GroupMagnitudeImportance(p=2)`` summed over the head's
-  channels).
+  L2 norm of its weights.
 
 The error is the block's, not the network's: later layers see the change through the residual
 stream and are not re-fitted. Heads are ranked within each block and the same share is removed
 from every block. The surgery is Torch-Pruning's (``prune_linear_out_channels`` /
 ``prune_linear_in_channels``) and the module's head count is updated, so the model stays a plain,
-smaller dense module that runs with any of transformers' attention implementations.
+smaller dense module that runs with any of transformers' attention implementations. Its
+``config`` still describes the dense model (one head count for all layers), so save the pruned
+model with ``torch.save``, not ``save_pretrained``.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def input_grams(model: nn.Module, batches: Iterable[dict], layers: Mapping[str, 
     out = {}
     for name, H in grams.items():
         ridge = damping * float(H.diagonal().mean())
-        out[name] = H + ridge * torch.eye(len(H), dtype=H.dtype)
+        out[name] = H + ridge * torch.eye(len(H), dtype=H.dtype, device=H.device)
     return out
 
 

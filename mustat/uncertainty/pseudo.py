@@ -355,9 +355,10 @@ class PseudoBootstrap(Estimator):
         """Restore from :meth:`state_dict`; settings and tensor names must match this tracker."""
         for key in ("window", "beta", "every", "names", "grad_moment", "gauge"):
             mine = self.window.value if key == "window" else getattr(self, key)
-            if state.get(key, {"grad_moment": False, "gauge": "none"}.get(key)) != mine:
+            saved = state.get(key, {"grad_moment": False, "gauge": "none"}.get(key))
+            if saved != mine:
                 raise ValueError(
-                    f"state_dict was saved with {key}={state.get(key)!r}, this tracker has "
+                    f"state_dict was saved with {key}={saved!r}, this tracker has "
                     f"{key}={mine!r}; construct the tracker with the same settings"
                 )
         if self.grad_moment and state["mean"] and "grad_m2" not in state:
