@@ -115,8 +115,8 @@ def chains(model: nn.Module) -> list[Chain]:
 def _pair_sq(w: Tensor, block: int) -> Tensor:
     """Squared weights summed to (output unit, feeding unit): kernel taps and a flattened
     channel's ``block`` inputs together."""
-    sq = w.double().square()
-    sq = sq.reshape(sq.shape[0], sq.shape[1], -1).sum(2)
+    sq = w.square()   # in the weight's dtype, summed in float64: no full-size float64 copy each step
+    sq = sq.reshape(sq.shape[0], sq.shape[1], -1).sum(2, dtype=torch.float64)
     return sq.reshape(sq.shape[0], -1, block).sum(2)
 
 
@@ -134,8 +134,8 @@ def scales(tensors: dict[str, Tensor], chain: Chain, *, tol: float | None = None
     check_scalar(tol, "tol", kind=Real, low=0.0, closed="neither")
     check_scalar(max_iter, "max_iter", kind=Integral, low=1)
     L = chain.layers
-    first = tensors[f"{L[0]}.weight"].double().square()
-    rows0 = first.reshape(first.shape[0], -1).sum(1)
+    first = tensors[f"{L[0]}.weight"].square()
+    rows0 = first.reshape(first.shape[0], -1).sum(1, dtype=torch.float64)
     pair = [None] + [_pair_sq(tensors[f"{L[i]}.weight"], chain.block[i - 1]) for i in range(1, len(L))]
     bias_sq = []
     for i in range(len(L) - 1):
@@ -178,14 +178,14 @@ def factors(tensors: dict[str, Tensor], chain_list: list[Chain], *, warm: dict |
             warm[chain] = cs
         for i, name in enumerate(chain.layers):
             w = tensors[f"{name}.weight"]
-            f = torch.ones(w.shape[:2], dtype=torch.float64, device=cs[0].device)
-            if i < len(cs):
-                f = f * cs[i][:, None]
-                if f"{name}.bias" in tensors:
-                    out[f"{name}.bias"] = cs[i]
-            if i > 0:
-                f = f / cs[i - 1].repeat_interleave(chain.block[i - 1])[None, :]
-            out[f"{name}.weight"] = f.reshape(*w.shape[:2], *([1] * (w.dim() - 2)))
+            # one full-size pass, in the weight's precision (at least float32): this runs every step
+            dtype = torch.promote_types(w.dtype, torch.float32)
+            rows = cs[i].to(dtype) if i < len(cs) else torch.ones(w.shape[0], dtype=dtype, device=w.device)
+            cols = (1 / cs[i - 1].repeat_interleave(chain.block[i - 1])).to(dtype) if i > 0 else \
+                torch.ones(w.shape[1], dtype=dtype, device=w.device)
+            if i < len(cs) and f"{name}.bias" in tensors:
+                out[f"{name}.bias"] = rows
+            out[f"{name}.weight"] = (rows[:, None] * cols[None, :]).reshape(*w.shape[:2], *([1] * (w.dim() - 2)))
     return out
 
 
@@ -197,4 +197,4 @@ def balanced(model: nn.Module, **kwargs) -> dict[str, Tensor]:
     found = chains(model)
     tensors = {k: table[k].effective() for c in found for n in c.layers for k in (f"{n}.weight", f"{n}.bias")
                if k in table}
-    return {k: (tensors[k].double() * f).to(tensors[k].dtype) for k, f in factors(tensors, found, **kwargs).items()}
+    return {k: (tensors[k] * f).to(tensors[k].dtype) for k, f in factors(tensors, found, **kwargs).items()}

@@ -183,7 +183,7 @@ class PseudoBootstrap(Estimator):
         if self._chains is not None:
             self._factors = factors({k: e.effective() for k, e in self._gauge_entries.items()}, self._chains,
                                     warm=self._warm)
-            values = [(v * self._factors[n].to(v.dtype)) if n in self._factors else v
+            values = [(v * self._factors[n]).to(v.dtype) if n in self._factors else v
                       for n, v in zip(self.names, values)]
         return values
 
@@ -234,7 +234,7 @@ class PseudoBootstrap(Estimator):
                 raise RuntimeError(f"grad_moment=True but {name!r} has no .grad: call update() after backward() and step()")
             g = g.detach()
             if self._chains is not None and name in self._factors:  # d/d(c a) = (d/da) / c
-                g = g / self._factors[name].to(g.dtype)
+                g = (g / self._factors[name]).to(g.dtype)
             grads.append(g)
         return grads
 
