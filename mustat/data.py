@@ -211,6 +211,24 @@ def _cifar10(seed, val_fraction, data_dir):
 
 
 # ---------------------------------------------------------------- synthetic designs
+def correlated_normal(rng: np.random.Generator, cov: np.ndarray, n: int) -> np.ndarray:
+    """``n`` draws from ``N(0, cov)`` as ``Z L^T`` with ``L`` the Cholesky factor of ``cov``.
+
+    Portable across machines: ``L`` is a continuous function of ``cov``, so rounding
+    differences in the factorisation move the draws by rounding amounts. numpy's default
+    (an SVD) is not: with a repeated eigenvalue, as an equicorrelated covariance has, the
+    eigenvectors are arbitrary within their eigenspace and a 1e-15 change in ``cov`` can
+    move a draw by several units.
+    """
+    cov = np.asarray(cov, dtype=float)
+    try:
+        L = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"cov must be symmetric positive definite; its smallest eigenvalue is "
+                         f"{np.linalg.eigvalsh(cov).min():.3g}") from None
+    return rng.standard_normal((n, cov.shape[0])) @ L.T
+
+
 def glm_design(
     family: str = "logistic",
     *,
@@ -235,8 +253,10 @@ def glm_design(
     coef = np.asarray(coef, dtype=float)
     d = len(coef)
     scales = np.ones(d) if scales is None else np.asarray(scales, dtype=float)
-    cov = np.full((d, d), corr) + (1 - corr) * np.eye(d)
-    X = rng.multivariate_normal(np.zeros(d), cov, size=n) * scales
+    if d > 1 and not -1 / (d - 1) < corr < 1:
+        raise ValueError(f"corr={corr} does not give a positive definite equicorrelation of {d} features; "
+                         f"allowed: {-1 / (d - 1):.3g} < corr < 1")
+    X = correlated_normal(rng, np.full((d, d), corr) + (1 - corr) * np.eye(d), n) * scales
     if family == "logistic":
         y = rng.binomial(1, 1 / (1 + np.exp(-(intercept + X @ coef))))
         truth_coef = coef

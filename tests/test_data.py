@@ -127,3 +127,32 @@ def test_glm_design_truth():
     np.testing.assert_allclose(X.std(0), [1, 3, 0.5], rtol=0.03)
     assert set(np.unique(glm_design("softmax", n=500, seed=1)[1])) == {0, 1, 2}
     assert "synthetic-logistic" in data.DATASETS
+
+
+def test_correlated_normal_is_portable_and_has_the_covariance():
+    # an equicorrelated covariance has a six-fold repeated eigenvalue: numpy's SVD draws move by
+    # units under a 1e-15 perturbation, Cholesky draws by rounding amounts
+    d = 7
+    cov = np.full((d, d), 0.3) + 0.7 * np.eye(d)
+    bumped = cov + 1e-15 * np.eye(d)
+    a = data.correlated_normal(np.random.default_rng(1), cov, 20_000)
+    b = data.correlated_normal(np.random.default_rng(1), bumped, 20_000)
+    assert np.abs(a - b).max() < 1e-12
+    svd_a = np.random.default_rng(1).multivariate_normal(np.zeros(d), cov, 20_000)
+    svd_b = np.random.default_rng(1).multivariate_normal(np.zeros(d), bumped, 20_000)
+    assert np.abs(svd_a - svd_b).max() > 1e-3          # the failure this guards against, on this platform
+    # the sample covariance's entries have SD about (1 + rho^2)^0.5 / sqrt(n) < 0.008; 5 SDs
+    assert np.abs(np.cov(a.T) - cov).max() < 0.04
+
+
+def test_glm_design_draws_the_same_data_under_a_perturbed_correlation():
+    X, y, _ = glm_design("logistic", n=2000, coef=(1.0, -0.5, 0.0, 0.25), corr=0.3, seed=4)
+    X2, y2, _ = glm_design("logistic", n=2000, coef=(1.0, -0.5, 0.0, 0.25), corr=0.3 + 1e-15, seed=4)
+    assert np.abs(X - X2).max() < 1e-12 and (y == y2).all()
+
+
+def test_correlated_normal_refuses_a_covariance_that_is_not_positive_definite():
+    with pytest.raises(ValueError, match="positive definite"):
+        data.correlated_normal(np.random.default_rng(0), np.array([[1.0, 2.0], [2.0, 1.0]]), 5)
+    with pytest.raises(ValueError, match=r"corr=-0.5 .* allowed: -0.2 < corr < 1"):
+        glm_design("linear", coef=(1.0, 0.0, 0.0, 0.0, 0.0, 0.0), corr=-0.5)

@@ -216,3 +216,24 @@ def test_a_code_level_change_of_a_reference_setting_recomputes_its_cells(tmp_pat
     redone = []
     run_study(changed, tmp_path, scheduler="serial", quiet=True, on_cell=redone.append)
     assert len(redone) == 1 and redone != first
+
+
+def test_the_quick_and_full_studies_draw_disjoint_datasets():
+    from validation.designs import get_design
+    from validation.study import data_index, quick_grid
+
+    full = load_grid(Path(__file__).parent.parent / "docs" / "calibration" / "full" / "grid.toml")
+    assert quick_grid().seed != full.seed
+    quick_rows = {data_index(quick_grid().seed, r) for r in list(range(250)) + list(range(10_000, 10_200))}
+    full_rows = {data_index(full.seed, r) for r in list(range(250)) + list(range(10_000, 10_200))}
+    assert not quick_rows & full_rows
+    design = get_design("logistic")
+    X_quick = design.sample(data_index(quick_grid().seed, 0))[0]
+    X_full = design.sample(data_index(full.seed, 0))[0]
+    assert np.abs(X_quick - X_full).min() > 0
+
+
+def test_a_negative_or_non_integer_seed_is_refused():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"seed={bad!r} is not valid"):
+            Grid(seed=bad)

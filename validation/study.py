@@ -121,6 +121,8 @@ class Grid:
         for d in list(self.designs) + [d for sc in self.scoped for d in sc.designs]:
             if d not in DESIGNS:
                 raise ValueError(f"design={d!r} is not valid; choose one of: {', '.join(DESIGNS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} is not valid; give a non-negative integer")
         if self.replications < 1 or self.bootstrap_B < 2 or self.teacher_replicates < 2:
             raise ValueError(f"replications must be >= 1, bootstrap_B and teacher_replicates >= 2, got "
                              f"{self.replications}, {self.bootstrap_B}, {self.teacher_replicates}")
@@ -185,7 +187,7 @@ QUICK_SCOPED = (
 def quick_grid() -> Grid:
     """The default study (``mustat calibrate``): 125 datasets (1,000 intervals) per simulated GLM
     cell, the settings above, one hidden-layer cell; about 3 minutes on 2 cores."""
-    return Grid(scoped=QUICK_SCOPED)
+    return Grid(scoped=QUICK_SCOPED, seed=1)
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,13 @@ class Cell:
         return f"{self.design}-{s.optimizer}-{s.sampler}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
+def data_index(seed: int, replication: int) -> int:
+    """The dataset a study with ``seed`` draws for ``replication``: studies with different seeds
+    (the quick study's 1, the full study's 0) see disjoint datasets, and the teacher references'
+    replicates (10,000 on) never meet the replications."""
+    return 1_000_000 * seed + replication
+
+
 def _flat(d: dict[str, torch.Tensor], names) -> np.ndarray:
     return np.concatenate([d[n].detach().double().cpu().numpy().ravel() for n in names])
 
@@ -217,7 +226,7 @@ def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
     Newton-converged bootstrap on replication 0."""
     s = cell.setting
     R = cell.replications if design.simulated else 1
-    samples = [design.sample(r) for r in range(R)]
+    samples = [design.sample(data_index(cell.seed, r)) for r in range(R)]
     X, y = np.stack([a[0] for a in samples]), np.stack([a[1] for a in samples])
     truth = samples[0][2]
     model = design.stacked_model([cell.seed * 10_000 + r for r in range(R)])
@@ -264,11 +273,12 @@ def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
 def _teacher_reference(cell: Cell, design, weight_decay: float, out: Path) -> dict:
     """Gauge-fixed teacher replicates (cached in ``out/references``: they do not depend on the
     training setting, only on the design, the penalty and the reference settings)."""
-    text = json.dumps([design.name, weight_decay, cell.teacher_replicates, asdict(cell.references)], sort_keys=True)
+    text = json.dumps([design.name, weight_decay, cell.teacher_replicates, cell.seed, asdict(cell.references)],
+                      sort_keys=True)
     path = out / "references" / f"teacher-{design.name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
-    data = [design.sample(10_000 + r) for r in range(cell.teacher_replicates)]
+    data = [design.sample(data_index(cell.seed, 10_000 + r)) for r in range(cell.teacher_replicates)]
     Xs = torch.tensor(np.stack([a[0] for a in data]))
     ys = torch.tensor(np.stack([a[1] for a in data]))
     ref = teacher_replicates(design.teacher(), design.loss(), Xs, ys, weight_decay=weight_decay,
@@ -283,7 +293,7 @@ def _mlp_cell(cell: Cell, design, out: Path) -> tuple[list, dict, dict, dict]:
     bootstrap there and (with a teacher) the gauge-fixed teacher replicates as references."""
     s = cell.setting
     wd = s.weight_decay
-    X, y, _ = design.sample(0)
+    X, y, _ = design.sample(data_index(cell.seed, 0))
     model = design.model(cell.seed * 10_000)
     loss = design.loss()
     fits, final = train_and_estimate(model, loss, torch.tensor(X, dtype=torch.float32),
