@@ -138,14 +138,18 @@ def _mlp(d: int, hidden: int, k: int, activation: type[nn.Module] = nn.ReLU) -> 
 
 
 def _teacher_design(name: str, family: str, *, d: int, hidden: int, k: int, n: int = 2000, seed: int = 123,
-                    in_scale: float = 2.0, out_weight: float = 1.0, activation: type[nn.Module] = nn.ReLU) -> Design:
+                    in_scale: float = 2.0, out_weight: float = 1.0, activation: type[nn.Module] = nn.ReLU,
+                    null_inputs: int = 0) -> Design:
     """A one-hidden-layer ReLU teacher and Gaussian inputs; labels from its likelihood
     (``family``); replication r draws its own data. The teacher is PyTorch's seeded init with
     the first layer times ``in_scale`` and every output weight of magnitude ``out_weight``
     (signs from the init): each unit matters, so weight decay up to 1e-2 keeps all of them
     alive and the penalised optimum is a strict minimum (a unit that weight decay collapses
     sits at the ReLU's kink, where no Wald reference exists). ``activation``: the hidden layer's
-    (teacher and student alike); a smooth one (softplus) has no kinks and no rescaling orbit."""
+    (teacher and student alike); a smooth one (softplus) has no kinks and no rescaling orbit.
+    ``null_inputs``: the last that many inputs feed no unit (their first-layer weights are 0), so
+    every student weight from them is null whatever the student's gauge and unit order: the
+    expected loss is even in those weights (the input is symmetric and independent of the rest)."""
 
     def teacher():
         t = _seeded(_mlp(d, hidden, k, activation), seed).double()
@@ -153,6 +157,8 @@ def _teacher_design(name: str, family: str, *, d: int, hidden: int, k: int, n: i
             t[0].weight.mul_(in_scale)
             t[0].bias.mul_(in_scale)
             t[2].weight.copy_(out_weight * t[2].weight.sign())
+            if null_inputs:
+                t[0].weight[:, d - null_inputs:] = 0
         return t
 
     net = teacher()
@@ -212,6 +218,9 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     # references can agree where ReLU's kinks defeat them (small weight decay)
     "teacher-softplus": lambda: _teacher_design("teacher-softplus", "linear", d=6, hidden=8, k=1,
                                                 activation=nn.Softplus),
+    # a planted sparse teacher: 10 inputs, the last 4 of which feed no unit (32 null first-layer
+    # weights); the network-level FDR study (docs/calibration/fdr.py)
+    "teacher-sparse": lambda: _teacher_design("teacher-sparse", "linear", d=10, hidden=8, k=1, null_inputs=4),
     "breast_cancer": _breast_cancer,
     "digits": _digits,
 }
