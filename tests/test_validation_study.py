@@ -237,3 +237,21 @@ def test_a_negative_or_non_integer_seed_is_refused():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match=f"seed={bad!r} is not valid"):
             Grid(seed=bad)
+
+
+def test_the_calibration_pages_glm_tables_are_the_committed_summaries():
+    import sys
+
+    import pandas as pd
+
+    docs = Path(__file__).parent.parent / "docs"
+    sys.path.insert(0, str(docs / "calibration"))
+    try:
+        import tables
+    finally:
+        sys.path.pop(0)
+    page = (docs / "CALIBRATION.md").read_text()
+    lines = (tables.quick_table(pd.read_csv(docs / "calibration" / "summary.csv"))
+             + tables.full_table(pd.read_csv(docs / "calibration" / "full" / "summary.csv")))
+    missing = [line for line in lines if line not in page]
+    assert not missing, f"{len(missing)} table lines of docs/CALIBRATION.md differ from tables.py, e.g. {missing[0]}"

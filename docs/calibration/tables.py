@@ -1,0 +1,99 @@
+"""The GLM tables of docs/CALIBRATION.md, printed from the studies' committed summaries
+(docs/calibration/summary.csv: the quick study; docs/calibration/full/summary.csv: the full one),
+so that every figure in them comes from a command:
+
+    .venv/bin/python docs/calibration/tables.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).parent
+QUICK_ROWS = [  # (design, setting label, estimator) in the page's order
+    *[(d, "adam lr=0.02 S=32 replacement 600/640ep", e) for d in ("logistic", "linear")
+      for e in ("pseudo", "calibrated", "batch-means", "curvature", "wald")],
+    ("logistic", "sgd lr=0.05 S=32 replacement 45/60ep", "pseudo"),
+    ("logistic", "sgd lr=0.05 S=32 replacement 45/60ep", "calibrated"),
+    ("logistic", "sgd lr=0.05 S=32 replacement 45/60ep", "batch-means"),
+    ("logistic", "adam lr=0.01 S=32 replacement 45/60ep", "calibrated"),
+    ("logistic", "adam lr=0.01 S=32 replacement 45/60ep", "batch-means"),
+    ("linear", "sgd lr=0.05 S=32 replacement 45/60ep", "calibrated"),
+    ("linear", "adam lr=0.01 S=32 replacement 45/60ep", "batch-means"),
+    ("logistic", "adam lr=0.01 S=32 shuffle 45/60ep", "calibrated"),
+    ("logistic", "adam lr=0.01 S=32 shuffle 45/60ep", "batch-means"),
+    ("logistic", "adam lr=0.01 S=32 replacement 5/60ep", "calibrated"),
+    ("logistic", "adam lr=0.01 S=32 replacement 5/60ep", "batch-means"),
+]
+
+
+def _short(setting: str) -> str:
+    parts = setting.replace(" S=32", "").replace(" replacement", "").replace("ep", " ep").split(" ")
+    return ", ".join([" ".join(parts[:2])] + [p for p in parts[2:] if p != ""]).replace(", ep", " ep")
+
+
+def _pm(v, lo, hi) -> str:
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _row(s: pd.DataFrame, design: str, setting: str, estimator: str) -> pd.Series:
+    hit = s[(s.design == design) & (s.setting == setting) & (s.estimator == estimator)
+            & (s.reference == ("wald-sandwich" if "wd=" in setting else "wald"))]
+    if len(hit) != 1:
+        raise LookupError(f"{design} / {setting} / {estimator}: {len(hit)} rows in the summary")
+    return hit.iloc[0]
+
+
+def quick_table(summary: pd.DataFrame) -> list[str]:
+    out = ["| design | setting | estimator | SE / exact (median) | coverage95 [Wilson] | type-I at 0.05 [Wilson] | "
+           "KS p | t dof | window ok | McNemar p vs exact |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for design, setting, est in QUICK_ROWS:
+        r = _row(summary, design, setting, est)
+        dof = f"{r.interval_dof:.0f}" if np.isfinite(r.interval_dof) else ""
+        ok = "" if pd.isna(r.window_ok) else f"{r.window_ok:.2f}"
+        mc = "" if est == "wald" or pd.isna(r.mcnemar_pvalue) else f"{r.mcnemar_pvalue:.2g}"
+        name = "wald (exact)" if est == "wald" else est
+        out.append(f"| {design} | {_short(setting)} | {name} | {r.se_ratio_median:.3f} | "
+                   f"{_pm(r.coverage95, r.coverage95_lo, r.coverage95_hi)} | "
+                   f"{_pm(r.type1_05, r.type1_05_lo, r.type1_05_hi)} | {r.ks_null_pvalue:.3f} | {dof} | {ok} | {mc} |")
+    return out
+
+
+def full_table(summary: pd.DataFrame) -> list[str]:
+    out = ["| design | optimizer | batch-means / exact | coverage95 [Wilson] | type-I [Wilson] | KS p | its diagnostic | "
+           "McNemar p vs exact | calibrated: coverage | curvature: coverage | exact Wald: coverage |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for opt in ("adam", "sgd"):
+        for design in ("logistic", "linear", "logistic-r7", "linear-r7"):
+            setting = f"{opt} lr=0.02 S=32 replacement 600/640ep"
+            bm = _row(summary, design, setting, "batch-means")
+            cov = {e: _row(summary, design, setting, e).coverage95 for e in ("calibrated", "curvature", "wald")}
+            verdict = "accepts" if bm.window_ok >= 0.5 else "rejects"
+            out.append(f"| {design} | {opt} | {bm.se_ratio_median:.3f} | {_pm(bm.coverage95, bm.coverage95_lo, bm.coverage95_hi)} | "
+                       f"{_pm(bm.type1_05, bm.type1_05_lo, bm.type1_05_hi)} | {bm.ks_null_pvalue:.2f} | {verdict} | "
+                       f"{bm.mcnemar_pvalue:.2g} | {cov['calibrated']:.3f} | {cov['curvature']:.3f} | {cov['wald']:.3f} |")
+    return out
+
+
+def bootstrap_ratios(summary: pd.DataFrame) -> list[str]:
+    rows = summary[(summary.estimator == "bootstrap") & (summary.reference == "wald")]
+    return [f"- bootstrap / exact: {r.design}, {r.setting}: {r.se_ratio_median:.3f} (B = {r.bootstrap_B:.0f})"
+            for r in rows.drop_duplicates("design").itertuples()]
+
+
+def main() -> None:
+    quick = pd.read_csv(HERE / "summary.csv")
+    full = pd.read_csv(HERE / "full" / "summary.csv")
+    print("## The quick study's GLM table\n")
+    print("\n".join(quick_table(quick)))
+    print("\n" + "\n".join(bootstrap_ratios(quick)))
+    print("\n## The full study's long-window GLM table\n")
+    print("\n".join(full_table(full)))
+    print("\n" + "\n".join(bootstrap_ratios(full)))
+
+
+if __name__ == "__main__":
+    main()
