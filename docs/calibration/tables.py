@@ -1,6 +1,7 @@
-"""The GLM tables of docs/CALIBRATION.md, printed from the studies' committed summaries
-(docs/calibration/summary.csv: the quick study; docs/calibration/full/summary.csv: the full one),
-so that every figure in them comes from a command:
+"""The GLM, invariant-target and FDR tables of docs/CALIBRATION.md, printed from the committed
+results (docs/calibration/summary.csv: the quick study; docs/calibration/full/summary.csv: the
+full one; invariant.csv and fdr.csv: docs/calibration/invariant.py and fdr.py), so that every
+figure in them comes from a command:
 
     .venv/bin/python docs/calibration/tables.py
 """
@@ -84,6 +85,26 @@ def bootstrap_ratios(summary: pd.DataFrame) -> list[str]:
             for r in rows.drop_duplicates("design").itertuples()]
 
 
+def invariant_table(table: pd.DataFrame) -> list[str]:
+    out = []
+    for (wd, target), g in table.groupby(["weight_decay", "target"], sort=False):
+        r = {row.rule.split(" (")[0]: row for row in g.itertuples()}
+        bm, sd, sw = r["batch means"], r["window SD"], r["sandwich"]
+        out.append(f"| {wd:g} | {target} | {_pm(bm.coverage, bm.lo, bm.hi)} | {sd.coverage:.3f} | "
+                   f"{_pm(sw.coverage, sw.lo, sw.hi)} | {bm.se_ratio_median:.2f}, {sw.se_ratio_median:.2f} | "
+                   f"{bm.centre_bias_median:.2f}, {sw.centre_bias_median:.2f} |")
+    return out
+
+
+def fdr_table(table: pd.DataFrame) -> list[str]:
+    out = ["| weight decay | estimator | realised FDR [95%] | pooled false share [Wilson] | P(any false) | power |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in table.itertuples():
+        out.append(f"| {r.weight_decay:g} | {r.estimator} | {_pm(r.fdr, r.fdr_lo, r.fdr_hi)} | "
+                   f"{_pm(r.pooled, r.pooled_lo, r.pooled_hi)} | {r.any_false:.2f} | {r.power:.3f} |")
+    return out
+
+
 def main() -> None:
     quick = pd.read_csv(HERE / "summary.csv")
     full = pd.read_csv(HERE / "full" / "summary.csv")
@@ -93,6 +114,10 @@ def main() -> None:
     print("\n## The full study's long-window GLM table\n")
     print("\n".join(full_table(full)))
     print("\n" + "\n".join(bootstrap_ratios(full)))
+    print("\n## Invariant targets\n")
+    print("\n".join(invariant_table(pd.read_csv(HERE / "invariant.csv"))))
+    print("\n## FDR on the planted sparse teacher\n")
+    print("\n".join(fdr_table(pd.read_csv(HERE / "fdr.csv"))))
 
 
 if __name__ == "__main__":
