@@ -124,9 +124,35 @@ def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
         return build()
 
 
-def _glm_design(family: str, n: int = 2000, corr: float = 0.3, name: str | None = None) -> Design:
+#: misspecified noise of the linear designs (the fitted loss is the unit-variance Gaussian's):
+#: ``hetero``: Gaussian with variance 0.25 + 0.75 z^2 (z the third feature, unit variance), mean 1;
+#: ``t3``: Student-t with 3 dof scaled to unit variance (heavy tails, homoscedastic);
+#: ``omitted``: the truth has 0.5 (z^2 - 1) in the mean (z the sixth feature over its scale) on top
+#: of unit Gaussian noise. The term is uncorrelated with every linear function of the Gaussian
+#: features, so the least-squares estimand stays ``COEF``, but the residual variance (1.5 on
+#: average) depends on z: a model narrower than the truth.
+NOISES = ("gaussian", "hetero", "t3", "omitted")
+
+
+def _glm_design(family: str, n: int = 2000, corr: float = 0.3, name: str | None = None,
+                noise: str = "gaussian") -> Design:
+    check_option(noise, "noise", NOISES)
+    if noise != "gaussian" and family != "linear":
+        raise ValueError(f"noise={noise!r} needs family='linear', got {family!r}")
+
     def sample(rep):
         X, y, truth = glm_design(family, n=n, coef=COEF, scales=SCALES, corr=corr, intercept=0.2, seed=1000 + rep)
+        if noise != "gaussian":
+            rng = np.random.default_rng([1000 + rep, NOISES.index(noise)])
+            mean = 0.2 + X @ np.asarray(COEF)
+            if noise == "hetero":
+                z = X[:, 2] / SCALES[2]
+                y = mean + np.sqrt(0.25 + 0.75 * z**2) * rng.standard_normal(n)
+            elif noise == "t3":
+                y = mean + rng.standard_t(3, n) / np.sqrt(3.0)
+            else:
+                z = X[:, 5] / SCALES[5]
+                y = mean + 0.5 * (z**2 - 1) + rng.standard_normal(n)
         return X, y.astype(float), np.asarray(truth["coef"], dtype=float)
 
     return Design(name or family, True, True, sample, lambda seed: _seeded(lambda: GLM(len(COEF), family), seed),
@@ -210,6 +236,10 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     # strongly correlated features: the diagonal approximations' VIF gap is large (1/sqrt(VIF) ~ 0.6)
     "logistic-r7": lambda: _glm_design("logistic", corr=0.7, name="logistic-r7"),
     "linear-r7": lambda: _glm_design("linear", corr=0.7, name="linear-r7"),
+    # misspecified linear designs (NOISES): the sandwich and the inverse information differ
+    "linear-hetero": lambda: _glm_design("linear", name="linear-hetero", noise="hetero"),
+    "linear-t3": lambda: _glm_design("linear", name="linear-t3", noise="t3"),
+    "linear-omitted": lambda: _glm_design("linear", name="linear-omitted", noise="omitted"),
     # one-hidden-layer teachers: binary 6-8-1 (the first study's), regression 6-8-1, softmax 10-16-3
     "teacher-mlp": lambda: _teacher_design("teacher-mlp", "logistic", d=6, hidden=8, k=1),
     "teacher-regression": lambda: _teacher_design("teacher-regression", "linear", d=6, hidden=8, k=1),
