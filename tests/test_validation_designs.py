@@ -50,3 +50,18 @@ def test_misspecified_noise_needs_the_linear_family():
         _glm_design("logistic", noise="hetero")
     with pytest.raises(ValueError, match="noise"):
         _glm_design("linear", noise="cauchy")
+
+
+def test_the_narrow_student_has_fewer_units_and_no_teacher_reference():
+    from validation.study import load_grid
+
+    d = get_design("teacher-narrow")
+    assert d.model(0)[0].out_features == 4 and d.teacher is None
+    X, y, _ = d.sample(0)
+    X8, y8, _ = get_design("teacher-regression").sample(0)
+    np.testing.assert_array_equal(X, X8)                 # the 8-unit teacher's data
+    np.testing.assert_array_equal(y, y8)
+    from pathlib import Path
+
+    grid = load_grid(Path(__file__).parent.parent / "docs" / "calibration" / "full" / "narrow.toml")
+    assert {c.design for c in grid.cells()} == {"teacher-narrow"} and len(grid.cells()) == 2

@@ -165,7 +165,7 @@ def _mlp(d: int, hidden: int, k: int, activation: type[nn.Module] = nn.ReLU) -> 
 
 def _teacher_design(name: str, family: str, *, d: int, hidden: int, k: int, n: int = 2000, seed: int = 123,
                     in_scale: float = 2.0, out_weight: float = 1.0, activation: type[nn.Module] = nn.ReLU,
-                    null_inputs: int = 0) -> Design:
+                    null_inputs: int = 0, student_hidden: int | None = None) -> Design:
     """A one-hidden-layer ReLU teacher and Gaussian inputs; labels from its likelihood
     (``family``); replication r draws its own data. The teacher is PyTorch's seeded init with
     the first layer times ``in_scale`` and every output weight of magnitude ``out_weight``
@@ -175,7 +175,9 @@ def _teacher_design(name: str, family: str, *, d: int, hidden: int, k: int, n: i
     (teacher and student alike); a smooth one (softplus) has no kinks and no rescaling orbit.
     ``null_inputs``: the last that many inputs feed no unit (their first-layer weights are 0), so
     every student weight from them is null whatever the student's gauge and unit order: the
-    expected loss is even in those weights (the input is symmetric and independent of the rest)."""
+    expected loss is even in those weights (the input is symmetric and independent of the rest).
+    ``student_hidden``: a student with fewer units than the teacher (a misspecified model); it has
+    no teacher reference then (teacher replicates fit the teacher's architecture, not the student's)."""
 
     def teacher():
         t = _seeded(_mlp(d, hidden, k, activation), seed).double()
@@ -204,8 +206,9 @@ def _teacher_design(name: str, family: str, *, d: int, hidden: int, k: int, n: i
             y = (P.cumsum(1) > rng.random((n, 1))).argmax(1).astype(float)
         return X, y, None
 
-    return Design(name, False, True, sample, lambda s: _seeded(_mlp(d, hidden, k, activation), s), family=family,
-                  teacher=teacher)
+    width = hidden if student_hidden is None else student_hidden
+    return Design(name, False, True, sample, lambda s: _seeded(_mlp(d, width, k, activation), s), family=family,
+                  teacher=teacher if student_hidden is None else None)
 
 
 def _breast_cancer() -> Design:
@@ -250,6 +253,8 @@ DESIGNS: dict[str, Callable[[], Design]] = {
                                                 activation=nn.Softplus),
     # a planted sparse teacher: 10 inputs, the last 4 of which feed no unit (32 null first-layer
     # weights); the network-level FDR study (docs/calibration/fdr.py)
+    # the regression teacher (8 units) fitted by a 4-unit student: a model narrower than the truth
+    "teacher-narrow": lambda: _teacher_design("teacher-narrow", "linear", d=6, hidden=8, k=1, student_hidden=4),
     "teacher-sparse": lambda: _teacher_design("teacher-sparse", "linear", d=10, hidden=8, k=1, null_inputs=4),
     "breast_cancer": _breast_cancer,
     "digits": _digits,
