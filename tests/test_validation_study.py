@@ -254,6 +254,7 @@ def test_the_calibration_pages_tables_are_the_committed_results():
     lines = (tables.quick_table(pd.read_csv(docs / "calibration" / "summary.csv"))
              + tables.full_table(pd.read_csv(docs / "calibration" / "full" / "summary.csv"))
              + tables.invariant_table(pd.read_csv(docs / "calibration" / "invariant.csv"))
+             + tables.misspecified_table(pd.read_csv(docs / "calibration" / "misspecified.csv"))
              + tables.fdr_table(pd.read_csv(docs / "calibration" / "fdr.csv")))
     missing = [line for line in lines if line not in page]
     assert not missing, f"{len(missing)} table lines of docs/CALIBRATION.md differ from tables.py, e.g. {missing[0]}"

@@ -1,6 +1,7 @@
 """The GLM, invariant-target and FDR tables of docs/CALIBRATION.md, printed from the committed
 results (docs/calibration/summary.csv: the quick study; docs/calibration/full/summary.csv: the
-full one; invariant.csv and fdr.csv: docs/calibration/invariant.py and fdr.py), so that every
+full one; invariant.csv, misspecified.csv and fdr.csv: docs/calibration/invariant.py, misspecified.py
+and fdr.py), so that every
 figure in them comes from a command:
 
     .venv/bin/python docs/calibration/tables.py
@@ -105,6 +106,20 @@ def fdr_table(table: pd.DataFrame) -> list[str]:
     return out
 
 
+def misspecified_table(table: pd.DataFrame) -> list[str]:
+    out = ["| design | window | sandwich / observed | coverage: observed, sandwich | batch means: / observed, / sandwich, "
+           "coverage | calibrated: / sandwich, coverage | curvature: / sandwich, coverage | pseudo: coverage |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (design, setting), g in table.groupby(["design", "setting"], sort=False):
+        r = {row.estimator: row for row in g.itertuples()}
+        w, sw, bm, ca, cu = r["wald"], r["wald-sandwich"], r["batch-means"], r["calibrated"], r["curvature"]
+        out.append(f"| {design} | {setting.split(' ')[-1].replace('ep', ' ep')} | {sw.to_observed:.3f} | "
+                   f"{w.coverage95:.3f}, {sw.coverage95:.3f} | {bm.to_observed:.3f}, {bm.to_sandwich:.3f}, "
+                   f"{bm.coverage95:.3f} | {ca.to_sandwich:.3f}, {ca.coverage95:.3f} | {cu.to_sandwich:.3f}, "
+                   f"{cu.coverage95:.3f} | {r['pseudo'].coverage95:.3f} |")
+    return out
+
+
 def main() -> None:
     quick = pd.read_csv(HERE / "summary.csv")
     full = pd.read_csv(HERE / "full" / "summary.csv")
@@ -116,6 +131,8 @@ def main() -> None:
     print("\n" + "\n".join(bootstrap_ratios(full)))
     print("\n## Invariant targets\n")
     print("\n".join(invariant_table(pd.read_csv(HERE / "invariant.csv"))))
+    print("\n## Misspecified linear designs\n")
+    print("\n".join(misspecified_table(pd.read_csv(HERE / "misspecified.csv"))))
     print("\n## FDR on the planted sparse teacher\n")
     print("\n".join(fdr_table(pd.read_csv(HERE / "fdr.csv"))))
 
