@@ -139,7 +139,13 @@ def test_delta_references_match_autograd_and_numpy():
         np.testing.assert_allclose(refs["sandwich"]["f"][r].numpy(), np.sqrt(np.einsum("qp,ps,qs->q", jac_f, V, jac_f)),
                                    rtol=1e-8)
         with np.errstate(invalid="ignore"):          # a random point is no minimum: NaN where H^-1 < 0
-            np.testing.assert_allclose(refs["observed"]["weight"][r].numpy(), np.sqrt(np.diag(Hinv) / n), rtol=1e-8)
+            np.testing.assert_allclose(refs["observed"]["raw"][r].numpy(), np.sqrt(np.diag(Hinv) / n), rtol=1e-8)
+        # the balanced weights through the balancing map's own Jacobian (not the identity)
+        jac_b = torch.autograd.functional.jacobian(lambda t: targets(t[None], X_test, D, H, K)["weight"][0],
+                                                   theta[r]).numpy()
+        assert np.abs(jac_b - np.eye(len(jac_b))).max() > 0.1
+        np.testing.assert_allclose(refs["sandwich"]["weight"][r].numpy(),
+                                   np.sqrt(np.einsum("qp,ps,qs->q", jac_b, V, jac_b)), rtol=1e-8)
         jac_p = torch.autograd.functional.jacobian(
             lambda t: targets(t[None], X_test, D, H, K, weights=False)["path"][0], theta[r]).numpy()
         np.testing.assert_allclose(refs["sandwich"]["path"][r].numpy(),

@@ -196,14 +196,18 @@ class TargetTracker:
 def delta_references(theta: Tensor, X: Tensor, y: Tensor, loss, X_test: Tensor, *, d: int, h: int, k: int,
                      weight_decay: float, activation: str = "relu") -> dict[str, dict[str, Tensor]]:
     r"""Exact delta-method SEs of every target at the penalised optima ``theta (R, p)`` of the
-    datasets ``X (R, n, d)``, ``y (R, n)``: ``{"sandwich" | "observed": {group: (R, q)}}``.
+    datasets ``X (R, n, d)``, ``y (R, n)``: ``{"sandwich" | "observed": {group: (R, q)}}`` for the
+    groups of :func:`targets` and ``"raw"``, the parameters themselves.
 
     ``loss(out, y)`` is the mean loss of a batch. The penalised per-sample score is
     :math:`\psi_i = \nabla \ell_i + \lambda\theta`, :math:`J = \frac1n\sum\psi_i\psi_i^\top`;
     the sandwich covariance of :math:`\hat\theta` is :math:`H^{-1} J H^{-1} / n`, the observed
-    one :math:`H^{-1}/n`. The balanced weights are the optimum's own weights (an optimum is
-    balanced), so their Jacobian is the identity. Where ``H`` is not positive definite (not a
-    minimum) a negative variance gives NaN, which :func:`coverage_table` never counts as covered.
+    one :math:`H^{-1}/n`. Every group goes through its own Jacobian, the balanced weights' too:
+    balancing projects out each unit's rescaling direction, along which :math:`H^{-1}/n` keeps a
+    variance of :math:`1/(2\lambda n)` the data never see. Where ``H`` is not positive definite (not
+    a minimum) the observed variance can be negative and gives NaN, which :func:`coverage_table`
+    never counts as covered; the sandwich stays finite there, so callers must check the fit is a
+    minimum (:class:`validation.newton.NewtonFits`).
     """
     theta, X, y, X_test = theta.double(), X.double(), y.double(), X_test.double()
     R, n = X.shape[:2]
@@ -218,14 +222,14 @@ def delta_references(theta: Tensor, X: Tensor, y: Tensor, loss, X_test: Tensor, 
     cov = {"sandwich": Hinv @ J @ Hinv / n, "observed": Hinv / n}
 
     def groups(t):
-        return {key: v[0] for key, v in targets(t[None], X_test, d, h, k, activation, weights=False).items()}
+        return {key: v[0] for key, v in targets(t[None], X_test, d, h, k, activation).items()}
 
     jac = vmap(jacrev(groups))(theta)                                   # {group: (R, q, p)}
     out = {}
     for kind, V in cov.items():
         # no clamping: away from a minimum H^-1 is indefinite and a negative variance gives NaN (no SE)
         se = {key: torch.einsum("rqp,rps,rqs->rq", Jg, V, Jg).sqrt() for key, Jg in jac.items()}
-        se["weight"] = torch.diagonal(V, dim1=1, dim2=2).sqrt()
+        se["raw"] = torch.diagonal(V, dim1=1, dim2=2).sqrt()
         out[kind] = se
     return out
 

@@ -72,7 +72,7 @@ def run_decay(design, weight_decay: float, args) -> tuple[list[dict], dict]:
                        weight_decay=weight_decay, gtol=1e-8, max_iter=200)
     theta = torch.cat([fits.params[kk].flatten(1) for kk, _ in nets[0].named_parameters()], 1)
     sand = delta_references(theta, X64, y64, design.loss(), torch.zeros(1, d), d=d, h=h, k=k,
-                            weight_decay=weight_decay)["sandwich"]["weight"]
+                            weight_decay=weight_decay)["sandwich"]["raw"]
     W1, _, W2, _ = split(theta, d, h, k)
     S1, _, S2, _ = split(sand, d, h, k)
     null = {"0.weight": torch.zeros(h, d, dtype=torch.bool), "2.weight": torch.zeros(k, h, dtype=torch.bool)}
@@ -89,7 +89,9 @@ def run_decay(design, weight_decay: float, args) -> tuple[list[dict], dict]:
     centres["wald-sandwich"] = "the student's penalised optimum (Newton)"
     rows = [dict(weight_decay=weight_decay, estimator=lab, centre=centres[lab], **summary(o))
             for lab, o in outcomes.items()]
-    return rows, dict(weight_decay=weight_decay, train_s=train_s)
+    minimum = fits.minimum if fits.minimum is not None else fits.min_eig > 0
+    return rows, dict(weight_decay=weight_decay, train_s=train_s,
+                      converged=int(fits.converged_within(sand).sum()), not_minimum=int((~minimum).sum()))
 
 
 def main() -> None:
@@ -115,10 +117,13 @@ def main() -> None:
     out = Path(args.out)
     atomic_write(out / "fdr.csv", lambda f: table.to_csv(f, index=False))
     lines = [f"# Network-level FDR on a planted sparse teacher: {args.datasets} datasets", "",
-             f"`.venv/bin/python docs/calibration/fdr.py {' '.join(sys.argv[1:])}` ({args.datasets} datasets, "
+             f"`.venv/bin/python docs/calibration/fdr.py{''.join(' ' + a for a in sys.argv[1:])}` ({args.datasets} datasets, "
              f"{args.epochs} epochs, window {args.window}), {time.perf_counter() - t0:.0f} s on {platform.machine()} "
              f"with {torch.get_num_threads()} thread(s), {datetime.date.today()}; training "
-             + ", ".join(f"{i['train_s']:.0f} s at {i['weight_decay']:g}" for i in infos) + ".", "",
+             + ", ".join(f"{i['train_s']:.0f} s at {i['weight_decay']:g}" for i in infos) + ". Newton from the "
+             "trained weights (the wald-sandwich row): "
+             + ", ".join(f"{i['converged']} of {args.datasets} converged and {i['not_minimum']} not at a minimum at "
+                         f"{i['weight_decay']:g}" for i in infos) + " (every student is scored).", "",
              "`mustat.prune_fdr` at FDR 0.05 over the 88 weights of each student (32 null). Realised FDR: the mean "
              "false discovery proportion over datasets (BH's guarantee; 0 where nothing is kept) with a normal 95% "
              "interval; pooled: false discoveries over all discoveries, with a Wilson interval; P(any false): the "
