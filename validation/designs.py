@@ -239,7 +239,8 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     # strongly correlated features: the diagonal approximations' VIF gap is large (1/sqrt(VIF) ~ 0.6)
     "logistic-r7": lambda: _glm_design("logistic", corr=0.7, name="logistic-r7"),
     "linear-r7": lambda: _glm_design("linear", corr=0.7, name="linear-r7"),
-    # misspecified linear designs (NOISES): the sandwich and the inverse information differ
+    # misspecified linear designs (NOISES): the sandwich and the inverse information differ with the
+    # omitted term (every coefficient) and with hetero (the third); t3 separates them only in tails
     "linear-hetero": lambda: _glm_design("linear", name="linear-hetero", noise="hetero"),
     "linear-t3": lambda: _glm_design("linear", name="linear-t3", noise="t3"),
     "linear-omitted": lambda: _glm_design("linear", name="linear-omitted", noise="omitted"),
