@@ -120,6 +120,20 @@ def misspecified_table(table: pd.DataFrame) -> list[str]:
     return out
 
 
+def narrow_table(summary: pd.DataFrame) -> list[str]:
+    out = ["| weight decay | estimator | / sandwich | / bootstrap | Spearman \\|z\\| vs sandwich, bootstrap |",
+           "| --- | --- | --- | --- | --- |"]
+    for wd, g in summary.groupby("weight_decay"):
+        for est in ("bootstrap", "wald", "pseudo", "pseudo-balanced", "calibrated", "batch-means",
+                    "batch-means-balanced", "curvature"):
+            a = g[(g.estimator == est) & (g.reference == "wald-sandwich")].iloc[0]
+            b = g[(g.estimator == est) & (g.reference == "bootstrap")]
+            to_b = f"{b.iloc[0].se_ratio_median:.3f}" if len(b) else ""
+            rho = f"{a.spearman_z:.2f}" + (f", {b.iloc[0].spearman_z:.2f}" if len(b) else "")
+            out.append(f"| {wd:g} | {est} | {a.se_ratio_median:.3f} | {to_b} | {rho} |")
+    return out
+
+
 def main() -> None:
     quick = pd.read_csv(HERE / "summary.csv")
     full = pd.read_csv(HERE / "full" / "summary.csv")
@@ -133,6 +147,8 @@ def main() -> None:
     print("\n".join(invariant_table(pd.read_csv(HERE / "invariant.csv"))))
     print("\n## Misspecified linear designs\n")
     print("\n".join(misspecified_table(pd.read_csv(HERE / "misspecified.csv"))))
+    print("\n## A narrower student\n")
+    print("\n".join(narrow_table(pd.read_csv(HERE / "full" / "narrow" / "summary.csv"))))
     print("\n## FDR on the planted sparse teacher\n")
     print("\n".join(fdr_table(pd.read_csv(HERE / "fdr.csv"))))
 
