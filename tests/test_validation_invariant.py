@@ -68,8 +68,10 @@ def test_targets_are_the_output_and_gauge_invariant():
         net[0].bias.mul_(c)
         net[2].weight.div_(c[None])
     g2 = targets(_flat(net)[None], X_test, D, H, K)
-    for key in ("f", "path", "weight"):
+    for key in ("f", "path", "unit", "weight"):
         torch.testing.assert_close(g2[key], g[key], rtol=1e-12, atol=1e-12)
+    # the unit contributions sum to f minus the output bias
+    torch.testing.assert_close(g["unit"].view(5, K, H).sum(-1).flatten(), g["f"][0] - net[2].bias.detach().repeat(5))
     # balanced: |w_in|^2 + b^2 = |w_out|^2 per unit, and the path weights are w_out_j w_in_jk
     W1, b1, W2 = g["weight"][0, :H * D].view(H, D), g["weight"][0, H * D:H * D + H], g["weight"][0, H * D + H:-K]
     torch.testing.assert_close(W1.square().sum(1) + b1.square(), W2.square(), rtol=1e-12, atol=0)
@@ -86,7 +88,7 @@ def test_match_and_permute_undo_a_permutation_of_the_units():
     found = match_to(shuffled, theta, D, H, K)
     X_test = torch.randn(4, D, dtype=torch.float64)
     g, gs = targets(theta[None], X_test, D, H, K), targets(shuffled, X_test, D, H, K)
-    for key in ("f", "path", "weight"):
+    for key in ("f", "path", "unit", "weight"):
         torch.testing.assert_close(permute(key, gs[key], found, d=D, h=H, k=K, m=4), g[key])
 
 
@@ -103,7 +105,7 @@ def test_tracker_batch_means_and_window_sd_match_numpy():
         tracker.update()
         history.append(targets(stack.flat().detach().double(), X_test, D, H, K))
     res = tracker.result(n=100, batch_size=10)
-    for key in ("f", "path", "weight"):
+    for key in ("f", "path", "unit", "weight"):
         traj = torch.stack([h[key] for h in history]).numpy()           # (T, R, q)
         bm = traj[:24].reshape(6, 4, *traj.shape[1:]).mean(1)
         se = np.sqrt(4 * bm.var(0, ddof=1) * 10 / 100)
@@ -140,6 +142,10 @@ def test_delta_references_match_autograd_and_numpy():
                                    rtol=1e-8)
         with np.errstate(invalid="ignore"):          # a random point is no minimum: NaN where H^-1 < 0
             np.testing.assert_allclose(refs["observed"]["raw"][r].numpy(), np.sqrt(np.diag(Hinv) / n), rtol=1e-8)
+        jac_u = torch.autograd.functional.jacobian(
+            lambda t: targets(t[None], X_test, D, H, K, weights=False)["unit"][0], theta[r]).numpy()
+        np.testing.assert_allclose(refs["sandwich"]["unit"][r].numpy(),
+                                   np.sqrt(np.einsum("qp,ps,qs->q", jac_u, V, jac_u)), rtol=1e-8)
         # the balanced weights through the balancing map's own Jacobian (not the identity)
         jac_b = torch.autograd.functional.jacobian(lambda t: targets(t[None], X_test, D, H, K)["weight"][0],
                                                    theta[r]).numpy()

@@ -8,6 +8,8 @@ depend on one:
 * the network output :math:`f(x)` at fixed test points (invariant under both);
 * the path weights :math:`p_{jk} = w_{out,j}\,w_{in,jk}` (invariant under rescaling;
   the permutation is fixed by matching units to the target's);
+* the unit contributions :math:`w_{out,j}\,\phi(w_{in,j}^\top x + b_j)` at the test points
+  (invariant under rescaling, matched likewise);
 * the balanced weights: each unit moved to the penalty's minimum on its orbit,
   :math:`c^4 = \|w_{out}\|^2 / (\|w_{in}\|^2 + b^2)`, where every penalised optimum
   already is (:func:`validation.newton._rebalancer`).
@@ -116,13 +118,15 @@ def forward(theta: Tensor, X: Tensor, d: int, h: int, k: int, activation: str = 
 def targets(theta: Tensor, X_test: Tensor, d: int, h: int, k: int, activation: str = "relu", *,
             weights: bool = True) -> dict[str, Tensor]:
     """The invariant targets of flat parameters ``theta (R, p)``: ``f`` at the test points
-    ``(R, m * k)``, the path weights ``W2[c, j] W1[j, i]`` ``(R, k * h * d)`` and (``weights``) the
+    ``(R, m * k)``, the path weights ``W2[c, j] W1[j, i]`` ``(R, k * h * d)``, the unit contributions
+    ``W2[c, j] phi(a_j(x))`` at the test points ``(R, m * k * h)`` and (``weights``) the
     balanced weights ``(R, p)`` (ReLU only: a smooth activation has no orbit, its weights are returned)."""
     W1, b1, W2, b2 = split(theta, d, h, k)
     a = torch.einsum("md,rhd->rmh", X_test.to(theta.dtype), W1) + b1.unsqueeze(1)
     z = a.clamp_min(0) if activation == "relu" else F.softplus(a)
     f = torch.einsum("rmh,rkh->rmk", z, W2) + b2.unsqueeze(1)
-    out = {"f": f.flatten(1), "path": (W2.unsqueeze(-1) * W1.unsqueeze(-3)).flatten(1)}
+    out = {"f": f.flatten(1), "path": (W2.unsqueeze(-1) * W1.unsqueeze(-3)).flatten(1),
+           "unit": (z.unsqueeze(2) * W2.unsqueeze(1)).flatten(1)}
     if weights:
         out["weight"] = _rebalancer(d, h, k)(theta) if activation == "relu" else theta
     return out
@@ -258,6 +262,9 @@ def permute(group: str, values: Tensor, perm: Tensor, *, d: int, h: int, k: int,
     if group == "path":
         v = values.view(R, k, h, d)
         return torch.gather(v, 2, idx.view(R, 1, h, 1).expand(R, k, h, d)).reshape(R, -1)
+    if group == "unit":
+        v = values.view(R, m, k, h)
+        return torch.gather(v, 3, idx.view(R, 1, 1, h).expand(R, m, k, h)).reshape(R, -1)
     W1, b1, W2, b2 = split(values, d, h, k)
     W1 = torch.gather(W1, 1, idx.view(R, h, 1).expand(R, h, d))
     b1 = torch.gather(b1, 1, idx)

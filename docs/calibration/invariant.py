@@ -4,8 +4,9 @@ datasets with independent student initialisations (the hidden-layer issue, part 
 For each weight decay, ``--datasets`` fresh datasets from the teacher (n = 2,000) train one
 student each from its own seeded initialisation (Adam lr 0.01, batch 32 drawn with
 replacement, ``--epochs`` epochs, the last ``--window`` tracked; all students stacked into one
-model, validation.invariant.StackedMLP). Three targets (validation.invariant): the output f at
-10 fixed test points, the 48 path weights, and the 65 balanced weights. Rows:
+model, validation.invariant.StackedMLP). Four targets (validation.invariant): the output f at
+10 fixed test points, the 48 path weights, the 80 unit contributions at the test points, and the
+65 balanced weights. Rows:
 
 * batch means of the target's trajectory (runs during training; Student-t on 19 dof), centred
   at the target's window mean;
@@ -54,7 +55,8 @@ from validation.study import data_index
 
 HERE = Path(__file__).parent
 SEED = 2            # a study seed of its own: datasets disjoint from the quick (1) and full (0) studies
-GROUPS = {"f": "f(x) at 10 test points", "path": "path weights", "weight": "balanced weights"}
+GROUPS = {"f": "f(x) at 10 test points", "path": "path weights", "unit": "unit contributions at the test points",
+          "weight": "balanced weights"}
 
 
 def population_optimum(design, weight_decay: float, n: int, seed: int) -> torch.Tensor:
