@@ -133,7 +133,7 @@ def test_delta_references_match_autograd_and_numpy():
 
         Hm = torch.autograd.functional.hessian(objective, theta[r]).numpy()
         scores = np.stack([torch.autograd.functional.jacobian(
-            lambda t, i=i: loss(forward(t, X[r, i:i + 1], D, H, K), y[r, i:i + 1]) + wd / 2 * t.square().sum(),
+            lambda t, i=i, r=r: loss(forward(t, X[r, i:i + 1], D, H, K), y[r, i:i + 1]) + wd / 2 * t.square().sum(),
             theta[r]).numpy() for i in range(n)])
         Hinv = np.linalg.inv(Hm)
         V = Hinv @ (scores.T @ scores / n) @ Hinv / n

@@ -14,6 +14,8 @@ kept).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -55,8 +57,6 @@ def outcome(net: nn.Module, estimate: dict[str, Tensor], se: dict[str, Tensor], 
     """Prune a copy of ``net`` at false discovery rate ``fdr`` from Wald tests of ``estimate``
     with ``se`` (Student-t on ``dof`` where given) and count the result against ``null``
     (boolean masks of the null weights, keyed like ``estimate``)."""
-    import copy
-
     net = copy.deepcopy(net)
     results = wald(net, se, weights=estimate, dof=dof)
     prune_fdr(net, results, fdr=fdr)

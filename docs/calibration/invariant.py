@@ -41,11 +41,11 @@ from mustat.training import make_optimizer, steps_per_epoch, train_epochs
 from validation.designs import get_design
 from validation.estimators import Setting
 from validation.invariant import (
-    forward,
     StackedMLP,
     TargetTracker,
     coverage_table,
     delta_references,
+    forward,
     match_to,
     permute,
     targets,
