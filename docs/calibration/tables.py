@@ -121,6 +121,8 @@ def misspecified_table(table: pd.DataFrame) -> list[str]:
 
 
 def narrow_table(summary: pd.DataFrame) -> list[str]:
+    """Every estimator against the sandwich and the bootstrap (designs without a teacher: the
+    narrow student, digits)."""
     out = ["| weight decay | estimator | / sandwich | / bootstrap | Spearman \\|z\\| vs sandwich, bootstrap |",
            "| --- | --- | --- | --- | --- |"]
     for wd, g in summary.groupby("weight_decay"):
@@ -149,6 +151,8 @@ def main() -> None:
     print("\n".join(misspecified_table(pd.read_csv(HERE / "misspecified.csv"))))
     print("\n## A narrower student\n")
     print("\n".join(narrow_table(pd.read_csv(HERE / "full" / "narrow" / "summary.csv"))))
+    print("\n## Digits 64-8-10\n")
+    print("\n".join(narrow_table(pd.read_csv(HERE / "full" / "digits" / "summary.csv"))))
     print("\n## FDR on the planted sparse teacher\n")
     print("\n".join(fdr_table(pd.read_csv(HERE / "fdr.csv"))))
 
