@@ -107,13 +107,14 @@ def fdr_table(table: pd.DataFrame) -> list[str]:
 
 
 def misspecified_table(table: pd.DataFrame) -> list[str]:
-    out = ["| design | window | sandwich / observed | coverage: observed, sandwich | batch means: / observed, / sandwich, "
+    out = ["| design | window, lr | sandwich / observed | coverage: observed, sandwich | batch means: / observed, / sandwich, "
            "coverage | calibrated: / sandwich, coverage | curvature: / sandwich, coverage | pseudo: coverage |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (design, setting), g in table.groupby(["design", "setting"], sort=False):
         r = {row.estimator: row for row in g.itertuples()}
         w, sw, bm, ca, cu = r["wald"], r["wald-sandwich"], r["batch-means"], r["calibrated"], r["curvature"]
-        out.append(f"| {design} | {setting.split(' ')[-1].replace('ep', ' ep')} | {sw.to_observed:.3f} | "
+        lr, window = setting.split(" ")[1], setting.split(" ")[-1].replace("ep", " ep")
+        out.append(f"| {design} | {window}, {lr} | {sw.to_observed:.3f} | "
                    f"{w.coverage95:.3f}, {sw.coverage95:.3f} | {bm.to_observed:.3f}, {bm.to_sandwich:.3f}, "
                    f"{bm.coverage95:.3f} | {ca.to_sandwich:.3f}, {ca.coverage95:.3f} | {cu.to_sandwich:.3f}, "
                    f"{cu.coverage95:.3f} | {r['pseudo'].coverage95:.3f} |")
