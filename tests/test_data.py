@@ -140,7 +140,7 @@ def test_correlated_normal_is_portable_and_has_the_covariance():
     assert np.abs(a - b).max() < 1e-12
     svd_a = np.random.default_rng(1).multivariate_normal(np.zeros(d), cov, 20_000)
     svd_b = np.random.default_rng(1).multivariate_normal(np.zeros(d), bumped, 20_000)
-    assert np.abs(svd_a - svd_b).max() > 1e-3          # the failure this guards against, on this platform
+    assert np.abs(svd_a - svd_b).max() > 1.0           # the failure this guards against, on this platform
     # the sample covariance's entries have SD about (1 + rho^2)^0.5 / sqrt(n) < 0.008; 5 SDs
     assert np.abs(np.cov(a.T) - cov).max() < 0.04
 

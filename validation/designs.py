@@ -173,9 +173,10 @@ def _teacher_design(name: str, family: str, *, d: int, hidden: int, k: int, n: i
     alive and the penalised optimum is a strict minimum (a unit that weight decay collapses
     sits at the ReLU's kink, where no Wald reference exists). ``activation``: the hidden layer's
     (teacher and student alike); a smooth one (softplus) has no kinks and no rescaling orbit.
-    ``null_inputs``: the last that many inputs feed no unit (their first-layer weights are 0), so
-    every student weight from them is null whatever the student's gauge and unit order: the
-    expected loss is even in those weights (the input is symmetric and independent of the rest).
+    ``null_inputs``: the last that many inputs feed no unit (their first-layer weights are 0): a
+    student's weights from them are 0 at the teacher's optimum, in any gauge and unit order, and the
+    expected loss is even in them (the input is symmetric and independent of the rest). At another
+    local optimum they need not be 0 (docs/CALIBRATION.md, the FDR section).
     ``student_hidden``: a student with fewer units than the teacher (a misspecified model); it has
     no teacher reference then (teacher replicates fit the teacher's architecture, not the student's)."""
 

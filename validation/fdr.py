@@ -1,8 +1,9 @@
 """Network-level false discovery rate of Wald pruning on a planted sparse teacher.
 
-A student's null weights are known when the teacher has inputs that feed no unit
+A student's null weights are planted when the teacher has inputs that feed no unit
 (:func:`validation.designs.get_design` ``"teacher-sparse"``): every first-layer weight from
-such an input is null in any gauge and unit order. :func:`outcome` runs
+such an input is 0 at the teacher's optimum in any gauge and unit order (at another local optimum
+it need not be). :func:`outcome` runs
 :func:`mustat.prune_fdr` (Benjamini-Hochberg over every weight of the network) on one
 replicate of a :class:`validation.invariant.StackedMLP` with an estimator's estimates and
 SEs and counts what it kept: a *discovery* is a kept weight, a *false* one a kept null.

@@ -1,8 +1,8 @@
 """Network-level FDR of Wald pruning on a planted sparse teacher (the hidden-layer issue, part 5).
 
 The teacher (validation.designs "teacher-sparse": 10 inputs, 8 ReLU units, one Gaussian
-output, n = 2,000) never reads its last 4 inputs, so 32 of each student's 88 weights are null
-in any gauge and unit order. For each weight decay, ``--datasets`` datasets train one student
+output, n = 2,000) never reads its last 4 inputs, so 32 of each student's 88 weights are planted
+nulls (0 at the teacher's optimum in any gauge and unit order). For each weight decay, ``--datasets`` datasets train one student
 each from its own initialisation (Adam lr 0.01, batch 32 drawn with replacement, 300 epochs, the
 last 250 tracked; the students stacked into one model). Each estimator's estimates and SEs go
 into mustat.wald and mustat.prune_fdr at FDR 0.05 (Benjamini-Hochberg over all 88 weights of
