@@ -16,7 +16,7 @@ from mustat.uncertainty import ESTIMATORS, FitContext, make_estimator
 # wald at an untrained point needs damping beyond its negative curvature (refused without: below)
 OPTIONS = {"batch-means": dict(batch_steps=2), "bootstrap": dict(B=3, epochs=1), "wald": dict(damping=100.0)}
 # Kronecker factors exist for Linear and Conv layers only: the others are refused up front
-REFUSED = {("kfac", a): "factors the weights of nn.Linear" for a in ("lstm", "tied-lm", "transformer")}
+REFUSED = {(e, a): "factors the weights of nn.Linear" for e in ("kfac", "ekfac") for a in ("lstm", "tied-lm", "transformer")}
 
 
 def _outputs(model, X):

@@ -11,7 +11,8 @@ Gauss-Newton / expected Fisher), ``wald`` (full Hessian or sandwich) and
 ``bootstrap`` (B warm-started refits); the marginal second-order family
 (:mod:`~mustat.uncertainty.marginal`: ``sqrt([H^-1]_qq)``, Optimal Brain Surgeon's statistic)
 ``fisher`` (the whole model's penalised Gauss-Newton), ``block`` (WoodFisher blocks of
-per-sample gradients), ``kfac`` (Kronecker factors) and ``woodfisher`` (blocks of the
+per-sample gradients), ``kfac`` (Kronecker factors), ``ekfac`` (K-FAC with corrected
+eigenvalues) and ``woodfisher`` (blocks of the
 minibatch gradients training already computes). Estimators from outside the package
 register through :func:`load_plugins`.
 """
@@ -43,10 +44,11 @@ from mustat.uncertainty.marginal import Marginal  # isort: skip
 from mustat.uncertainty.fisher import Fisher  # isort: skip
 from mustat.uncertainty.block import Block  # isort: skip
 from mustat.uncertainty.kfac import KFAC  # isort: skip
+from mustat.uncertainty.ekfac import EKFAC  # isort: skip
 from mustat.uncertainty.woodfisher import WoodFisher  # isort: skip
 
 __all__ = [
-    "ESTIMATORS", "KFAC", "BatchMeans", "Block", "Bootstrap", "Calibrated", "Center", "Curvature", "Estimator", "Fisher",
+    "EKFAC", "ESTIMATORS", "KFAC", "BatchMeans", "Block", "Bootstrap", "Calibrated", "Center", "Curvature", "Estimator", "Fisher",
     "FitContext", "Marginal", "WoodFisher",
     "Information", "Kind", "NotFittedError", "PseudoBootstrap", "Replicates", "StationarityReport", "TrainingSetup",
     "Wald", "Window", "WindowWarning", "bootstrap_replicates", "bootstrap_se", "calibrated_se", "decoupled_decay",

@@ -26,12 +26,15 @@ place in the Kronecker basis); the compensating update respects them exactly.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mustat._checks import check_option, check_scalar
 from mustat._functional import eval_mode
 from mustat._params import entries
 from mustat.batching import batches
@@ -40,6 +43,8 @@ from mustat.uncertainty.curvature import output_factor
 from mustat.uncertainty.marginal import Marginal, cast_inputs, kept_solve
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: the compensating update's blocks: each output row (cross-row terms dropped) or the whole layer
+OBS_BLOCKS = ("row", "layer")
 
 
 def _patches(module: nn.Module, x: Tensor) -> Tensor:
@@ -63,18 +68,23 @@ class KFAC(Marginal):
     Other tensors: an error offering ``block``."""
 
     cheaper = "curvature"
-    variants = {"kfac-sandwich": {"kind": "sandwich"}}
+    variants = {"kfac-sandwich": {"kind": "sandwich"}, "kfac-layer": {"obs_block": "layer"}}
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
-                 params: Iterable[str] | None = None, max_memory: int = 4 << 30):
+                 params: Iterable[str] | None = None, obs_block: str = "row", cg_tol: float = 1e-10,
+                 cg_max_iter: int = 5000, max_memory: int = 4 << 30):
         super().__init__(model, kind=kind, damping=damping, params=params, max_memory=max_memory)
+        self.obs_block = check_option(obs_block, "obs_block", OBS_BLOCKS)
+        self.cg_tol = float(check_scalar(cg_tol, "cg_tol", kind=Real, low=0.0, closed="neither"))
+        self.cg_max_iter = int(check_scalar(cg_max_iter, "cg_max_iter", kind=Integral, low=1))
+        self._cg: dict[str, tuple[int, float]] = {}
         self._layers: dict[str, nn.Module] = {}
         for n, e in zip(self.names, self._entries):
             mod = e.module
             if e.tied or e.attr != "weight" or not isinstance(mod, _LAYERS) or getattr(mod, "groups", 1) != 1 \
                     or isinstance(getattr(mod, "padding", 0), str) or getattr(mod, "padding_mode", "zeros") != "zeros":
                 raise ValueError(
-                    f"estimator 'kfac' factors the weights of nn.Linear, nn.Conv1d and nn.Conv2d layers (groups=1, "
+                    f"estimator {self.name!r} factors the weights of nn.Linear, nn.Conv1d and nn.Conv2d layers (groups=1, "
                     f"numeric zero padding, used once), not {n!r} ({type(mod).__name__}.{e.attr}); use se='block' "
                     "or leave it out of params=")
             self._layers[n] = mod
@@ -94,16 +104,22 @@ class KFAC(Marginal):
         self._find_biases()                 # each fit: masks may have been installed since
         total = 0
         first = next(batches(context.source), None)
-        positions = self._positions(first[0][:1]) if first is not None else {}
+        positions, outputs = self._positions(first[0][:1]) if first is not None else ({}, 1)
         for mod in self._layers.values():
             a = mod.weight[0].numel() + self._bias(mod)
-            # factors, eigenvectors and the inverse diagonal; a chunk's unfolded inputs and output gradients
-            total += 3 * (a * a + mod.weight.shape[0] ** 2) + 2 * mod.weight.shape[0] * a
-            total += 2 * 512 * positions.get(mod, 1) * (a + mod.weight.shape[0])
+            out, T = mod.weight.shape[0], positions.get(mod, 1)
+            # factors, eigenvectors, eigenvalues and the inverse diagonal; a chunk's unfolded inputs and
+            # its output gradients (one per output-space factor column)
+            total += 3 * (a * a + out ** 2) + 3 * out * a
+            total += 512 * T * (2 * a + (outputs + 1) * out) + self._extra_memory(T, out, a)
         return 8 * total + (64 << 20)
 
-    def _positions(self, probe: Tensor) -> dict[nn.Module, int]:
-        """Output positions ``T`` of each layer, from one sample."""
+    def _extra_memory(self, positions: int, out: int, features: int) -> int:
+        """Further float64 entries a subclass's fit holds per layer (EK-FAC's per-sample gradients)."""
+        return 0
+
+    def _positions(self, probe: Tensor) -> tuple[dict[nn.Module, int], int]:
+        """Output positions ``T`` of each layer and the model's output size, from one sample."""
         seen = {}
 
         def count(mod, inp, out):
@@ -112,54 +128,71 @@ class KFAC(Marginal):
         handles = [m.register_forward_hook(count) for m in self._layers.values()]
         try:
             with torch.no_grad(), eval_mode(self._model):
-                self._model(probe)
+                out = self._model(probe)
         finally:
             for h in handles:
                 h.remove()
-        return seen
+        return seen, max(1, out[0].numel()) if isinstance(out, Tensor) else 1
 
-    def _build(self, context: FitContext) -> None:
+    def _chunks(self, context: FitContext):
+        """Per chunk of at most 512 rows: its size and, for each layer, its input rows
+        ``a`` (``(m, T, features [+1])``, the bias's 1 appended) and the output-space factor
+        columns back-propagated to the layer's output, one ``(m, T, out)`` tensor per column
+        ``c`` (``None`` where the output does not depend on the layer)."""
         fm = self._fm
         mods = {mod: n for n, mod in self._layers.items()}
-        A = {n: 0.0 for n in self._layers}
-        B = {n: 0.0 for n in self._layers}
-        positions = {}
+        order = list(mods)
         factor_of = None
-        seen = 0
         for X, y in batches(context.source):
             for s in range(0, len(y), 512):
                 xb, yb = cast_inputs(X[s:s + 512], torch.float64), y[s:s + 512].cpu()
                 inputs, outputs, out = self._capture(fm, mods, xb)
                 missing = [n for m, n in mods.items() if m not in inputs]
                 if missing:
-                    raise ValueError(f"estimator 'kfac': the layers {missing} are not called in the forward pass, so "
+                    raise ValueError(f"estimator {self.name!r}: the layers {missing} are not called in the forward pass, so "
                                      "they have no curvature; leave them out of params=")
-                seen += len(yb)
                 shape = out.shape[1:]
                 C = max(1, int(shape.numel()))
                 out = out.reshape(len(xb), C)
                 if factor_of is None:
                     factor_of = output_factor(context.loss, shape)
                 L = factor_of(out.detach(), yb)
-                order = list(mods)
+                grads: dict[nn.Module, list] = {m: [] for m in order}
                 for c in range(C):
                     gs = torch.autograd.grad((out * L[:, :, c]).sum(), [outputs[m] for m in order],
                                              retain_graph=c < C - 1, allow_unused=True)
                     for m, g in zip(order, gs):
                         if g is not None:
                             if isinstance(m, nn.Linear):     # (m, ..., out): every leading position a row
-                                g = g.reshape(-1, g.shape[-1])
+                                g = g.reshape(len(g), -1, g.shape[-1])
                             else:                           # (m, out, *spatial)
-                                g = g.reshape(len(g), g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
-                            B[mods[m]] = B[mods[m]] + g.T @ g
+                                g = g.reshape(len(g), g.shape[1], -1).transpose(1, 2)
+                        grads[m].append(g)
+                layers = {}
                 for m in order:
                     a = _patches(m, inputs[m])
-                    positions[mods[m]] = a.shape[1]
                     if self._bias(m):
                         a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], 2)
-                    a = a.reshape(-1, a.shape[2])
-                    A[mods[m]] = A[mods[m]] + a.T @ a
-        self._factors = {}
+                    layers[mods[m]] = (a, grads[m])
+                yield len(yb), layers
+
+    def _build(self, context: FitContext) -> None:
+        A = {n: 0.0 for n in self._layers}
+        B = {n: 0.0 for n in self._layers}
+        positions = {}
+        seen = 0
+        for size, layers in self._chunks(context):
+            seen += size
+            for n, (a, gs) in layers.items():
+                positions[n] = a.shape[1]
+                for g in gs:
+                    if g is not None:
+                        g = g.reshape(-1, g.shape[-1])
+                        B[n] = B[n] + g.T @ g
+                a = a.reshape(-1, a.shape[2])
+                A[n] = A[n] + a.T @ a
+        self._factors, self._eigen, self._cg = {}, {}, {}
+        bases = {}
         for n, mod in self._layers.items():
             # A is a mean over the rows seen; B a sum, scaled to the n training rows (FitContext(n=...))
             a_mat = A[n] / (seen * positions[n])
@@ -167,11 +200,21 @@ class KFAC(Marginal):
                                                                        dtype=torch.float64)) * (context.n / seen)
             alpha, QA = torch.linalg.eigh(0.5 * (a_mat + a_mat.T))
             beta, QB = torch.linalg.eigh(0.5 * (b_mat + b_mat.T))
-            denom = beta.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :] + self._d
+            bases[n] = (QA, QB, alpha, beta, a_mat, b_mat)
+        eigen = self._eigenvalues(context, bases)
+        for n, (QA, QB, _, _, a_mat, b_mat) in bases.items():
+            denom = eigen[n] + self._d
             if bool((denom <= 0).any()):
-                raise ValueError(f"estimator 'kfac': layer {n!r} has directions without curvature and there is no "
-                                 "weight decay; pass damping=delta > 0 or train with weight decay")
+                raise ValueError(f"estimator {self.name!r}: layer {n!r} has directions without curvature and there is "
+                                 "no weight decay; pass damping=delta > 0 or train with weight decay")
             self._factors[n] = (QA, QB, denom, a_mat, b_mat)
+            self._eigen[n] = eigen[n]
+
+    def _eigenvalues(self, context: FitContext, bases: dict) -> dict[str, Tensor]:
+        """The curvature's eigenvalues in each layer's Kronecker eigenbasis, ``(out, features)``:
+        K-FAC's products :math:`\\beta_k \\alpha_l` (EK-FAC overrides this)."""
+        return {n: beta.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :]
+                for n, (_, _, alpha, beta, _, _) in bases.items()}
 
     def _capture(self, fm, mods: dict[nn.Module, str], xb: Tensor):
         """One forward pass with a graph: each layer's input and (differentiable) output, and the model's output."""
@@ -179,7 +222,7 @@ class KFAC(Marginal):
 
         def keep(mod, inp, out):
             if mod in inputs:
-                raise ValueError(f"estimator 'kfac': layer {mods[mod]!r} is applied more than once per forward "
+                raise ValueError(f"estimator {self.name!r}: layer {mods[mod]!r} is applied more than once per forward "
                                  "pass; use se='block'")
             inputs[mod], outputs[mod] = inp[0].detach(), out
 
@@ -224,14 +267,65 @@ class KFAC(Marginal):
         return out
 
     def _kept_solve(self, name: str, weight: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
-        # row o of the Kronecker block, B_oo A + d I (cross-row terms dropped), with the bias held
-        _, _, _, a_mat, b_mat = self._factors[name]
+        # the layer's bias is held fixed: it is a tensor of its own, outside the update's blocks
+        QA, QB, _, _, _ = self._factors[name]
+        s = self._eigen[name]
         w = weight.reshape(weight.shape[0], -1)
         k = w.shape[1]
         keep, cut = keep.reshape(w.shape), cut.reshape(w.shape)
+        if self.obs_block == "layer":
+            return self._layer_solve(name, w, keep, cut).view_as(weight)
         out = w.clone()
         eye = torch.eye(k, dtype=torch.float64)
+        QAw = QA[:k]
         for o in torch.nonzero(cut.any(1)).flatten().tolist():
-            H = b_mat[o, o] * a_mat[:k, :k] + self._d * eye
+            # row o of the curvature: Q_A diag(sum_k Q_B[o,k]^2 s_k) Q_A^T (K-FAC: B_oo A), cross-row terms dropped
+            H = (QAw * (QB[o].square() @ s)) @ QAw.T + self._d * eye
             out[o] = kept_solve(H, w[o], keep[o], cut[o], ridge=self._d)
         return out.view_as(weight)
+
+    def _layer_solve(self, name: str, w: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
+        r"""The whole layer's compensating update, :math:`\Delta_K = H_{KK}^{-1} H_{KQ} w_Q` with
+        :math:`H` the layer's full Kronecker-structured curvature (cross-row terms kept), by
+        conjugate gradients with a Jacobi preconditioner: each product with :math:`H` costs two
+        small matrix products in the eigenbasis, so the ``out*in`` system is never formed."""
+        QA, QB, _, _, _ = self._factors[name]
+        s, d = self._eigen[name], self._d
+        k = w.shape[1]
+        QAw = QA[:k]
+        K = keep.to(torch.float64)
+
+        def H(V: Tensor) -> Tensor:
+            return QB @ ((QB.T @ V @ QAw) * s) @ QAw.T + d * V
+
+        rhs = K * H(w * cut)
+        diag = (QB.square() @ s @ QAw.square().T + d) * K + (1 - K)
+        x = torch.zeros_like(w)
+        r = rhs.clone()
+        z = r / diag
+        p = z.clone()
+        rz = (r * z).sum()
+        target = self.cg_tol * float(rhs.norm())
+        iters = 0
+        while float(r.norm()) > target and iters < self.cg_max_iter:
+            Hp = K * H(p)
+            step = rz / (p * Hp).sum()
+            x += step * p
+            r -= step * Hp
+            z = r / diag
+            rz, rz_old = (r * z).sum(), rz
+            p = z + (rz / rz_old) * p
+            iters += 1
+        residual = float(r.norm()) / max(float(rhs.norm()), 1e-300)
+        self._cg[name] = (iters, residual)
+        if residual > self.cg_tol:
+            warnings.warn(f"estimator {self.name!r}: the layer update of {name!r} stopped after {iters} conjugate-"
+                          f"gradient iterations at relative residual {residual:.1e} (cg_tol={self.cg_tol:g}); raise "
+                          "cg_max_iter or use obs_block='row'", RuntimeWarning, stacklevel=3)
+        return torch.where(keep, w + x, w)
+
+    def diagnostics(self) -> dict:
+        out = {**super().diagnostics(), "obs_block": self.obs_block}
+        if self._cg:
+            out["cg"] = dict(self._cg)
+        return out
