@@ -203,8 +203,8 @@ def test_memory_is_checked_before_any_allocation():
         make_estimator("woodfisher", model, max_memory=10)
     with pytest.raises(ValueError, match="max_params=4"):
         make_estimator("fisher", model, max_params=4)
-    with pytest.raises(ValueError, match="kind='sandwich' is not valid; choose one of: observed"):
-        make_estimator("woodfisher", model, kind="sandwich")   # no per-sample scores in training
+    with pytest.raises(ValueError, match="kind='robust' is not valid; choose one of: observed, sandwich"):
+        make_estimator("woodfisher", model, kind="robust")
 
 
 def test_an_unpenalised_singular_block_offers_damping():
@@ -363,3 +363,38 @@ def test_marginal_estimators_fit_a_model_on_cuda():
         assert est.se()["linear.weight"].device.type == "cuda"
     torch.testing.assert_close(make_estimator("kfac", model).fit(FitContext(X=X.cuda(), y=y.cuda(), loss=loss,
                                weight_decay=WD)).se()["linear.weight"].cpu(), ref)
+
+
+@pytest.mark.parametrize("block_size", [None, "row"])
+def test_woodfisher_sandwich_from_the_buffer(block_size):
+    # numpy: bread n(B S + g g^T) + n lambda I, meat n(B S + r r^T) with r = g_bar + lambda theta
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2, bias=False).double()
+    est = make_estimator("woodfisher", model, gradients=6, block_size=block_size, kind="sandwich")
+    obs = make_estimator("woodfisher", model, gradients=6, block_size=block_size)
+    g = torch.Generator().manual_seed(4)
+    grads = [torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(6)]
+    for gr in grads:
+        model.weight.grad = gr.clone()
+        est.update()
+        obs.update()
+    n, B = 200, 8
+    G = torch.stack(grads).reshape(6, -1).float().double().numpy()     # the buffer keeps float32
+    theta = model.weight.detach().numpy().ravel()
+    spread = (G - G.mean(0)) * np.sqrt(B / 5)
+    blocks = [np.arange(6)] if block_size is None else [np.arange(3), np.arange(3, 6)]
+    for wd in (WD, 0.0):
+        U = np.vstack([spread, G.mean(0)])
+        V = np.vstack([spread, G.mean(0) + wd * theta])
+        ref = np.empty(6)
+        for b in blocks:
+            H = n * U[:, b].T @ U[:, b] + n * wd * np.eye(len(b)) + (n * 1e-3 * np.eye(len(b)) if wd == 0 else 0)
+            Hinv = np.linalg.inv(H)
+            ref[b] = np.diag(Hinv @ (n * V[:, b].T @ V[:, b]) @ Hinv)
+        ctx = FitContext(n=n, batch_size=B, weight_decay=wd)
+        damping = 1e-3 if wd == 0 else 0.0
+        est.damping = obs.damping = damping
+        np.testing.assert_allclose(est.fit(ctx).se()["weight"].numpy().ravel() ** 2, ref, rtol=1e-10)
+        assert est.quantity == "sampling"
+        if wd > 0:      # the penalty shrinks the sampling variance below the inverse curvature
+            assert (est.se()["weight"] < obs.fit(ctx).se()["weight"]).all()

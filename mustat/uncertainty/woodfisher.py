@@ -14,7 +14,17 @@ minibatch-size correction), and the curvature in each block is
 inverted by Woodbury from ``m + 1`` rows (:class:`~mustat.uncertainty.marginal.LowRankBlocks`).
 Assumes the window's iterates are close enough that their gradients share one distribution
 (a stationary end of training) and minibatches drawn with replacement (shuffled epochs make
-:math:`S` smaller by the finite-population factor :math:`1 - B/n`)."""
+:math:`S` smaller by the finite-population factor :math:`1 - B/n`).
+
+``kind="sandwich"`` takes the meat from the same buffer: the per-sample penalised scores
+:math:`\psi_i = g_i + \lambda\theta` have second moment :math:`\Sigma + r r^\top` with
+:math:`r = \bar g + \lambda\theta` (zero at the penalised optimum), so
+:math:`J \approx n(B S + r r^\top)` and the variance is :math:`[H^{-1} J H^{-1}]_{qq}` in the same
+blocks, still without a data pass. Its bread is the empirical Fisher, as ``block-sandwich``'s is,
+so it is not robust to misspecification the way a Hessian bread is: without penalty and damping
+the meat equals the bread and the sandwich equals ``kind="observed"`` exactly; with the
+penalty it is :math:`(J + n\lambda)^{-1} J (J + n\lambda)^{-1}`, the penalised estimate's
+smaller sampling variance."""
 
 from __future__ import annotations
 
@@ -36,15 +46,15 @@ class WoodFisher(Marginal):
     (module notes), blocks of ``block_size`` entries (``None``: one per tensor; ``"row"``: one
     per output row). ``fit`` needs
     ``FitContext(n=..., batch_size=...)`` and the penalty (``weight_decay=`` or the optimizer);
-    no data pass. The buffer is ``gradients x tracked weights`` float32, checked against
-    ``max_memory`` when it is made. Only ``kind="observed"``: the sandwich needs per-sample scores."""
+    no data pass, for either kind. The buffer is ``gradients x tracked weights`` float32, checked
+    against ``max_memory`` when it is made."""
 
     trajectory = True
     needs = ("n", "batch_size")
     with_replacement = True
     l2_only = True
-    sandwich = False                 # the sandwich needs per-sample scores, which training does not keep
-    variants = {"woodfisher-row": {"block_size": "row"}}
+    variants = {"woodfisher-row": {"block_size": "row"}, "woodfisher-sandwich": {"kind": "sandwich"},
+                "woodfisher-row-sandwich": {"kind": "sandwich", "block_size": "row"}}
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, gradients: int = 64, block_size: int | str | None = 128,
@@ -97,16 +107,31 @@ class WoodFisher(Marginal):
             raise NotFittedError(f"woodfisher has {m} gradient(s); attach it to the optimizer and train for at least "
                                  "2 steps before fit()")
         B = context.batch_size
-        self._blocks = {}
-        self._free = {}
+        self._blocks, self._free, self._meat = {}, {}, {}
+        theta = self._fm.params(self.names)
         for n in self.names:
             G = self._buf[n][:m].to("cpu", torch.float64)
             mean = G.mean(0)
-            U = torch.cat([(G - mean) * (B / (m - 1)) ** 0.5, mean[None]])
+            spread = (G - mean) * (B / (m - 1)) ** 0.5
+            U = torch.cat([spread, mean[None]])
             shape = self._entries[self.names.index(n)].leaf.shape
             self._blocks[n], self._free[n] = tensor_blocks(U, self._fm.mask(n), shape, context.n, self._d,
                                                            self.block_size)
+            # the sandwich's meat, n V^T V: the same spread and the mean *penalised* score
+            self._meat[n] = torch.cat([spread, (mean + self._penalty * theta[n].reshape(-1))[None]])
         self._m = m
+
+    def _sandwich(self, context: FitContext) -> dict[str, Tensor]:
+        out = {}
+        for n in self.names:
+            V = self._meat[n]
+            if self.block_size == "row":      # as tensor_blocks does for U: pruned columns decoupled
+                mask = self._fm.mask(n)
+                if mask is not None:
+                    V = V * (mask.reshape(-1).cpu() != 0).to(V.dtype)
+            sol = self._blocks[n].solve(V[:, self._free[n]])
+            out[n] = self._scatter(n, context.n * sol.square().sum(0))
+        return out
 
     def _scatter(self, name: str, flat: Tensor) -> Tensor:
         shape = self._buf[name].shape[1]
