@@ -24,7 +24,7 @@ from validation.glm import fit_glm
 
 HERE = Path(__file__).parent
 COEF = np.array([1.0, -0.5, 0.25, 0.0, 0.0, 0.0])
-ESTIMATORS = {"fisher": {}, "kfac": {}, "block": dict(samples=10**9, block_size=None)}
+ESTIMATORS = {"fisher": {}, "kfac": {}, "ekfac": {}, "block": dict(samples=10**9, block_size=None)}
 
 
 def dataset(seed: int, n: int, corr: float) -> tuple[torch.Tensor, torch.Tensor]:
