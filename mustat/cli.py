@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"criteria to compare, comma- or space-separated, from: {', '.join(sorted(CRITERIA))}; "
                         "one that uses standard errors (mu) runs once per --se estimator, or name one pairing: mu[curvature]")
     p.add_argument("--se", type=_names, default=default_estimators(),
-                   help=f"standard-error estimators for mu, from: {', '.join(sorted(ESTIMATORS))}")
+                   help=f"standard-error estimators for mu, from: {', '.join(sorted(ESTIMATORS))}, or a variant of "
+                        f"one: {', '.join(sorted(v for c in ESTIMATORS.values() for v in c.variants))}")
     p.add_argument("--scope", default="global", choices=["global", "layer"], help="rank all weights together, or each layer separately")
     p.add_argument("--schedule", default="geometric", choices=["geometric", "oneshot", "gradual"],
                    help="sparsity per round: geometric (0.5, 0.75, ... then the target), oneshot, or gradual (Zhu & Gupta cubic)")

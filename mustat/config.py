@@ -19,7 +19,7 @@ from mustat._checks import check_option, check_scalar
 from mustat.criteria import get_criterion, label, parse_label
 from mustat.pruning import Scope
 from mustat.training import check_training, make_optimizer, steps_per_epoch
-from mustat.uncertainty import ESTIMATORS, TrainingSetup, default_estimators
+from mustat.uncertainty import ESTIMATORS, TrainingSetup, default_estimators, variant
 
 #: the default comparison: criteria, each se-based one run with every default estimator
 DEFAULT_CRITERIA = ("mu", "magnitude", "random")
@@ -115,7 +115,7 @@ class PruneConfig:
 
 def _check_update(crit, se: str) -> None:
     """A criterion that updates the kept weights (``obs``) needs an estimator that has the update."""
-    if crit.updates and not callable(getattr(ESTIMATORS[se], "obs_update", None)):
+    if crit.updates and not callable(getattr(ESTIMATORS[variant(se)[0]], "obs_update", None)):
         able = sorted(n for n, c in ESTIMATORS.items() if callable(getattr(c, "obs_update", None)))
         raise ValueError(f"criterion {crit.name!r} ends with the compensating update, which estimator {se!r} does not "
                          f"have; use one of {', '.join(able)}")
@@ -135,13 +135,15 @@ def expand(criteria: Sequence[str], se: Sequence[str]) -> list[tuple[str, str | 
         if est is not None:
             if not crit.requires_se:
                 raise ValueError(f"criterion {name!r} uses no standard errors, so {text!r} makes no sense; write {name!r}")
-            check_option(est, "se", sorted(ESTIMATORS))
+            variant(est, "se")          # a registered name or a variant of one ("kfac-layer")
             _check_update(crit, est)
             pairs.append((name, est))
         elif crit.requires_se:
             if not se:
                 raise ValueError(f"criterion {name!r} needs standard errors: give se=[...] from {sorted(ESTIMATORS)}")
-            pairs += [(name, check_option(s, "se", sorted(ESTIMATORS))) for s in se]
+            for s in se:
+                variant(s, "se")
+                pairs.append((name, s))
             for s in se:
                 _check_update(crit, s)
         else:
@@ -222,4 +224,5 @@ class RunConfig:
 def estimator_constants(names) -> dict:
     """The code-level constants (:attr:`mustat.Estimator.constants`) of the estimators ``names``
     that have any: they shape results, so they belong in a run's settings and a cell's key."""
-    return {n: dict(ESTIMATORS[n].constants) for n in names if ESTIMATORS[n].constants}
+    classes = {n: ESTIMATORS[variant(n)[0]] for n in names}
+    return {n: dict(c.constants) for n, c in classes.items() if c.constants}

@@ -149,3 +149,19 @@ def test_variants_resolve():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert make_estimator("ekfac", nn.Linear(3, 2)).quantity == "saliency"
+
+
+def test_the_pipeline_takes_a_variant(tmp_path):
+    # obs[kfac-layer] through `mustat prune`: the variant's options reach the estimator
+    import pandas as pd
+
+    from mustat.cli import main
+    from mustat.config import expand
+    assert expand(["obs[kfac-layer]", "mu"], ["ekfac-layer"]) == [("obs", "kfac-layer"), ("mu", "ekfac-layer")]
+    out = tmp_path / "run"
+    assert main(["prune", "--out", str(out), "--dataset", "digits", "--model", "mlp", "--epochs", "2",
+                 "--criteria", "obs[kfac-layer],magnitude", "--target-sparsity", "0.8", "--rounds", "2",
+                 "--retrain-epochs", "1", "--track-epochs", "1", "--seeds", "0", "--weight-decay", "1e-3", "--quiet"]) == 0
+    df = pd.read_csv(out / "results.csv")
+    assert set(df[df.criterion == "obs"].se) == {"kfac-layer"}
+    assert df[df.criterion == "obs"].sparsity.max() == pytest.approx(0.8, abs=1e-3)

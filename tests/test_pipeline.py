@@ -81,7 +81,7 @@ def test_other_settings_in_same_folder_refused(tmp_path):
     (["--dataset", "imagenet"], "invalid choice.*digits"),
     (["--model", "resnet50"], "invalid choice.*lenet5"),
     (["--criteria", "mu,psychic"], "criterion=.psychic. is not valid; choose one of: gradient-weight, lamp, magnitude, mu, obs, random"),
-    (["--se", "pseudo,oracle"], "se=.oracle. is not valid; choose one of: batch-means, block, bootstrap, calibrated, curvature, ekfac, fisher, kfac, pseudo, wald, woodfisher"),
+    (["--se", "pseudo,oracle"], "se=.oracle. is not valid; choose one of: batch-means, block, bootstrap, calibrated, curvature, ekfac, fisher, kfac, pseudo, wald, woodfisher, batch-means-balanced, .*kfac-layer"),
     (["--criteria", "magnitude[pseudo]"], "uses no standard errors"),
     (["--criteria", "mu[wald]"], "full 50610 x 50610 Hessian.*use se='curvature'"),
     (["--track-epochs", "0"], "track_epochs must be in"),
