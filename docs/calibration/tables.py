@@ -1,7 +1,7 @@
 """The GLM, invariant-target and FDR tables of docs/CALIBRATION.md, printed from the committed
 results (docs/calibration/summary.csv: the quick study; docs/calibration/full/summary.csv: the
 full one; invariant.csv, misspecified.csv and fdr.csv: docs/calibration/invariant.py, misspecified.py
-and fdr.py), so that every
+and fdr.py; marginal/study/summary.csv: the marginal study), so that every
 figure in them comes from a command:
 
     .venv/bin/python docs/calibration/tables.py
@@ -137,6 +137,41 @@ def narrow_table(summary: pd.DataFrame) -> list[str]:
     return out
 
 
+MARGINAL = ("fisher", "fisher-sandwich", "kfac", "kfac-sandwich", "ekfac", "ekfac-sandwich", "block",
+            "block-sandwich", "woodfisher-row", "woodfisher-row-sandwich", "batch-means", "wald")
+
+
+def marginal_glm_table(summary: pd.DataFrame) -> list[str]:
+    """The marginal study's GLM cells (docs/calibration/marginal/study): SE ratio and coverage
+    of each marginal estimator at the trained weights, batch means and exact Wald beside them."""
+    settings = ("adam lr=0.02 S=32 replacement 600/640ep", "adam lr=0.01 S=32 shuffle 45/60ep",
+                "sgd lr=0.05 S=32 replacement 45/60ep")
+    cols = ("fisher-sandwich", "kfac-sandwich", "ekfac-sandwich", "block-sandwich", "woodfisher-row", "batch-means",
+            "wald")
+    out = ["| design | setting | " + " | ".join(cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
+    for design in ("logistic", "linear"):
+        for setting in settings:
+            cells = []
+            for est in cols:
+                r = _row(summary, design, setting, est)
+                cells.append(f"{r.se_ratio_median:.3f} / {r.coverage95:.3f}")
+            out.append(f"| {design} | {_short(setting)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def marginal_hidden_table(summary: pd.DataFrame) -> list[str]:
+    """The marginal study's hidden-layer cell: each estimator against the three references."""
+    g = summary[summary.design == "teacher-regression"]
+    out = ["| estimator | / sandwich | / teacher | / bootstrap | Spearman SE vs sandwich | Spearman \\|z\\| vs sandwich |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for est in ("teacher", "bootstrap", "wald", *MARGINAL[:-1], "curvature"):
+        r = {ref: g[(g.estimator == est) & (g.reference == ref)] for ref in ("wald-sandwich", "teacher", "bootstrap")}
+        cell = [f"{r[ref].iloc[0].se_ratio_median:.3f}" if len(r[ref]) else "" for ref in r]
+        a = r["wald-sandwich"].iloc[0]
+        out.append(f"| {est} | " + " | ".join(cell) + f" | {a.spearman_se:.2f} | {a.spearman_z:.2f} |")
+    return out
+
+
 def main() -> None:
     quick = pd.read_csv(HERE / "summary.csv")
     full = pd.read_csv(HERE / "full" / "summary.csv")
@@ -156,6 +191,11 @@ def main() -> None:
     print("\n".join(narrow_table(pd.read_csv(HERE / "full" / "digits" / "summary.csv"))))
     print("\n## FDR on the planted sparse teacher\n")
     print("\n".join(fdr_table(pd.read_csv(HERE / "fdr.csv"))))
+    marginal = pd.read_csv(HERE / "marginal" / "study" / "summary.csv")
+    print("\n## The marginal estimators after training (GLMs)\n")
+    print("\n".join(marginal_glm_table(marginal)))
+    print("\n## The marginal estimators on the hidden layer\n")
+    print("\n".join(marginal_hidden_table(marginal)))
 
 
 if __name__ == "__main__":
