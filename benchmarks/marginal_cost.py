@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mustat
 from mustat.data import load
 from mustat.models import build
 from mustat.training import train_epochs
@@ -53,12 +54,26 @@ def main(argv=None) -> None:
     ctx = FitContext(X=X, y=y, loss=F.cross_entropy, weight_decay=1e-4, batch_size=64)
     print(f"one training epoch (Adam, batch 64, {len(y)} rows): {t_epoch:.3f} s")
     print(f"  with woodfisher's ring buffer (64 gradients): {t_wf:.3f} s = {t_wf / t_epoch:.3f}x a plain epoch")
-    rows = [("curvature (diagonal GGN)", "curvature", {}), ("kfac", "kfac", {}),
+    rows = [("curvature (diagonal GGN)", "curvature", {}), ("kfac", "kfac", {}), ("ekfac (a second data pass)", "ekfac", {}),
             ("block (256 samples, blocks of 128)", "block", {"samples": 256}), ("woodfisher fit (64 gradients)", None, {})]
     for label, name, opts in rows:
         est = wf if name is None else make_estimator(name, model, **opts)
         t = best(lambda est=est: est.fit(ctx), args.repeats)
         print(f"{label:40s} fit {t:.3f} s = {t / t_epoch:.2f} training epochs")
+    # the compensating update alone (fit outside the timing), one-shot to 90%, on copies of the model
+    state = model.state_dict()
+    for block in ("row", "layer"):
+        times = []
+        for _ in range(args.repeats):
+            copy = build("mlp", tuple(X.shape[1:]), 10)
+            copy.load_state_dict(state)
+            est = make_estimator("kfac", copy, obs_block=block).fit(ctx)
+            scores = mustat.score(copy, "obs", se=est.se())
+            t0 = time.perf_counter()
+            mustat.prune(copy, scores, sparsity=0.9, update=est)
+            times.append(time.perf_counter() - t0)
+        print(f"{'kfac OBS prune + update, ' + block + ' blocks':40s}     {min(times):.3f} s = "
+              f"{min(times) / t_epoch:.2f} training epochs")
     try:
         import curvlinops
     except ImportError:
