@@ -60,6 +60,17 @@ def main(argv=None) -> None:
         est = wf if name is None else make_estimator(name, model, **opts)
         t = best(lambda est=est: est.fit(ctx), args.repeats)
         print(f"{label:40s} fit {t:.3f} s = {t / t_epoch:.2f} training epochs")
+    # where block's time goes: its 256 per-sample gradients alone, and the blocks' 2 m P b flops
+    from mustat._functional import FunctionalModel
+    from mustat.uncertainty.marginal import per_sample_gradients
+    blk = make_estimator("block", model, samples=256)
+    fm = FunctionalModel(model, dtype=torch.float64, device="cpu")
+    rows256 = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:256]
+    t_psg = best(lambda: per_sample_gradients(fm, list(blk.names), F.cross_entropy, X[rows256].double(), y[rows256]),
+                 args.repeats)
+    P = sum(model.get_parameter(n).numel() for n in blk.names)
+    print(f"{'  of which 256 per-sample gradients':40s}     {t_psg:.3f} s; forming the blocks is 2 m P b = "
+          f"{2 * 256 * P * 128 / 1e9:.1f} GFLOP")
     # the compensating update alone (fit outside the timing), one-shot to 90%, on copies of the model
     state = model.state_dict()
     for block in ("row", "layer"):
