@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from mustat.cli import main
-from validation.estimators import Setting
+from validation.estimators import Setting, split_at
 from validation.study import SUMMARY_COLUMNS, Grid, References, Scoped, load_grid, run_study
 
 TINY = Grid(designs=("logistic",),
@@ -172,7 +172,7 @@ def test_every_committed_calibration_grid_loads_and_its_estimators_build(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)   # shuffle settings are measured on purpose
             for label in cell.estimators:
-                make_estimator(label, model, setup=setup)
+                make_estimator(split_at(label)[0], model, setup=setup)
 
 
 def test_cli_calibrate(tmp_path, capsys):
@@ -262,3 +262,48 @@ def test_the_calibration_pages_tables_are_the_committed_results():
              + tables.marginal_hidden_table(pd.read_csv(docs / "calibration" / "marginal" / "study" / "summary.csv")))
     missing = [line for line in lines if line not in page]
     assert not missing, f"{len(missing)} table lines of docs/CALIBRATION.md differ from tables.py, e.g. {missing[0]}"
+
+
+def test_at_mean_fits_a_post_hoc_estimator_at_the_window_mean(tmp_path):
+    grid = Grid(designs=("logistic",), settings=(Setting("adam", 0.01, epochs=3, window=2),),
+                scoped=(Scoped(("teacher-regression",), Setting("adam", 0.01, weight_decay=1e-2, epochs=3, window=2)),),
+                replications=2, bootstrap_B=4, teacher_replicates=4,
+                estimators=("batch-means", "fisher", "fisher@mean", "curvature@mean"))
+    summary, cells = run_study(grid, tmp_path, scheduler="serial", quiet=True)
+    assert set(summary.estimator) >= {"fisher@mean", "curvature@mean"}
+    at = summary[summary.estimator == "fisher@mean"]
+    assert (at.centre == "window mean (where the curvature is evaluated)").all()
+    assert at.coverage95.notna().any() and (summary[summary.estimator == "fisher@mean"].n_weights > 0).all()
+    # on the GLM the weights of fisher@mean are the window mean, which batch means also reports
+    glm = cells[(cells.design == "logistic") & (cells.reference == "wald")]
+    w_mean = glm[glm.estimator == "fisher@mean"].sort_values(["replication", "index"]).weight.to_numpy()
+    w_bm = glm[glm.estimator == "batch-means"].sort_values(["replication", "index"]).weight.to_numpy()
+    w_last = glm[glm.estimator == "fisher"].sort_values(["replication", "index"]).weight.to_numpy()
+    np.testing.assert_allclose(w_mean, w_bm, rtol=1e-6)
+    assert not np.allclose(w_mean, w_last)
+    with pytest.raises(ValueError, match="records the trajectory itself"):
+        Grid(designs=("logistic",), estimators=("batch-means@mean",))
+
+
+def test_at_mean_is_the_estimator_refitted_at_the_window_mean():
+    import torch
+
+    from mustat.uncertainty import FitContext, make_estimator
+    from validation.designs import get_design
+    from validation.estimators import train_and_estimate
+    design = get_design("logistic")
+    X, y, _ = design.sample(7)
+    X, y = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    model = design.model(0)
+    fits, final, mean = train_and_estimate(model, design.loss(), X, y, Setting("adam", 0.01, epochs=4, window=3),
+                                           seed=0, estimators=("fisher", "fisher@mean"))
+    assert set(mean) == {n for n, _ in model.named_parameters()}
+    ref = design.model(0)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(mean[n])
+    expect = make_estimator("fisher", ref).fit(FitContext(X=X, y=y, loss=design.loss()))
+    for n in expect.se():
+        torch.testing.assert_close(fits["fisher@mean"][1][n], expect.se()[n])
+        torch.testing.assert_close(fits["fisher@mean"][0][n], mean[n])
+        assert not torch.allclose(fits["fisher"][1][n], expect.se()[n])      # the last iterate's differs

@@ -3,6 +3,7 @@ estimator from that single run, through the registry (:mod:`mustat.uncertainty`)
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -49,42 +50,91 @@ class Setting:
         return asdict(self)
 
 
+#: a study label's suffix that fits a post-hoc estimator at the window mean of the trajectory
+#: (the Polyak average of the last ``window`` epochs) instead of at the last iterate
+AT_MEAN = "@mean"
+AT_MEAN_CENTRE = "window mean (where the curvature is evaluated)"
+
+
+def split_at(label: str) -> tuple[str, bool]:
+    """``(label without the suffix, whether it had it)`` for :data:`AT_MEAN`."""
+    return (label[: -len(AT_MEAN)], True) if label.endswith(AT_MEAN) else (label, False)
+
+
 def resolve(label: str) -> tuple[str, dict]:
     """``(registered name, options)`` of a study label: any registered estimator, or a variant one
-    declares (:func:`mustat.uncertainty.variant`)."""
-    return variant(label, "estimator")
+    declares (:func:`mustat.uncertainty.variant`), optionally with the :data:`AT_MEAN` suffix
+    (post-hoc estimators only: a trajectory estimator has its own centre)."""
+    from mustat.uncertainty import ESTIMATORS
+
+    base, at_mean = split_at(label)
+    name, opts = variant(base, "estimator")
+    if at_mean and ESTIMATORS[name].trajectory:
+        raise ValueError(f"estimator={label!r}: {AT_MEAN!r} fits a post-hoc estimator at the window mean, but "
+                         f"{base!r} records the trajectory itself and has its own centre; drop the suffix")
+    return name, opts
+
+
+def _window_mean_tracker(model: nn.Module, setup: TrainingSetup):
+    """Batch means over every trainable tensor: its estimate is the window mean of all of them."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return make_estimator("batch-means", model, setup=setup, params=names)
+
+
+def _load(model: nn.Module, values: dict[str, Tensor]) -> nn.Module:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in values:
+                p.copy_(values[n].to(p.dtype))
+    return model
 
 
 def train_and_estimate(model: nn.Module, loss, X: Tensor, y: Tensor, setting: Setting, *, seed: int,
-                       estimators: tuple[str, ...]) -> tuple[dict[str, tuple[dict, dict, dict, str]], dict[str, Tensor]]:
+                       estimators: tuple[str, ...], average: bool = False
+                       ) -> tuple[dict[str, tuple[dict, dict, dict, str]], dict[str, Tensor], dict[str, Tensor] | None]:
     """Train ``model`` in place and fit every estimator label in ``estimators``.
 
-    Returns ``({label: (estimate, se, diagnostics, centre)}, final_weights)``, ``centre``
-    saying where the estimate comes from; a window warning is not raised but kept in the
-    diagnostics (``ok``).
+    Returns ``({label: (estimate, se, diagnostics, centre)}, final_weights, window_mean)``,
+    ``centre`` saying where the estimate comes from; a window warning is not raised but kept in
+    the diagnostics (``ok``). A label with the :data:`AT_MEAN` suffix is fitted on a copy of the
+    model holding the window mean of every trainable tensor, which is returned as
+    ``window_mean`` (also with ``average=True``; ``None`` otherwise).
     """
     opt = make_optimizer(setting.optimizer, model.parameters(), lr=setting.lr, momentum=setting.momentum,
                          weight_decay=setting.weight_decay)
     setup = TrainingSetup(optimizer=setting.optimizer, n=len(y), batch_size=setting.batch_size,
                           window_steps=setting.window * steps_per_epoch(len(y), setting.batch_size),
                           sampler=setting.sampler, weight_decay=setting.weight_decay)
+    at_mean = [lab for lab in estimators if split_at(lab)[1]]
+    for lab in at_mean:
+        resolve(lab)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the study runs shuffle settings on purpose, to measure them
-        ests = {lab: make_estimator(lab, model, setup=setup) for lab in estimators}
+        ests = {lab: make_estimator(lab, model, setup=setup) for lab in estimators if lab not in at_mean}
+        tracker = _window_mean_tracker(model, setup) if at_mean or average else None
     train_epochs(model, opt, (X, y), epochs=setting.epochs, batch_size=setting.batch_size, sampler=setting.sampler,
-                 generator=torch.Generator().manual_seed(seed), loss=loss, estimators=list(ests.values()),
+                 generator=torch.Generator().manual_seed(seed), loss=loss,
+                 estimators=list(ests.values()) + ([tracker] if tracker is not None else []),
                  track_epochs=setting.window)
     ctx = FitContext(X=X, y=y, loss=loss, optimizer=opt, batch_size=setting.batch_size,
                      weight_decay=setting.weight_decay)
     out: dict[str, tuple[dict, dict, dict[str, Any], str]] = {}
-    for lab, est in ests.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", WindowWarning)  # recorded in the diagnostics instead
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WindowWarning)  # recorded in the diagnostics instead
+        for lab, est in ests.items():
             est.fit(ctx)
-        out[lab] = (est.estimate(), est.se(), est.diagnostics(), est.centre)
+            out[lab] = (est.estimate(), est.se(), est.diagnostics(), est.centre)
+        mean = {n: v.detach().clone() for n, v in tracker.fit(ctx).estimate().items()} if tracker else None
+    if at_mean:
+        # no optimizer: the copy is not the model it steps; the penalty is passed as weight_decay
+        at = _load(copy.deepcopy(model), mean)
+        ctx_mean = FitContext(X=X, y=y, loss=loss, batch_size=setting.batch_size, weight_decay=setting.weight_decay)
+        for lab in at_mean:
+            est = make_estimator(split_at(lab)[0], at, setup=setup).fit(ctx_mean)
+            out[lab] = (est.estimate(), est.se(), est.diagnostics(), AT_MEAN_CENTRE)
     table = entries(model)
     final = {n: table[n].effective().clone() for n in select(model, None)}
-    return out, final
+    return out, final, mean
 
 
 def per_replicate(label: str) -> bool:
@@ -98,24 +148,30 @@ def per_replicate(label: str) -> bool:
 
 
 def fit_replicates(stack: nn.Module, build: Callable[[], nn.Module], loss, X: Tensor, y: Tensor,
-                   setting: Setting, labels: tuple[str, ...]) -> dict[str, tuple[dict, dict, dict, str]]:
+                   setting: Setting, labels: tuple[str, ...], window_mean: dict[str, Tensor] | None = None
+                   ) -> dict[str, tuple[dict, dict, dict, str]]:
     """Fit each post-hoc ``label`` on every replicate of a trained ``StackedGLM`` (data ``(n, R, d)``),
     one GLM at a time: ``{label: (estimate, se, diagnostics of replicate 0, centre)}`` with the
-    stack's ``(R, d)`` shapes under ``"linear.weight"``."""
+    stack's ``(R, d)`` shapes under ``"linear.weight"``. Labels with the :data:`AT_MEAN` suffix
+    are fitted at ``window_mean`` (the stack's ``linear.weight`` and ``linear.bias``)."""
     out = {}
-    W, b = stack.linear.weight.detach(), stack.linear.bias.detach()
     for lab in labels:
+        base, at_mean = split_at(lab)
+        if at_mean and window_mean is None:
+            raise ValueError(f"estimator {lab!r} is fitted at the window mean: pass window_mean=")
+        W, b = ((window_mean["linear.weight"], window_mean["linear.bias"]) if at_mean
+                else (stack.linear.weight.detach(), stack.linear.bias.detach()))
         ests, ses, diag, centre = [], [], {}, ""
         for r in range(W.shape[0]):
             glm = build()
             with torch.no_grad():
                 glm.linear.weight.copy_(W[r][None])
                 glm.linear.bias.copy_(b[r:r + 1])
-            est = make_estimator(lab, glm).fit(FitContext(X=X[:, r], y=y[:, r], loss=loss,
-                                                          weight_decay=setting.weight_decay))
+            est = make_estimator(base, glm).fit(FitContext(X=X[:, r], y=y[:, r], loss=loss,
+                                                           weight_decay=setting.weight_decay))
             ests.append(est.estimate()["linear.weight"][0])
             ses.append(est.se()["linear.weight"][0])
             if r == 0:
-                diag, centre = est.diagnostics(), est.centre
+                diag, centre = est.diagnostics(), AT_MEAN_CENTRE if at_mean else est.centre
         out[lab] = ({"linear.weight": torch.stack(ests)}, {"linear.weight": torch.stack(ses)}, diag, centre)
     return out

@@ -19,7 +19,7 @@ def quantity_of(label: str) -> str:
     """``"sampling"`` or ``"saliency"`` for an estimator label (its class's ``quantity``; for the
     estimators with a ``kind`` option, the sandwich is a sampling SE), ``"reference"`` otherwise."""
     try:
-        name, opts = variant(label)
+        name, opts = variant(label.removesuffix("@mean"))
     except ValueError:
         return "reference"
     q = ESTIMATORS[name].quantity

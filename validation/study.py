@@ -35,6 +35,7 @@ from validation.estimators import (
     Setting,
     fit_replicates,
     per_replicate,
+    split_at,
     resolve,
     train_and_estimate,
 )
@@ -233,9 +234,10 @@ def _glm_cell(cell: Cell, design) -> tuple[list, dict, dict, dict]:
     Xt = torch.tensor(X.transpose(1, 0, 2), dtype=torch.float32)
     yt = torch.tensor(y.T.copy(), dtype=torch.float32)
     apart = tuple(lab for lab in cell.estimators if per_replicate(lab))
-    fits, _ = train_and_estimate(model, design.stacked_loss(), Xt, yt, s, seed=cell.seed * 10_000,
-                                 estimators=tuple(lab for lab in cell.estimators if lab not in apart))
-    fits.update(fit_replicates(model, lambda: design.model(0), design.loss(), Xt, yt, s, apart))
+    fits, _, mean = train_and_estimate(model, design.stacked_loss(), Xt, yt, s, seed=cell.seed * 10_000,
+                                       estimators=tuple(lab for lab in cell.estimators if lab not in apart),
+                                       average=any(split_at(lab)[1] for lab in apart))
+    fits.update(fit_replicates(model, lambda: design.model(0), design.loss(), Xt, yt, s, apart, window_mean=mean))
     fits = {lab: fits[lab] for lab in cell.estimators}
     refs = glm_references(design.family, X, y, weight_decay=s.weight_decay)
     reference = "wald-sandwich" if s.weight_decay > 0 else "wald"
@@ -296,9 +298,9 @@ def _mlp_cell(cell: Cell, design, out: Path) -> tuple[list, dict, dict, dict]:
     X, y, _ = design.sample(data_index(cell.seed, 0))
     model = design.model(cell.seed * 10_000)
     loss = design.loss()
-    fits, final = train_and_estimate(model, loss, torch.tensor(X, dtype=torch.float32),
-                                     torch.tensor(y, dtype=torch.float32), s, seed=cell.seed * 10_000,
-                                     estimators=cell.estimators)
+    fits, final, _ = train_and_estimate(model, loss, torch.tensor(X, dtype=torch.float32),
+                                        torch.tensor(y, dtype=torch.float32), s, seed=cell.seed * 10_000,
+                                        estimators=cell.estimators)
     names = list(final)
     X64, y64 = torch.tensor(X), torch.tensor(y)
     refs = cell.references
