@@ -35,8 +35,8 @@ from validation.estimators import (
     Setting,
     fit_replicates,
     per_replicate,
-    split_at,
     resolve,
+    split_at,
     train_and_estimate,
 )
 from validation.references import (
