@@ -23,7 +23,8 @@ limit :math:`H \to n\lambda I`, and a weight the data say nothing about has
 :math:`\psi_i = \nabla\ell_i + \lambda\theta`: the *sampling* SE of the penalised estimate,
 robust to misspecification (HC0), for reporting. Both are computed in the same block
 structure: the whole model (``fisher``), blocks of each tensor from per-sample gradients
-(``block``, ``woodfisher``) or Kronecker factors per layer (``kfac``).
+(``block``, ``woodfisher``) or Kronecker factors per layer (``kfac``; ``ekfac`` with corrected
+eigenvalues).
 
 ``damping`` :math:`\delta` is stated in the units of the penalty: the curvature used is
 :math:`G + n(\lambda + \delta) I`, so ``damping=1e-4`` acts like 1e-4 more weight decay.
