@@ -91,7 +91,9 @@ class FunctionalModel:
         self._masks: dict[str, Tensor | None] = {}
         for name, e in self.table.items():
             m = e.mask()
-            self._masks[name] = None if m is None else self._cast(m)
+            # a snapshot: the mask buffer is tightened in place by a later prune, and a cast to its own
+            # dtype and device would alias it (the compensating update reads what was cut since)
+            self._masks[name] = None if m is None else self._cast(m.detach().clone())
 
     def _cast(self, t: Tensor) -> Tensor:
         dtype = self.dtype if (self.dtype is not None and t.is_floating_point()) else t.dtype

@@ -114,11 +114,16 @@ class PruneConfig:
 
 
 def _check_update(crit, se: str) -> None:
-    """A criterion that updates the kept weights (``obs``) needs an estimator that has the update."""
-    if crit.updates and not callable(getattr(ESTIMATORS[variant(se)[0]], "obs_update", None)):
+    """A criterion that updates the kept weights (``obs``) needs an estimator that has the update,
+    of the kind that holds the curvature (not a sandwich variant)."""
+    if not crit.updates:
+        return
+    name, opts = variant(se)
+    if not callable(getattr(ESTIMATORS[name], "obs_update", None)) or opts.get("kind", "observed") != "observed":
         able = sorted(n for n, c in ESTIMATORS.items() if callable(getattr(c, "obs_update", None)))
         raise ValueError(f"criterion {crit.name!r} ends with the compensating update, which estimator {se!r} does not "
-                         f"have; use one of {', '.join(able)}")
+                         f"have (it needs the curvature H, not a sandwich); use one of {', '.join(able)} or their "
+                         "non-sandwich variants")
 
 
 def expand(criteria: Sequence[str], se: Sequence[str]) -> list[tuple[str, str | None]]:

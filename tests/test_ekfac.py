@@ -116,9 +116,43 @@ def test_the_layer_update_is_the_constrained_optimum_of_the_layer_curvature(se):
             np.testing.assert_allclose(delta[K], ref, rtol=1e-7, atol=1e-10)
             iters, residual = est.diagnostics()["cg"][name]
             assert residual <= 1e-10 and iters >= 1
-    # the whole layer's optimum beats both; the row update, which drops the cross-row terms, need not
-    # beat no update on the whole layer's curvature
+        if block == "row":      # each output row on its own: the diagonal blocks of the same matrix
+            for o in range(6):
+                rows = np.arange(5 * o, 5 * o + 5)
+                c, k = cut[o].numpy(), ~cut[o].numpy()
+                if c.any():
+                    Hoo = Hw[np.ix_(rows, rows)]
+                    ref = np.linalg.solve(Hoo[np.ix_(k, k)], Hoo[np.ix_(k, c)] @ w[o].numpy()[c])
+                    np.testing.assert_allclose(delta[rows][k], ref, rtol=1e-8, atol=1e-12)
+    # the whole layer's optimum beats both; the row update, which drops the cross-row terms, is here
+    # worse than no update on the whole layer's curvature (REPRODUCTION section 4 cites this case)
     assert quad["layer"] < quad["row"] and quad["layer"] < quad[None]
+    if se == "kfac":
+        assert quad["row"] > quad[None]
+
+
+@pytest.mark.parametrize("se", ["kfac", "ekfac"])
+def test_the_layer_update_leaves_weights_pruned_before_the_fit_out(se):
+    # a second step of a gradual prune: entries masked before fit() are neither kept nor cut
+    model, _, X = _nets()[0]
+    y = torch.randint(0, 3, (len(X),), generator=torch.Generator().manual_seed(2))
+    ctx = FitContext(X=X, y=y, loss=F.cross_entropy, weight_decay=WD)
+    first = make_estimator(se, model).fit(ctx)
+    mustat.prune(model, mustat.score(model, "obs", se=first.se()), sparsity=0.3)
+    before = model[0].weight.detach().clone()
+    est = make_estimator(se, model, obs_block="layer").fit(ctx)
+    H = _dense_curvature(est, "0.weight")
+    mustat.prune(model, mustat.score(model, "obs", se=est.se()), sparsity=0.6, update=est)
+    after = model[0].weight.detach()
+    old, cut = (before == 0).numpy().reshape(-1), ((after == 0) & (before != 0)).numpy().reshape(-1)
+    assert old.any() and cut.any()
+    idx = np.arange(H.shape[0]).reshape(6, 6)[:, :5].reshape(-1)
+    Hw = H[np.ix_(idx, idx)]
+    K, Q = np.flatnonzero(~old & ~cut), np.flatnonzero(cut)
+    ref = np.linalg.solve(Hw[np.ix_(K, K)], Hw[np.ix_(K, Q)] @ before.numpy().reshape(-1)[Q])
+    delta = (after - before).numpy().reshape(-1)
+    np.testing.assert_allclose(delta[K], ref, rtol=1e-7, atol=1e-10)
+    assert (after.numpy().reshape(-1)[old] == 0).all()
 
 
 def test_the_layer_update_warns_when_its_iterations_run_out():
@@ -134,6 +168,7 @@ def test_the_layer_update_warns_when_its_iterations_run_out():
 @pytest.mark.parametrize("kwargs, message", [
     ({"obs_block": "column"}, "obs_block='column' is not valid; choose one of: row, layer"),
     ({"cg_tol": 0.0}, "cg_tol"),
+    ({"cg_tol": float("inf")}, "cg_tol"),
     ({"cg_max_iter": 0}, "cg_max_iter"),
 ])
 def test_bad_update_options_are_refused(kwargs, message):
@@ -151,17 +186,25 @@ def test_variants_resolve():
         assert make_estimator("ekfac", nn.Linear(3, 2)).quantity == "saliency"
 
 
-def test_the_pipeline_takes_a_variant(tmp_path):
+def test_the_pipeline_takes_a_variant(tmp_path, monkeypatch):
     # obs[kfac-layer] through `mustat prune`: the variant's options reach the estimator
     import pandas as pd
 
     from mustat.cli import main
     from mustat.config import expand
+    from mustat.uncertainty import KFAC
     assert expand(["obs[kfac-layer]", "mu"], ["ekfac-layer"]) == [("obs", "kfac-layer"), ("mu", "ekfac-layer")]
+    for sandwich in ("kfac-sandwich", "ekfac-sandwich", "woodfisher-row-sandwich"):
+        with pytest.raises(ValueError, match="needs the curvature H, not a sandwich"):
+            expand([f"obs[{sandwich}]"], [])
+    calls = []
+    layer_solve = KFAC._layer_solve
+    monkeypatch.setattr(KFAC, "_layer_solve", lambda self, *a: calls.append(1) or layer_solve(self, *a))
     out = tmp_path / "run"
     assert main(["prune", "--out", str(out), "--dataset", "digits", "--model", "mlp", "--epochs", "2",
                  "--criteria", "obs[kfac-layer],magnitude", "--target-sparsity", "0.8", "--rounds", "2",
                  "--retrain-epochs", "1", "--track-epochs", "1", "--seeds", "0", "--weight-decay", "1e-3", "--quiet"]) == 0
     df = pd.read_csv(out / "results.csv")
     assert set(df[df.criterion == "obs"].se) == {"kfac-layer"}
+    assert calls, "the variant's obs_block='layer' did not reach the estimator"
     assert df[df.criterion == "obs"].sparsity.max() == pytest.approx(0.8, abs=1e-3)

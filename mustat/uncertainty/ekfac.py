@@ -39,26 +39,34 @@ class EKFAC(KFAC):
     variants = {"ekfac-sandwich": {"kind": "sandwich"}, "ekfac-layer": {"obs_block": "layer"}}
 
     def _extra_memory(self, positions: int, out: int, features: int) -> int:
-        return out * features + (0 if positions == 1 else min(_CHUNK, 512 * out * features))
+        # the moments, and with several positions a sub-chunk's per-sample gradients, their two
+        # projections and the square
+        return out * features + (0 if positions == 1 else 4 * min(_CHUNK, 512 * out * features))
 
     def _eigenvalues(self, context: FitContext, bases: dict) -> dict[str, Tensor]:
         s = {n: torch.zeros(len(QB), len(QA), dtype=torch.float64) for n, (QA, QB, *_) in bases.items()}
         seen = 0
-        for size, layers in self._chunks(context):
+        for size, inputs, columns in self._chunks(context):
             seen += size
-            for n, (a, gs) in layers.items():
-                QA, QB = bases[n][:2]
-                if a.shape[1] == 1:         # one position: G_ic = b_ic a_i^T, so its squared projection is an outer product
-                    pa = (a[:, 0] @ QA).square()
-                    for g in gs:
-                        if g is not None:
-                            s[n] += (g[:, 0] @ QB).square().T @ pa
-                    continue
-                step = max(1, _CHUNK // (len(QB) * len(QA)))
-                for g in gs:
+            # one position: G_ic = b_ic a_i^T, so its squared projection is an outer product of squares
+            proj = {n: (a[:, 0] @ bases[n][0]).square() for n, a in inputs.items() if a.shape[1] == 1}
+            for col in columns:
+                for n, g in col.items():
                     if g is None:
                         continue
+                    QA, QB = bases[n][:2]
+                    if n in proj:
+                        s[n] += (g[:, 0] @ QB).square().T @ proj[n]
+                        continue
+                    a = inputs[n]
+                    step = max(1, _CHUNK // (len(QB) * len(QA)))
                     for j in range(0, size, step):
                         G = torch.einsum("mto,mtk->mok", g[j:j + step], a[j:j + step])
                         s[n] += (QB.T @ G @ QA).square().sum(0)
         return {n: v * (context.n / seen) for n, v in s.items()}
+
+    def _row_block(self, name: str, o: int, k: int) -> Tensor:
+        # Q_A diag(sum_k Q_B[o,k]^2 s_k) Q_A^T over the first k inputs: not a Kronecker product
+        QA, QB, _, _, _ = self._factors[name]
+        QAw = QA[:k]
+        return (QAw * (QB[o].square() @ self._eigen[name])) @ QAw.T

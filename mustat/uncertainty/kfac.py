@@ -75,7 +75,7 @@ class KFAC(Marginal):
                  cg_max_iter: int = 5000, max_memory: int = 4 << 30):
         super().__init__(model, kind=kind, damping=damping, params=params, max_memory=max_memory)
         self.obs_block = check_option(obs_block, "obs_block", OBS_BLOCKS)
-        self.cg_tol = float(check_scalar(cg_tol, "cg_tol", kind=Real, low=0.0, closed="neither"))
+        self.cg_tol = float(check_scalar(cg_tol, "cg_tol", kind=Real, low=0.0, high=1.0, closed="neither"))
         self.cg_max_iter = int(check_scalar(cg_max_iter, "cg_max_iter", kind=Integral, low=1))
         self._cg: dict[str, tuple[int, float]] = {}
         self._layers: dict[str, nn.Module] = {}
@@ -104,22 +104,22 @@ class KFAC(Marginal):
         self._find_biases()                 # each fit: masks may have been installed since
         total = 0
         first = next(batches(context.source), None)
-        positions, outputs = self._positions(first[0][:1]) if first is not None else ({}, 1)
+        positions = self._positions(first[0][:1]) if first is not None else {}
         for mod in self._layers.values():
             a = mod.weight[0].numel() + self._bias(mod)
             out, T = mod.weight.shape[0], positions.get(mod, 1)
             # factors, eigenvectors, eigenvalues and the inverse diagonal; a chunk's unfolded inputs and
-            # its output gradients (one per output-space factor column)
+            # one output-space column's gradients (the columns are taken one at a time)
             total += 3 * (a * a + out ** 2) + 3 * out * a
-            total += 512 * T * (2 * a + (outputs + 1) * out) + self._extra_memory(T, out, a)
+            total += 2 * 512 * T * (a + out) + self._extra_memory(T, out, a)
         return 8 * total + (64 << 20)
 
     def _extra_memory(self, positions: int, out: int, features: int) -> int:
         """Further float64 entries a subclass's fit holds per layer (EK-FAC's per-sample gradients)."""
         return 0
 
-    def _positions(self, probe: Tensor) -> tuple[dict[nn.Module, int], int]:
-        """Output positions ``T`` of each layer and the model's output size, from one sample."""
+    def _positions(self, probe: Tensor) -> dict[nn.Module, int]:
+        """Output positions ``T`` of each layer, from one sample."""
         seen = {}
 
         def count(mod, inp, out):
@@ -128,17 +128,19 @@ class KFAC(Marginal):
         handles = [m.register_forward_hook(count) for m in self._layers.values()]
         try:
             with torch.no_grad(), eval_mode(self._model):
-                out = self._model(probe)
+                self._model(probe)
         finally:
             for h in handles:
                 h.remove()
-        return seen, max(1, out[0].numel()) if isinstance(out, Tensor) else 1
+        return seen
 
     def _chunks(self, context: FitContext):
-        """Per chunk of at most 512 rows: its size and, for each layer, its input rows
-        ``a`` (``(m, T, features [+1])``, the bias's 1 appended) and the output-space factor
-        columns back-propagated to the layer's output, one ``(m, T, out)`` tensor per column
-        ``c`` (``None`` where the output does not depend on the layer)."""
+        """Per chunk of at most 512 rows: its size, each layer's input rows ``a``
+        (``(m, T, features [+1])``, the bias's 1 appended), and an iterator over the output-space
+        factor columns ``c`` that yields, for each, ``{layer: (m, T, out)}``: the column
+        back-propagated to each layer's output (``None`` where the output does not depend on the
+        layer). The columns are computed one at a time, when the iterator is advanced, so only one
+        is held; consume it before the next chunk."""
         fm = self._fm
         mods = {mod: n for n, mod in self._layers.items()}
         order = list(mods)
@@ -149,46 +151,51 @@ class KFAC(Marginal):
                 inputs, outputs, out = self._capture(fm, mods, xb)
                 missing = [n for m, n in mods.items() if m not in inputs]
                 if missing:
-                    raise ValueError(f"estimator {self.name!r}: the layers {missing} are not called in the forward pass, so "
-                                     "they have no curvature; leave them out of params=")
+                    raise ValueError(f"estimator {self.name!r}: the layers {missing} are not called in the forward "
+                                     "pass, so they have no curvature; leave them out of params=")
                 shape = out.shape[1:]
                 C = max(1, int(shape.numel()))
                 out = out.reshape(len(xb), C)
                 if factor_of is None:
                     factor_of = output_factor(context.loss, shape)
                 L = factor_of(out.detach(), yb)
-                grads: dict[nn.Module, list] = {m: [] for m in order}
-                for c in range(C):
-                    gs = torch.autograd.grad((out * L[:, :, c]).sum(), [outputs[m] for m in order],
-                                             retain_graph=c < C - 1, allow_unused=True)
-                    for m, g in zip(order, gs):
-                        if g is not None:
-                            if isinstance(m, nn.Linear):     # (m, ..., out): every leading position a row
-                                g = g.reshape(len(g), -1, g.shape[-1])
-                            else:                           # (m, out, *spatial)
-                                g = g.reshape(len(g), g.shape[1], -1).transpose(1, 2)
-                        grads[m].append(g)
+
+                def columns(out=out, L=L, outputs=outputs, C=C):
+                    for c in range(C):
+                        gs = torch.autograd.grad((out * L[:, :, c]).sum(), [outputs[m] for m in order],
+                                                 retain_graph=c < C - 1, allow_unused=True)
+                        col = {}
+                        for m, g in zip(order, gs):
+                            if g is not None:
+                                if isinstance(m, nn.Linear):     # (m, ..., out): every leading position a row
+                                    g = g.reshape(len(g), -1, g.shape[-1])
+                                else:                           # (m, out, *spatial)
+                                    g = g.reshape(len(g), g.shape[1], -1).transpose(1, 2)
+                            col[mods[m]] = g
+                        yield col
+
                 layers = {}
                 for m in order:
                     a = _patches(m, inputs[m])
                     if self._bias(m):
                         a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], 2)
-                    layers[mods[m]] = (a, grads[m])
-                yield len(yb), layers
+                    layers[mods[m]] = a
+                yield len(yb), layers, columns()
 
     def _build(self, context: FitContext) -> None:
         A = {n: 0.0 for n in self._layers}
         B = {n: 0.0 for n in self._layers}
         positions = {}
         seen = 0
-        for size, layers in self._chunks(context):
+        for size, inputs, columns in self._chunks(context):
             seen += size
-            for n, (a, gs) in layers.items():
-                positions[n] = a.shape[1]
-                for g in gs:
+            for col in columns:
+                for n, g in col.items():
                     if g is not None:
                         g = g.reshape(-1, g.shape[-1])
                         B[n] = B[n] + g.T @ g
+            for n, a in inputs.items():
+                positions[n] = a.shape[1]
                 a = a.reshape(-1, a.shape[2])
                 A[n] = A[n] + a.T @ a
         self._factors, self._eigen, self._cg = {}, {}, {}
@@ -268,8 +275,6 @@ class KFAC(Marginal):
 
     def _kept_solve(self, name: str, weight: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
         # the layer's bias is held fixed: it is a tensor of its own, outside the update's blocks
-        QA, QB, _, _, _ = self._factors[name]
-        s = self._eigen[name]
         w = weight.reshape(weight.shape[0], -1)
         k = w.shape[1]
         keep, cut = keep.reshape(w.shape), cut.reshape(w.shape)
@@ -277,12 +282,15 @@ class KFAC(Marginal):
             return self._layer_solve(name, w, keep, cut).view_as(weight)
         out = w.clone()
         eye = torch.eye(k, dtype=torch.float64)
-        QAw = QA[:k]
         for o in torch.nonzero(cut.any(1)).flatten().tolist():
-            # row o of the curvature: Q_A diag(sum_k Q_B[o,k]^2 s_k) Q_A^T (K-FAC: B_oo A), cross-row terms dropped
-            H = (QAw * (QB[o].square() @ s)) @ QAw.T + self._d * eye
-            out[o] = kept_solve(H, w[o], keep[o], cut[o], ridge=self._d)
+            out[o] = kept_solve(self._row_block(name, o, k) + self._d * eye, w[o], keep[o], cut[o], ridge=self._d)
         return out.view_as(weight)
+
+    def _row_block(self, name: str, o: int, k: int) -> Tensor:
+        """Output row ``o``'s block of the curvature over its first ``k`` inputs, cross-row terms
+        dropped and without the damping: K-FAC's ``B_oo A``."""
+        _, _, _, a_mat, b_mat = self._factors[name]
+        return b_mat[o, o] * a_mat[:k, :k]
 
     def _layer_solve(self, name: str, w: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
         r"""The whole layer's compensating update, :math:`\Delta_K = H_{KK}^{-1} H_{KQ} w_Q` with
@@ -321,7 +329,7 @@ class KFAC(Marginal):
         if residual > self.cg_tol:
             warnings.warn(f"estimator {self.name!r}: the layer update of {name!r} stopped after {iters} conjugate-"
                           f"gradient iterations at relative residual {residual:.1e} (cg_tol={self.cg_tol:g}); raise "
-                          "cg_max_iter or use obs_block='row'", RuntimeWarning, stacklevel=3)
+                          "cg_max_iter or use obs_block='row'", RuntimeWarning, stacklevel=5)
         return torch.where(keep, w + x, w)
 
     def diagnostics(self) -> dict:

@@ -23,8 +23,10 @@ Assumes the window's iterates are close enough that their gradients share one di
 blocks, still without a data pass. Its bread is the empirical Fisher, as ``block-sandwich``'s is,
 so it is not robust to misspecification the way a Hessian bread is: without penalty and damping
 the meat equals the bread and the sandwich equals ``kind="observed"`` exactly; with the
-penalty it is :math:`(J + n\lambda)^{-1} J (J + n\lambda)^{-1}`, the penalised estimate's
-smaller sampling variance."""
+penalty it is about :math:`(J + n\lambda)^{-1} J (J + n\lambda)^{-1}` (the bread has
+:math:`\bar g\bar g^\top` where the meat has :math:`r r^\top`), the penalised estimate's smaller
+sampling variance. :math:`r` mixes the window's mean gradient with the weights at the fit; the
+error is about :math:`\lambda(\theta - \bar\theta)`."""
 
 from __future__ import annotations
 
@@ -99,7 +101,9 @@ class WoodFisher(Marginal):
 
     def _memory(self, context: FitContext) -> int:
         m = min(self._count, self.gradients) + 1
-        return 8 * m * sum(b.shape[1] for b in self._buf.values()) + (64 << 20)
+        # the float64 rows; the sandwich adds its meat's rows and their solve
+        copies = 3 if self.kind == "sandwich" else 1
+        return 8 * copies * m * sum(b.shape[1] for b in self._buf.values()) + (64 << 20)
 
     def _build(self, context: FitContext) -> None:
         m = min(self._count, self.gradients)
@@ -117,8 +121,8 @@ class WoodFisher(Marginal):
             shape = self._entries[self.names.index(n)].leaf.shape
             self._blocks[n], self._free[n] = tensor_blocks(U, self._fm.mask(n), shape, context.n, self._d,
                                                            self.block_size)
-            # the sandwich's meat, n V^T V: the same spread and the mean *penalised* score
-            self._meat[n] = torch.cat([spread, (mean + self._penalty * theta[n].reshape(-1))[None]])
+            if self.kind == "sandwich":   # its meat, n V^T V: the same spread and the mean *penalised* score
+                self._meat[n] = torch.cat([spread, (mean + self._penalty * theta[n].reshape(-1))[None]])
         self._m = m
 
     def _sandwich(self, context: FitContext) -> dict[str, Tensor]:
