@@ -181,6 +181,8 @@ def test_variants_resolve():
     assert variant("ekfac-layer") == ("ekfac", {"obs_block": "layer"})
     assert variant("kfac-layer") == ("kfac", {"obs_block": "layer"})
     assert variant("ekfac-sandwich") == ("ekfac", {"kind": "sandwich"})
+    assert variant("kfac-damped") == ("kfac", {"damping": 1e-4})
+    assert variant("woodfisher-damped") == ("woodfisher", {"damping": 1e-4})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert make_estimator("ekfac", nn.Linear(3, 2)).quantity == "saliency"

@@ -68,7 +68,10 @@ class KFAC(Marginal):
     Other tensors: an error offering ``block``."""
 
     cheaper = "curvature"
-    variants = {"kfac-sandwich": {"kind": "sandwich"}, "kfac-layer": {"obs_block": "layer"}}
+    #: ``kfac-damped``: damping 1e-4 in weight-decay units, for a model trained without weight decay
+    #: (whose curvature is singular: constant inputs, dead units)
+    variants = {"kfac-sandwich": {"kind": "sandwich"}, "kfac-layer": {"obs_block": "layer"},
+                "kfac-damped": {"damping": 1e-4}}
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, obs_block: str = "row", cg_tol: float = 1e-10,

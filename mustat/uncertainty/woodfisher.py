@@ -56,7 +56,8 @@ class WoodFisher(Marginal):
     with_replacement = True
     l2_only = True
     variants = {"woodfisher-row": {"block_size": "row"}, "woodfisher-sandwich": {"kind": "sandwich"},
-                "woodfisher-row-sandwich": {"kind": "sandwich", "block_size": "row"}}
+                "woodfisher-row-sandwich": {"kind": "sandwich", "block_size": "row"},
+                "woodfisher-damped": {"damping": 1e-4}}
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, gradients: int = 64, block_size: int | str | None = 128,
