@@ -76,7 +76,8 @@ def resolve(label: str) -> tuple[str, dict]:
 
 
 def _window_mean_tracker(model: nn.Module, setup: TrainingSetup):
-    """Batch means over every trainable tensor: its estimate is the window mean of all of them."""
+    """Batch means over every trainable tensor: its estimate is the window mean of all of them.
+    The study's models carry no masks; a masked model's parameters would be its stored originals."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return make_estimator("batch-means", model, setup=setup, params=names)
 
