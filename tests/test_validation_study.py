@@ -261,6 +261,7 @@ def test_the_calibration_pages_tables_are_the_committed_results():
              + tables.marginal_glm_table(pd.read_csv(docs / "calibration" / "marginal" / "study" / "summary.csv"))
              + tables.marginal_glm_table(pd.read_csv(docs / "calibration" / "marginal" / "study" / "summary.csv"),
                                          at_mean=True)
+             + tables.marginal_full_table(pd.read_csv(docs / "calibration" / "marginal" / "full" / "summary.csv"))
              + tables.marginal_hidden_table(pd.read_csv(docs / "calibration" / "marginal" / "study" / "summary.csv")))
     missing = [line for line in lines if line not in page]
     assert not missing, f"{len(missing)} table lines of docs/CALIBRATION.md differ from tables.py, e.g. {missing[0]}"

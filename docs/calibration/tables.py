@@ -166,6 +166,23 @@ def marginal_glm_table(summary: pd.DataFrame, at_mean: bool = False) -> list[str
     return out
 
 
+def marginal_full_table(summary: pd.DataFrame) -> list[str]:
+    """The marginal estimators in the full study's long-window GLM cells (2,000 intervals each):
+    coverage95 [Wilson] and McNemar's p against exact Wald, at the last iterate and the window mean."""
+    setting = "adam lr=0.02 S=32 replacement 600/640ep"
+    cols = ("batch-means", "fisher-sandwich", "fisher-sandwich@mean", "kfac-sandwich@mean", "ekfac-sandwich@mean",
+            "block-sandwich@mean", "wald")
+    out = ["| design | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for design in ("logistic", "linear", "logistic-r7", "linear-r7"):
+        cells = []
+        for est in cols:
+            r = _row(summary, design, setting, est)
+            mc = "" if est == "wald" else f" (p {r.mcnemar_pvalue:.2g})"
+            cells.append(f"{r.coverage95:.3f} [{r.coverage95_lo:.3f}, {r.coverage95_hi:.3f}]{mc}")
+        out.append(f"| {design} | " + " | ".join(cells) + " |")
+    return out
+
+
 def marginal_hidden_table(summary: pd.DataFrame) -> list[str]:
     """The marginal study's hidden-layer cell: each estimator against the three references."""
     g = summary[summary.design == "teacher-regression"]
@@ -204,6 +221,8 @@ def main() -> None:
     print("\n".join(marginal_glm_table(marginal)))
     print("\n## The marginal estimators at the window mean (GLMs)\n")
     print("\n".join(marginal_glm_table(marginal, at_mean=True)))
+    print("\n## The marginal estimators in the full study's long-window cells\n")
+    print("\n".join(marginal_full_table(pd.read_csv(HERE / "marginal" / "full" / "summary.csv"))))
     print("\n## The marginal estimators on the hidden layer\n")
     print("\n".join(marginal_hidden_table(marginal)))
 
