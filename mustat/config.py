@@ -147,10 +147,9 @@ def expand(criteria: Sequence[str], se: Sequence[str]) -> list[tuple[str, str | 
             if not se:
                 raise ValueError(f"criterion {name!r} needs standard errors: give se=[...] from {sorted(ESTIMATORS)}")
             for s in se:
-                variant(s, "se")
-                pairs.append((name, s))
-            for s in se:
+                variant(s, "se")            # a registered name or a variant of one
                 _check_update(crit, s)
+                pairs.append((name, s))
         else:
             pairs.append((name, None))
     return list(dict.fromkeys(pairs))

@@ -113,7 +113,7 @@ class WoodFisher(Marginal):
                                  "2 steps before fit()")
         B = context.batch_size
         self._blocks, self._free, self._meat = {}, {}, {}
-        theta = self._fm.params(self.names)
+        theta = self._fm.params(self.names) if self.kind == "sandwich" else {}
         for n in self.names:
             G = self._buf[n][:m].to("cpu", torch.float64)
             mean = G.mean(0)
