@@ -401,3 +401,24 @@ def test_calibration_errors():
         oneshot(model, torch.randn(4, 12), method="wanda", sparsity=0.5)
     with pytest.raises(ValueError, match="no layer one-shot pruning supports"):
         oneshot(nn.Sequential(nn.Conv2d(1, 2, 3)), [torch.randn(1, 1, 5, 5)], method="wanda", sparsity=0.5)
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_adaptive_mask_on_a_partly_pruned_layer_meets_the_target(scope):
+    # the first 128 of 256 columns already pruned, 0.6 asked: 0.6 reached, not 0.8 (each lazy block used to
+    # prune the larger of its share and its dead count)
+    X, W = _problem(3, n=600, d=256, rows=8)
+    alive = torch.ones(W.shape, dtype=torch.bool)
+    alive[:, :128] = False
+    for method in ("sparsegpt", "mu"):
+        W_new, keep = S.solve(torch.from_numpy(W), _gram(X), method=method, sparsity=0.6, scope=scope,
+                              pattern=Pattern(), update=True, damping=0.01, block_size=128, alive=alive)
+        assert float((~keep).double().mean()) == pytest.approx(0.6, abs=0.5 / W.shape[1]), (method, scope)
+        assert not keep[:, :128].any()                       # never revived
+        assert (W_new[~keep] == 0).all()
+        if scope == "row":
+            assert ((~keep).sum(1) == round(0.6 * 256)).all()
+    # more pruned than asked: nothing more is cut, nothing revived
+    _, keep = S.solve(torch.from_numpy(W), _gram(X), method="sparsegpt", sparsity=0.3, scope=scope,
+                      pattern=Pattern(), update=True, damping=0.01, block_size=128, alive=alive)
+    assert torch.equal(keep, alive)

@@ -36,6 +36,7 @@ least-squares refit, not its optimum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -52,33 +53,44 @@ SCOPES = ("row", "layer", "global")
 class Gram:
     """Calibration statistics of one input: ``H = sum_t x_t x_t^T`` over ``n`` tokens (float64),
     and for the sandwich ``M_raw = sum_t e_t x_t x_t^T`` with ``e_t = ||W x_t||^2`` and
-    ``S = sum_t e_t``."""
+    ``S = sum_t e_t``. With ``diagonal=True`` only ``diag H`` (``sum_t x_t^2``, Wanda's
+    ``scaler_row``) is kept: d numbers instead of d^2, for statistics that read nothing else."""
 
     d: int
     device: torch.device
     sandwich: bool = False
+    diagonal: bool = False
     n: int = 0
     H: Tensor = field(init=False)
     M_raw: Tensor | None = field(init=False, default=None)
     S: float = 0.0
 
     def __post_init__(self):
-        self.H = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)
+        if self.diagonal and self.sandwich:
+            raise ValueError("the sandwich needs the whole Gram matrix (diagonal=False)")
+        shape = (self.d,) if self.diagonal else (self.d, self.d)
+        self.H = torch.zeros(shape, dtype=torch.float64, device=self.device)
         if self.sandwich:
             self.M_raw = torch.zeros_like(self.H)
 
     def add(self, x: Tensor, xtx: Tensor | None = None, W: Tensor | None = None) -> None:
-        """Add tokens ``x`` (tokens x d); ``xtx`` is their Gram when already computed, ``W`` the
-        rows this input feeds (for the sandwich's ``e_t``)."""
+        """Add tokens ``x`` (tokens x d); ``xtx`` is their statistic (Gram, or its diagonal) when
+        already computed, ``W`` the rows this input feeds (for the sandwich's ``e_t``)."""
         x = x.detach()
-        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # float32 products, float64 sums
-        self.H += (x.T @ x).double() if xtx is None else xtx
+        if xtx is None:
+            xtx = input_statistic(x, self.diagonal)
+        self.H += xtx
         self.n += x.shape[0]
         if self.sandwich:
+            x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
             e = (x @ W.detach().to(device=x.device, dtype=x.dtype).T).double().pow(2).sum(1)
             xd = x.double()
             self.M_raw += (xd * e[:, None]).T @ xd
             self.S += float(e.sum())
+
+    @property
+    def diag(self) -> Tensor:
+        return self.H if self.diagonal else self.H.diagonal()
 
     def meat(self) -> Tensor:
         """``M`` with the token factors normalised to mean 1."""
@@ -87,9 +99,16 @@ class Gram:
         return self.M_raw * (self.n / self.S)
 
 
+def input_statistic(x: Tensor, diagonal: bool = False) -> Tensor:
+    """``x^T x`` (tokens x d in), or only its diagonal: float32 products (float64 inputs stay
+    float64), summed in float64."""
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.square().sum(0).double() if diagonal else (x.T @ x).double()
+
+
 def damped(H: Tensor, damping: float) -> Tensor:
     """``H + damping * mean(diag H) * I``; refuses a Gram with no information."""
-    mean = float(H.diagonal().mean())
+    mean = float((H if H.dim() == 1 else H.diagonal()).mean())
     if not mean > 0:
         raise ValueError("the calibration inputs of this layer are all zero (mean of diag H is 0): nothing "
                          "tells which weights matter; check the calibration batches reach it")
@@ -126,7 +145,7 @@ def scores(method: str, W: Tensor, gram: Gram | None, damping: float, sigma: str
         return W.abs()
     H = gram.H
     if method == "wanda":
-        return W.abs() * H.diagonal().clamp_min(0).sqrt()[None, :]
+        return W.abs() * gram.diag.clamp_min(0).sqrt()[None, :]
     Hinv, _ = inverse_cholesky(damped(H, damping))
     if method == "sparsegpt":
         return W.pow(2) / Hinv.diagonal()[None, :]
@@ -140,10 +159,12 @@ def scores(method: str, W: Tensor, gram: Gram | None, damping: float, sigma: str
     return _ratio(W.pow(2), sigma2[:, None] * var[None, :])
 
 
-def cut(s: Tensor, alive: Tensor, sparsity: float, scope: str, pattern: Pattern, count: int | None = None) -> Tensor:
+def cut(s: Tensor, alive: Tensor, sparsity: float, scope: str, pattern: Pattern,
+        count: int | Tensor | None = None) -> Tensor:
     """Keep-mask: the lowest scores pruned, per row, per matrix (``layer``) or per N:M group.
     Weights already pruned stay pruned and count towards the target. ``count``: the number to
-    prune per row (``row``) or in all (``layer``) instead of ``round(sparsity * n)``."""
+    have pruned, dead weights included, per row (``row``: an int or one per row) or in all
+    (``layer``) instead of ``round(sparsity * n)``."""
     if pattern.structured:
         return nm_keep(s, pattern, alive)
     s = s.masked_fill(~alive, float("-inf"))
@@ -152,11 +173,38 @@ def cut(s: Tensor, alive: Tensor, sparsity: float, scope: str, pattern: Pattern,
         dead = (~alive).sum(1)
         order = torch.sort(s, dim=1, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
-        return rank >= torch.clamp(dead, min=k)[:, None]
-    k = max(round(sparsity * s.numel()) if count is None else count, int((~alive).sum()))
+        return rank >= torch.clamp(dead, min=k)[:, None] if not isinstance(k, Tensor) else rank >= torch.maximum(dead, k)[:, None]
+    k = max(round(sparsity * s.numel()) if count is None else int(count), int((~alive).sum()))
     keep = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
     keep[torch.sort(s.flatten(), stable=True).indices[:k]] = False
     return keep.view(s.shape)
+
+
+def block_targets(alive: Tensor, sparsity: float, scope: str) -> Callable[[int, int], int | Tensor]:
+    """``count(i1, i2)``: how many of columns ``i1:i2`` an adaptive sweep has pruned once it has
+    passed them, dead weights included, per row (``row``) or over the rows (``layer``).
+
+    The weights still to cut, ``round(sparsity * n)`` less those already dead (never fewer than
+    0: nothing is revived), are spread over the blocks in proportion to their live weights, with
+    cumulative rounding so the blocks add up to the target exactly. A layer that arrives partly
+    pruned therefore ends at ``max(sparsity, its own)``, not at its share plus its dead weights.
+    """
+    per_row = scope == "row"
+    live = alive.sum(0) if not per_row else alive
+    cum = torch.cat([torch.zeros_like(live[..., :1]), live.cumsum(-1)], -1).double()   # live before column c
+    n = alive.shape[1] if per_row else alive.numel()
+    total = cum[..., -1]
+    extra = (round(sparsity * n) - (n - total)).clamp_min(0)
+    rate = torch.where(total > 0, extra / total.clamp_min(1), torch.zeros_like(total))
+    dead = (~alive).sum(0 if not per_row else ()).double() if not per_row else (~alive).double()
+    dead_cum = torch.cat([torch.zeros_like(dead[..., :1]), dead.cumsum(-1)], -1)
+
+    def count(i1: int, i2: int) -> int | Tensor:
+        new = torch.round(rate * cum[..., i2]) - torch.round(rate * cum[..., i1])
+        c = (new + dead_cum[..., i2] - dead_cum[..., i1]).long()
+        return c if per_row else int(c)
+
+    return count
 
 
 def obs_sweep(W: Tensor, U: Tensor, keep: Tensor | None, *, alive: Tensor, block_size: int,
@@ -172,6 +220,7 @@ def obs_sweep(W: Tensor, U: Tensor, keep: Tensor | None, *, alive: Tensor, block
     keep = torch.ones_like(W, dtype=torch.bool) if adaptive else keep.clone()
     diag = U.diagonal()
     scale = torch.ones(rows, dtype=W.dtype, device=W.device) if row_scale is None else row_scale
+    target = block_targets(alive, sparsity, scope) if adaptive and not pattern.structured else None
 
     def saliency(w: Tensor, cols: slice) -> Tensor:
         return _ratio(w.pow(2), scale[:, None] * diag[None, cols].pow(2))
@@ -181,17 +230,14 @@ def obs_sweep(W: Tensor, U: Tensor, keep: Tensor | None, *, alive: Tensor, block
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         err = torch.zeros_like(W1)
         if adaptive and not pattern.structured:
-            # each block its share of the whole target, so the blocks' roundings add up to it
-            per = 1 if scope == "row" else rows
-            count = round(sparsity * per * i2) - round(sparsity * per * i1)
-            keep[:, i1:i2] = cut(saliency(W1, slice(i1, i2)), alive[:, i1:i2], sparsity, scope, pattern, count)
+            keep[:, i1:i2] = cut(saliency(W1, slice(i1, i2)), alive[:, i1:i2], sparsity, scope, pattern,
+                                 target(i1, i2))
         for i in range(i2 - i1):
             if adaptive and pattern.structured and i % pattern.m == 0:
                 g = slice(i1 + i, i1 + i + pattern.m)
                 keep[:, g] = nm_keep(saliency(W1[:, i:i + pattern.m], g), pattern, alive[:, g])
-            w = W1[:, i]
-            e = (w - w * keep[:, i1 + i]) / U1[i, i]
-            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            e = W1[:, i].masked_fill(keep[:, i1 + i], 0).div_(U1[i, i])
+            W1[:, i:].addr_(e, U1[i, i:], alpha=-1)   # in place: no temporary per column
             err[:, i] = e
         W[:, i1:i2] = W1
         W[:, i2:] -= err @ U[i1:i2, i2:]
