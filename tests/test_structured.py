@@ -443,3 +443,89 @@ def test_paired_latency_sees_a_64x_smaller_layer_and_checks_repeats():
     assert 0 < t_small < t_big
     with pytest.raises(ValueError, match="repeats must be"):
         paired_latency(big, small, torch.randn(1, 512), repeats=0)
+
+
+def _live_masks(seed=5):
+    """Keep-masks of ``_mlp()``'s first layer: row 0 keeps one weight, row 1 nothing (its bias
+    masked too), row 2 keeps all, the rest at random."""
+    g = torch.Generator().manual_seed(seed)
+    keep_w = (torch.rand(7, 5, generator=g) > 0.4).float()
+    keep_w[0] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])
+    keep_w[1] = 0.0
+    keep_w[2] = 1.0
+    keep_b = torch.ones(7)
+    keep_b[[0, 1]] = 0.0
+    return keep_w, keep_b
+
+
+@pytest.mark.parametrize("mechanism", ["mustat", "torch-prune"])
+def test_diagonal_unit_statistics_count_only_the_live_weights(mechanism):
+    """A unit's chi2 is over its unmasked entries and has one degree of freedom per unmasked entry
+    (before: every entry of the row counted, so a lone live weight at z = 2 got p = 0.68 on 6 dof, not 0.046)."""
+    from mustat._params import install_mask, masked_names
+    m = _mlp()
+    se = _se(m)
+    keep_w, keep_b = _live_masks()
+    if mechanism == "mustat":
+        install_mask(m, "0.weight", keep_w)
+        install_mask(m, "0.bias", keep_b)
+    else:
+        torch.nn.utils.prune.custom_from_mask(m[0], "weight", keep_w)
+        torch.nn.utils.prune.custom_from_mask(m[0], "bias", keep_b)
+    assert sorted(masked_names(m)) == ["0.bias", "0.weight"]
+    w = m[0].weight.detach().double().numpy()
+    b = m[0].bias.detach().double().numpy()
+    se["0.weight"][0, 2] = abs(float(w[0, 2])) / 2        # the lone live weight of row 0 at z = 2
+    for name, k in (("0.weight", keep_w), ("0.bias", keep_b)):   # estimators give masked entries se 0
+        se[name] = torch.where(k.bool(), se[name], torch.zeros_like(se[name]))
+    st = unit_statistics(m, se)
+    sw, sb = se["0.weight"].double().numpy(), se["0.bias"].double().numpy()
+    lw, lb = keep_w.numpy().astype(bool), keep_b.numpy().astype(bool)
+    ref_chi2 = np.where(lw, (w / np.where(lw, sw, 1.0)) ** 2, 0.0).sum(1) + np.where(lb, (b / np.where(lb, sb, 1)) ** 2, 0)
+    ref_dof = lw.sum(1) + lb
+    np.testing.assert_allclose(st.chi2["0"], ref_chi2, rtol=1e-12)
+    np.testing.assert_array_equal(st.dof["0"], ref_dof)
+    assert st.dof["0"][0] == 1 and st.chi2["0"][0] == pytest.approx(4.0, rel=1e-12)
+    p = st.pvalues()["0"]
+    assert p[0] == pytest.approx(sps.chi2.sf(4.0, 1), rel=1e-12)      # 0.0455
+    assert st.dof["0"][1] == 0 and p[1] == 1.0                          # a fully pruned unit
+    np.testing.assert_allclose(p[2:], sps.chi2.sf(ref_chi2[2:], ref_dof[2:]), rtol=1e-12)
+    np.testing.assert_array_equal(st.dof["2"], np.full(4, 8))          # unmasked layers as before
+
+
+def test_kfac_block_of_a_masked_layer_is_the_block_of_its_live_entries():
+    """Masked entries are left out of the block: chi2 = w_L' Sigma_LL^-1 w_L over the live entries
+    L of the row (weights and bias) with |L| degrees of freedom, so a lone live weight gets
+    (w / se)^2 with the estimator's own se, on 1 dof (before: 5 dof, and a full-row quadratic form)."""
+    from mustat._params import install_mask
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    keep_w = torch.ones(5, 4)
+    keep_w[0] = torch.tensor([0.0, 1.0, 0.0, 0.0])   # one live weight, bias masked below
+    keep_w[1] = 0.0                                   # nothing live
+    keep_w[2, 3] = 0.0                                # one entry of five masked
+    keep_w[3, :2] = 0.0
+    keep_b = torch.ones(5)
+    keep_b[[0, 1]] = 0.0
+    install_mask(m, "0.weight", keep_w)
+    install_mask(m, "0.bias", keep_b)
+    X, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    est = _kfac(m, X, y, params=["0.weight", "2.weight"])
+    st = unit_statistics(m, estimator=est)
+    _, _, _, A, B = est._factors["0.weight"]
+    A, B, d = A.numpy(), B.numpy(), float(est._d)
+    cov = np.linalg.inv(np.kron(B, A) + d * np.eye(B.shape[0] * A.shape[0]))
+    W = torch.cat([m[0].weight, m[0].bias[:, None]], 1).detach().double().numpy()
+    live = torch.cat([keep_w, keep_b[:, None]], 1).numpy().astype(bool)
+    f = W.shape[1]
+    for o in range(5):
+        L = np.flatnonzero(live[o])
+        block = cov[o * f:(o + 1) * f, o * f:(o + 1) * f][np.ix_(L, L)]
+        ref = W[o, L] @ np.linalg.solve(block, W[o, L]) if len(L) else 0.0
+        np.testing.assert_allclose(st.chi2["0"][o], ref, rtol=1e-8, atol=1e-300)
+    np.testing.assert_array_equal(st.dof["0"], live.sum(1))
+    z = float(m[0].weight[0, 1].detach().double() / est.se()["0.weight"][0, 1].double())    # se() in the model's float32
+    assert st.chi2["0"][0] == pytest.approx(z ** 2, rel=1e-6)
+    assert st.pvalues()["0"][0] == pytest.approx(sps.chi2.sf(z ** 2, 1), rel=1e-6)
+    assert st.pvalues()["0"][1] == 1.0
+    np.testing.assert_array_equal(st.dof["2"], np.full(3, 6))

@@ -22,6 +22,12 @@ with :math:`\Sigma_u` the estimator's covariance of :math:`w_u`. Two structures:
   its bias). It is exact where K-FAC is (a linear-Gaussian layer) and otherwise assumes
   inputs and output gradients independent.
 
+Pruned (masked) entries are fixed at 0 and are not tested: :math:`w_u` holds the unit's *live*
+entries only and :math:`k_u` counts them, so a unit with one live weight gets :math:`z^2` on one
+degree of freedom and a fully pruned unit has :math:`k_u = 0` (p = 1). In the block structure
+:math:`\Sigma_u` is then the live entries' block of :math:`\Sigma_o` (the covariance the estimator
+states for them, so a lone live weight gets the :math:`z` of the estimator's own ``se()``).
+
 Units of different layers have different :math:`k_u`: the p-value makes them comparable as
 *tests*, while the statistic itself (twice the second-order loss increase of removing the unit)
 compares what removing them costs; :class:`~mustat.structured.WaldImportance` offers both.
@@ -47,8 +53,9 @@ class UnitStatistics:
     r"""Per-unit Wald statistics keyed by module name: ``chi2[name]`` and ``dof[name]`` are
     float64 arrays of the layer's output units. ``structure`` is ``"diagonal"`` or ``"block"``.
 
-    Entries with an infinite SE (unidentified) add nothing and no degree of freedom; a nonzero
-    weight with ``se == 0`` makes its unit's statistic infinite (p = 0), as in :func:`mustat.wald`.
+    Masked (pruned) entries and entries with an infinite SE (unidentified) add nothing and no
+    degree of freedom; a nonzero live weight with ``se == 0`` makes its unit's statistic infinite
+    (p = 0), as in :func:`mustat.wald`.
     """
 
     chi2: dict[str, np.ndarray]
@@ -82,6 +89,37 @@ def _rows(t: Tensor) -> Tensor:
     return t.detach().to("cpu", torch.float64).reshape(t.shape[0], -1)
 
 
+def _live(entry, shape) -> Tensor:
+    """The unmasked entries of a tensor, laid out as its rows ``shape`` (all True without a mask)."""
+    mask = entry.mask()
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool)
+    return mask.detach().to("cpu").reshape(shape) != 0
+
+
+def _block_chi2(z: Tensor, c: Tensor, QA: Tensor, live: Tensor) -> np.ndarray:
+    r"""Each row's :math:`w_L^\top \Sigma_{LL}^{-1} w_L` over its live entries :math:`L`, with
+    :math:`\Sigma_o = Q_A \mathrm{diag}(c_o) Q_A^\top` and ``z`` the rows in the eigenbasis
+    (:math:`Q_A^\top w_o`; masked entries of ``w`` are 0). A row with no masked entry is the full
+    quadratic form; otherwise the smaller of the live and the masked sets is solved: with the
+    precision :math:`P_o = \Sigma_o^{-1}`, :math:`(\Sigma_{LL})^{-1} = P_{LL} - P_{LM} P_{MM}^{-1} P_{ML}`."""
+    full = (z.square() / c).sum(1)
+    out = full.clone()
+    for o in torch.nonzero(~live.all(1)).flatten().tolist():
+        L, Mk = torch.nonzero(live[o]).flatten(), torch.nonzero(~live[o]).flatten()
+        if len(L) == 0:
+            out[o] = 0.0
+        elif len(L) <= len(Mk):
+            QL = QA[L]
+            w = QL @ z[o]                                   # the live weights themselves
+            out[o] = w @ torch.linalg.solve((QL * c[o]) @ QL.T, w)
+        else:
+            QM = QA[Mk]
+            v = (QM / c[o]) @ z[o]                          # P_ML w_L (w_M = 0)
+            out[o] = full[o] - v @ torch.linalg.solve((QM / c[o]) @ QM.T, v)
+    return out.numpy()
+
+
 def _diagonal(model: nn.Module, se: Mapping[str, Tensor], weights: Mapping[str, Tensor] | None):
     table = entries(model)
     chi2: dict[str, np.ndarray] = {}
@@ -101,7 +139,7 @@ def _diagonal(model: nn.Module, se: Mapping[str, Tensor], weights: Mapping[str, 
             if bool(torch.isnan(s64).any()) or bool((s64 < 0).any()):
                 raise ValueError(f"se[{name!r}] has NaN or negative entries; standard errors must be >= 0 "
                                  "(+inf meaning unidentified)")
-            ident = torch.isfinite(s64)
+            ident = torch.isfinite(s64) & _live(table[name], w64.shape)
             z2 = torch.where((w64 == 0) | ~ident, torch.zeros_like(w64), (w64 / s64).square())
             chi2[mod_name] = chi2.get(mod_name, 0.0) + z2.sum(1).numpy()
             dof[mod_name] = dof.get(mod_name, 0.0) + ident.sum(1).to(torch.float64).numpy()
@@ -113,16 +151,20 @@ def _diagonal(model: nn.Module, se: Mapping[str, Tensor], weights: Mapping[str, 
 
 def _kfac_blocks(estimator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     chi2, dof = {}, {}
+    weights = dict(zip(estimator.names, estimator._entries))
     for name, (QA, QB, denom, _, _) in estimator._factors.items():
         mod = estimator._layers[name]
-        w = _rows(mod.weight)
+        w = _rows(weights[name].effective())
+        live = _live(weights[name], w.shape)
         if estimator._bias(mod):
-            b = estimator._bias_entry(mod).effective().detach().to("cpu", torch.float64).reshape(-1, 1)
+            bias = estimator._bias_entry(mod)
+            b = bias.effective().detach().to("cpu", torch.float64).reshape(-1, 1)
             w = torch.cat([w, b], 1)
+            live = torch.cat([live, _live(bias, b.shape)], 1)
         c = QB.square() @ denom.reciprocal()              # (out, features): the row blocks' eigenvalues
         layer = name[: -len(".weight")] if name.endswith(".weight") else ""
-        chi2[layer] = ((w @ QA).square() / c).sum(1).numpy()
-        dof[layer] = np.full(w.shape[0], float(w.shape[1]))
+        chi2[layer] = _block_chi2(w @ QA, c, QA, live)
+        dof[layer] = live.sum(1).to(torch.float64).numpy()
     return chi2, dof
 
 
@@ -133,7 +175,8 @@ def unit_statistics(model: nn.Module, se: Mapping[str, Tensor] | None = None, *,
     Parameters
     ----------
     model
-        The network (read only).
+        The network (read only). Its masks (mustat's, ``torch.nn.utils.prune``'s, ``torch.ao``'s)
+        say which entries are live: only those are tested and counted as degrees of freedom.
     se
         Standard errors keyed by tensor name (diagonal covariance; any estimator's ``se()``).
     estimator
