@@ -1,11 +1,22 @@
 """Sparsity patterns: unstructured, or N:M (at most N kept in every M consecutive weights).
 
-N:M follows NVIDIA's semi-structured sparsity: the groups are M consecutive entries along the
-input dimension of each output row, the last dimension of a 2-D weight (``nn.Linear``). A
-convolution's weight ``(out, in, *kernel)`` is read as the matrix ``(out, in * prod(kernel))``
-and grouped along that row, which is how it is lowered to a matrix product (im2col). 2:4 is the
-pattern CUDA's sparse tensor cores run (``torch.sparse.to_sparse_semi_structured``, compute
-capability 8.0 and newer); on a CPU it saves no time.
+N:M follows NVIDIA's semi-structured sparsity: every group is M consecutive *input channels*
+feeding one output.
+
+- A 2-D weight ``(out, in)`` (``nn.Linear``): M consecutive entries of a row, the last
+  dimension. ``transformers``' ``Conv1D`` stores ``(in, out)``; callers transpose it first
+  (:func:`is_transposed`).
+- A convolution's weight ``(out, in, *kernel)``: M consecutive input channels at one kernel tap
+  of one output channel, the layout the sparse kernels read (cuDNN's NHWC, NVIDIA apex ASP's
+  ``(K, R, S, C)``, i.e. ``weight.permute(0, 2, 3, 1)``). In code the weight is seen as the
+  matrix ``t.movedim(1, -1).reshape(out, -1)`` (taps x in per row) and grouped along its rows
+  (:func:`to_groups`, :func:`from_groups`), so ``in`` must be a multiple of M. Grouping the
+  ``(out, in * prod(kernel))`` view instead would put kernel taps of one channel in a group,
+  which no sparse kernel runs.
+- A 1-D tensor: one row.
+
+2:4 is the pattern CUDA's sparse tensor cores run (``torch.sparse.to_sparse_semi_structured``,
+compute capability 8.0 and newer); on a CPU it saves no time.
 """
 
 from __future__ import annotations
@@ -78,44 +89,119 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
 
 
-def rows(t: Tensor) -> Tensor:
-    """``t`` as the matrix whose rows are grouped: ``(out, everything else)``."""
-    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+def _matrix(t: Tensor) -> Tensor:
+    """``t`` as the matrix whose rows hold the groups (see the module notes)."""
+    if t.dim() > 2:
+        return t.movedim(1, -1).reshape(t.shape[0], -1)  # (out, *kernel, in) -> (out, taps * in)
+    return t if t.dim() == 2 else t.reshape(1, -1)
+
+
+def to_groups(t: Tensor, m: int) -> Tensor:
+    """``t`` as ``(rows, groups, m)``: every slice ``[i, j]`` is one N:M group.
+
+    Linear ``(out, in)``: ``m`` consecutive entries of a row. Convolution ``(out, in, *kernel)``:
+    ``m`` consecutive input channels at one kernel tap, in the order of
+    ``t.permute(0, *kernel dims, 1)`` (apex ASP's ``(K, R, S, C)``). 1-D: one row. The input
+    dimension (dim 1; a 1-D tensor's length) must be a multiple of ``m`` (:func:`check_groups`).
+    """
+    mat = _matrix(t)
+    return mat.reshape(mat.shape[0], -1, m)
+
+
+def from_groups(g: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The inverse of :func:`to_groups`: the groups ``g`` laid back out as a tensor of ``shape``."""
+    shape = torch.Size(shape)
+    if len(shape) > 2:
+        return g.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    return g.reshape(shape)
+
+
+def _group_width(shape: torch.Size | tuple[int, ...]) -> int:
+    """The length of the runs that are cut into groups: ``in`` (dim 1), or a 1-D tensor's length."""
+    return int(shape[1]) if len(shape) > 1 else int(shape[0])
 
 
 def check_groups(shape: torch.Size | tuple[int, ...], pattern: Pattern, name: str) -> None:
-    """Refuse a tensor whose rows do not split into whole groups of M."""
-    width = int(torch.Size(shape)[1:].numel()) if len(shape) > 1 else int(shape[0])
-    if pattern.structured and width % pattern.m:
-        raise ValueError(f"pattern='{pattern}' needs rows whose length is a multiple of {pattern.m}; {name!r} has "
-                         f"shape {tuple(shape)}, rows of {width}; leave it out of params or choose another M")
+    """Refuse a tensor whose inputs do not split into whole groups of M.
+
+    Raises
+    ------
+    ValueError
+        If ``pattern`` is N:M and the input dimension (dim 1: a matrix's row length, a
+        convolution's ``in_channels``; a 1-D tensor's length) is not a multiple of M.
+    """
+    if not pattern.structured:
+        return
+    width = _group_width(shape)
+    if width % pattern.m == 0:
+        return
+    if len(shape) > 2:
+        raise ValueError(f"pattern='{pattern}' needs a convolution's in_channels (dim 1 of its weight) to be a "
+                         f"multiple of {pattern.m}, since every group is {pattern.m} consecutive input channels at "
+                         f"one kernel tap; {name!r} has shape {tuple(shape)}, in_channels {width}; leave it out of "
+                         "params or choose another M")
+    raise ValueError(f"pattern='{pattern}' needs rows whose length is a multiple of {pattern.m}; {name!r} has "
+                     f"shape {tuple(shape)}, rows of {width}; leave it out of params or choose another M")
 
 
 def nm_keep(scores: Tensor, pattern: Pattern, alive: Tensor | None = None) -> Tensor:
-    """Keep-mask with the N highest scores of every group of M (per row, see the module notes).
+    """Keep-mask with the N highest scores of every group of M (groups: see the module notes).
 
     A weight already pruned (``alive`` False) stays pruned, and counts as one of the group's
     M - N pruned weights. Ties go to the earlier position, so the mask is deterministic.
+
+    Parameters
+    ----------
+    scores
+        Scores shaped like the weight: ``(out, in)``, ``(out, in, *kernel)`` or 1-D; compared in
+        float64. The input dimension must split into groups of M (:func:`check_groups`).
+    pattern
+        A structured :class:`Pattern`.
+    alive
+        Optional bool mask shaped like ``scores``; False marks weights already pruned.
+
+    Returns
+    -------
+    Tensor
+        Bool keep-mask shaped like ``scores``.
+
+    Notes
+    -----
+    The M - N lowest of each group are found with one ``torch.topk(..., largest=False)`` and
+    scattered into the mask, as SparseGPT and Wanda do. ``topk`` does not break ties by
+    position, so a group whose (M - N)-th and (M - N + 1)-th lowest scores are not strictly
+    ordered (a tie across the cut, or NaN) is redone with a stable sort; elsewhere the set of
+    the M - N lowest is unique and the two agree.
     """
-    s = rows(scores).to(torch.float64)
-    if alive is not None:
-        s = s.masked_fill(~rows(alive).bool(), float("-inf"))
-    g = s.reshape(s.shape[0], -1, pattern.m)
-    # stable descending sort: equal scores keep their order
-    order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., : pattern.n]
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True)
-    if alive is not None:
-        keep &= rows(alive).bool().reshape(keep.shape)
-    return keep.reshape(scores.shape)
+    m, cut = pattern.m, pattern.m - pattern.n
+    g = to_groups(scores, m).to(torch.float64)
+    live = None if alive is None else to_groups(alive, m).bool()
+    if live is not None:
+        g = g.masked_fill(~live, float("-inf"))
+    low = torch.topk(g, cut + 1, dim=-1, largest=False, sorted=True)
+    keep = torch.ones_like(g, dtype=torch.bool).scatter_(-1, low.indices[..., :cut], False)
+    tied = ~(low.values[..., cut - 1] < low.values[..., cut])
+    if tied.any():
+        # stable descending sort: equal scores keep their order, the earlier one is kept
+        order = torch.sort(g[tied], dim=-1, descending=True, stable=True).indices[..., : pattern.n]
+        redo = torch.zeros(order.shape[:-1] + (m,), dtype=torch.bool, device=g.device)
+        keep[tied] = redo.scatter_(-1, order, True)
+    if live is not None:
+        keep &= live
+    return from_groups(keep, scores.shape).contiguous()
 
 
 def pattern_violations(values: Tensor, pattern: str | Pattern) -> int:
-    """The number of groups of M with more than N nonzero entries (0 when ``values`` obeys)."""
+    """The number of groups of M with more than N nonzero entries (0 when ``values`` obeys).
+
+    ``values`` is laid out like a weight (see the module notes); a convolution's groups are M
+    consecutive input channels at one kernel tap.
+    """
     pattern = parse_pattern(pattern)
     if not pattern.structured:
         return 0
     check_groups(values.shape, pattern, "values")
-    nonzero = (rows(values) != 0).reshape(values.shape[0] if values.dim() > 1 else 1, -1, pattern.m)
+    nonzero = to_groups(values, pattern.m) != 0
     return int((nonzero.sum(-1) > pattern.n).sum())
 
 
@@ -124,17 +210,22 @@ def check_pattern(model: nn.Module, pattern: str | Pattern, params=None) -> dict
 
     Returns ``{name: violating groups}`` for the tensors that break it: an empty dict means every
     group of every tensor obeys. ``params``: the names to check (default: every masked tensor,
-    or every prunable one if none is masked).
+    or every prunable one if none is masked). The groups are those of :func:`to_groups` (a
+    convolution's: M consecutive input channels at one kernel tap); a tensor whose inputs do not
+    split into groups of M is refused with a ``ValueError`` naming it (:func:`check_groups`).
     """
     from mustat._params import entries, masked_names, select  # noqa: I001 (imports the package that imports this)
 
+    pattern = parse_pattern(pattern)
     table = entries(model)
     names = select(model, params) if params is not None else (masked_names(model, table) or select(model, None))
     out = {}
     for name in names:
         e = table[name]
         values = e.effective()
-        bad = pattern_violations(values.T if is_transposed(e.module, e.attr) else values, pattern)
+        values = values.T if is_transposed(e.module, e.attr) else values
+        check_groups(values.shape, pattern, name)
+        bad = pattern_violations(values, pattern)
         if bad:
             out[name] = bad
     return out
