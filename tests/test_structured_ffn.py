@@ -134,3 +134,88 @@ def test_tiny_bert_end_to_end_with_padding_left_out():
     assert small.encoder.layer[0].intermediate.dense.weight.shape == (16, 16)
     out = small(**padded[0]).last_hidden_state
     assert out.shape == (4, 9, 16) and torch.isfinite(out).all()
+
+
+def _masked(seed=0, dead=(1, 4)):
+    """``_setup``'s block with random masks on both layers (weights and biases) and the down
+    projection's columns ``dead`` fully masked: those neurons write nothing."""
+    from mustat._params import install_mask
+    m, batches, x = _setup(seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    keeps = {"intermediate.dense.weight": (torch.rand(6, 4, generator=g) > 0.3).double(),
+             "intermediate.dense.bias": (torch.rand(6, generator=g) > 0.3).double(),
+             "output.dense.weight": (torch.rand(4, 6, generator=g) > 0.3).double(),
+             "output.dense.bias": (torch.rand(4, generator=g) > 0.3).double()}
+    keeps["output.dense.weight"][:, list(dead)] = 0.0
+    for name, keep in keeps.items():
+        install_mask(m, name, keep)
+    return m, batches, x, keeps
+
+
+def test_masked_block_is_cut_with_its_masks_baked_in_and_kept():
+    """Before: Torch-Pruning cut ``up`` and then raised KeyError on the parametrized ``down``,
+    leaving 4 neurons feeding 6 inputs. Now the masks are baked in, the cut is made, and the kept
+    entries' masks are re-installed: cutting neurons whose outputs are all masked changes nothing."""
+    from mustat._params import mask_of
+    m, _, x, keeps = _masked()
+    before = m(x).detach()
+    values = {n: getattr(m.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]).detach().clone()
+              for n in keeps}                       # the effective (masked) values
+    _, up, down = ffn_blocks(m)[0]
+    remove_neurons(up, down, [1, 4])
+    kept = [0, 2, 3, 5]
+    assert (up.weight.shape, up.bias.shape, down.weight.shape) == ((4, 4), (4,), (4, 4))
+    assert torch.equal(m(x).detach(), before)
+    expect = {"intermediate.dense.weight": kept, "intermediate.dense.bias": kept,
+              "output.dense.weight": (slice(None), kept), "output.dense.bias": slice(None)}
+    for name, idx in expect.items():
+        assert torch.equal(mask_of(m, name), keeps[name][idx]), name
+        mod = m.get_submodule(name.rpartition(".")[0])
+        assert torch.equal(getattr(mod, name.rpartition(".")[2]), values[name][idx]), name
+
+
+@pytest.mark.parametrize(("method", "refit"), [("obs", True), ("magnitude", False)])
+def test_prune_ffn_of_a_masked_model_equals_pruning_its_finalized_copy(method, refit):
+    """The masked model is pruned as the plain model with its masks applied (``mustat.finalize``):
+    same neurons, same refit, same outputs; with the refit, ``down`` is refitted densely."""
+    import mustat
+    from mustat._params import masked_names
+    m, batches, x, _ = _masked(1, dead=())
+    plain = mustat.finalize(copy.deepcopy(m))
+    kept = prune_ffn(m, batches, 2 / 6, method, refit=refit)
+    assert kept == prune_ffn(plain, batches, 2 / 6, method, refit=refit) == {"": 4}
+    torch.testing.assert_close(m(x), plain(x), rtol=1e-12, atol=1e-12)
+    expect = ["intermediate.dense.bias", "intermediate.dense.weight"]
+    expect += [] if refit else ["output.dense.bias", "output.dense.weight"]
+    assert sorted(masked_names(m)) == expect
+
+
+def test_removing_nothing_from_a_masked_model_changes_nothing():
+    from mustat._params import masked_names
+    m, batches, x, keeps = _masked(2)
+    before = m(x).detach()
+    assert prune_ffn(m, batches, 0.0, "obs") == {"": 6}
+    assert torch.equal(m(x).detach(), before) and sorted(masked_names(m)) == sorted(keeps)
+
+
+def test_a_fraction_rounding_to_every_neuron_keeps_one():
+    """Before: round(0.95 * 6) = 6 made prune_ffn raise 'would remove every neuron'; now it caps
+    at n - 1 removed, as prune_heads does."""
+    m, batches, x = _setup(4)
+    kept = prune_ffn(m, batches, 0.95, "obs")
+    assert kept == {"": 1}
+    assert m.intermediate.dense.weight.shape == (1, 4) and m.output.dense.weight.shape == (4, 1)
+    assert m(x).shape == (60, 4)
+
+
+def test_a_layer_under_another_parametrization_is_refused_before_any_cut():
+    """Weight norm is no mask: Torch-Pruning cannot cut it, so nothing is cut (before: ``up`` was
+    cut, then ``down`` raised KeyError, leaving 4 neurons feeding 6 inputs)."""
+    m, _, x = _setup(5)
+    _, up, down = ffn_blocks(m)[0]
+    torch.nn.utils.parametrizations.weight_norm(down)
+    before = m(x).detach()
+    with pytest.raises(ValueError, match=r"Linear.weight .* parametrization that is not a mask"):
+        remove_neurons(up, down, [1, 4])
+    assert (up.out_features, up.weight.shape, down.weight.shape) == (6, (6, 4), (4, 6))
+    assert torch.equal(m(x).detach(), before)

@@ -184,3 +184,60 @@ def test_bad_input():
     with pytest.raises(ValueError, match="no calibration input reached"):
         head_grams(model, [], blocks)
     assert att.num_attention_heads == HEADS and proj.in_features == D
+
+
+def _mask_attention(model, seed=0, dead=None):
+    """Random masks on every attention block's query/key/value (weights and biases) and output
+    projection; with ``dead``, that head's output-projection columns fully masked."""
+    from mustat._params import install_mask
+    g = torch.Generator().manual_seed(seed)
+    keeps = {}
+    d = D // HEADS
+    for name, _, _ in attention_blocks(model):
+        for p in ("self.query", "self.key", "self.value", "output.dense"):
+            for attr, shape in (("weight", (D, D)), ("bias", (D,))):
+                keep = (torch.rand(shape, generator=g) > 0.3).double()
+                if dead is not None and p == "output.dense" and attr == "weight":
+                    keep[:, dead * d:(dead + 1) * d] = 0.0
+                keeps[f"{name}.{p}.{attr}"] = keep
+                install_mask(model, f"{name}.{p}.{attr}", keep)
+    return keeps
+
+
+def test_masked_heads_are_cut_with_their_masks_baked_in_and_kept():
+    """Before: cutting a masked block raised KeyError from Torch-Pruning half-way through the cut.
+    Now a head whose output columns are all masked is removed without changing the function, and
+    the kept rows and columns keep their masks."""
+    from mustat._params import mask_of
+    model, batches = _bert(5)
+    keeps = _mask_attention(model, 5, dead=2)
+    before = model(**batches[0]).last_hidden_state.detach()
+    kept = prune_heads(model, batches, 1 / HEADS, "magnitude", refit=False)
+    assert kept == {"encoder.layer.0.attention": 3, "encoder.layer.1.attention": 3}
+    torch.testing.assert_close(model(**batches[0]).last_hidden_state, before, rtol=1e-12, atol=1e-12)
+    d = D // HEADS
+    idx = [*range(0, 2 * d), *range(3 * d, D)]
+    for name, keep in keeps.items():
+        out = ".output.dense." in name
+        want = keep if (out and name.endswith("bias")) else keep[:, idx] if out else keep[idx]
+        assert torch.equal(mask_of(model, name), want), name
+    att = model.encoder.layer[1].attention.self
+    assert (att.num_attention_heads, att.query.weight.shape) == (3, (12, D))
+
+
+def test_prune_heads_of_a_masked_model_equals_pruning_its_finalized_copy():
+    import mustat
+    model, batches = _bert(6)
+    _mask_attention(model, 6)
+    plain = mustat.finalize(copy.deepcopy(model))
+    kept = prune_heads(model, batches, 0.5, "obs")
+    assert kept == prune_heads(plain, batches, 0.5, "obs")
+    torch.testing.assert_close(model(**batches[0]).last_hidden_state, plain(**batches[0]).last_hidden_state,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_a_fraction_rounding_to_every_head_keeps_one():
+    model, batches = _bert(7)
+    assert prune_heads(model, batches, 0.9, "magnitude", refit=False) == {
+        "encoder.layer.0.attention": 1, "encoder.layer.1.attention": 1}
+    assert model(**batches[0]).last_hidden_state.shape == (3, 11, D)

@@ -28,15 +28,15 @@ from collections.abc import Iterable
 from numbers import Real
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from mustat._checks import check_option, check_scalar
 from mustat.structured.reconstruction import (
+    check_cuttable,
+    cut_channels,
     group_scores,
     input_grams,
     least_squares_refit,
-    set_weights,
 )
 
 FFN_SCORES = ("magnitude", "activation", "obs")
@@ -80,7 +80,12 @@ def ffn_scores(up: nn.Linear, down: nn.Linear, H: Tensor | None, method: str) ->
 @torch.no_grad()
 def remove_neurons(up: nn.Linear, down: nn.Linear, idxs: list[int], H: Tensor | None = None) -> None:
     """Remove neurons ``idxs`` of the block through Torch-Pruning's functions; with ``H``, refit the
-    kept columns and the bias of ``down`` by least squares first (module notes)."""
+    kept columns and the bias of ``down`` by least squares first (module notes).
+
+    Masked layers (a model pruned beforehand) are cut as their effective weights, and the kept
+    entries keep their masks, except a refitted ``down``, which comes back dense
+    (:func:`~mustat.structured.reconstruction.cut_channels`). Bad indices, removing every neuron and
+    a layer under a parametrization other than a mask raise ValueError before anything changes."""
     n = down.in_features
     gone = set(idxs)
     if len(gone) != len(idxs) or not all(isinstance(i, int) and 0 <= i < n for i in idxs):
@@ -88,17 +93,20 @@ def remove_neurons(up: nn.Linear, down: nn.Linear, idxs: list[int], H: Tensor | 
     keep = [j for j in range(n) if j not in gone]
     if not keep:
         raise ValueError("remove_neurons would remove every neuron of the block")
+    check_cuttable([up, down])
     fitted = least_squares_refit(down, H, keep) if H is not None else None
-    tp.prune_linear_out_channels(up, idxs)
-    tp.prune_linear_in_channels(down, idxs)
-    if fitted is not None:
-        set_weights(down, *fitted)
+    cut_channels([up], down, idxs, fitted)
 
 
 def prune_ffn(model: nn.Module, batches: list[dict], fraction: float, method: str = "obs", *, refit: bool = True,
               damping: float = 0.01) -> dict[str, int]:
     """Remove ``fraction`` of the neurons of every feed-forward block, the lowest-scoring first, in
-    place; returns the neurons kept per block. ``refit`` needs ``batches`` (their Grams are used)."""
+    place; returns the neurons kept per block. ``refit`` needs ``batches`` (their Grams are used).
+
+    Each block removes ``round(fraction * n)`` of its ``n`` neurons but keeps at least one (as
+    :func:`~mustat.structured.prune_heads` keeps a head): a fraction close to 1 leaves one neuron
+    per block, which the returned counts show. A masked model (pruned beforehand) is pruned as its
+    effective weights, keeping its masks except on refitted down projections (:func:`remove_neurons`)."""
     check_scalar(fraction, "fraction", kind=Real, low=0.0, high=1.0, closed="left")
     check_option(method, "method", FFN_SCORES)
     blocks = ffn_blocks(model)
@@ -107,7 +115,7 @@ def prune_ffn(model: nn.Module, batches: list[dict], fraction: float, method: st
     for name, up, down in blocks:
         H = grams.get(name)
         scores = ffn_scores(up, down, H, method)
-        k = int(round(fraction * len(scores)))
+        k = min(int(round(fraction * len(scores))), len(scores) - 1)
         idxs = sorted(torch.argsort(scores, stable=True)[:k].tolist())
         if idxs:
             remove_neurons(up, down, idxs, H if refit else None)

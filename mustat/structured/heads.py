@@ -35,15 +35,15 @@ from collections.abc import Iterable
 from numbers import Real
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from mustat._checks import check_option, check_scalar
 from mustat.structured.reconstruction import (
+    check_cuttable,
+    cut_channels,
     group_scores,
     input_grams,
     least_squares_refit,
-    set_weights,
 )
 
 HEAD_SCORES = ("magnitude", "activation", "obs")
@@ -94,7 +94,12 @@ def head_scores(att: nn.Module, proj: nn.Linear, H: Tensor | None, method: str) 
 @torch.no_grad()
 def remove_heads(att: nn.Module, proj: nn.Linear, heads: list[int], H: Tensor | None = None) -> None:
     """Remove ``heads`` of the block through Torch-Pruning's functions and update its head count;
-    with ``H``, refit the kept columns and the bias of the output projection first (module notes)."""
+    with ``H``, refit the kept columns and the bias of the output projection first (module notes).
+
+    Masked layers (a model pruned beforehand) are cut as their effective weights, and the kept
+    entries keep their masks, except a refitted output projection, which comes back dense
+    (:func:`~mustat.structured.reconstruction.cut_channels`). Bad indices, removing every head and
+    a layer under a parametrization other than a mask raise ValueError before anything changes."""
     groups = _heads(att)
     n = len(groups)
     gone = set(heads)
@@ -104,12 +109,10 @@ def remove_heads(att: nn.Module, proj: nn.Linear, heads: list[int], H: Tensor | 
         raise ValueError("remove_heads would remove every head of the block")
     idxs = sorted(i for h in gone for i in groups[h])
     keep = [i for h in range(n) if h not in gone for i in groups[h]]
+    producers = [getattr(att, p) for p in ("query", "key", "value")]
+    check_cuttable([*producers, proj])
     fitted = least_squares_refit(proj, H, keep) if H is not None else None
-    for p in ("query", "key", "value"):
-        tp.prune_linear_out_channels(getattr(att, p), idxs)
-    tp.prune_linear_in_channels(proj, idxs)
-    if fitted is not None:
-        set_weights(proj, *fitted)
+    cut_channels(producers, proj, idxs, fitted)
     att.num_attention_heads = n - len(gone)
     att.all_head_size = att.num_attention_heads * att.attention_head_size
 
@@ -118,7 +121,11 @@ def prune_heads(model: nn.Module, batches: list[dict], fraction: float, method: 
                 damping: float = 0.01) -> dict[str, int]:
     """Remove ``fraction`` of the heads of every self-attention block (rounded per block), the
     lowest-scoring first, in place; returns the heads kept per block. ``refit`` and the
-    ``activation``/``obs`` scores use the calibration ``batches`` (dicts for ``model(**batch)``)."""
+    ``activation``/``obs`` scores use the calibration ``batches`` (dicts for ``model(**batch)``).
+
+    Every block keeps at least one head: a fraction close to 1 leaves one per block, which the
+    returned counts show. A masked model is pruned as its effective weights, keeping its masks
+    except on refitted output projections (:func:`remove_heads`)."""
     check_scalar(fraction, "fraction", kind=Real, low=0.0, high=1.0, closed="left")
     check_option(method, "method", HEAD_SCORES)
     blocks = attention_blocks(model)

@@ -12,6 +12,11 @@ With the layer's inputs on the calibration tokens extended by a constant for the
 alone it is OBS's group saliency; with i.i.d. Gaussian output noise of variance :math:`\sigma^2`
 per output it is :math:`\sigma^2` times the group's Wald (likelihood-ratio) statistic, with
 ``out_features * len(group)`` degrees of freedom.
+
+:func:`cut_channels` makes the cut itself on models pruned beforehand too: masks (mustat's,
+``torch.nn.utils.prune``'s, ``torch.ao``'s) are baked into the weights and taken off before
+Torch-Pruning's surgery, which cannot cut a parametrized layer, and the surviving entries' masks are
+put back afterwards (as mustat masks).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
 
 import torch
+import torch_pruning as tp
 from torch import Tensor, nn
 
+from mustat import _masking as M
 from mustat._checks import check_option, check_scalar
 from mustat._functional import eval_mode
 
@@ -114,3 +121,64 @@ def set_weights(layer: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
     layer.weight.copy_(weight.to(layer.weight.dtype))
     if layer.bias is not None:
         layer.bias.copy_(bias.to(layer.bias.dtype))
+
+
+_ATTRS = ("weight", "bias")
+
+
+def check_cuttable(layers: Sequence[nn.Linear]) -> None:
+    """Raise, before anything changes, when a layer's weight or bias is computed by a
+    parametrization other than a mask (weight norm, say): Torch-Pruning cannot cut it."""
+    for layer in layers:
+        for attr in _ATTRS:
+            if M.kind(layer, attr) == "other":
+                raise ValueError(f"{type(layer).__name__}.{attr} (in_features={layer.in_features}, out_features="
+                                 f"{layer.out_features}) is computed by a parametrization that is not a mask; remove it "
+                                 "first (torch.nn.utils.parametrize.remove_parametrizations) to cut channels")
+
+
+@torch.no_grad()
+def _unmask(layer: nn.Linear) -> dict[str, Tensor]:
+    """Take every mask off ``layer``'s weight and bias, leaving the effective values (masked
+    entries zero) in plain parameters; returns the keep-masks (bool) that were there."""
+    masks = {}
+    for attr in _ATTRS:
+        keep = M.find_mask(layer, attr)
+        if keep is None:
+            continue
+        keep = keep.detach() != 0
+        M.strip_mask(layer, attr)
+        value = getattr(layer, attr)
+        value.mul_(keep.to(value.dtype))
+        masks[attr] = keep
+    return masks
+
+
+@torch.no_grad()
+def cut_channels(producers: Sequence[nn.Linear], consumer: nn.Linear, idxs: Sequence[int],
+                 fitted: tuple[Tensor, Tensor | None] | None = None) -> None:
+    """Remove the output channels ``idxs`` of every producer and the matching input columns of
+    ``consumer`` with Torch-Pruning's functions; with ``fitted`` (a :func:`least_squares_refit` of
+    ``consumer``, computed before), copy it into the cut consumer.
+
+    Masked layers are cut too (module notes): each mask is baked in and removed first, and the
+    rows or columns it keeps are re-installed as a mustat mask afterwards, so the function is the
+    masked model's minus the removed channels. A refitted consumer is dense: the refit gives its
+    masked entries least-squares values, so its masks are not re-installed. Check the layers with
+    :func:`check_cuttable` first."""
+    check_cuttable([*producers, consumer])
+    gone = set(idxs)
+    keep = [j for j in range(consumer.in_features) if j not in gone]
+    masks = [_unmask(layer) for layer in (*producers, consumer)]
+    idxs = sorted(gone)
+    for layer in producers:
+        tp.prune_linear_out_channels(layer, idxs)
+    tp.prune_linear_in_channels(consumer, idxs)
+    if fitted is not None:
+        set_weights(consumer, *fitted)
+    for layer, found in zip(producers, masks):
+        for attr, k in found.items():
+            M.set_mask(layer, attr, k[keep])
+    if fitted is None:
+        for attr, k in masks[-1].items():
+            M.set_mask(consumer, attr, k[:, keep] if attr == "weight" else k)
