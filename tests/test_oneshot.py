@@ -298,9 +298,10 @@ def test_every_layer_of_each_family_is_found_and_pruned(family):
         assert name in row
     assert [s[0] for s in report.skipped] == skipped
     assert (report.layers["sparsity"] == 0.5).all() and check_pattern(model, "2:4") == {}
-    # groups sharing an input share a pass: one per group and block, plus the trace
+    # block by block: the trace, the capture of the first block's inputs, one pass of a block per group
+    # (groups sharing an input share one), one to compute each block's outputs but the last's
     groups = {"bert": 4, "gpt2": 4, "llama": 4, "nn.TransformerEncoder": 4}[family]
-    assert report.passes == 2 * groups + 1
+    assert report.driver == "block" and report.passes == 2 + 2 * groups + 1
     assert model.training and all(m.training for m in model.modules())  # mode put back
     assert torch.backends.mha.get_fastpath_enabled() == fast
     after = _output(model, cal[0])
@@ -400,7 +401,7 @@ def test_calibration_errors():
     with pytest.raises(TypeError, match="not one Tensor; wrap a single batch in a list"):
         oneshot(model, torch.randn(4, 12), method="wanda", sparsity=0.5)
     with pytest.raises(ValueError, match="no layer one-shot pruning supports"):
-        oneshot(nn.Sequential(nn.Conv2d(1, 2, 3)), [torch.randn(1, 1, 5, 5)], method="wanda", sparsity=0.5)
+        oneshot(nn.Sequential(nn.Conv3d(1, 2, 3)), [torch.randn(1, 1, 5, 5, 5)], method="wanda", sparsity=0.5)
 
 
 @pytest.mark.parametrize("scope", ["row", "layer"])
@@ -422,3 +423,104 @@ def test_adaptive_mask_on_a_partly_pruned_layer_meets_the_target(scope):
     _, keep = S.solve(torch.from_numpy(W), _gram(X), method="sparsegpt", sparsity=0.3, scope=scope,
                       pattern=Pattern(), update=True, damping=0.01, block_size=128, alive=alive)
     assert torch.equal(keep, alive)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "nn.TransformerEncoder"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_the_block_driver_equals_the_model_driver(family, method):
+    model, cal, *_ = _families()[family]
+    model = model.double()
+    cal = [b.double() if isinstance(b, torch.Tensor) else b for b in cal]
+    other = copy.deepcopy(model)
+    a = oneshot(model, cal, method=method, sparsity=0.5)
+    b = oneshot(other, cal, method=method, sparsity=0.5, driver="model")
+    assert (a.driver, b.driver) == ("block", "model")
+    for (n, x), (_, y) in zip(model.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=n)
+    # wanda's error comes from the outputs (diagonal statistics) on one side and the Gram on the other
+    np.testing.assert_allclose(a.layers["error"], b.layers["error"], rtol=1e-8)
+
+
+def _im2col(x, k, pad):
+    """Patches of a (batch, C, H, W) input, one row per output position, columns (tap, channel)."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    b, c, h, w = x.shape
+    rows = []
+    for i in range(b):
+        for r in range(h - k + 1):
+            for q in range(w - k + 1):
+                rows.append(x[i, :, r:r + k, q:q + k].transpose(1, 2, 0).ravel())
+    return np.array(rows)
+
+
+def test_convolutions_are_pruned_from_their_unfolded_inputs():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(5, 4, 7, 7, dtype=torch.float64)
+    ref = copy.deepcopy(conv)
+    report = oneshot(nn.Sequential(conv), [x], method="wanda", sparsity=0.5)
+    assert list(report.layers["kind"]) == ["conv"]
+    # numpy: |w| times the norm of each (tap, channel) column of the patches, per output row
+    P = _im2col(x.numpy(), 3, 1)
+    W = ref.weight.detach().numpy().transpose(0, 2, 3, 1).reshape(6, -1)
+    score = np.abs(W) * np.sqrt((P ** 2).sum(0))[None, :]
+    keep = score > np.sort(score, 1)[:, [17]]
+    got = (conv.weight.detach() != 0).numpy().transpose(0, 2, 3, 1).reshape(6, -1)
+    np.testing.assert_array_equal(got, keep)
+    # SparseGPT with the update: the reported error is the convolution's own output error
+    conv = copy.deepcopy(ref)
+    report = oneshot(nn.Sequential(conv), [x], method="sparsegpt", sparsity=0.5)
+    with torch.no_grad():
+        d = (conv(x) - ref(x)).pow(2).sum() / (ref(x) - ref.bias[None, :, None, None]).pow(2).sum()
+    assert report.layers["error"][0] == pytest.approx(float(d), rel=1e-8)
+    assert report.pruning.sparsity == pytest.approx(0.5, abs=1e-9)
+
+
+def test_convolutions_nm_in_the_hardware_layout_and_a_batchnorm_cnn_is_pruned_whole():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="in_channels"):   # 3 input channels make no group of 4
+        oneshot(nn.Sequential(nn.Conv2d(3, 4, 3)), [torch.randn(2, 3, 5, 5)], method="sparsegpt", pattern="2:4")
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding="same"),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x = torch.randn(6, 4, 8, 8)
+    report = oneshot(model, [x], method="sparsegpt", pattern="2:4")
+    assert list(report.layers["kind"]) == ["conv", "conv", "linear"]
+    assert report.pruning.sparsity == pytest.approx(0.5, abs=1e-9)   # every conv and the head: the model's
+    w = model[3].weight.detach()                                         # (out, in, R, S): 2 of every 4 input
+    groups = (w.permute(0, 2, 3, 1).reshape(8, 3, 3, 2, 4) != 0).sum(-1)  # channels at each tap (apex ASP)
+    assert (groups <= 2).all() and check_pattern(model, "2:4") == {}
+
+
+def test_unsupported_weights_are_named_with_the_sparsity_reached():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 9, 3))
+    with pytest.warns(mustat.layerwise.run.SkippedLayersWarning, match=r"0\.weight.*about 37\.5% sparse"):
+        report = oneshot(model, [torch.randn(4, 2, 5, 5)], method="wanda", sparsity=0.5)
+    assert report.skipped == [("0.weight", "grouped convolutions are not supported")]
+    assert "1 tensors left as they were" in str(report)
+
+
+class _TokenPool(nn.Module):
+    """A layer applied to every token, then a layer on the pooled tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.token, self.pooled = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.pooled(torch.tanh(self.token(x)).mean(1))
+
+
+@pytest.mark.parametrize("method", ["mu", "sparsegpt", "wanda"])
+def test_global_shares_do_not_depend_on_how_often_a_layer_sees_a_token(method):
+    # repeating each token T times multiplies the token layer's Gram by T and leaves the pooled one's alone:
+    # per-token scores (z^2 / n for mu) give the same shares for every T
+    torch.manual_seed(0)
+    X = torch.randn(64, 1, 8, dtype=torch.float64)
+    shares = []
+    for T in (1, 64):
+        torch.manual_seed(1)
+        model = _TokenPool().double()
+        report = oneshot(model, [X.repeat(1, T, 1)], method=method, sparsity=0.5, scope="global")
+        shares.append(list(report.layers["sparsity"]))
+    assert shares[0] == shares[1]
+    assert 0 < shares[0][0] < 1 and shares[0][0] != 0.5

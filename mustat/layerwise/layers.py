@@ -4,13 +4,19 @@ that feed them.
 - ``nn.Linear`` (``y = x W^T + b``): the weight itself; its input is the module's input.
 - ``transformers``' ``Conv1D`` (GPT-2; ``y = x W + b``, weight stored inputs x outputs): the
   transposed weight.
+- ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``): the weight ``(out, in, *kernel)`` as the matrix
+  ``(out, taps x in)``, input channels fastest (the hardware N:M layout, apex ASP's ``(K, R, S, C)``:
+  a group of M consecutive columns is M input channels at one kernel tap); its inputs are the
+  unfolded patches (im2col, as SparseGPT prunes convolutions), one token per output position.
 - ``nn.MultiheadAttention`` (``nn.TransformerEncoder``, packed ``in_proj_weight``): the query, key
   and value rows of ``in_proj_weight`` are three matrices fed by the query, key and value inputs;
   its ``out_proj`` is never called as a module, so its input (the heads' concatenated values) is
   recomputed by ``F.multi_head_attention_forward`` with an identity output projection, and checked
   against the module's real output on the first batch.
 
-Embeddings, norms, biases and convolutions over images are left alone.
+Embeddings, norms and biases are left alone; a weight of any other kind (a grouped or 3-D
+convolution, say) is reported as skipped, and :func:`mustat.layerwise.oneshot` warns with the
+sparsity the model will reach.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from torch import Tensor, nn
 from mustat._params import Entry, entry
 from mustat.patterns import is_hf_conv1d
 
-KINDS = ("linear", "conv1d", "mha-in", "mha-out")
+KINDS = ("linear", "conv1d", "conv", "mha-in", "mha-out")
+_CONVS = (nn.Conv1d, nn.Conv2d)
 
 
 @dataclass(eq=False)
@@ -49,19 +56,49 @@ class Target:
             return [(slice(0, e), "query"), (slice(e, 2 * e), "key"), (slice(2 * e, 3 * e), "value")]
         return [(slice(None), "values" if self.kind == "mha-out" else "input")]
 
+    def view(self, t: Tensor) -> Tensor:
+        """A tensor of the stored weight's shape as the matrix rows x inputs."""
+        if self.kind == "conv1d":
+            return t.T
+        if self.kind == "conv":
+            return t.movedim(1, -1).reshape(t.shape[0], -1)
+        return t
+
+    def to_stored(self, M: Tensor) -> Tensor:
+        """The inverse of :meth:`view`."""
+        if self.kind == "conv1d":
+            return M.T
+        if self.kind == "conv":
+            shape = self.entry.source()[0].shape
+            return M.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+        return M
+
     def matrix(self) -> Tensor:
         """The effective weight (masks applied) as rows x inputs, detached."""
-        W = self.entry.effective()
-        return W.T if self.kind == "conv1d" else W
+        return self.view(self.entry.effective())
 
     def alive(self) -> Tensor:
         mask = self.entry.mask()
         W = self.entry.source()[0]
-        alive = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.bool()
-        return alive.T if self.kind == "conv1d" else alive
+        return self.view(torch.ones_like(W, dtype=torch.bool) if mask is None else mask.bool())
 
-    def to_stored(self, M: Tensor) -> Tensor:
-        return M.T if self.kind == "conv1d" else M
+    def tokens(self, x: Tensor) -> Tensor:
+        """A convolution's input ``(batch, in, *spatial)`` as its patches, one row per output
+        position, columns in the order of :meth:`view` (taps x in)."""
+        m = self.module
+        if m.padding_mode != "zeros" or isinstance(m.padding, str) or any(m.padding):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        if x.dim() == m.weight.dim() - 1:          # an unbatched call
+            x = x[None]
+        if isinstance(m, nn.Conv1d):               # as a 2-D convolution of height 1
+            x, k, d, s = x[:, :, None], (1, *m.kernel_size), (1, *m.dilation), (1, *m.stride)
+        else:
+            k, d, s = m.kernel_size, m.dilation, m.stride
+        cols = F.unfold(x, k, dilation=d, stride=s)                    # (batch, in * taps, positions)
+        b, _, L = cols.shape
+        cols = cols.reshape(b, m.in_channels, -1, L)                   # (batch, in, taps, positions)
+        return cols.permute(0, 3, 2, 1).reshape(b * L, -1)             # (tokens, taps x in)
 
 
 def find_targets(model: nn.Module, table: dict[str, Entry], names: list[str] | None,
@@ -84,7 +121,15 @@ def find_targets(model: nn.Module, table: dict[str, Entry], names: list[str] | N
             attr, kind, caller = "weight", "linear", module
         elif is_hf_conv1d(module):
             attr, kind, caller = "weight", "conv1d", module
+        elif isinstance(module, _CONVS) and module.groups == 1:
+            attr, kind, caller = "weight", "conv", module
         else:
+            if isinstance(module, nn.modules.conv._ConvNd):
+                e = by_place.get((id(module), "weight"))
+                why = "grouped convolutions are not supported" if module.groups > 1 else \
+                    f"{type(module).__name__} is not supported (Linear, Conv1d, Conv2d, Conv1D, MultiheadAttention)"
+                if e is not None:
+                    skipped.append((e.name, why))
             continue
         e = by_place.get((id(module), attr))
         if e is None or e.name in found:
@@ -103,7 +148,7 @@ def find_targets(model: nn.Module, table: dict[str, Entry], names: list[str] | N
         if missing:
             valid = ", ".join(list(found)[:8]) + (" ..." if len(found) > 8 else "")
             raise ValueError(f"layers has {missing}, which are not weights one-shot pruning supports (Linear, "
-                             f"transformers' Conv1D, MultiheadAttention); supported here: {valid}")
+                             f"Conv1d, Conv2d, transformers' Conv1D, MultiheadAttention); supported here: {valid}")
         for t in found.values():
             if t.name in wanted and t.entry.tied:
                 raise ValueError(f"layers has {wanted[t.name]!r}, which is tied to {t.name!r} (one tensor in several "

@@ -1,20 +1,28 @@
 """The one-shot driver: layers in the order the model calls them, each pruned from calibration
-inputs that have passed through the layers already pruned: GPTQ's "true-sequential" order, where
-SparseGPT's and Wanda's scripts feed all the layers of a transformer block from that block's inputs
-to the pruned blocks before it.
+inputs that have passed through the layers already pruned: GPTQ's "true-sequential" order.
 
-One forward pass over the calibration batches per *group* of layers: layers that read the very
-same input tensor (query, key and value; a gated MLP's gate and up projections) share a pass and a
-Gram matrix. A pass stops at the first layer of the next group (an exception raised from a
-forward pre-hook), so the model is run only as far as it must be. Only the current group's
-statistics are held, except with ``scope="global"``, which needs every layer's scores from one pass
-over the dense model first to share the sparsity out between layers.
+Layers that read the very same input tensor (query, key and value; a gated MLP's gate and up
+projections) form a *group*: they share a pass and a Gram matrix. A pass over the calibration
+batches stops as soon as the group has seen its inputs (an exception raised from a hook), so
+nothing is run further than it must be.
+
+Where the layers sit in a list of blocks that feed one another (a transformer's ``ModuleList`` of
+layers: block ``k + 1`` called on block ``k``'s output with the same other arguments, checked on
+the first batch), the model is run *once per block*, as SparseGPT's and Wanda's drivers run it:
+the first block's inputs are captured once, each block's groups are measured by running only
+that block on the cached inputs, and the pruned block's outputs become the next block's inputs.
+Nothing is recomputed from the embeddings. Elsewhere (an MLP, a CNN) each group takes a pass of
+the model from its input.
+
+Only the current group's statistics are held, except with ``scope="global"``, which needs every
+layer's scores from one pass over the dense model first to share the sparsity out between layers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -36,21 +44,29 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layers being measured have their inputs."""
 
 
+class SkippedLayersWarning(UserWarning):
+    """Weights of a kind one-shot pruning does not support stay dense: the model's sparsity is
+    lower than the one asked for."""
+
+
 @dataclass
 class OneShotReport:
     """What :func:`oneshot` did: one row per pruned tensor (``layers``), the model's counts
-    (``pruning``), the tensors left out and why, the forward passes run and the wall time."""
+    (``pruning``), the tensors left out and why, the passes over the calibration batches (of the
+    whole model or of one block) and the wall time."""
 
     layers: pd.DataFrame
     pruning: PruningReport
     skipped: list[tuple[str, str]] = field(default_factory=list)
     passes: int = 0
     seconds: float = 0.0
+    driver: str = "model"
 
     def __str__(self) -> str:
         err = self.layers["error"].mean() if len(self.layers) else float("nan")
+        left = f"; {len(self.skipped)} tensors left as they were (see .skipped)" if self.skipped else ""
         return (f"{len(self.layers)} layers pruned one-shot to {self.pruning.sparsity:.1%} in {self.seconds:.1f} s "
-                f"({self.passes} forward passes); mean relative reconstruction error {err:.4f}")
+                f"({self.passes} passes, per {self.driver}); mean relative reconstruction error {err:.4f}{left}")
 
 
 def _to(batch, device):
@@ -67,6 +83,8 @@ def _call(model: nn.Module, batch, forward: Callable | None):
     if forward is not None:
         return forward(model, batch)
     if isinstance(batch, Mapping):
+        if getattr(getattr(model, "config", None), "use_cache", False) and "use_cache" not in batch:
+            return model(**batch, use_cache=False)   # a key/value cache would grow when blocks are replayed
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(batch[0])  # (inputs, labels) from a DataLoader
@@ -107,40 +125,63 @@ def _inference(model: nn.Module):
                 m.training = modes[model]
 
 
-class _Pass:
-    """Hooks that feed the Gram matrices of some targets, and optionally stop at another."""
+def _input(t: Target, args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
 
-    def __init__(self, targets: list[Target], sandwich: bool, device: torch.device):
+
+@dataclass
+class _Call:
+    """One call over the calibration batches: ``run()`` calls the model (or a block), ``mask``
+    marks the batch's real tokens."""
+
+    run: Callable[[], object]
+    mask: Tensor | None
+
+
+class _Pass:
+    """Hooks that feed the Gram matrices (or their diagonals) of some targets; with ``halt``, each
+    call is ended as soon as every target has its input."""
+
+    def __init__(self, targets: list[Target], sandwich: bool, device: torch.device, diagonal: bool = False):
         self.targets, self.sandwich, self.device = targets, sandwich, device
+        self.diagonal = {t.name: diagonal and t.kind in ("linear", "conv1d", "conv") for t in targets}
         self.grams: dict[tuple[str, int], S.Gram] = {}
         self.mask: Tensor | None = None
-        self.cache: tuple[Tensor, Tensor, Tensor] | None = None
+        self.cache: tuple[Tensor, bool, Tensor, Tensor] | None = None
         self.checked: set[int] = set()
+        self.fed: set[str] = set()
 
     def _add(self, t: Target, part: int, rows: slice, x: Tensor, seq_first: bool = False) -> None:
-        # layers share an input only when called one after another: keep the last input's Gram only
-        if self.cache is None or self.cache[0] is not x:
-            tok = _tokens(x, self.mask, seq_first)
-            tok = tok.to(torch.float64 if tok.dtype == torch.float64 else torch.float32)
-            xtx = (tok.T @ tok).double()
+        diagonal = self.diagonal[t.name]
+        # layers share an input only when called one after another: keep the last input's statistic only
+        if self.cache is None or self.cache[0] is not x or self.cache[1] != diagonal or t.kind == "conv":
+            tok = t.tokens(x) if t.kind == "conv" else _tokens(x, self.mask, seq_first)
+            xtx = S.input_statistic(tok, diagonal)
             if not bool(torch.isfinite(xtx).all()):
                 raise ValueError(f"the calibration inputs of {t.name!r} contain NaN or inf; check the model and "
                                  "the batches (a float16 overflow?)")
-            self.cache = (x, tok, xtx)
-        _, tok, xtx = self.cache
+            self.cache = (x, diagonal, tok, xtx)
+        _, _, tok, xtx = self.cache
         key = (t.name, part)
         if key not in self.grams:
-            self.grams[key] = S.Gram(tok.shape[1], xtx.device, sandwich=self.sandwich)
+            self.grams[key] = S.Gram(tok.shape[1], xtx.device, sandwich=self.sandwich, diagonal=diagonal)
         W = t.matrix()[rows] if self.sandwich else None
         self.grams[key].add(tok, xtx, W)
 
-    def hooks(self, stop: Target | None) -> list:
+    def hooks(self, halt: bool) -> list:
+        names = {t.name for t in self.targets}
+
+        def done(t: Target) -> None:
+            self.fed.add(t.name)
+            if halt and self.fed >= names:
+                raise _Stop
+
         handles = []
         for t in self.targets:
-            if t.kind in ("linear", "conv1d"):
+            if t.kind in ("linear", "conv1d", "conv"):
                 def pre(module, args, kwargs, t=t):
-                    x = args[0] if args else next(iter(kwargs.values()))
-                    self._add(t, 0, slice(None), x)
+                    self._add(t, 0, slice(None), _input(t, args, kwargs))
+                    done(t)
                 handles.append(t.caller.register_forward_pre_hook(pre, with_kwargs=True))
             elif t.kind == "mha-in":
                 def pre(module, args, kwargs, t=t):
@@ -148,6 +189,7 @@ class _Pass:
                     seq_first = not module.batch_first
                     for i, (rows, source) in enumerate(t.parts):
                         self._add(t, i, rows, call[source], seq_first)
+                    done(t)
                 handles.append(t.caller.register_forward_pre_hook(pre, with_kwargs=True))
             else:
                 def post(module, args, kwargs, output, t=t):
@@ -155,14 +197,8 @@ class _Pass:
                     if id(module) not in self.checked:
                         self._check(module, values, output[0])
                     self._add(t, 0, slice(None), values, not module.batch_first)
+                    done(t)
                 handles.append(t.caller.register_forward_hook(post, with_kwargs=True))
-        if stop is not None:
-            def halt(*_):
-                raise _Stop
-            if stop.kind == "mha-out":
-                handles.append(stop.caller.register_forward_hook(halt))
-            else:
-                handles.append(stop.caller.register_forward_pre_hook(halt))
         return handles
 
     def _check(self, mha: nn.Module, values: Tensor, output: Tensor) -> None:
@@ -172,13 +208,13 @@ class _Pass:
                                "(a customised attention module?); leave its out_proj out of layers")
         self.checked.add(id(mha))
 
-    def run(self, model, batches, forward, stop: Target | None) -> None:
-        handles = self.hooks(stop)
+    def run(self, calls: Iterable[_Call], halt: bool) -> None:
+        handles = self.hooks(halt)
         try:
-            for batch in batches:
-                self.mask, self.cache = _token_mask(batch), None
+            for c in calls:
+                self.mask, self.cache, self.fed = c.mask, None, set()
                 try:
-                    _call(model, _to(batch, self.device), forward)
+                    c.run()
                 except _Stop:
                     pass
         finally:
@@ -187,12 +223,70 @@ class _Pass:
             self.cache = None
 
 
-def _trace(model, batch, forward, targets: list[Target], device) -> tuple[list[Target], bool, set[str], list[int]]:
+def _hidden_in(args: tuple, kwargs: dict) -> Tensor | None:
+    x = args[0] if args else kwargs.get("hidden_states")
+    return x if isinstance(x, Tensor) else None
+
+
+def _hidden_out(out) -> Tensor | None:
+    if isinstance(out, Tensor):
+        return out
+    try:
+        first = out[0]
+    except (TypeError, IndexError, KeyError):
+        return None
+    return first if isinstance(first, Tensor) else None
+
+
+def _with_hidden(args: tuple, kwargs: dict, x: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
+
+
+def _same(a, b) -> bool:
+    """Whether an argument of one block's call can stand for another's (replayed unchanged)."""
+    if a is b or (a is None and b is None):
+        return True
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (bool, int, float, str)) and type(a) is type(b):
+        return a == b
+    return False
+
+
+def _block_list(model: nn.Module, targets: list[Target]) -> tuple[list[nn.Module], dict[str, int]] | None:
+    """The ``ModuleList`` whose blocks hold every target, and each target's block; None if none."""
+    for ml in model.modules():
+        if not isinstance(ml, nn.ModuleList) or len(ml) < 2:
+            continue
+        owner = {id(m): i for i, block in enumerate(ml) for m in block.modules()}
+        where = {t.name: owner.get(id(t.module)) for t in targets}
+        if all(i is not None for i in where.values()):
+            return list(ml), where
+    return None
+
+
+@dataclass
+class _Trace:
+    order: list[Target]
+    once: bool
+    unreached: set[str]
+    inputs: list[int]
+    chained: bool = False
+
+
+def _trace(model, batch, forward, targets: list[Target], device, blocks: list[nn.Module] | None) -> _Trace:
     """Call order of the targets on one batch, whether each is called once (so passes may stop
-    early), the targets never reached, and an id of each one's input (negative: not shared)."""
+    early), the targets never reached, an id of each one's input (negative: not shared), and
+    whether ``blocks`` feed one another (each called once, in order, on the previous one's output,
+    with the same other arguments)."""
     order: list[tuple[Target, int]] = []
     calls: dict[str, int] = {}
     keep: list[Tensor] = []
+    seen_blocks: list[tuple[int, tuple, dict, object]] = []
     handles = []
     for t in targets:
         def seen(x, t=t):
@@ -204,14 +298,27 @@ def _trace(model, batch, forward, targets: list[Target], device) -> tuple[list[T
             handles.append(t.caller.register_forward_hook(lambda m, a, o, seen=seen: seen(o)))
         else:
             handles.append(t.caller.register_forward_pre_hook(
-                lambda m, a, k, seen=seen: seen(a[0] if a else next(iter(k.values()))), with_kwargs=True))
+                lambda m, a, k, t=t, seen=seen: seen(_input(t, a, k)), with_kwargs=True))
+    for i, block in enumerate(blocks or []):
+        handles.append(block.register_forward_hook(
+            lambda m, a, k, o, i=i: seen_blocks.append((i, a, k, o)), with_kwargs=True))
     try:
         _call(model, _to(batch, device), forward)
     finally:
         for h in handles:
             h.remove()
     once = all(c == 1 for c in calls.values())
-    return [t for t, _ in order], once, {t.name for t in targets} - set(calls), [i for _, i in order]
+    chained = bool(blocks) and once and [b[0] for b in seen_blocks] == list(range(len(blocks)))
+    for (_, a0, k0, _), (_, a1, k1, _), (_, _, _, o0) in zip(seen_blocks, seen_blocks[1:], seen_blocks):
+        if not chained:
+            break
+        x = _hidden_in(a1, k1)
+        rest0, rest1 = _with_hidden(a0, k0, x), _with_hidden(a1, k1, x)
+        chained = (x is not None and x is _hidden_out(o0) and set(k0) == set(k1)
+                   and _same(rest0[0], rest1[0]) and all(_same(k0[key], rest1[1][key]) for key in k0
+                                                         if key != "hidden_states" or a0))
+    return _Trace([t for t, _ in order], once, {t.name for t in targets} - set(calls), [i for _, i in order],
+                  chained)
 
 
 def _groups(order: list[Target], inputs: list[int], once: bool) -> list[list[Target]]:
@@ -230,6 +337,27 @@ def _matrix(t: Target) -> tuple[Tensor, Tensor]:
     return t.matrix().to(torch.float64), t.alive()
 
 
+def _errors(targets: list[Target], changes: dict[str, tuple[Tensor, Tensor]]
+            ) -> tuple[list, dict[str, list[float]], list[Tensor | None]]:
+    """Hooks adding ``||D x||^2`` and ``||W x||^2`` over the tokens each target sees, for targets
+    pruned from diagonal statistics (no Gram to read the error from). In the sequential order a
+    layer's inputs when its block's outputs are computed are those it was pruned from, so this is
+    the error the Gram would give. Returns the hooks, the sums and a cell for the token mask."""
+    sums: dict[str, list[float]] = {t.name: [0.0, 0.0] for t in targets}
+    mask: list[Tensor | None] = [None]
+    handles = []
+    for t in targets:
+        def pre(module, args, kwargs, t=t):
+            x = _input(t, args, kwargs)
+            tok = t.tokens(x) if t.kind == "conv" else _tokens(x, mask[0])
+            tok = tok.to(torch.float64 if tok.dtype == torch.float64 else torch.float32)
+            D, W = (m.to(tok.dtype) for m in changes[t.name])
+            sums[t.name][0] += float((tok @ D.T).double().square().sum())
+            sums[t.name][1] += float((tok @ W.T).double().square().sum())
+        handles.append(t.caller.register_forward_pre_hook(pre, with_kwargs=True))
+    return handles, sums, mask
+
+
 def oneshot(
     model: nn.Module,
     calibration: Iterable | None,
@@ -245,6 +373,7 @@ def oneshot(
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = ("lm_head",),
     forward: Callable | None = None,
+    driver: str = "auto",
     progress: bool = False,
 ) -> OneShotReport:
     """Prune a trained model once, layer by layer, from a few calibration batches (no training).
@@ -291,6 +420,11 @@ def oneshot(
         Module names (full path or last component) left out by default: the language-model head.
     forward
         ``forward(model, batch)`` for models called another way.
+    driver
+        ``"auto"``: run the model once per block where the layers sit in a list of blocks that feed
+        one another (checked on the first batch; the module notes), otherwise once per group of
+        layers from the model's input; ``"model"``: always the latter. Both give the same result;
+        the block driver runs each block about twice instead of the model once per group.
     progress
         Show a progress bar over the groups of layers.
 
@@ -313,6 +447,7 @@ def oneshot(
     if damping == 0:
         raise ValueError("damping must be in (0, 1e6], got 0: the Gram matrix of collinear inputs is singular")
     sigma = check_option(sigma, "sigma", ("row", "layer"))
+    driver = check_option(driver, "driver", ("auto", "model"))
     check_scalar(block_size, "block_size", kind=Integral, low=1)
     block_size = int(block_size)
     if update is not None and not isinstance(update, bool):
@@ -350,16 +485,29 @@ def oneshot(
                          "nn.MultiheadAttention)")
     for t in targets:
         for rows, _ in t.parts:
-            check_groups(t.matrix()[rows].shape, nm, t.name)
+            check_groups(t.entry.source()[0].shape if t.kind == "conv" else t.matrix()[rows].shape, nm, t.name)
     device = next(model.parameters()).device
+    diagonal = method == "wanda" and not update   # Wanda reads diag H only (its scaler_row)
     start = time.perf_counter()
     rows_out, passes = [], 0
+    unsupported = [(n, why) for n, why in skipped if "not supported" in why]
+    if unsupported:
+        dense = sum(table[n].source()[0].numel() for n, _ in unsupported)
+        pruned = sum(t.matrix().numel() for t in targets)
+        warnings.warn(f"{len(unsupported)} weight tensors are of kinds one-shot pruning does not support and stay "
+                      f"as they are ({', '.join(n for n, _ in unsupported[:6])}{' ...' if len(unsupported) > 6 else ''}:"
+                      f" {dense:,} weights); with the {pruned:,} weights it prunes they will be about "
+                      f"{sparsity * pruned / (pruned + dense):.1%} sparse in all, not {sparsity:.1%}", SkippedLayersWarning, stacklevel=2)
     with _inference(model):
+        blocks = None
         if needs_data:
-            order, once, unreached, inputs = _trace(model, first, forward, targets, device)
+            found = _block_list(model, targets) if driver == "auto" else None
+            trace = _trace(model, first, forward, targets, device, found[0] if found else None)
             passes += 1
-            skipped += [(t.name, "not reached by the calibration forward") for t in targets if t.name in unreached]
-            groups = _groups(order, inputs, once)
+            skipped += [(t.name, "not reached by the calibration forward") for t in targets if t.name in trace.unreached]
+            groups = _groups(trace.order, trace.inputs, trace.once)
+            if found and trace.chained and scope != "global" and driver == "auto":
+                blocks = found
         else:
             groups = [[t] for t in targets]
         if not groups:
@@ -371,56 +519,137 @@ def oneshot(
             scope = "layer"
         flat = [t for g in groups for t in g]
         bar = tqdm(total=len(flat), desc=f"one-shot {method}", disable=not progress, unit="layer")
-        for gi, group in enumerate(groups):
-            grams = None
-            tic = time.perf_counter()
-            if needs_data:
-                run = _Pass(group, method == "mu-sandwich", device)
-                run.run(model, calibration, forward, groups[gi + 1][0] if once and gi + 1 < len(groups) else None)
-                passes += 1
-                grams = run.grams
-            share = time.perf_counter() - tic
+        knobs = dict(method=method, pattern=nm, scope=scope, update=update, damping=damping, sigma=sigma,
+                     block_size=block_size)
+
+        def prune_group(group: list[Target], grams: dict | None, share: float) -> dict[str, tuple[Tensor, Tensor]]:
+            changes = {}
             for t in group:
                 tic = time.perf_counter()
                 W, alive = _matrix(t)
-                W_new, keep = torch.empty_like(W), torch.empty_like(alive)
-                error_num = error_den = 0.0
-                for i, (rows, _) in enumerate(t.parts):
-                    g = grams.get((t.name, i)) if grams is not None else None
-                    W_new[rows], keep[rows] = S.solve(W[rows], g, method=method, sparsity=shares[t.name], scope=scope,
-                                                      pattern=nm, update=update, damping=damping,
-                                                      block_size=block_size, alive=alive[rows], sigma=sigma)
-                    if g is not None:
-                        D = W_new[rows] - W[rows]
-                        error_num += float(torch.einsum("ij,jk,ik->", D, g.H, D))
-                        error_den += float(torch.einsum("ij,jk,ik->", W[rows], g.H, W[rows]))
+                row, W_new = _prune(t, W, alive, grams, shares[t.name], knobs)
+                if grams is not None and grams[(t.name, 0)].diagonal:
+                    changes[t.name] = (W_new - W, W.clone())   # W may alias the parameter (float64)
                 dest = t.entry.leaf if t.entry.leaf is not None else getattr(t.module, t.attr)
                 with torch.no_grad():
                     dest.copy_(t.to_stored(W_new).to(dest.dtype))
-                install_mask(model, t.name, t.to_stored(keep), table)
-                rows_out.append(dict(name=t.name, kind=t.kind, rows=W.shape[0], inputs=W.shape[1],
-                                     sparsity=float(1 - keep.float().mean()),
-                                     error=error_num / error_den if error_den > 0 else float("nan"),
-                                     seconds=time.perf_counter() - tic + share / len(group)))
+                install_mask(model, t.name, t.to_stored(row.pop("keep")), table)
+                row["seconds"] = time.perf_counter() - tic + share / len(group)
+                rows_out.append(row)
                 bar.update()
+            return changes
+
+        if blocks is not None:
+            passes += _by_block(model, calibration, forward, device, blocks, groups, trace.once, method, diagonal,
+                                prune_group, rows_out)
+        else:
+            for group in groups:
+                grams, tic = None, time.perf_counter()
+                if needs_data:
+                    run = _Pass(group, method == "mu-sandwich", device)
+                    run.run([_Call(lambda b=b: _call(model, _to(b, device), forward), _token_mask(b))
+                             for b in calibration], halt=trace.once)
+                    passes += 1
+                    grams = run.grams
+                prune_group(group, grams, time.perf_counter() - tic)
         bar.close()
     return OneShotReport(pd.DataFrame(rows_out), PruningReport.from_model(model, [t.name for t in flat]),
-                         skipped, passes, time.perf_counter() - start)
+                         skipped, passes, time.perf_counter() - start, "block" if blocks is not None else "model")
+
+
+def _prune(t: Target, W: Tensor, alive: Tensor, grams: dict | None, sparsity: float, knobs: dict) -> tuple[dict, Tensor]:
+    """One target pruned from its statistics: its report row (with its keep-mask) and new weights."""
+    W_new, keep = torch.empty_like(W), torch.empty_like(alive)
+    error_num = error_den = 0.0
+    for i, (rows, _) in enumerate(t.parts):
+        g = grams.get((t.name, i)) if grams is not None else None
+        W_new[rows], keep[rows] = S.solve(W[rows], g, sparsity=sparsity, alive=alive[rows], **knobs)
+        if g is not None and not g.diagonal:
+            D = W_new[rows] - W[rows]
+            error_num += float(torch.einsum("ij,jk,ik->", D, g.H, D))
+            error_den += float(torch.einsum("ij,jk,ik->", W[rows], g.H, W[rows]))
+    row = dict(name=t.name, kind=t.kind, rows=W.shape[0], inputs=W.shape[1], sparsity=float(1 - keep.float().mean()),
+               error=error_num / error_den if error_den > 0 else float("nan"), keep=keep)
+    return row, W_new
+
+
+def _by_block(model, calibration, forward, device, found, groups, once, method, diagonal, prune_group,
+              rows_out) -> int:
+    """The block-by-block driver (module notes); returns the passes made."""
+    blocks, where = found
+    calls: list[tuple[tuple, dict, Tensor | None]] = []
+
+    def capture(module, args, kwargs):
+        calls.append((args, kwargs, mask[0]))
+        raise _Stop
+
+    mask: list[Tensor | None] = [None]
+    handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for b in calibration:
+            mask[0] = _token_mask(b)
+            try:
+                _call(model, _to(b, device), forward)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    passes = 1
+    for k, block in enumerate(blocks):
+        mine = [g for g in groups if where[g[0].name] == k]
+        changes: dict[str, tuple[Tensor, Tensor]] = {}
+        for group in mine:
+            tic = time.perf_counter()
+            run = _Pass(group, method == "mu-sandwich", device, diagonal)
+            run.run([_Call(lambda a=a, kw=kw, block=block: block(*a, **kw), m) for a, kw, m in calls], halt=once)
+            passes += 1
+            changes.update(prune_group(group, run.grams, time.perf_counter() - tic))
+        if k == len(blocks) - 1 and not changes:
+            break
+        targets = [t for g in mine for t in g if t.name in changes]
+        handles, sums, token_mask = _errors(targets, changes)
+        try:
+            new_calls = []
+            for a, kw, m in calls:
+                token_mask[0] = m
+                out = _hidden_out(block(*a, **kw))
+                new_calls.append((*_with_hidden(a, kw, out), m))
+        finally:
+            for h in handles:
+                h.remove()
+        calls = new_calls
+        passes += 1
+        for r in rows_out:
+            if r["name"] in sums:
+                num, den = sums[r["name"]]
+                r["error"] = num / den if den > 0 else float("nan")
+    return passes
 
 
 def _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device) -> dict[str, float]:
-    """Each layer's sparsity when the method's scores of the dense model compete across layers."""
+    """Each layer's sparsity when the method's scores of the dense model compete across layers.
+
+    The scores are taken per token (the Gram matrix's mean, ``H / n``): ``z^2 / n`` for ``mu``,
+    the mean error per token for ``sparsegpt``, ``|w| * rms(x_j)`` for ``wanda``; so a layer that
+    sees each token T times (a token layer beside a pooled one) competes as if it saw it once."""
     flat = [t for g in groups for t in g]
     grams = {}
     if method != "magnitude":
-        run = _Pass(flat, method == "mu-sandwich", device)
-        run.run(model, calibration, forward, None)
+        run = _Pass(flat, method == "mu-sandwich", device, diagonal=method == "wanda")
+        run.run([_Call(lambda b=b: _call(model, _to(b, device), forward), _token_mask(b)) for b in calibration],
+                halt=False)
         grams = run.grams
     parts, sizes, alive_all = [], [], []
     for t in flat:
         W, alive = _matrix(t)
-        s = torch.cat([S.scores(method, W[rows] * alive[rows], grams.get((t.name, i)), damping, sigma).flatten()
-                       for i, (rows, _) in enumerate(t.parts)])
+        scored = []
+        for i, (rows, _) in enumerate(t.parts):
+            g = grams.get((t.name, i))
+            s = S.scores(method, W[rows] * alive[rows], g, damping, sigma)
+            if g is not None:
+                s = s / (g.n ** 0.5 if method == "wanda" else g.n)
+            scored.append(s.flatten())
+        s = torch.cat(scored)
         a = torch.cat([alive[rows].flatten() for rows, _ in t.parts])
         parts.append(s.masked_fill(~a, float("-inf")).cpu())
         sizes.append(s.numel())
