@@ -14,6 +14,7 @@ import torch_pruning as tp
 from scipy import stats as sps
 from torch import nn
 
+from mustat._params import entry, mask_of, masked_names
 from mustat.models import build
 from mustat.structured import (
     StructuredReport,
@@ -318,12 +319,64 @@ def test_prune_channels_refuses_bad_input_before_any_change():
         torch.testing.assert_close(v, before[k])
 
 
-def test_masked_models_are_refused():
+def _masked_mlp():
+    """``_mlp()`` pruned to half its weights, with unit 1 of layer "2" (its row and bias) fully
+    masked: it outputs relu(0) = 0, so removing it changes nothing."""
     import mustat
+    from mustat._params import install_mask
     m = _mlp()
+    se = _se(m)
     mustat.prune(m, mustat.score(m, "magnitude"), sparsity=0.5)
-    with pytest.raises(ValueError, match="carry mustat masks"):
-        prune_channels(m, torch.zeros(1, 5), "magnitude", speedup=1.2)
+    keep = mask_of(m, "2.weight").clone()
+    keep[1] = 0.0
+    install_mask(m, "2.weight", keep)
+    install_mask(m, "2.bias", torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    return m, se
+
+
+def test_masked_models_are_cut_as_their_effective_weights():
+    """Before: refused ("carry mustat masks"). Now the masks are baked in for the cut and the
+    surviving entries keep theirs; removing a fully masked unit leaves the outputs identical."""
+    m, se = _masked_mlp()
+    x = torch.randn(16, 5)
+    before = m(x).detach()
+    keeps = {n: mask_of(m, n).clone() for n in masked_names(m)}
+    st = unit_statistics(m, {n: torch.full_like(v, 1e-6) for n, v in se.items()})   # every live unit significant
+    assert st.dof["2"][1] == 0
+    rep, tests = prune_channels_fdr(m, x[:1], st)
+    assert rep.removed == {"0": 0, "2": 1}
+    assert (m[2].weight.shape, m[2].bias.shape, m[4].weight.shape) == ((3, 7), (3,), (3, 3))
+    assert torch.equal(m(x).detach(), before)
+    rows = [0, 2, 3]
+    assert torch.equal(mask_of(m, "2.weight"), keeps["2.weight"][rows])
+    assert torch.equal(mask_of(m, "2.bias"), keeps["2.bias"][rows])
+    assert torch.equal(mask_of(m, "4.weight"), keeps["4.weight"][:, rows])
+    assert torch.equal(mask_of(m, "0.weight"), keeps["0.weight"])
+
+
+def test_prune_channels_of_a_masked_model_equals_cutting_its_finalized_copy():
+    import mustat
+    m, _ = _masked_mlp()
+    x = torch.randn(16, 5)
+    plain = mustat.finalize(copy.deepcopy(m))
+    rep = prune_channels(m, x[:1], "magnitude", speedup=1.5)
+    assert rep == prune_channels(plain, x[:1], "magnitude", speedup=1.5)
+    assert torch.equal(m(x), plain(x))
+    for name in masked_names(m):
+        assert mask_of(m, name).shape == entry(m, name).leaf.shape
+        assert torch.equal(entry(m, name).effective(), plain.get_parameter(name).detach())
+
+
+def test_a_refused_budget_leaves_a_masked_model_as_it_came():
+    m, _ = _masked_mlp()
+    x = torch.randn(16, 5)
+    before, names = m(x).detach(), masked_names(m)
+    keeps = {n: mask_of(m, n).clone() for n in names}
+    with pytest.raises(ValueError, match="out of reach"):
+        prune_channels(m, x[:1], "magnitude", speedup=1000.0)
+    assert masked_names(m) == names and torch.equal(m(x).detach(), before)
+    for n in names:
+        assert torch.equal(mask_of(m, n), keeps[n])
 
 
 def test_taylor_uses_the_gradient():

@@ -1,6 +1,12 @@
 """Physical removal of channels through Torch-Pruning's dependency graph: to a compute budget
 (:func:`prune_channels`) or to the channels a group-level FDR procedure keeps
-(:func:`prune_channels_fdr`). The result is a plain, smaller, dense ``nn.Module``."""
+(:func:`prune_channels_fdr`). The result is a plain, smaller, dense ``nn.Module``.
+
+A model pruned beforehand (masks from :func:`mustat.prune`, ``torch.nn.utils.prune`` or
+``torch.ao``) is cut as its effective weights: its masks are baked in (:func:`mustat.finalize`)
+before Torch-Pruning's surgery, which cannot cut a parametrized layer, and the surviving entries'
+masks are re-installed afterwards as mustat masks, so the function is the masked model's minus the
+removed channels. An error before the cut puts the masks back."""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from torch import nn
 from mustat._checks import check_option, check_scalar
 from mustat._functional import eval_mode
 from mustat._io import atomic_write
-from mustat._params import masked_names
+from mustat._params import entries, install_mask, masked_names
 from mustat.structured.groups import (
     BASELINES,
     NEEDS_GRADIENT,
@@ -72,11 +78,38 @@ def count(model: nn.Module, example_inputs) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def _check_plain(model: nn.Module) -> None:
-    masked = masked_names(model)
-    if masked:
-        raise ValueError(f"structured pruning removes whole channels of a plain model, but {masked[:4]} carry "
-                         "mustat masks; call mustat.finalize(model) first or prune a model without masks")
+def _bake(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Take ``model``'s masks off, leaving its effective weights (:func:`mustat.finalize`); returns
+    the keep-masks (bool) by tensor name, for :func:`_restore` or :func:`_cut`."""
+    from mustat.pruning import finalize  # mustat.pruning is imported after mustat.structured
+
+    table = entries(model)
+    masks = {n: table[n].mask().detach() != 0 for n in masked_names(model, table)}
+    if masks:
+        finalize(model)
+    return masks
+
+
+def _restore(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    for name, keep in masks.items():
+        install_mask(model, name, keep)
+
+
+def _restore_if_uncut(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """After an error: put the masks back if no tensor was cut (the model as it came)."""
+    table = entries(model)
+    if masks and not masked_names(model, table) and all(
+            n in table and tuple(table[n].leaf.shape) == tuple(k.shape) for n, k in masks.items()):
+        _restore(model, masks)
+
+
+def _baked_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when it has no masks, else a copy with its masks baked in."""
+    if not masked_names(model):
+        return model
+    copied = copy.deepcopy(model)
+    _bake(copied)
+    return copied
 
 
 def _order(scores: list[np.ndarray], found: list[Group], min_channels: int) -> list[tuple[int, int]]:
@@ -102,14 +135,18 @@ def _apply(model: nn.Module, graph: tp.DependencyGraph, found: list[Group], plan
         graph.get_pruning_group(item.dep.target.module, item.dep.handler, sorted(idxs)).prune()
 
 
-def _macs_after(model: nn.Module, example_inputs, found: list[Group], plan, ignored_names) -> int:
-    trial = copy.deepcopy(model)
+def _replay(trial: nn.Module, example_inputs, found: list[Group], plan, ignored_names) -> nn.Module:
+    """Apply ``plan`` (made on a model of the same structure) to ``trial`` through its own graph."""
     graph = dependency_graph(trial, example_inputs)
     mods = dict(trial.named_modules())
     found_t = groups(trial, graph, [mods[n] for n in ignored_names])
     by_root = {g.root: i for i, g in enumerate(found_t)}
     _apply(trial, graph, found_t, [(by_root[found[gi].root], c) for gi, c in plan])
-    return count(trial, example_inputs)[0]
+    return trial
+
+
+def _macs_after(model: nn.Module, example_inputs, found: list[Group], plan, ignored_names) -> int:
+    return count(_replay(copy.deepcopy(model), example_inputs, found, plan, ignored_names), example_inputs)[0]
 
 
 def _importance(importance, model: nn.Module, stats: UnitStatistics | None, example_inputs):
@@ -152,7 +189,8 @@ def prune_channels(
     Parameters
     ----------
     model
-        A plain model (no mustat masks), modified in place.
+        The model, modified in place; a masked one is cut as its effective weights and keeps the
+        masks of the entries that survive (module notes).
     example_inputs
         One input batch for tracing (one sample is enough).
     importance
@@ -172,18 +210,28 @@ def prune_channels(
     Raises
     ------
     ValueError
-        Bad arguments, a masked model, or a budget no removal reaches (the reachable
-        speed-up named); all before the model changes.
+        Bad arguments, or a budget no removal reaches (the reachable speed-up named); all before
+        the model changes.
 
     Notes
     -----
     The number of channels is the smallest that meets the budget, found by bisection on
     copies of the model (MACs never grow when channels go), so the model is cut once.
     """
-    _check_plain(model)
     check_scalar(min_channels, "min_channels", kind=Integral, low=1)
     if (speedup is None) == (target_macs is None):
         raise ValueError("prune_channels takes speedup=... or target_macs=..., exactly one")
+    masks = _bake(model)
+    try:
+        return _prune_channels(model, example_inputs, importance, speedup, target_macs, stats, ignored_layers,
+                               min_channels, masks)
+    except BaseException:
+        _restore_if_uncut(model, masks)
+        raise
+
+
+def _prune_channels(model, example_inputs, importance, speedup, target_macs, stats, ignored_layers, min_channels,
+                    masks) -> StructuredReport:
     macs0, params0 = count(model, example_inputs)
     if speedup is not None:
         check_scalar(speedup, "speedup", kind=Real, low=1.0)
@@ -211,15 +259,26 @@ def prune_channels(
             hi = mid
         else:
             lo = mid + 1
-    return _cut(model, example_inputs, graph, found, order[:hi], macs0, params0)
+    return _cut(model, example_inputs, graph, found, order[:hi], macs0, params0, masks, ignored_names)
 
 
-def _cut(model, example_inputs, graph, found, plan, macs0, params0) -> StructuredReport:
+def _cut(model, example_inputs, graph, found, plan, macs0, params0, masks, ignored_names) -> StructuredReport:
     removed = {g.root: 0 for g in found}
     for gi, _ in plan:
         removed[found[gi].root] += 1
+    shadow = None
+    if masks:                                  # the masks, cut as the weights are: a copy holding them as values
+        shadow = copy.deepcopy(model)
+        table = entries(shadow)
+        with torch.no_grad():
+            for name, keep in masks.items():
+                table[name].leaf.copy_(keep.to(table[name].leaf))
+        shadow = _replay(shadow, example_inputs, found, plan, ignored_names)
     _apply(model, graph, found, plan)
-    macs1, params1 = count(model, example_inputs)
+    macs1, params1 = count(model, example_inputs)       # before the masks: the counter skips parametrized layers
+    if shadow is not None:
+        table = entries(shadow)
+        _restore(model, {name: table[name].leaf.detach() != 0 for name in masks})
     kept = {g.root: g.size - removed[g.root] for g in found}
     return StructuredReport(macs0, macs1, params0, params1, removed, kept)
 
@@ -229,8 +288,13 @@ def group_tests(model: nn.Module, example_inputs, stats: UnitStatistics,
     """One row per channel of every prunable group: ``group`` (its root layer), ``channel``,
     ``producers`` (the layers tested jointly), ``chi2``, ``dof`` and the :math:`\\chi^2_{dof}`
     ``pvalue`` of ``H0: every weight producing the channel is 0``. A group none of whose producers
-    ``stats`` covers is an error (untested, it would count as p = 1)."""
-    _check_plain(model)
+    ``stats`` covers is an error (untested, it would count as p = 1). A masked model is read, not
+    changed (its groups are those of its effective weights)."""
+    copied = _baked_copy(model)
+    if copied is not model and ignored_layers is not None:
+        mods = dict(copied.named_modules())
+        ignored_layers = [mods[n] for n in _names(model, ignored_layers)]
+    model = copied
     graph = dependency_graph(model, example_inputs)
     rows = []
     for g in groups(model, graph, None if ignored_layers is None else list(ignored_layers)):
@@ -274,10 +338,19 @@ def prune_channels_fdr(
     ``fdr`` (:func:`fdr_keep`): the width of each layer is chosen by the data. A group with fewer
     than ``min_channels`` discoveries keeps its most significant ones (marked ``forced``).
 
-    Returns the report and the tests with ``p_adjusted``, ``keep`` and ``forced``."""
-    _check_plain(model)
+    Returns the report and the tests with ``p_adjusted``, ``keep`` and ``forced``. A masked model is
+    cut as its effective weights and keeps the masks of the entries that survive (module notes)."""
     check_scalar(min_channels, "min_channels", kind=Integral, low=1)
     tests = fdr_keep(group_tests(model, example_inputs, stats, ignored_layers), fdr, method)
+    masks = _bake(model)
+    try:
+        return _prune_fdr(model, example_inputs, tests, ignored_layers, min_channels, masks)
+    except BaseException:
+        _restore_if_uncut(model, masks)
+        raise
+
+
+def _prune_fdr(model, example_inputs, tests, ignored_layers, min_channels, masks):
     tests["forced"] = False
     for _, rows in tests.groupby("group", sort=False):
         short = min_channels - int(rows["keep"].sum())
@@ -290,7 +363,8 @@ def prune_channels_fdr(
     index = {g.root: i for i, g in enumerate(found)}
     drop = tests[~tests["keep"] & ~tests["forced"]]
     plan = [(index[r], int(c)) for r, c in zip(drop["group"], drop["channel"])]
-    return _cut(model, example_inputs, graph, found, plan, macs0, params0), tests
+    ignored_names = _names(model, ignored_layers if ignored_layers is not None else output_layers(model))
+    return _cut(model, example_inputs, graph, found, plan, macs0, params0, masks, ignored_names), tests
 
 
 def export(model: nn.Module, example_inputs: torch.Tensor, path) -> None:
