@@ -1,6 +1,9 @@
 """The curvature estimator: diagonal Gauss-Newton (expected Fisher) plus the penalty,
 against closed forms in numpy float64 and an explicit Jacobian computation."""
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,13 @@ from torch.func import functional_call, jacrev
 import mustat
 from mustat.data import glm_design
 from mustat.models import GLM
-from mustat.uncertainty import FitContext, ggn_diagonal, make_estimator
+from mustat.uncertainty import (
+    DegenerateSEWarning,
+    Estimator,
+    FitContext,
+    ggn_diagonal,
+    make_estimator,
+)
 from validation.glm import fit_glm
 
 
@@ -140,3 +149,146 @@ def test_method_must_be_known():
     with pytest.raises(ValueError, match="method='exact' is not valid; choose one of: auto, vmap"):
         ggn_diagonal(model, nn.functional.cross_entropy, (torch.randn(4, 2), torch.zeros(4, dtype=torch.long)),
                      names=["0.weight"], method="exact")
+
+
+class _Digits(nn.Module):
+    """PyTorch's MNIST-example pattern in miniature: a CNN whose forward ends in ``log_softmax``
+    (trained with ``nll_loss``) or, with ``log=False``, the same network returning its logits."""
+
+    def __init__(self, log: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+        self.log = log
+
+    def forward(self, x):
+        z = self.fc(torch.relu(self.conv(x)).flatten(1))
+        return nn.functional.log_softmax(z, dim=1) if self.log else z
+
+
+def _digits_pair(wd=1e-3):
+    """The log-softmax network after 30 SGD steps of ``nll_loss``, and a logit network with its weights."""
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(60, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (60,), generator=g)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        logp = _Digits(log=True).double()
+    opt = torch.optim.SGD(logp.parameters(), lr=0.1, weight_decay=wd)
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.nll_loss(logp(X), y).backward()
+        opt.step()
+    logits = _Digits(log=False).double()
+    logits.load_state_dict(logp.state_dict())
+    return logp, logits, X, y
+
+
+def _dense_ggn_se(model, X, names, wd):
+    """``1 / sqrt(diag(G) + n wd)`` with ``G = sum_i J_i^T (diag p_i - p_i p_i^T) J_i`` built densely in
+    float64: ``J_i`` the Jacobian of sample i's logits by torch.func.jacrev over all ``names``."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    sizes = [params[n].numel() for n in names]
+    G = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
+    for xi in X:
+        def f(p, xi=xi):
+            return functional_call(model, {**params, **p}, (xi[None],))[0]
+        J = jacrev(f)({n: params[n] for n in names})
+        J = torch.cat([J[n].reshape(len(J[n]), -1) for n in names], 1)        # (C, P)
+        p = torch.softmax(f({}), 0)
+        G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    se = (G.diagonal() + len(X) * wd).rsqrt()
+    return dict(zip(names, (s.reshape(params[n].shape) for s, n in zip(se.split(sizes), names))))
+
+
+def test_log_softmax_with_nll_loss_equals_logits_with_cross_entropy():
+    """nll_loss is linear in the log-probabilities, so its own output Hessian is 0; the GGN taken
+    through the log-softmax is the logits' GGN under cross_entropy (output_factor's notes)."""
+    wd = 1e-3
+    logp, logits, X, y = _digits_pair(wd)
+    names = ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateSEWarning)   # an ordinary fit does not warn
+        nll = make_estimator("curvature", logp, params=names).fit(
+            FitContext(X=X, y=y, loss=nn.functional.nll_loss, weight_decay=wd)).se()
+        ce = make_estimator("curvature", logits, params=names).fit(
+            FitContext(X=X, y=y, loss=nn.functional.cross_entropy, weight_decay=wd)).se()
+    ref = _dense_ggn_se(logits, X, names, wd)
+    for n in names:
+        torch.testing.assert_close(nll[n], ce[n], rtol=1e-10, atol=0)
+        torch.testing.assert_close(nll[n], ref[n], rtol=1e-10, atol=0)
+    flat = torch.cat([nll[n].flatten() for n in names])
+    assert flat.unique().numel() == flat.numel()  # not the constant 1/sqrt(n * wd) of a zero curvature
+
+
+def _degenerate(record):
+    return [str(w.message) for w in record if issubclass(w.category, DegenerateSEWarning)]
+
+
+def test_nll_loss_on_logits_warns():
+    """nll_loss on logits (log_softmax forgotten) is linear in the outputs: a zero output Hessian that
+    is not the log-probability pattern. output_factor says why, the fit's check what it did."""
+    _, logits, X, y = _digits_pair()
+    with pytest.warns(DegenerateSEWarning) as record:
+        se = make_estimator("curvature", logits).fit(FitContext(X=X, y=y, loss=nn.functional.nll_loss,
+                                                                weight_decay=1e-3)).se()
+    messages = _degenerate(record)
+    assert len(messages) == 2
+    assert "output space is identically 0" in messages[0] and "log_softmax" in messages[0]
+    assert "1/sqrt(n*weight_decay) (n=60, weight_decay=0.001)" in messages[1] and "mu[curvature] is magnitude pruning" in messages[1]
+    assert record[-1].message.estimator == "curvature" and record[-1].message.diagnostics["finite"] == 219
+    for v in se.values():
+        torch.testing.assert_close(v, torch.full_like(v, (60 * 1e-3) ** -0.5), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("zero", "wd", "warns"), [
+    (4, 0.01, "every finite SE equals 0.57735 = 1/sqrt(n*weight_decay) (n=300, weight_decay=0.01)"),  # inputs all 0
+    (3, 0.0, "90 of 120 live weights (75%, more than 50%) are unidentified"),
+    (2, 0.0, None),                                                          # exactly half: not more than half
+    (0, 0.0, None),                                                          # an ordinary fit
+])
+def test_degenerate_warning_thresholds(zero, wd, warns):
+    """``zero`` of the 4 input columns are 0, so the first layer's weights on them have no curvature."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 30, bias=False), nn.Tanh(), nn.Linear(30, 3)).double()
+    X = torch.randn(300, 4, dtype=torch.float64)
+    X[:, :zero] = 0
+    y = torch.randint(0, 3, (300,))
+    est = make_estimator("curvature", model, params=["0.weight"])
+    context = FitContext(X=X, y=y, loss=nn.functional.cross_entropy, weight_decay=wd)
+    if warns is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DegenerateSEWarning)
+            est.fit(context)
+    else:
+        with pytest.warns(DegenerateSEWarning, match=re.escape(warns)):
+            est.fit(context)
+
+
+class _Constant(Estimator):
+    """A plugin-style estimator whose fit calls the base fit: its equal SEs are reported once."""
+
+    name = "constant"
+
+    def fit(self, context):
+        super().fit(context)
+        return self
+
+    def se(self):
+        return {n: torch.full_like(e.effective(), 0.5) for n, e in zip(self.names, self._entries)}
+
+
+def test_degenerate_warning_for_any_estimator_once():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.warns(DegenerateSEWarning) as record:
+        _Constant(model).fit(FitContext())
+    assert _degenerate(record) == [
+        "estimator 'constant': degenerate standard errors: every finite SE equals 0.5 (to 1e-06 relative), so mu[constant] is "
+        "magnitude pruning. This is right when every weight has the same information by design (a linear model on "
+        "standardised inputs); otherwise check that the loss has curvature in the model's outputs (nll_loss needs "
+        "log_softmax outputs; or use cross_entropy on logits), that the data reach these weights (inputs not all zero, "
+        "units not dead) and that the fit data are the training data; or use another estimator"]
+    mustat.prune(model, {"0.weight": torch.tensor([[1.0, 2, 3], [4, 5, 6]])}, sparsity=5 / 6)
+    with warnings.catch_warnings():                 # one live weight: nothing to compare
+        warnings.simplefilter("error", DegenerateSEWarning)
+        _Constant(model).fit(FitContext())

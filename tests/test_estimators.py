@@ -11,6 +11,7 @@ import mustat
 from mustat.cli import main
 from mustat.uncertainty import (
     ESTIMATORS,
+    DegenerateSEWarning,
     Estimator,
     FitContext,
     NotFittedError,
@@ -119,8 +120,10 @@ def toy():
 
 
 def test_a_new_estimator_runs_through_mustat_prune(toy, tmp_path, capsys):
-    assert main(["prune", "--se", toy, "--criteria", "mu,magnitude", "--epochs", "2", "--retrain-epochs", "1",
-                 "--target-sparsity", "0.8", "--quiet", "--out", str(tmp_path)]) == 0
+    # se = 1 everywhere is degenerate by design, and the fit says so
+    with pytest.warns(DegenerateSEWarning, match=r"mu\[toy-constant\] is magnitude pruning"):
+        assert main(["prune", "--se", toy, "--criteria", "mu,magnitude", "--epochs", "2", "--retrain-epochs", "1",
+                     "--target-sparsity", "0.8", "--quiet", "--out", str(tmp_path)]) == 0
     assert "mu[toy-constant]" in capsys.readouterr().out
     df = pd.read_csv(tmp_path / "results.csv")
     mu, mag = df[df.label == "mu[toy-constant]"], df[df.label == "magnitude"]
@@ -135,7 +138,8 @@ def test_a_new_estimator_runs_through_a_study(toy, tmp_path):
 
     grid = Grid(designs=("logistic",), settings=(Setting("sgd", 0.05, epochs=2, window=1),), replications=2,
                 bootstrap_B=4, estimators=("pseudo", toy))
-    summary, cells = run_study(grid, tmp_path, scheduler="serial", quiet=True)
+    with pytest.warns(DegenerateSEWarning, match="every finite SE equals 1 "):   # se = 1: degenerate by design
+        summary, cells = run_study(grid, tmp_path, scheduler="serial", quiet=True)
     row = summary[summary.estimator == toy].iloc[0]
     ref = cells[(cells.estimator == toy)]
     assert (ref.se == 1).all()

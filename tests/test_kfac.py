@@ -1,11 +1,13 @@
 """K-FAC's Kronecker factors against curvlinops' KFACLinearOperator (type-2 Fisher, KFAC-expand,
 bias joined to the weight), in float64, on an MLP and a CNN."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from mustat.uncertainty import FitContext, make_estimator
+from mustat.uncertainty import DegenerateSEWarning, FitContext, make_estimator
 
 curvlinops = pytest.importorskip("curvlinops")
 
@@ -34,3 +36,67 @@ def test_factors_equal_curvlinops(index):
         *_, A, B = est._factors[f"{layer}.weight"]
         torch.testing.assert_close(A, ref._input_covariances[layer], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(B, ref._gradient_covariances[layer], rtol=1e-10, atol=1e-12)
+
+
+class _Digits(nn.Module):
+    """PyTorch's MNIST-example pattern in miniature: a CNN ending in ``log_softmax`` (for ``nll_loss``),
+    or with ``log=False`` the same network returning its logits."""
+
+    def __init__(self, log: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+        self.log = log
+
+    def forward(self, x):
+        z = self.fc(torch.relu(self.conv(x)).flatten(1))
+        return nn.functional.log_softmax(z, dim=1) if self.log else z
+
+
+def _digits():
+    """The log-softmax network after 30 SGD steps of ``nll_loss``, and a logit network with its weights."""
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(60, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (60,), generator=g)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        logp = _Digits(log=True).double()
+    opt = torch.optim.SGD(logp.parameters(), lr=0.1, weight_decay=1e-3)
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.nll_loss(logp(X), y).backward()
+        opt.step()
+    logits = _Digits(log=False).double()
+    logits.load_state_dict(logp.state_dict())
+    return logp, logits, X, y
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "fisher"])
+def test_log_softmax_with_nll_loss_equals_logits_with_cross_entropy(name):
+    """The Kronecker factors (and fisher's dense GGN) of a log-softmax network under nll_loss are the
+    logit network's under cross_entropy: the output Hessian is taken through the log-softmax."""
+    logp, logits, X, y = _digits()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateSEWarning)   # an ordinary fit does not warn
+        nll = make_estimator(name, logp).fit(FitContext(X=X, y=y, loss=nn.functional.nll_loss,
+                                                        weight_decay=1e-3)).se()
+        ce = make_estimator(name, logits).fit(FitContext(X=X, y=y, loss=nn.functional.cross_entropy,
+                                                         weight_decay=1e-3)).se()
+    for n in ("conv.weight", "fc.weight"):
+        torch.testing.assert_close(nll[n], ce[n], rtol=1e-10, atol=0)
+        assert nll[n].unique().numel() == nll[n].numel()  # not 1/sqrt(n * wd) for every weight
+
+
+def test_nll_loss_on_logits_warns():
+    """nll_loss on logits has a zero output Hessian: K-FAC's factors B are 0, every SE 1/sqrt(n * wd)
+    up to rounding (7 distinct values before the warning existed), and both warnings say so."""
+    _, logits, X, y = _digits()
+    with pytest.warns(DegenerateSEWarning) as record:
+        se = make_estimator("kfac", logits).fit(FitContext(X=X, y=y, loss=nn.functional.nll_loss,
+                                                           weight_decay=1e-3)).se()
+    messages = [str(w.message) for w in record if issubclass(w.category, DegenerateSEWarning)]
+    assert len(messages) == 2
+    assert "output space is identically 0" in messages[0]
+    assert "estimator 'kfac'" in messages[1] and "1/sqrt(n*weight_decay) (n=60, weight_decay=0.001)" in messages[1]
+    for v in se.values():
+        torch.testing.assert_close(v, torch.full_like(v, (60 * 1e-3) ** -0.5), rtol=1e-12, atol=0)

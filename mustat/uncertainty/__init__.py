@@ -20,6 +20,7 @@ register through :func:`load_plugins`.
 # ruff: noqa: I001  (registration order is the default comparison's order)
 from mustat.uncertainty.base import (
     ESTIMATORS,
+    DegenerateSEWarning,
     Estimator,
     FitContext,
     NotFittedError,
@@ -49,7 +50,7 @@ from mustat.uncertainty.woodfisher import WoodFisher  # isort: skip
 
 __all__ = [
     "EKFAC", "ESTIMATORS", "KFAC", "BatchMeans", "Block", "Bootstrap", "Calibrated", "Center", "Curvature", "Estimator", "Fisher",
-    "FitContext", "Marginal", "WoodFisher",
+    "DegenerateSEWarning", "FitContext", "Marginal", "WoodFisher",
     "Information", "Kind", "NotFittedError", "PseudoBootstrap", "Replicates", "StationarityReport", "TrainingSetup",
     "Wald", "Window", "WindowWarning", "bootstrap_replicates", "bootstrap_se", "calibrated_se", "decoupled_decay",
     "default_estimators", "get_estimator", "ggn_diagonal", "hessian_se", "information", "load_plugins",

@@ -28,6 +28,8 @@ point (:func:`load_plugins`).
 from __future__ import annotations
 
 import abc
+import functools
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -56,6 +58,52 @@ class WindowWarning(UserWarning):
         super().__init__(message)
         self.estimator = estimator
         self.diagnostics = dict(diagnostics or {})
+
+
+class DegenerateSEWarning(UserWarning):
+    """An estimator's standard errors carry no information about the individual weights.
+
+    Emitted after :meth:`Estimator.fit` (:meth:`Estimator.check_degenerate`) when, over the
+    live (unpruned) entries of the estimated tensors, either every finite SE is the same number
+    (to a relative :data:`DEGENERATE_RTOL`) or more than :data:`DEGENERATE_UNIDENTIFIED` of them
+    are unidentified (``se = inf``); and by the curvature estimators when the loss has no
+    curvature in output space. ``mu``'s score ``|w| / se`` then ranks by magnitude alone (equal
+    SEs) or prunes the unidentified weights first whatever their size. ``estimator`` names the
+    estimator and ``diagnostics`` holds the numbers the test used, as for :class:`WindowWarning`.
+    """
+
+    def __init__(self, message: str, *, estimator: str = "", diagnostics: dict | None = None):
+        super().__init__(message)
+        self.estimator = estimator
+        self.diagnostics = dict(diagnostics or {})
+
+
+#: relative spread ``(max - min) / max`` of the finite SEs at or below which they count as all equal
+DEGENERATE_RTOL = 1e-6
+#: fraction of live weights with ``se = inf`` above which the SEs count as degenerate
+DEGENERATE_UNIDENTIFIED = 0.5
+
+
+def _checked_fit(fit: Callable) -> Callable:
+    """``fit`` followed by :meth:`Estimator.check_degenerate` when the outermost ``fit`` returns
+    (a subclass's ``fit`` that calls ``super().fit`` is checked once)."""
+    if getattr(fit, "_checks_degenerate", False):
+        return fit
+
+    @functools.wraps(fit)
+    def checked(self, context, *args, **kwargs):
+        depth = self.__dict__.get("_fit_depth", 0)
+        self.__dict__["_fit_depth"] = depth + 1
+        try:
+            out = fit(self, context, *args, **kwargs)
+        finally:
+            self.__dict__["_fit_depth"] = depth
+        if depth == 0:
+            self.check_degenerate(context, stacklevel=3)
+        return out
+
+    checked._checks_degenerate = True
+    return checked
 
 
 def decoupled_decay(optimizer: torch.optim.Optimizer) -> bool:
@@ -228,6 +276,11 @@ class Estimator(abc.ABC):
                 f"estimator {self.name!r} cannot measure {frozen}: they are frozen (requires_grad=False) and {why}; "
                 "leave them out of params=, or use an estimator that can (curvature)")
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "fit" in cls.__dict__:        # every fit, built in or plugin, ends with the degenerate-SE check
+            cls.fit = _checked_fit(cls.__dict__["fit"])
+
     # ---------------------------------------------------------------- declared needs
     @classmethod
     def options(cls, setup: TrainingSetup) -> dict[str, Any]:
@@ -268,9 +321,73 @@ class Estimator(abc.ABC):
         return optimizer.register_step_post_hook(lambda *_: self.update())
 
     # ---------------------------------------------------------------- results
+    @_checked_fit
     def fit(self, context: FitContext) -> Estimator:
-        """Finish the estimate with what training used; returns ``self``."""
+        """Finish the estimate with what training used; returns ``self``.
+
+        Every ``fit`` (this one and each subclass's) ends with :meth:`check_degenerate`."""
         return self
+
+    def check_degenerate(self, context: FitContext | None = None, *, stacklevel: int = 2) -> dict[str, Any] | None:
+        """Warn (:class:`DegenerateSEWarning`) when the fitted SEs cannot tell the weights apart.
+
+        Over the live (unpruned) entries of every estimated tensor: more than
+        :data:`DEGENERATE_UNIDENTIFIED` (half) of them have ``se = inf``, or there are at least two
+        finite SEs and ``(max - min) <= DEGENERATE_RTOL * max`` (1e-6) over them. Returns the
+        numbers tested (``None`` when the SEs are not available yet, e.g. a trajectory estimator
+        with too few recorded steps: reading them reports that). Called by :meth:`fit`;
+        ``context`` only makes the message name ``1/sqrt(n * weight_decay)`` when every SE is that.
+        """
+        try:
+            se = self.se()
+        except RuntimeError:                  # NotFittedError, or a trajectory too short to read
+            return None
+        finite, live, inf = [], 0, 0
+        for n, e in zip(self.names, self._entries):
+            s = se[n].detach()
+            m = e.mask()
+            s = s.flatten() if m is None else s[m.reshape(s.shape).to(s.device) != 0]
+            live += s.numel()
+            inf += int(torch.isinf(s).sum())
+            finite.append(s[torch.isfinite(s)].double().cpu())
+        vals = torch.cat(finite) if finite else torch.zeros(0, dtype=torch.float64)
+        if live == 0:
+            return None
+        lo, hi = (float(vals.min()), float(vals.max())) if len(vals) else (math.nan, math.nan)
+        diag = dict(live=live, unidentified=inf, finite=len(vals), se_min=lo, se_max=hi)
+        equal = len(vals) >= 2 and hi - lo <= DEGENERATE_RTOL * abs(hi)
+        unidentified = inf > DEGENERATE_UNIDENTIFIED * live
+        if not (equal or unidentified):
+            return diag
+        why, by_design = [], False
+        if unidentified:
+            why.append(f"{inf} of {live} live weights ({inf / live:.0%}, more than {DEGENERATE_UNIDENTIFIED:.0%}) are "
+                       "unidentified (se = inf: nothing in the data or the penalty pins them down), so "
+                       f"mu[{self.name}] prunes them first whatever their magnitude")
+        if equal:
+            prior = None
+            if context is not None and context.n:
+                try:
+                    prior = context.n * context.penalty()
+                except ValueError:
+                    prior = None
+            if prior and abs(hi * math.sqrt(prior) - 1) <= DEGENERATE_RTOL:
+                why.append(f"every finite SE equals {hi:.6g} = 1/sqrt(n*weight_decay) (n={context.n}, "
+                           f"weight_decay={context.penalty():g}): the data's curvature is zero at every weight, so "
+                           f"mu[{self.name}] is magnitude pruning")
+            else:
+                by_design = not unidentified
+                why.append(f"every finite SE equals {hi:.6g} (to {DEGENERATE_RTOL:g} relative), so mu[{self.name}] is "
+                           "magnitude pruning")
+        check = ("check that the loss has curvature in the model's outputs (nll_loss needs log_softmax outputs; or use "
+                 "cross_entropy on logits), that the data reach these weights (inputs not all zero, units not dead) and "
+                 "that the fit data are the training data; or use another estimator")
+        advice = ("This is right when every weight has the same information by design (a linear model on "
+                  f"standardised inputs); otherwise {check}") if by_design else check[0].upper() + check[1:]
+        warnings.warn(DegenerateSEWarning(
+            f"estimator {self.name!r}: degenerate standard errors: {'; '.join(why)}. {advice}",
+            estimator=self.name, diagnostics=diag), stacklevel=stacklevel)
+        return diag
 
     @abc.abstractmethod
     def se(self) -> dict[str, Tensor]:

@@ -33,11 +33,13 @@ other parameter takes per-sample vector-Jacobian products by ``torch.func.vmap``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from numbers import Integral
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
@@ -46,6 +48,7 @@ from mustat._functional import FunctionalModel, eval_mode, hessian, vmap_or_loop
 from mustat.batching import Data, batches
 from mustat.uncertainty.base import (
     CurvatureEstimator,
+    DegenerateSEWarning,
     FitContext,
     Loss,
     register_estimator,
@@ -66,6 +69,35 @@ def output_factor(loss: Loss, out_shape: torch.Size | tuple[int, ...]) -> Callab
     (single entries of a GGN diagonal off by up to 3e-4 relative on LeNet-5). The loss must be
     the same function of every sample's output: with ``ignore_index`` or per-sample weights the
     first samples decide, so pass a loss without them.
+
+    Log-probabilities (PyTorch's MNIST example: the model ends in ``log_softmax``, the loss is
+    ``nll_loss``). ``nll_loss`` is linear in its input, :math:`\ell(u, y) = -u_y`, so its output
+    Hessian is 0 and a Gauss-Newton matrix split at the log-probabilities :math:`u` would be 0
+    (every SE :math:`1/\sqrt{n\lambda}`). The split is moved into the log-softmax instead. On
+    log-probabilities :math:`\mathrm{logsumexp}(u) = 0`, so :math:`s(u) = u - \mathrm{logsumexp}(u)
+    \mathbf 1` (log-softmax) returns :math:`u` and ``nll_loss(u) = cross_entropy(u)``: the loss
+    is cross-entropy at the outputs, and cross-entropy's output Hessian there is
+    :math:`\Lambda = \mathrm{diag}(p) - pp^\top` with :math:`p = \exp u`. The GGN with this
+    :math:`\Lambda` at :math:`u` is the GGN of the network's logits :math:`a` (the log-softmax's
+    input) under cross-entropy: with :math:`u = s(a)` the Jacobians are
+    :math:`J_u = (I - \mathbf 1 p^\top) J_a`, and since :math:`\Lambda \mathbf 1 = 0` and
+    :math:`\mathbf 1^\top \Lambda = 0`,
+
+    .. math:: (I - p\mathbf 1^\top)(\mathrm{diag}(p) - pp^\top)(I - \mathbf 1 p^\top)
+              = \mathrm{diag}(p) - pp^\top,
+
+    so :math:`J_u^\top \Lambda J_u = J_a^\top \Lambda J_a` (``tests/test_curvature.py`` checks it
+    against a dense GGN of the logits). The pattern is recognised on the
+    first call when the outputs are one vector per sample, every probed row has
+    :math:`|\mathrm{logsumexp}(u)| \le 10^3\epsilon` (:math:`\epsilon` the dtype's machine
+    epsilon) and the loss of each probed sample equals ``F.cross_entropy`` there to the same
+    tolerance; the closed form above is then used.
+
+    Any other loss whose output Hessian is identically 0 on the whole first chunk (``nll_loss``
+    on outputs that are not log-probabilities, a loss linear or piecewise linear in the outputs)
+    has no Gauss-Newton curvature: a :class:`~mustat.uncertainty.DegenerateSEWarning` says so
+    and the (zero) factor is returned, so the SEs are :math:`1/\sqrt{n\lambda}` (``inf`` without
+    a penalty) where those samples are all there is.
     """
     shape = tuple(out_shape)
     C = max(1, int(torch.Size(shape).numel()))
@@ -85,22 +117,52 @@ def output_factor(loss: Loss, out_shape: torch.Size | tuple[int, ...]) -> Callab
         s = outs.sigmoid()
         return (s * (1 - s)).unsqueeze(-1)
 
+    def log_probabilities(outs, yb) -> bool:
+        """Whether ``outs`` are log-probabilities at which ``loss`` is cross-entropy (notes)."""
+        if len(shape) != 1 or C < 2 or not outs.is_floating_point():
+            return False
+        tol = 1e3 * torch.finfo(outs.dtype).eps
+        with torch.no_grad():
+            if not bool((outs.logsumexp(-1).abs() <= tol).all()):
+                return False
+            try:
+                mine = torch.stack([sample_loss(o, t) for o, t in zip(outs, yb)])
+                ce = torch.stack([F.cross_entropy(o[None], t[None]) for o, t in zip(outs, yb)])
+            except (RuntimeError, ValueError, TypeError, IndexError):   # targets cross_entropy cannot take
+                return False
+        return mine.shape == ce.shape and torch.allclose(mine.to(ce.dtype), ce, rtol=tol, atol=tol)
+
     chosen: list[str] = []
 
     def factor(outs: Tensor, yb: Tensor) -> Tensor:
         outs = outs.reshape(len(outs), C)
-        if not chosen:
+        first = not chosen
+        if first:
             probe = autograd(outs[:4], yb[:4])
             closed = softmax(outs[:4])[0] if C > 1 else sigmoid(outs[:4])
             scale = probe.abs().amax().clamp_min(1e-30)
-            chosen.append("closed" if torch.allclose(probe, closed, rtol=1e-5, atol=1e-5 * float(scale)) else "eigen")
+            if torch.allclose(probe, closed, rtol=1e-5, atol=1e-5 * float(scale)):
+                chosen.append("closed")
+            elif log_probabilities(outs[:4], yb[:4]):
+                chosen.append("closed")                 # the same closed form, through the log-softmax
+            else:
+                chosen.append("eigen")
         if chosen[0] == "closed":
             if C == 1:
                 return sigmoid(outs).sqrt()
             _, p = softmax(outs)
             r = p.sqrt()
             return r.diag_embed() - p.unsqueeze(2) * r.unsqueeze(1)
-        evals, evecs = torch.linalg.eigh(autograd(outs, yb))
+        lam = autograd(outs, yb)
+        if first and not bool(lam.any()):
+            warnings.warn(DegenerateSEWarning(
+                f"the loss's Hessian in output space is identically 0 on all {len(outs)} samples of the first "
+                "chunk, so the Gauss-Newton curvature is 0 there and the SEs degenerate to 1/sqrt(n*weight_decay) "
+                "(inf without decay): mu then ranks by magnitude alone. nll_loss needs log-probabilities: end the "
+                "model in log_softmax, or pass cross_entropy on its logits; a loss linear in the outputs has no "
+                "Gauss-Newton curvature (use an estimator of gradients: block, woodfisher, pseudo)",
+                estimator="output_factor", diagnostics=dict(samples=len(outs), outputs=C)), stacklevel=3)
+        evals, evecs = torch.linalg.eigh(lam)
         return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
 
     return factor
