@@ -524,3 +524,30 @@ def test_global_shares_do_not_depend_on_how_often_a_layer_sees_a_token(method):
         shares.append(list(report.layers["sparsity"]))
     assert shares[0] == shares[1]
     assert 0 < shares[0][0] < 1 and shares[0][0] != 0.5
+
+
+def test_sequential_block_measures_every_layer_of_a_block_from_its_dense_inputs():
+    # sequential="block": layer 2 of the MLP pruned from the dense layer 0's outputs (the references' order), in
+    # one pass; the block driver and the model driver agree
+    model = _mlp()
+    X = torch.randn(200, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(model)
+    report = oneshot(model, [X], method="sparsegpt", sparsity=0.5, sequential="block")
+    assert report.passes == 2
+    kw = dict(method="sparsegpt", sparsity=0.5, scope="layer", pattern=Pattern(), update=True, damping=0.01,
+              block_size=128)
+    h = torch.tanh(X @ ref[0].weight.detach().T + ref[0].bias.detach())
+    W1, _ = S.solve(ref[2].weight.detach(), _gram(h.numpy()), alive=torch.ones(4, 16, dtype=torch.bool), **kw)
+    torch.testing.assert_close(model[2].weight.detach(), W1, rtol=1e-10, atol=1e-12)
+    bert, cal, *_ = _families()["bert"]
+    bert = bert.double()
+    other = copy.deepcopy(bert)
+    a = oneshot(bert, cal, method="sparsegpt", sparsity=0.5, sequential="block")
+    b = oneshot(other, cal, method="sparsegpt", sparsity=0.5, sequential="block", driver="model")
+    assert a.passes == 2 + 2 + 1 and b.passes == 2
+    # the model driver treats the model as one block: the first block is pruned alike, the second is not
+    for (n, x), (_, y) in zip(bert.named_parameters(), other.named_parameters()):
+        if "layer.0." in n:
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=n)
+        elif "layer.1." in n and "weight.original" in n:
+            assert not torch.allclose(x, y), n

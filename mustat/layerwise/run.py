@@ -340,9 +340,10 @@ def _matrix(t: Target) -> tuple[Tensor, Tensor]:
 def _errors(targets: list[Target], changes: dict[str, tuple[Tensor, Tensor]]
             ) -> tuple[list, dict[str, list[float]], list[Tensor | None]]:
     """Hooks adding ``||D x||^2`` and ``||W x||^2`` over the tokens each target sees, for targets
-    pruned from diagonal statistics (no Gram to read the error from). In the sequential order a
-    layer's inputs when its block's outputs are computed are those it was pruned from, so this is
-    the error the Gram would give. Returns the hooks, the sums and a cell for the token mask."""
+    pruned from diagonal statistics (no Gram to read the error from). In the true-sequential
+    order a layer's inputs when its block's outputs are computed are those it was pruned from, so
+    this is the error the Gram would give; with ``sequential="block"`` it is the error on the inputs
+    the layer sees in the pruned block. Returns the hooks, the sums and a cell for the token mask."""
     sums: dict[str, list[float]] = {t.name: [0.0, 0.0] for t in targets}
     mask: list[Tensor | None] = [None]
     handles = []
@@ -374,6 +375,7 @@ def oneshot(
     exclude: Iterable[str] = ("lm_head",),
     forward: Callable | None = None,
     driver: str = "auto",
+    sequential: str = "layer",
     progress: bool = False,
 ) -> OneShotReport:
     """Prune a trained model once, layer by layer, from a few calibration batches (no training).
@@ -425,6 +427,12 @@ def oneshot(
         one another (checked on the first batch; the module notes), otherwise once per group of
         layers from the model's input; ``"model"``: always the latter. Both give the same result;
         the block driver runs each block about twice instead of the model once per group.
+    sequential
+        ``"layer"``: each group of layers measured on inputs that passed through the layers pruned
+        before it, inside a block too (GPTQ's true-sequential order); ``"block"``: every layer of a
+        block (of the model, without blocks) measured in one pass from the block's inputs before
+        any of it is pruned, as SparseGPT's and Wanda's drivers do (fewer passes, the later layers'
+        statistics from the dense block).
     progress
         Show a progress bar over the groups of layers.
 
@@ -448,6 +456,7 @@ def oneshot(
         raise ValueError("damping must be in (0, 1e6], got 0: the Gram matrix of collinear inputs is singular")
     sigma = check_option(sigma, "sigma", ("row", "layer"))
     driver = check_option(driver, "driver", ("auto", "model"))
+    sequential = check_option(sequential, "sequential", ("layer", "block"))
     check_scalar(block_size, "block_size", kind=Integral, low=1)
     block_size = int(block_size)
     if update is not None and not isinstance(update, bool):
@@ -541,17 +550,19 @@ def oneshot(
 
         if blocks is not None:
             passes += _by_block(model, calibration, forward, device, blocks, groups, trace.once, method, diagonal,
-                                prune_group, rows_out)
+                                prune_group, rows_out, sequential)
         else:
-            for group in groups:
+            steps = [groups] if sequential == "block" else [[g] for g in groups]
+            for step in steps:
                 grams, tic = None, time.perf_counter()
                 if needs_data:
-                    run = _Pass(group, method == "mu-sandwich", device)
+                    run = _Pass([t for g in step for t in g], method == "mu-sandwich", device)
                     run.run([_Call(lambda b=b: _call(model, _to(b, device), forward), _token_mask(b))
                              for b in calibration], halt=trace.once)
                     passes += 1
                     grams = run.grams
-                prune_group(group, grams, time.perf_counter() - tic)
+                for group in step:
+                    prune_group(group, grams, (time.perf_counter() - tic) / len(step))
         bar.close()
     return OneShotReport(pd.DataFrame(rows_out), PruningReport.from_model(model, [t.name for t in flat]),
                          skipped, passes, time.perf_counter() - start, "block" if blocks is not None else "model")
@@ -574,7 +585,7 @@ def _prune(t: Target, W: Tensor, alive: Tensor, grams: dict | None, sparsity: fl
 
 
 def _by_block(model, calibration, forward, device, found, groups, once, method, diagonal, prune_group,
-              rows_out) -> int:
+              rows_out, sequential) -> int:
     """The block-by-block driver (module notes); returns the passes made."""
     blocks, where = found
     calls: list[tuple[tuple, dict, Tensor | None]] = []
@@ -598,12 +609,13 @@ def _by_block(model, calibration, forward, device, found, groups, once, method, 
     for k, block in enumerate(blocks):
         mine = [g for g in groups if where[g[0].name] == k]
         changes: dict[str, tuple[Tensor, Tensor]] = {}
-        for group in mine:
+        for step in ([mine] if sequential == "block" else [[g] for g in mine]):
             tic = time.perf_counter()
-            run = _Pass(group, method == "mu-sandwich", device, diagonal)
+            run = _Pass([t for g in step for t in g], method == "mu-sandwich", device, diagonal)
             run.run([_Call(lambda a=a, kw=kw, block=block: block(*a, **kw), m) for a, kw, m in calls], halt=once)
             passes += 1
-            changes.update(prune_group(group, run.grams, time.perf_counter() - tic))
+            for group in step:
+                changes.update(prune_group(group, run.grams, (time.perf_counter() - tic) / len(step)))
         if k == len(blocks) - 1 and not changes:
             break
         targets = [t for g in mine for t in g if t.name in changes]
