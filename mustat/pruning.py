@@ -124,6 +124,45 @@ class LayerCollapseWarning(UserWarning):
         return type(self), (str(self), self.tensors)
 
 
+class ScoreScaleWarning(LayerCollapseWarning):
+    """A global prune gutted some tensors without emptying them (``tensors`` names them,
+    ``kept`` maps each to the fraction of its weights left): the scores' scale differs
+    between tensors, so ranking them together spent the pruning on a few.
+
+    How it is decided: with target ``s``, a tensor of ``n`` weights is gutted when this call
+    prunes some of its weights, leaves at least one, and leaves it with more than
+    ``floor(n * (3 + s) / 4)`` pruned, which is what ``max_tensor_sparsity=(3 + s) / 4``
+    would allow: it keeps under a quarter of the share ``1 - s`` that an even (layer-wise)
+    prune keeps. At ``s = 0.9`` that is a tensor pruned beyond 97.5%, at ``s = 0.5`` beyond
+    87.5%. Magnitude pruning moves cuts between tensors too (the largest tensor ends a little
+    beyond ``s``, small ones well below it), but seldom by that much. That cap or
+    ``scope="layer"`` prevents it; scores whose scale is comparable across tensors avoid it. An emptied tensor
+    raises the parent :class:`LayerCollapseWarning` instead, and layer-wise scope and N:M
+    patterns never warn. A filter on :class:`LayerCollapseWarning` silences both.
+
+    It looks only at how the cuts are shared between tensors: a criterion that ranks the
+    weights within a tensor badly, at ordinary shares, does not raise it.
+    """
+
+    def __init__(self, message: str, tensors: list[str], kept: Mapping[str, float] | None = None):
+        super().__init__(message, tensors)
+        self.kept = dict(kept or {})
+
+    def __reduce__(self):
+        return type(self), (str(self), self.tensors, self.kept)
+
+
+def _gutting_cap(sparsity: float) -> float:
+    """The per-tensor sparsity beyond which :class:`ScoreScaleWarning` calls a tensor gutted."""
+    return (3 + sparsity) / 4
+
+
+def _gutted(sizes: Mapping[str, int], kept: Mapping[str, int], cut: Mapping[str, int], sparsity: float) -> list[str]:
+    """The tensors :class:`ScoreScaleWarning` names (see there for the rule)."""
+    cap = _gutting_cap(sparsity)
+    return [t for t in sizes if cut[t] > 0 and kept[t] > 0 and sizes[t] - kept[t] > _cap_count(cap, sizes[t])]
+
+
 def _protected(scores: Tensor, alive: Tensor, max_pruned: int) -> Tensor:
     """The live entries a per-tensor cap keeps: the highest-scoring ones beyond ``max_pruned`` cuts.
 
@@ -220,6 +259,9 @@ def prune(
     -----
     LayerCollapseWarning
         When a tensor that still had live weights ends fully pruned.
+    ScoreScaleWarning
+        With ``scope="global"``, when this call leaves a tensor pruned beyond ``(3 + sparsity) / 4``
+        (beyond 97.5% at 90%) but not empty; see :class:`ScoreScaleWarning`.
     """
     nm = parse_pattern(pattern)
     if sparsity is not None:
@@ -309,6 +351,23 @@ def prune(
             f"{'it' if len(collapsed) == 1 else 'them'} any more. Global ranking compares scores across layers; "
             "cap each tensor with max_tensor_sparsity=... (the CLI's --max-tensor-sparsity) or use scope='layer'",
             collapsed), stacklevel=2)
+    if scope is Scope.GLOBAL and not nm.structured:
+        sizes = {n: t[2].numel() for n, t in targets.items()}
+        kept = {n: int(keeps[n].sum()) for n in targets}
+        cut = {n: int((targets[n][3] & ~keeps[n].to(targets[n][3].device)).sum()) for n in targets}
+        gutted = _gutted(sizes, kept, cut, sparsity)
+        if gutted:
+            shares = {n: kept[n] / sizes[n] for n in gutted}
+            listing = ", ".join(f"{n} ({1 - shares[n]:.4f} pruned: {kept[n]} of {sizes[n]} kept)" for n in gutted)
+            one = len(gutted) == 1
+            warnings.warn(ScoreScaleWarning(
+                f"global ranking at sparsity={sparsity:g} prunes {listing} beyond (3 + sparsity)/4 = "
+                f"{_gutting_cap(sparsity):g}, keeping under a quarter of the share an even prune keeps: the scores' scale differs "
+                f"between tensors, so this prune guts {'it' if one else 'them'} without emptying "
+                f"{'it' if one else 'them'}. Use scope='layer', or cap each tensor with max_tensor_sparsity="
+                f"{_gutting_cap(sparsity):g} (the CLI's --max-tensor-sparsity), or take the standard errors from a "
+                "marginal estimator such as 'kfac'",
+                gutted, shares), stacklevel=2)
     for name in targets:
         install_mask(model, name, keeps[name], table)
     if update is not None:

@@ -1,5 +1,7 @@
 import copy
 import io
+import math
+import pickle
 import warnings
 
 import pytest
@@ -175,9 +177,10 @@ def test_global_prune_warns_when_a_tensor_would_vanish_and_the_cap_prevents_it()
         mustat.prune(copy.deepcopy(model), scores, sparsity=0.3)
     assert rec[0].message.tensors == ["2.weight"]
     capped = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    # the cap keeps the layer alive; pruned 90% at a 30% target it is still gutted, and says so
+    with pytest.warns(mustat.ScoreScaleWarning, match=r"2.weight \(0.9000 pruned: 4 of 40 kept\)") as rec:
         report = mustat.prune(capped, scores, sparsity=0.3, max_tensor_sparsity=0.9)
+    assert [w.category for w in rec] == [mustat.ScoreScaleWarning]
     frame = report.to_frame().set_index("tensor")
     assert frame.loc["2.weight", "pruned"] == 36  # floor(0.9 * 40): the 4 highest-scoring survive
     assert frame.loc["total", "pruned"] == round(0.3 * 240)  # the target is still met exactly
@@ -214,6 +217,7 @@ def test_unreachable_cap_is_an_error():
         mustat.prune(model, scores, sparsity=0.6, max_tensor_sparsity=0.0)
 
 
+@pytest.mark.filterwarnings("ignore::mustat.ScoreScaleWarning")  # 0.weight is pruned 90% at a 50% target on purpose
 def test_cap_holds_when_other_tensors_score_infinite():
     # frozen weights (se = 0) score +inf under mu; the cap must still keep its share of a low-scoring tensor
     model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10))
@@ -281,3 +285,80 @@ def test_layer_collapse_warnings_cross_process_boundaries():
 
     w = pickle.loads(pickle.dumps(mustat.LayerCollapseWarning("empty", ["a.weight"])))
     assert w.tensors == ["a.weight"] and str(w) == "empty"
+
+
+def _mnist_example_scores(scale: float):
+    """PyTorch's MNIST-example CNN (``mustat.models.torch_example``: conv1 1->32 3x3, conv2 32->64 3x3,
+    max-pool, fc1 9216->128, fc2 128->10) at its initial weights, and M&U scores ``|w| / se`` whose
+    SEs are ``rms(w_t) * r_t`` times log-normal noise, with ``r_t = scale`` for conv2 and fc2 and 1 for
+    conv1 and fc1: a trajectory SE whose scale differs by layer, made by hand."""
+    from mustat.models import torch_example
+
+    torch.manual_seed(0)
+    net = torch_example((1, 28, 28), 10)
+    g = torch.Generator().manual_seed(0)
+    ratio = {"0.weight": 1.0, "2.weight": scale, "7.weight": 1.0, "10.weight": scale}
+    se = {n: p.detach().pow(2).mean().sqrt() * ratio[n] * torch.exp(0.5 * torch.randn(p.shape, generator=g))
+          for n, p in net.named_parameters() if n in ratio}
+    return net, mustat.score(net, "mu", se=se)
+
+
+def test_global_prune_warns_when_the_score_scale_guts_a_tensor_without_emptying_it():
+    net, scores = _mnist_example_scores(2.0)
+    with pytest.warns(mustat.ScoreScaleWarning) as rec:
+        report = mustat.prune(copy.deepcopy(net), scores, sparsity=0.9)
+    frame = report.to_frame().set_index("tensor")
+    # conv2 and fc2 keep 161 of 18432 and 10 of 1280 (< 2.5% each): gutted, but no tensor is empty;
+    # conv1 is 92% pruned (magnitude: 5%), fc1 89.85%
+    assert frame.loc["2.weight", "kept"] == 161 and frame.loc["10.weight", "kept"] == 10
+    assert (frame["kept"] > 0).all() and frame.loc["0.weight", "sparsity"] <= 0.975
+    assert [w.category for w in rec] == [mustat.ScoreScaleWarning]  # no LayerCollapseWarning proper
+    w = rec[0].message
+    assert w.tensors == ["2.weight", "10.weight"]
+    assert w.kept == pytest.approx({"2.weight": 161 / 18432, "10.weight": 10 / 1280}, rel=0, abs=1e-15)
+    msg = str(w)
+    assert "2.weight (0.9913 pruned: 161 of 18432 kept), 10.weight (0.9922 pruned: 10 of 1280 kept)" in msg
+    assert "scope='layer'" in msg and "max_tensor_sparsity=0.975" in msg and "'kfac'" in msg
+    assert isinstance(w, mustat.LayerCollapseWarning)  # one filter silences both
+    back = pickle.loads(pickle.dumps(w))
+    assert (str(back), back.tensors, back.kept) == (msg, w.tensors, w.kept)
+    # each remedy the message names is quiet, and the cap holds every tensor to at most 97.5%
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        capped = mustat.prune(copy.deepcopy(net), scores, sparsity=0.9, max_tensor_sparsity=0.975)
+        mustat.prune(copy.deepcopy(net), scores, sparsity=0.9, scope="layer")
+    assert all(p <= math.floor(0.975 * s) for s, p in zip(capped.sizes, capped.pruned))
+    assert capped.total_pruned == round(0.9 * capped.total)
+
+
+def test_score_scale_warning_threshold_is_the_cap_it_suggests():
+    """Target 0.5 -> gutted beyond (3 + 0.5)/4 = 0.875: of 20 weights, 17 pruned is allowed, 18 is not."""
+    model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
+    big = torch.rand(10, 10, generator=torch.Generator().manual_seed(0)) + 0.2  # in [0.2, 1.2)
+    for low, warns in [(17, False), (18, True)]:
+        small = torch.full((2, 10), 10.0)
+        small.view(-1)[:low] = torch.arange(low) / 100  # below every weight of the big layer
+        scores = {"0.weight": big, "2.weight": small}
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            report = mustat.prune(copy.deepcopy(model), scores, sparsity=0.5)
+        assert report.pruned == (60 - low, low)
+        assert [w.category for w in rec] == ([mustat.ScoreScaleWarning] if warns else [])
+
+
+@pytest.mark.parametrize("arch", ["mnist-example-cnn", "mlp-784-300-100-10"])
+def test_magnitude_global_pruning_does_not_raise_the_score_scale_warning(arch):
+    """Magnitude at 90% on ordinary nets shares the cuts unevenly (the big layer pruned a little
+    beyond 90%: 91.3% of the CNN's fc1, 94.2% of the MLP's first layer; small ones far less) but guts
+    nothing: no warning."""
+    from mustat.models import torch_example
+
+    torch.manual_seed(0)
+    net = (torch_example((1, 28, 28), 10) if arch == "mnist-example-cnn" else
+           nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = mustat.prune(net, mustat.score(net, "magnitude"), sparsity=0.9)
+    share = report.to_frame().set_index("tensor")["sparsity"]
+    assert share.drop("total").max() > 0.9  # uneven: global ranking did move cuts between tensors
+    assert share.drop("total").max() <= 0.95
