@@ -179,19 +179,41 @@ def test_the_compensating_update_is_the_constrained_refit(name):
         est.obs_update()                     # the curvature has moved: refit first
 
 
-def test_block_update_matches_its_own_blocks():
+def _dense_empirical_fisher(model, X, y, name):
+    """``sum_i g_i g_i^T`` of the per-sample data-loss gradients of ``name``, by ``torch.func`` (vmap of
+    grad of one sample's ``nll``), with no part of any estimator: the block estimator's curvature with
+    ``samples = n`` before its penalty."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(w, x, t):
+        out = functional_call(model, {**params, name: w}, (x[None],))
+        return model.nll(out, t[None])
+
+    G = vmap(grad(one), in_dims=(None, 0, 0))(params[name], X, y).reshape(len(y), -1)
+    return G.T @ G
+
+
+def test_block_update_equals_obs_on_a_dense_empirical_fisher():
+    """OBS in blocks of 2 against the documented H_b = (n/m) sum g g^T + n (lambda + delta) I, built
+    from torch.func per-sample gradients (m = n) and cut into the same blocks: the kept weight of
+    each block moves by -w_q [H_b^-1]_kq / [H_b^-1]_qq."""
     model, X, y, loss = _logistic(d=4)
-    est = make_estimator("block", model, samples=len(y), block_size=2).fit(
+    n, damping = len(y), 1e-2
+    est = make_estimator("block", model, samples=n, block_size=2, damping=damping).fit(
         FitContext(X=X, y=y, loss=loss, weight_decay=WD))
+    H = _dense_empirical_fisher(model, X, y, "linear.weight") + n * (WD + damping) * torch.eye(4, dtype=torch.float64)
     w0 = model.linear.weight.detach().clone().reshape(-1)
     mustat.prune(model, {"linear.weight": torch.tensor([[1.0, 4.0, 3.0, 2.0]])}, sparsity=0.5, update=est)
-    U = est._blocks["linear.weight"].U
+    w = model.linear.weight.detach().reshape(-1)
     for s, (k, q) in ((0, (1, 0)), (2, (2, 3))):   # block {0,1}: 0 cut; block {2,3}: 3 cut
-        Ub = U[:, s:s + 2]
-        H = (est._blocks["linear.weight"].c * Ub.T @ Ub + est._d * torch.eye(2, dtype=torch.float64)).numpy()
+        Hinv = torch.linalg.inv(H[s:s + 2, s:s + 2])
         kk, qq = k - s, q - s
-        new = w0[k].item() + H[kk, qq] / H[kk, kk] * w0[q].item()
-        assert model.linear.weight.detach().reshape(-1)[k].item() == pytest.approx(new, rel=1e-10)
+        assert w[k].item() == pytest.approx(w0[k].item() - w0[q].item() * (Hinv[kk, qq] / Hinv[qq, qq]).item(),
+                                            rel=1e-10)
+        assert w[q].item() == 0
+    assert (w[[1, 2]] - w0[[1, 2]]).abs().min() > 1e-3      # the update is not a no-op
 
 
 def test_memory_is_checked_before_any_allocation():
