@@ -21,6 +21,7 @@ from mustat.stats import WaldResults, prune_fdr, pvalues, wald, zvalues
 from mustat.structured import prune_channels, prune_channels_fdr, unit_statistics
 from mustat.uncertainty import (
     ESTIMATORS,
+    DegenerateSEWarning,
     Estimator,
     FitContext,
     Marginal,
@@ -39,6 +40,7 @@ __all__ = [
     "CRITERIA",
     "ESTIMATORS",
     "Criterion",
+    "DegenerateSEWarning",
     "Estimator",
     "FitContext",
     "FunctionalModel",
