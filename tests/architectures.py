@@ -102,3 +102,36 @@ def make(name: str, seed: int = 0):
 
 
 ARCHITECTURES = ["lstm", "tied-lm", "resnet", "transformer", "frozen"]
+
+
+class LogSoftmaxCNN(nn.Module):
+    """PyTorch's MNIST-example pattern in miniature: a CNN whose forward ends in ``log_softmax``
+    (trained with ``nll_loss``) or, with ``log=False``, the same network returning its logits."""
+
+    def __init__(self, log: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+        self.log = log
+
+    def forward(self, x):
+        z = self.fc(torch.relu(self.conv(x)).flatten(1))
+        return nn.functional.log_softmax(z, dim=1) if self.log else z
+
+
+def log_softmax_pair(wd=1e-3):
+    """The log-softmax network after 30 SGD steps of ``nll_loss``, and a logit network with its weights."""
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(60, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (60,), generator=g)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        logp = LogSoftmaxCNN(log=True).double()
+    opt = torch.optim.SGD(logp.parameters(), lr=0.1, weight_decay=wd)
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.nll_loss(logp(X), y).backward()
+        opt.step()
+    logits = LogSoftmaxCNN(log=False).double()
+    logits.load_state_dict(logp.state_dict())
+    return logp, logits, X, y

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from architectures import log_softmax_pair
 from torch import nn
 from torch.func import functional_call, jacrev
 
@@ -151,39 +152,6 @@ def test_method_must_be_known():
                      names=["0.weight"], method="exact")
 
 
-class _Digits(nn.Module):
-    """PyTorch's MNIST-example pattern in miniature: a CNN whose forward ends in ``log_softmax``
-    (trained with ``nll_loss``) or, with ``log=False``, the same network returning its logits."""
-
-    def __init__(self, log: bool):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3)
-        self.fc = nn.Linear(3 * 4 * 4, 4)
-        self.log = log
-
-    def forward(self, x):
-        z = self.fc(torch.relu(self.conv(x)).flatten(1))
-        return nn.functional.log_softmax(z, dim=1) if self.log else z
-
-
-def _digits_pair(wd=1e-3):
-    """The log-softmax network after 30 SGD steps of ``nll_loss``, and a logit network with its weights."""
-    g = torch.Generator().manual_seed(7)
-    X = torch.randn(60, 1, 6, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 4, (60,), generator=g)
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        logp = _Digits(log=True).double()
-    opt = torch.optim.SGD(logp.parameters(), lr=0.1, weight_decay=wd)
-    for _ in range(30):
-        opt.zero_grad()
-        nn.functional.nll_loss(logp(X), y).backward()
-        opt.step()
-    logits = _Digits(log=False).double()
-    logits.load_state_dict(logp.state_dict())
-    return logp, logits, X, y
-
-
 def _dense_ggn_se(model, X, names, wd):
     """``1 / sqrt(diag(G) + n wd)`` with ``G = sum_i J_i^T (diag p_i - p_i p_i^T) J_i`` built densely in
     float64: ``J_i`` the Jacobian of sample i's logits by torch.func.jacrev over all ``names``."""
@@ -205,7 +173,7 @@ def test_log_softmax_with_nll_loss_equals_logits_with_cross_entropy():
     """nll_loss is linear in the log-probabilities, so its own output Hessian is 0; the GGN taken
     through the log-softmax is the logits' GGN under cross_entropy (output_factor's notes)."""
     wd = 1e-3
-    logp, logits, X, y = _digits_pair(wd)
+    logp, logits, X, y = log_softmax_pair(wd)
     names = ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", DegenerateSEWarning)   # an ordinary fit does not warn
@@ -228,7 +196,7 @@ def _degenerate(record):
 def test_nll_loss_on_logits_warns():
     """nll_loss on logits (log_softmax forgotten) is linear in the outputs: a zero output Hessian that
     is not the log-probability pattern. output_factor says why, the fit's check what it did."""
-    _, logits, X, y = _digits_pair()
+    _, logits, X, y = log_softmax_pair()
     with pytest.warns(DegenerateSEWarning) as record:
         se = make_estimator("curvature", logits).fit(FitContext(X=X, y=y, loss=nn.functional.nll_loss,
                                                                 weight_decay=1e-3)).se()

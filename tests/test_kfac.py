@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from architectures import log_softmax_pair
 from torch import nn
 
 from mustat.uncertainty import DegenerateSEWarning, FitContext, make_estimator
@@ -38,44 +39,11 @@ def test_factors_equal_curvlinops(index):
         torch.testing.assert_close(B, ref._gradient_covariances[layer], rtol=1e-10, atol=1e-12)
 
 
-class _Digits(nn.Module):
-    """PyTorch's MNIST-example pattern in miniature: a CNN ending in ``log_softmax`` (for ``nll_loss``),
-    or with ``log=False`` the same network returning its logits."""
-
-    def __init__(self, log: bool):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3)
-        self.fc = nn.Linear(3 * 4 * 4, 4)
-        self.log = log
-
-    def forward(self, x):
-        z = self.fc(torch.relu(self.conv(x)).flatten(1))
-        return nn.functional.log_softmax(z, dim=1) if self.log else z
-
-
-def _digits():
-    """The log-softmax network after 30 SGD steps of ``nll_loss``, and a logit network with its weights."""
-    g = torch.Generator().manual_seed(7)
-    X = torch.randn(60, 1, 6, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 4, (60,), generator=g)
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        logp = _Digits(log=True).double()
-    opt = torch.optim.SGD(logp.parameters(), lr=0.1, weight_decay=1e-3)
-    for _ in range(30):
-        opt.zero_grad()
-        nn.functional.nll_loss(logp(X), y).backward()
-        opt.step()
-    logits = _Digits(log=False).double()
-    logits.load_state_dict(logp.state_dict())
-    return logp, logits, X, y
-
-
 @pytest.mark.parametrize("name", ["kfac", "ekfac", "fisher"])
 def test_log_softmax_with_nll_loss_equals_logits_with_cross_entropy(name):
     """The Kronecker factors (and fisher's dense GGN) of a log-softmax network under nll_loss are the
     logit network's under cross_entropy: the output Hessian is taken through the log-softmax."""
-    logp, logits, X, y = _digits()
+    logp, logits, X, y = log_softmax_pair()
     with warnings.catch_warnings():
         warnings.simplefilter("error", DegenerateSEWarning)   # an ordinary fit does not warn
         nll = make_estimator(name, logp).fit(FitContext(X=X, y=y, loss=nn.functional.nll_loss,
@@ -90,7 +58,7 @@ def test_log_softmax_with_nll_loss_equals_logits_with_cross_entropy(name):
 def test_nll_loss_on_logits_warns():
     """nll_loss on logits has a zero output Hessian: K-FAC's factors B are 0, every SE 1/sqrt(n * wd)
     up to rounding (7 distinct values before the warning existed), and both warnings say so."""
-    _, logits, X, y = _digits()
+    _, logits, X, y = log_softmax_pair()
     with pytest.warns(DegenerateSEWarning) as record:
         se = make_estimator("kfac", logits).fit(FitContext(X=X, y=y, loss=nn.functional.nll_loss,
                                                            weight_decay=1e-3)).se()
