@@ -551,3 +551,26 @@ def test_sequential_block_measures_every_layer_of_a_block_from_its_dense_inputs(
             torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=n)
         elif "layer.1." in n and "weight.original" in n:
             assert not torch.allclose(x, y), n
+
+
+class _ConvBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(2))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_block_driver_on_convolutions_reads_wanda_errors_from_the_outputs():
+    torch.manual_seed(0)
+    model = _ConvBlocks().double()
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    other = copy.deepcopy(model)
+    a = oneshot(model, [x], method="wanda", sparsity=0.5, exclude=("head",))
+    b = oneshot(other, [x], method="wanda", sparsity=0.5, exclude=("head",), driver="model")
+    assert (a.driver, b.driver) == ("block", "model")
+    np.testing.assert_allclose(a.layers["error"], b.layers["error"], rtol=1e-8)

@@ -337,25 +337,30 @@ def _matrix(t: Target) -> tuple[Tensor, Tensor]:
     return t.matrix().to(torch.float64), t.alive()
 
 
-def _errors(targets: list[Target], changes: dict[str, tuple[Tensor, Tensor]]
+def _errors(targets: list[Target], changes: dict[str, Tensor]
             ) -> tuple[list, dict[str, list[float]], list[Tensor | None]]:
     """Hooks adding ``||D x||^2`` and ``||W x||^2`` over the tokens each target sees, for targets
     pruned from diagonal statistics (no Gram to read the error from). In the true-sequential
     order a layer's inputs when its block's outputs are computed are those it was pruned from, so
     this is the error the Gram would give; with ``sequential="block"`` it is the error on the inputs
-    the layer sees in the pruned block. Returns the hooks, the sums and a cell for the token mask."""
+    the layer sees in the pruned block. One product per layer: the pruned layer's own output
+    ``y = (W + D) x + b`` gives ``W x = y - b - D x``. Returns the hooks, the sums and a cell for
+    the token mask."""
     sums: dict[str, list[float]] = {t.name: [0.0, 0.0] for t in targets}
     mask: list[Tensor | None] = [None]
     handles = []
     for t in targets:
-        def pre(module, args, kwargs, t=t):
+        def post(module, args, kwargs, y, t=t, D=changes[t.name]):
             x = _input(t, args, kwargs)
             tok = t.tokens(x) if t.kind == "conv" else _tokens(x, mask[0])
-            tok = tok.to(torch.float64 if tok.dtype == torch.float64 else torch.float32)
-            D, W = (m.to(tok.dtype) for m in changes[t.name])
-            sums[t.name][0] += float((tok @ D.T).double().square().sum())
-            sums[t.name][1] += float((tok @ W.T).double().square().sum())
-        handles.append(t.caller.register_forward_pre_hook(pre, with_kwargs=True))
+            y = y.movedim(1, -1) if t.kind == "conv" else y
+            y = y.reshape(-1, y.shape[-1]) if t.kind == "conv" else _tokens(y, mask[0])
+            Dx = tok @ D.to(tok.dtype).T
+            bias = getattr(module, "bias", None)
+            Wx = y - Dx if bias is None else y - bias - Dx
+            sums[t.name][0] += float(torch.linalg.vector_norm(Dx, dtype=torch.float64)) ** 2
+            sums[t.name][1] += float(torch.linalg.vector_norm(Wx, dtype=torch.float64)) ** 2
+        handles.append(t.caller.register_forward_hook(post, with_kwargs=True))
     return handles, sums, mask
 
 
@@ -531,14 +536,14 @@ def oneshot(
         knobs = dict(method=method, pattern=nm, scope=scope, update=update, damping=damping, sigma=sigma,
                      block_size=block_size)
 
-        def prune_group(group: list[Target], grams: dict | None, share: float) -> dict[str, tuple[Tensor, Tensor]]:
+        def prune_group(group: list[Target], grams: dict | None, share: float) -> dict[str, Tensor]:
             changes = {}
             for t in group:
                 tic = time.perf_counter()
                 W, alive = _matrix(t)
                 row, W_new = _prune(t, W, alive, grams, shares[t.name], knobs)
                 if grams is not None and grams[(t.name, 0)].diagonal:
-                    changes[t.name] = (W_new - W, W.clone())   # W may alias the parameter (float64)
+                    changes[t.name] = W_new - W
                 dest = t.entry.leaf if t.entry.leaf is not None else getattr(t.module, t.attr)
                 with torch.no_grad():
                     dest.copy_(t.to_stored(W_new).to(dest.dtype))
@@ -608,7 +613,7 @@ def _by_block(model, calibration, forward, device, found, groups, once, method, 
     passes = 1
     for k, block in enumerate(blocks):
         mine = [g for g in groups if where[g[0].name] == k]
-        changes: dict[str, tuple[Tensor, Tensor]] = {}
+        changes: dict[str, Tensor] = {}
         for step in ([mine] if sequential == "block" else [[g] for g in mine]):
             tic = time.perf_counter()
             run = _Pass([t for g in step for t in g], method == "mu-sandwich", device, diagonal)
