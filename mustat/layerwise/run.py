@@ -157,7 +157,7 @@ class _Pass:
         if self.cache is None or self.cache[0] is not x or self.cache[1] != diagonal or t.kind == "conv":
             tok = t.tokens(x) if t.kind == "conv" else _tokens(x, self.mask, seq_first)
             xtx = S.input_statistic(tok, diagonal)
-            if not bool(torch.isfinite(xtx).all()):
+            if not bool(torch.isfinite(xtx if diagonal else xtx.diagonal()).all()):   # NaN or inf reach diag
                 raise ValueError(f"the calibration inputs of {t.name!r} contain NaN or inf; check the model and "
                                  "the batches (a float16 overflow?)")
             self.cache = (x, diagonal, tok, xtx)
@@ -358,8 +358,8 @@ def _errors(targets: list[Target], changes: dict[str, Tensor]
             Dx = tok @ D.to(tok.dtype).T
             bias = getattr(module, "bias", None)
             Wx = y - Dx if bias is None else y - bias - Dx
-            sums[t.name][0] += float(torch.linalg.vector_norm(Dx, dtype=torch.float64)) ** 2
-            sums[t.name][1] += float(torch.linalg.vector_norm(Wx, dtype=torch.float64)) ** 2
+            sums[t.name][0] += float(torch.dot(Dx.flatten(), Dx.flatten()))
+            sums[t.name][1] += float(torch.dot(Wx.flatten(), Wx.flatten()))
         handles.append(t.caller.register_forward_hook(post, with_kwargs=True))
     return handles, sums, mask
 
@@ -582,8 +582,8 @@ def _prune(t: Target, W: Tensor, alive: Tensor, grams: dict | None, sparsity: fl
         W_new[rows], keep[rows] = S.solve(W[rows], g, sparsity=sparsity, alive=alive[rows], **knobs)
         if g is not None and not g.diagonal:
             D = W_new[rows] - W[rows]
-            error_num += float(torch.einsum("ij,jk,ik->", D, g.H, D))
-            error_den += float(torch.einsum("ij,jk,ik->", W[rows], g.H, W[rows]))
+            error_num += float(((D @ g.H) * D).sum())
+            error_den += float(((W[rows] @ g.H) * W[rows]).sum())
     row = dict(name=t.name, kind=t.kind, rows=W.shape[0], inputs=W.shape[1], sparsity=float(1 - keep.float().mean()),
                error=error_num / error_den if error_den > 0 else float("nan"), keep=keep)
     return row, W_new
