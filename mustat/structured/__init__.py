@@ -12,10 +12,10 @@ from mustat.structured.groups import (
     output_layers,
 )
 from mustat.structured.heads import attention_blocks, prune_heads
+from mustat.structured.macs import count
 from mustat.structured.surgery import (
     IMPORTANCES,
     StructuredReport,
-    count,
     export,
     fdr_keep,
     group_tests,

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from mustat._checks import check_option
 from mustat._functional import eval_mode
+from mustat.structured.macs import count
 from mustat.structured.units import UnitStatistics, chi2_logsf
 
 ROOTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -109,7 +110,6 @@ WALD_SCORES = ("chi2-per-mac", "chi2", "pvalue")
 def channel_cost(model: nn.Module, example_inputs, root: str) -> int:
     """Multiply-accumulates one channel of the group rooted at module ``root`` costs: the count
     saved by removing it (measured on a copy); the group must have two channels or more."""
-    from mustat.structured.surgery import count
     trial = copy.deepcopy(model)
     graph = dependency_graph(trial, example_inputs)
     mod = dict(trial.named_modules())[root]

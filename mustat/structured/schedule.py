@@ -42,7 +42,8 @@ from mustat.data import Dataset, load
 from mustat.models import build, loss_fn
 from mustat.runs import read_table, save_checkpoint, write_table
 from mustat.structured.groups import NEEDS_GRADIENT
-from mustat.structured.surgery import IMPORTANCES, count, export, prune_channels
+from mustat.structured.macs import count
+from mustat.structured.surgery import IMPORTANCES, export, prune_channels
 from mustat.structured.timing import paired_latency
 from mustat.structured.units import unit_statistics
 from mustat.training import evaluate, seeded, train_epochs
@@ -140,10 +141,11 @@ def _row(model, data, **fields) -> dict:
 
 def prune_schedule(model: nn.Module, data: Dataset, importance: str, se: str | None, *, train: TrainConfig,
                    speedup: float, rounds: int, seed: int, dense_state: dict, batches: Sequence[int] = (1, 128),
-                   threads: int = 1, progress=None) -> tuple[nn.Module, list]:
+                   threads: int = 1, round_to: int | None = None, progress=None) -> tuple[nn.Module, list]:
     """Prune a copy of the dense ``model`` to ``speedup`` (in MACs) in ``rounds`` rounds of
     prune -> retrain; returns the pruned model and one row per round, with its latencies against
-    the dense model's measured alongside."""
+    the dense model's measured alongside. ``round_to``: every round leaves each group a multiple
+    of that many channels (:func:`~mustat.structured.prune_channels`)."""
     dense = model
     model = copy.deepcopy(model)
     n = len(data.y_train)
@@ -166,7 +168,7 @@ def prune_schedule(model: nn.Module, data: Dataset, importance: str, se: str | N
         if importance in NEEDS_GRADIENT:
             _gradients(model, data)
         target = math.ceil(macs0 / speedup ** (rnd / rounds))
-        prune_channels(model, example, importance, target_macs=target, stats=stats)
+        prune_channels(model, example, importance, target_macs=target, stats=stats, round_to=round_to)
         model.zero_grad(set_to_none=True)
         opt = train.make_optimizer(model.parameters())
         est = _estimator(se, model, train, n) if se is not None else None
@@ -199,7 +201,7 @@ def _claim(out: Path, settings: dict) -> None:
 def run(*, dataset: str = "mnist5k", model: str = "lenet5", importances: Sequence[str] = ("wald[kfac]", "magnitude"),
         speedup: float = 2.0, rounds: int = 3, seeds: Sequence[int] = (0,), train: TrainConfig | None = None,
         out: str | Path = "runs/structured", batches: Sequence[int] = (1, 128), threads: int = 1,
-        save_models: bool = False, quiet: bool = False) -> pd.DataFrame:
+        save_models: bool = False, round_to: int | None = None, quiet: bool = False) -> pd.DataFrame:
     """Run the structured schedule for every seed and importance; returns (and writes) the results.
 
     Every argument is checked before any training (``ValueError`` naming it)."""
@@ -208,6 +210,8 @@ def run(*, dataset: str = "mnist5k", model: str = "lenet5", importances: Sequenc
     check_scalar(speedup, "speedup", kind=Real, low=1.0, closed="neither")
     check_scalar(rounds, "rounds", kind=Integral, low=1)
     check_scalar(threads, "threads", kind=Integral, low=1)
+    if round_to is not None:
+        check_scalar(round_to, "round_to", kind=Integral, low=1)
     for s in seeds:
         check_scalar(s, "seeds", kind=Integral, low=0)
     for b in batches:
@@ -219,6 +223,8 @@ def run(*, dataset: str = "mnist5k", model: str = "lenet5", importances: Sequenc
     out = Path(out)
     settings = dict(dataset=dataset, model=model, speedup=float(speedup), rounds=int(rounds), threads=int(threads),
                     train=asdict(train))
+    if round_to is not None:      # absent when None: folders written before the option still resume
+        settings["round_to"] = int(round_to)
     _claim(out, settings)
     table = out / "results.csv"
     done = read_table(table, COLUMNS) if table.exists() else pd.DataFrame(columns=COLUMNS)
@@ -243,7 +249,8 @@ def run(*, dataset: str = "mnist5k", model: str = "lenet5", importances: Sequenc
                                      dataset=dataset, model=model, label="dense", importance="dense", se="-",
                                      seed=seed))
             pruned, new = prune_schedule(dense, data, name, se, train=train, speedup=speedup, rounds=rounds,
-                                         seed=seed, dense_state=state, batches=batches, threads=threads)
+                                         seed=seed, dense_state=state, batches=batches, threads=threads,
+                                         round_to=round_to)
             for r in new:
                 r.update(dataset=dataset, model=model, label=text, importance=name, se=se or "-", seed=seed)
             rows.extend(new)

@@ -39,6 +39,7 @@ from mustat.structured.groups import (
     tested_producers,
     wald_scores,
 )
+from mustat.structured.macs import MacModel, Unsupported, count, record_outputs
 from mustat.structured.units import UnitStatistics, chi2_sf
 
 ADJUST_METHODS = ("bonferroni", "holm", "fdr_bh", "fdr_by")
@@ -68,14 +69,6 @@ class StructuredReport:
         gone = ", ".join(f"{k}: -{v}" for k, v in self.removed.items() if v) or "nothing"
         return (f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.flop_speedup:.2f}x), params "
                 f"{self.params_before:,} -> {self.params_after:,}; channels removed: {gone}")
-
-
-def count(model: nn.Module, example_inputs) -> tuple[int, int]:
-    """``(MACs, parameters)`` of one forward pass on ``example_inputs`` (Torch-Pruning's counter:
-    Linear, Conv, normalisation and pooling layers); the model's mode is restored."""
-    with eval_mode(model):
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    return int(macs), int(params)
 
 
 def _bake(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -126,6 +119,34 @@ def _order(scores: list[np.ndarray], found: list[Group], min_channels: int) -> l
     return out
 
 
+def _chunks(scores: list[np.ndarray], found: list[Group], min_channels: int, round_to: int | None
+            ) -> list[list[tuple[int, int]]]:
+    """Channels in removal order, in chunks that leave every group a multiple of ``round_to``.
+
+    Without ``round_to`` each chunk is one channel, in :func:`_order`'s order. With it, a group of
+    ``n`` channels sorted by score (lowest first) is split at the removals that leave a multiple of
+    ``round_to``: the first chunk is its ``n mod round_to`` lowest channels (``round_to`` when that
+    is 0), then ``round_to`` at a time, down to ``round_to * ceil(min_channels / round_to)`` kept; a
+    group no wider than that is left whole. Chunks are ranked across groups by their mean score
+    (per channel, so a short first chunk competes on equal terms; ties by group, then chunk)."""
+    if round_to is None:
+        return [[pair] for pair in _order(scores, found, min_channels)]
+    floor = round_to * -(-min_channels // round_to)
+    ranked = []
+    for gi, (sc, g) in enumerate(zip(scores, found)):
+        by_score = np.argsort(np.asarray(sc), kind="stable")
+        cut, k = 0, 0
+        while g.size - cut > floor:
+            step = (g.size - cut) % round_to or round_to
+            if g.size - cut - step < floor:
+                break
+            idx = by_score[cut:cut + step]
+            ranked.append((float(np.mean(np.asarray(sc)[idx])), gi, k, [(gi, int(c)) for c in idx]))
+            cut, k = cut + step, k + 1
+    ranked.sort(key=lambda t: t[:3])
+    return [chunk for *_, chunk in ranked]
+
+
 def _apply(model: nn.Module, graph: tp.DependencyGraph, found: list[Group], plan: Sequence[tuple[int, int]]) -> None:
     by_group: dict[int, list[int]] = {}
     for gi, c in plan:
@@ -146,7 +167,44 @@ def _replay(trial: nn.Module, example_inputs, found: list[Group], plan, ignored_
 
 
 def _macs_after(model: nn.Module, example_inputs, found: list[Group], plan, ignored_names) -> int:
+    """MACs after ``plan``, counted on a cut copy of ``model`` (a deep copy and a trace: the slow way)."""
     return count(_replay(copy.deepcopy(model), example_inputs, found, plan, ignored_names), example_inputs)[0]
+
+
+def _flat(chunks) -> list[tuple[int, int]]:
+    return [pair for chunk in chunks for pair in chunk]
+
+
+def _search(model, example_inputs, graph, found, chunks, seen, macs0, target_macs, min_channels, ignored_names,
+            round_to) -> list[tuple[int, int]]:
+    """The shortest prefix of ``chunks`` whose removal meets ``target_macs``, by bisection (MACs
+    never grow when channels go). Candidates are counted by :class:`~mustat.structured.macs.MacModel`
+    from the layer shapes; one copy is cut, for the deepest cut, to check that count against
+    Torch-Pruning's (and to refuse a budget out of reach); where the two differ, or the model has a
+    layer the formulas do not cover, every candidate is counted on a cut copy instead."""
+    best = _macs_after(model, example_inputs, found, _flat(chunks), ignored_names)
+    if best > target_macs:
+        kept = f"{min_channels} per group" if round_to is None else \
+            f"{round_to * -(-min_channels // round_to)} per group (round_to={round_to})"
+        raise ValueError(f"the budget target_macs={target_macs:,} is out of reach: removing every prunable "
+                         f"channel but {kept} leaves {best:,} MACs "
+                         f"({macs0 / max(best, 1):.2f}x); ask for less")
+    try:
+        macs = MacModel(model, example_inputs, graph, found, seen)
+        if macs.after(_flat(chunks)) != best:
+            raise Unsupported("the formulas miss a layer")
+        after = macs.after
+    except Unsupported:
+        def after(plan):
+            return _macs_after(model, example_inputs, found, plan, ignored_names)
+    lo, hi = 0, len(chunks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if after(_flat(chunks[:mid])) <= target_macs:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _flat(chunks[:hi])
 
 
 def _importance(importance, model: nn.Module, stats: UnitStatistics | None, example_inputs):
@@ -167,6 +225,11 @@ def _importance(importance, model: nn.Module, stats: UnitStatistics | None, exam
     return baseline(importance)
 
 
+def _check_round_to(round_to) -> None:
+    if round_to is not None:
+        check_scalar(round_to, "round_to", kind=Integral, low=1)
+
+
 def _names(model: nn.Module, layers) -> list[str]:
     names = {m: n for n, m in model.named_modules()}
     return [names[m] for m in layers]
@@ -182,6 +245,7 @@ def prune_channels(
     stats: UnitStatistics | None = None,
     ignored_layers: Sequence[nn.Module] | None = None,
     min_channels: int = 1,
+    round_to: int | None = None,
 ) -> StructuredReport:
     """Remove the least important channels, ranked across all groups, until the model's
     multiply-accumulates fall to ``target_macs`` (or to the current count divided by ``speedup``).
@@ -206,6 +270,13 @@ def prune_channels(
         Layers whose outputs must keep their size; default: the last Linear or Conv.
     min_channels
         Channels every group keeps (>= 1).
+    round_to
+        Leave every pruned group a multiple of this many channels (Torch-Pruning's ``round_to``):
+        channels go in chunks, per group the lowest-scored first (the first chunk ``n mod
+        round_to`` channels, then ``round_to`` at a time), chunks ranked across groups by their mean
+        score; a group keeps at least ``round_to`` (``min_channels`` rounded up to a multiple), and
+        one no wider is not pruned. The budget is met by the fewest chunks, so the MACs land at
+        most one chunk's cost below it. ``None``: single channels (any width).
 
     Raises
     ------
@@ -215,23 +286,26 @@ def prune_channels(
 
     Notes
     -----
-    The number of channels is the smallest that meets the budget, found by bisection on
-    copies of the model (MACs never grow when channels go), so the model is cut once.
+    The number of channels (chunks) is the smallest that meets the budget, found by bisection
+    (MACs never grow when channels go). Each candidate's MACs come from the layer shapes
+    (:class:`~mustat.structured.macs.MacModel`), not from a cut copy: one copy is cut, for the
+    deepest cut, to check that count against Torch-Pruning's counter, and the model itself once.
     """
     check_scalar(min_channels, "min_channels", kind=Integral, low=1)
+    _check_round_to(round_to)
     if (speedup is None) == (target_macs is None):
         raise ValueError("prune_channels takes speedup=... or target_macs=..., exactly one")
     masks = _bake(model)
     try:
         return _prune_channels(model, example_inputs, importance, speedup, target_macs, stats, ignored_layers,
-                               min_channels, masks)
+                               min_channels, round_to, masks)
     except BaseException:
         _restore_if_uncut(model, masks)
         raise
 
 
 def _prune_channels(model, example_inputs, importance, speedup, target_macs, stats, ignored_layers, min_channels,
-                    masks) -> StructuredReport:
+                    round_to, masks) -> StructuredReport:
     macs0, params0 = count(model, example_inputs)
     if speedup is not None:
         check_scalar(speedup, "speedup", kind=Real, low=1.0)
@@ -239,27 +313,15 @@ def _prune_channels(model, example_inputs, importance, speedup, target_macs, sta
     else:
         check_scalar(target_macs, "target_macs", kind=Integral, low=1)
     imp = _importance(importance, model, stats, example_inputs)
-    graph = dependency_graph(model, example_inputs)
+    with record_outputs(model) as seen:
+        graph = dependency_graph(model, example_inputs)
     ignored = list(ignored_layers) if ignored_layers is not None else None
     found = groups(model, graph, ignored)
     ignored_names = _names(model, ignored if ignored is not None else output_layers(model))
-    order = _order(channel_scores(model, graph, found, imp), found, min_channels)
-    lo, hi = 0, len(order)
-    if macs0 <= target_macs:
-        hi = 0
-    else:
-        best = _macs_after(model, example_inputs, found, order, ignored_names)
-        if best > target_macs:
-            raise ValueError(f"the budget target_macs={target_macs:,} is out of reach: removing every prunable "
-                             f"channel but {min_channels} per group leaves {best:,} MACs "
-                             f"({macs0 / max(best, 1):.2f}x); ask for less")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _macs_after(model, example_inputs, found, order[:mid], ignored_names) <= target_macs:
-            hi = mid
-        else:
-            lo = mid + 1
-    return _cut(model, example_inputs, graph, found, order[:hi], macs0, params0, masks, ignored_names)
+    chunks = _chunks(channel_scores(model, graph, found, imp), found, min_channels, round_to)
+    plan = [] if macs0 <= target_macs else _search(model, example_inputs, graph, found, chunks, seen, macs0,
+                                                   target_macs, min_channels, ignored_names, round_to)
+    return _cut(model, example_inputs, graph, found, plan, macs0, params0, masks, ignored_names)
 
 
 def _cut(model, example_inputs, graph, found, plan, macs0, params0, masks, ignored_names) -> StructuredReport:
@@ -333,27 +395,35 @@ def prune_channels_fdr(
     method: str = "fdr_bh",
     ignored_layers: Sequence[nn.Module] | None = None,
     min_channels: int = 1,
+    round_to: int | None = None,
 ) -> tuple[StructuredReport, pd.DataFrame]:
     """Remove every channel whose group Wald test is not significant at false discovery rate
     ``fdr`` (:func:`fdr_keep`): the width of each layer is chosen by the data. A group with fewer
-    than ``min_channels`` discoveries keeps its most significant ones (marked ``forced``).
+    than ``min_channels`` discoveries keeps its most significant ones (marked ``forced``). With
+    ``round_to``, a group keeps its discoveries rounded up to a multiple of ``round_to`` (at
+    least ``round_to``, at most the group), the extra channels being its most significant
+    non-discoveries (also ``forced``): rounding never removes a discovery.
 
     Returns the report and the tests with ``p_adjusted``, ``keep`` and ``forced``. A masked model is
     cut as its effective weights and keeps the masks of the entries that survive (module notes)."""
     check_scalar(min_channels, "min_channels", kind=Integral, low=1)
+    _check_round_to(round_to)
     tests = fdr_keep(group_tests(model, example_inputs, stats, ignored_layers), fdr, method)
     masks = _bake(model)
     try:
-        return _prune_fdr(model, example_inputs, tests, ignored_layers, min_channels, masks)
+        return _prune_fdr(model, example_inputs, tests, ignored_layers, min_channels, round_to, masks)
     except BaseException:
         _restore_if_uncut(model, masks)
         raise
 
 
-def _prune_fdr(model, example_inputs, tests, ignored_layers, min_channels, masks):
+def _prune_fdr(model, example_inputs, tests, ignored_layers, min_channels, round_to, masks):
     tests["forced"] = False
     for _, rows in tests.groupby("group", sort=False):
-        short = min_channels - int(rows["keep"].sum())
+        want = max(min_channels, int(rows["keep"].sum()))
+        if round_to is not None:
+            want = min(len(rows), round_to * -(-want // round_to))
+        short = want - int(rows["keep"].sum())
         if short > 0:
             best = rows[~rows["keep"]].sort_values("pvalue", kind="stable").index[:short]
             tests.loc[best, "forced"] = True
