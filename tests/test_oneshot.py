@@ -11,7 +11,7 @@ from torch import nn
 import mustat
 from mustat.layerwise import oneshot
 from mustat.layerwise import solve as S
-from mustat.layerwise.layers import mha_values
+from mustat.layers import mha_values
 from mustat.patterns import Pattern, check_pattern, parse_pattern, pattern_violations
 
 

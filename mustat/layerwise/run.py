@@ -34,14 +34,11 @@ from tqdm.auto import tqdm
 
 from mustat._checks import check_option, check_scalar
 from mustat._params import entries, install_mask
+from mustat.layers import Target, find_targets
 from mustat.layerwise import solve as S
-from mustat.layerwise.layers import Target, find_targets, mha_inputs, mha_values
 from mustat.patterns import check_groups, parse_pattern, resolve_sparsity
 from mustat.pruning import PruningReport
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layers being measured have their inputs."""
+from mustat.statistics import Call, Collector, Stop, layer_input, token_mask, tokens
 
 
 class SkippedLayersWarning(UserWarning):
@@ -91,20 +88,6 @@ def _call(model: nn.Module, batch, forward: Callable | None):
     return model(batch)
 
 
-def _token_mask(batch) -> Tensor | None:
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
-
-
-def _tokens(x: Tensor, mask: Tensor | None, seq_first: bool = False) -> Tensor:
-    """``x`` as (tokens, features), padding tokens dropped where a mask matches its layout."""
-    if mask is not None and x.dim() == 3:
-        m = mask.T if seq_first else mask
-        if tuple(x.shape[:2]) == tuple(m.shape):
-            return x[m]
-    return x.reshape(-1, x.shape[-1])
-
-
 @contextlib.contextmanager
 def _inference(model: nn.Module):
     """Eval mode (no dropout) and attention's fused fast path off (it skips the modules whose inputs
@@ -123,104 +106,6 @@ def _inference(model: nn.Module):
         for m in model.modules():  # the masks' parametrizations added meanwhile: the model's mode
             if m not in modes:
                 m.training = modes[model]
-
-
-def _input(t: Target, args: tuple, kwargs: dict) -> Tensor:
-    return args[0] if args else next(iter(kwargs.values()))
-
-
-@dataclass
-class _Call:
-    """One call over the calibration batches: ``run()`` calls the model (or a block), ``mask``
-    marks the batch's real tokens."""
-
-    run: Callable[[], object]
-    mask: Tensor | None
-
-
-class _Pass:
-    """Hooks that feed the Gram matrices (or their diagonals) of some targets; with ``halt``, each
-    call is ended as soon as every target has its input."""
-
-    def __init__(self, targets: list[Target], sandwich: bool, device: torch.device, diagonal: bool = False):
-        self.targets, self.sandwich, self.device = targets, sandwich, device
-        self.diagonal = {t.name: diagonal and t.kind in ("linear", "conv1d", "conv") for t in targets}
-        self.grams: dict[tuple[str, int], S.Gram] = {}
-        self.mask: Tensor | None = None
-        self.cache: tuple[Tensor, bool, Tensor, Tensor] | None = None
-        self.checked: set[int] = set()
-        self.fed: set[str] = set()
-
-    def _add(self, t: Target, part: int, rows: slice, x: Tensor, seq_first: bool = False) -> None:
-        diagonal = self.diagonal[t.name]
-        # layers share an input only when called one after another: keep the last input's statistic only
-        if self.cache is None or self.cache[0] is not x or self.cache[1] != diagonal or t.kind == "conv":
-            tok = t.tokens(x) if t.kind == "conv" else _tokens(x, self.mask, seq_first)
-            xtx = S.input_statistic(tok, diagonal)
-            if not bool(torch.isfinite(xtx if diagonal else xtx.diagonal()).all()):   # NaN or inf reach diag
-                raise ValueError(f"the calibration inputs of {t.name!r} contain NaN or inf; check the model and "
-                                 "the batches (a float16 overflow?)")
-            self.cache = (x, diagonal, tok, xtx)
-        _, _, tok, xtx = self.cache
-        key = (t.name, part)
-        if key not in self.grams:
-            self.grams[key] = S.Gram(tok.shape[1], xtx.device, sandwich=self.sandwich, diagonal=diagonal)
-        W = t.matrix()[rows] if self.sandwich else None
-        self.grams[key].add(tok, xtx, W)
-
-    def hooks(self, halt: bool) -> list:
-        names = {t.name for t in self.targets}
-
-        def done(t: Target) -> None:
-            self.fed.add(t.name)
-            if halt and self.fed >= names:
-                raise _Stop
-
-        handles = []
-        for t in self.targets:
-            if t.kind in ("linear", "conv1d", "conv"):
-                def pre(module, args, kwargs, t=t):
-                    self._add(t, 0, slice(None), _input(t, args, kwargs))
-                    done(t)
-                handles.append(t.caller.register_forward_pre_hook(pre, with_kwargs=True))
-            elif t.kind == "mha-in":
-                def pre(module, args, kwargs, t=t):
-                    call = mha_inputs(module, args, kwargs)
-                    seq_first = not module.batch_first
-                    for i, (rows, source) in enumerate(t.parts):
-                        self._add(t, i, rows, call[source], seq_first)
-                    done(t)
-                handles.append(t.caller.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(module, args, kwargs, output, t=t):
-                    values = mha_values(module, mha_inputs(module, args, kwargs))
-                    if id(module) not in self.checked:
-                        self._check(module, values, output[0])
-                    self._add(t, 0, slice(None), values, not module.batch_first)
-                    done(t)
-                handles.append(t.caller.register_forward_hook(post, with_kwargs=True))
-        return handles
-
-    def _check(self, mha: nn.Module, values: Tensor, output: Tensor) -> None:
-        again = mha.out_proj(values)
-        if not torch.allclose(again, output, rtol=1e-3, atol=1e-5 * float(output.abs().max()) + 1e-12):
-            raise RuntimeError(f"could not recompute the input of {type(mha).__name__}.out_proj from its call "
-                               "(a customised attention module?); leave its out_proj out of layers")
-        self.checked.add(id(mha))
-
-    def run(self, calls: Iterable[_Call], halt: bool) -> None:
-        handles = self.hooks(halt)
-        try:
-            for c in calls:
-                self.mask, self.cache, self.fed = c.mask, None, set()
-                try:
-                    c.run()
-                except _Stop:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
-            self.cache = None
 
 
 def _hidden_in(args: tuple, kwargs: dict) -> Tensor | None:
@@ -298,7 +183,7 @@ def _trace(model, batch, forward, targets: list[Target], device, blocks: list[nn
             handles.append(t.caller.register_forward_hook(lambda m, a, o, seen=seen: seen(o)))
         else:
             handles.append(t.caller.register_forward_pre_hook(
-                lambda m, a, k, t=t, seen=seen: seen(_input(t, a, k)), with_kwargs=True))
+                lambda m, a, k, t=t, seen=seen: seen(layer_input(t, a, k)), with_kwargs=True))
     for i, block in enumerate(blocks or []):
         handles.append(block.register_forward_hook(
             lambda m, a, k, o, i=i: seen_blocks.append((i, a, k, o)), with_kwargs=True))
@@ -351,10 +236,10 @@ def _errors(targets: list[Target], changes: dict[str, Tensor]
     handles = []
     for t in targets:
         def post(module, args, kwargs, y, t=t, D=changes[t.name]):
-            x = _input(t, args, kwargs)
-            tok = t.tokens(x) if t.kind == "conv" else _tokens(x, mask[0])
+            x = layer_input(t, args, kwargs)
+            tok = t.tokens(x) if t.kind == "conv" else tokens(x, mask[0])
             y = y.movedim(1, -1) if t.kind == "conv" else y
-            y = y.reshape(-1, y.shape[-1]) if t.kind == "conv" else _tokens(y, mask[0])
+            y = y.reshape(-1, y.shape[-1]) if t.kind == "conv" else tokens(y, mask[0])
             Dx = tok @ D.to(tok.dtype).T
             bias = getattr(module, "bias", None)
             Wx = y - Dx if bias is None else y - bias - Dx
@@ -561,8 +446,8 @@ def oneshot(
             for step in steps:
                 grams, tic = None, time.perf_counter()
                 if needs_data:
-                    run = _Pass([t for g in step for t in g], method == "mu-sandwich", device)
-                    run.run([_Call(lambda b=b: _call(model, _to(b, device), forward), _token_mask(b))
+                    run = Collector([t for g in step for t in g], method == "mu-sandwich", device)
+                    run.run([Call(lambda b=b: _call(model, _to(b, device), forward), token_mask(b))
                              for b in calibration], halt=trace.once)
                     passes += 1
                     grams = run.grams
@@ -597,16 +482,16 @@ def _by_block(model, calibration, forward, device, found, groups, once, method, 
 
     def capture(module, args, kwargs):
         calls.append((args, kwargs, mask[0]))
-        raise _Stop
+        raise Stop
 
     mask: list[Tensor | None] = [None]
     handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
         for b in calibration:
-            mask[0] = _token_mask(b)
+            mask[0] = token_mask(b)
             try:
                 _call(model, _to(b, device), forward)
-            except _Stop:
+            except Stop:
                 pass
     finally:
         handle.remove()
@@ -616,19 +501,19 @@ def _by_block(model, calibration, forward, device, found, groups, once, method, 
         changes: dict[str, Tensor] = {}
         for step in ([mine] if sequential == "block" else [[g] for g in mine]):
             tic = time.perf_counter()
-            run = _Pass([t for g in step for t in g], method == "mu-sandwich", device, diagonal)
-            run.run([_Call(lambda a=a, kw=kw, block=block: block(*a, **kw), m) for a, kw, m in calls], halt=once)
+            run = Collector([t for g in step for t in g], method == "mu-sandwich", device, diagonal)
+            run.run([Call(lambda a=a, kw=kw, block=block: block(*a, **kw), m) for a, kw, m in calls], halt=once)
             passes += 1
             for group in step:
                 changes.update(prune_group(group, run.grams, (time.perf_counter() - tic) / len(step)))
         if k == len(blocks) - 1 and not changes:
             break
         targets = [t for g in mine for t in g if t.name in changes]
-        handles, sums, token_mask = _errors(targets, changes)
+        handles, sums, error_mask = _errors(targets, changes)
         try:
             new_calls = []
             for a, kw, m in calls:
-                token_mask[0] = m
+                error_mask[0] = m
                 out = _hidden_out(block(*a, **kw))
                 new_calls.append((*_with_hidden(a, kw, out), m))
         finally:
@@ -652,8 +537,8 @@ def _global_shares(model, calibration, forward, groups, method, sparsity, dampin
     flat = [t for g in groups for t in g]
     grams = {}
     if method != "magnitude":
-        run = _Pass(flat, method == "mu-sandwich", device, diagonal=method == "wanda")
-        run.run([_Call(lambda b=b: _call(model, _to(b, device), forward), _token_mask(b)) for b in calibration],
+        run = Collector(flat, method == "mu-sandwich", device, diagonal=method == "wanda")
+        run.run([Call(lambda b=b: _call(model, _to(b, device), forward), token_mask(b)) for b in calibration],
                 halt=False)
         grams = run.grams
     parts, sizes, alive_all = [], [], []

@@ -37,82 +37,16 @@ least-squares refit, not its optimum.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from mustat.patterns import Pattern, nm_keep
+from mustat.statistics import Gram, damped
 
 UNSTRUCTURED = Pattern()
 METHODS = ("magnitude", "wanda", "sparsegpt", "mu", "mu-sandwich")
 SCOPES = ("row", "layer", "global")
-
-
-@dataclass
-class Gram:
-    """Calibration statistics of one input: ``H = sum_t x_t x_t^T`` over ``n`` tokens (float64),
-    and for the sandwich ``M_raw = sum_t e_t x_t x_t^T`` with ``e_t = ||W x_t||^2`` and
-    ``S = sum_t e_t``. With ``diagonal=True`` only ``diag H`` (``sum_t x_t^2``, Wanda's
-    ``scaler_row``) is kept: d numbers instead of d^2, for statistics that read nothing else."""
-
-    d: int
-    device: torch.device
-    sandwich: bool = False
-    diagonal: bool = False
-    n: int = 0
-    H: Tensor = field(init=False)
-    M_raw: Tensor | None = field(init=False, default=None)
-    S: float = 0.0
-
-    def __post_init__(self):
-        if self.diagonal and self.sandwich:
-            raise ValueError("the sandwich needs the whole Gram matrix (diagonal=False)")
-        shape = (self.d,) if self.diagonal else (self.d, self.d)
-        self.H = torch.zeros(shape, dtype=torch.float64, device=self.device)
-        if self.sandwich:
-            self.M_raw = torch.zeros_like(self.H)
-
-    def add(self, x: Tensor, xtx: Tensor | None = None, W: Tensor | None = None) -> None:
-        """Add tokens ``x`` (tokens x d); ``xtx`` is their statistic (Gram, or its diagonal) when
-        already computed, ``W`` the rows this input feeds (for the sandwich's ``e_t``)."""
-        x = x.detach()
-        if xtx is None:
-            xtx = input_statistic(x, self.diagonal)
-        self.H += xtx
-        self.n += x.shape[0]
-        if self.sandwich:
-            x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-            e = (x @ W.detach().to(device=x.device, dtype=x.dtype).T).double().pow(2).sum(1)
-            xd = x.double()
-            self.M_raw += (xd * e[:, None]).T @ xd
-            self.S += float(e.sum())
-
-    @property
-    def diag(self) -> Tensor:
-        return self.H if self.diagonal else self.H.diagonal()
-
-    def meat(self) -> Tensor:
-        """``M`` with the token factors normalised to mean 1."""
-        if self.S <= 0:
-            return self.H
-        return self.M_raw * (self.n / self.S)
-
-
-def input_statistic(x: Tensor, diagonal: bool = False) -> Tensor:
-    """``x^T x`` (tokens x d in), or only its diagonal: float32 products (float64 inputs stay
-    float64), summed in float64."""
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return x.square().sum(0).double() if diagonal else (x.T @ x).double()
-
-
-def damped(H: Tensor, damping: float) -> Tensor:
-    """``H + damping * mean(diag H) * I``; refuses a Gram with no information."""
-    mean = float((H if H.dim() == 1 else H.diagonal()).mean())
-    if not mean > 0:
-        raise ValueError("the calibration inputs of this layer are all zero (mean of diag H is 0): nothing "
-                         "tells which weights matter; check the calibration batches reach it")
-    return H + damping * mean * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
 def inverse_cholesky(Hd: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,243 @@
+"""Input statistics of layers from calibration batches: the one collector that one-shot pruning,
+structured pruning and their reports read.
+
+- :class:`Gram`: ``H = sum_t x_t x_t^T`` over a layer's input tokens (float32 products, float64
+  sums), or only its diagonal (Wanda's statistic: d numbers, not d^2), optionally with the
+  sandwich's token-weighted meat.
+- :class:`Damping`: what is added to ``H``'s diagonal, with its unit explicit: ``relative`` (a
+  fraction of the mean diagonal: SparseGPT's ``percdamp``, unit-free) or ``absolute`` (added as
+  is, in the units of ``H``).
+- :class:`Collector`: forward hooks that feed the Grams of some layers (:class:`mustat.layers.Target`:
+  a Linear, a transformers ``Conv1D``, a convolution's unfolded patches, attention's q/k/v slices
+  and its recomputed values) over calls of a model or of one block, padding tokens left out; it
+  can end each call as soon as every layer has its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+
+from mustat._checks import check_option, check_scalar
+from mustat.layers import Target, mha_inputs, mha_values
+
+DAMPING_UNITS = ("relative", "absolute")
+
+
+@dataclass(frozen=True)
+class Damping:
+    """A ridge added to a Gram or curvature matrix's diagonal, with its unit named.
+
+    ``unit="relative"``: ``value * mean(diag H)`` (SparseGPT's ``percdamp=0.01``), invariant to the
+    scale of the inputs and to how many tokens were summed. ``unit="absolute"``: ``value`` itself,
+    in the units of ``H``.
+    """
+
+    value: float
+    unit: str = "relative"
+
+    def __post_init__(self):
+        check_scalar(self.value, "damping", kind=Real, low=0.0)
+        check_option(self.unit, "unit", DAMPING_UNITS)
+
+    @classmethod
+    def of(cls, damping: float | Damping, unit: str = "relative") -> Damping:
+        """``damping`` as a :class:`Damping` (a number takes ``unit``)."""
+        return damping if isinstance(damping, Damping) else cls(damping, unit)
+
+    def amount(self, H: Tensor) -> float:
+        """The ridge for ``H`` (a matrix, or its diagonal as a vector)."""
+        if self.unit == "absolute":
+            return float(self.value)
+        mean = float((H if H.dim() == 1 else H.diagonal()).mean())
+        if not mean > 0:
+            raise ValueError("the calibration inputs of this layer are all zero (mean of diag H is 0): nothing "
+                             "tells which weights matter; check the calibration batches reach it")
+        return self.value * mean
+
+    def add_to(self, H: Tensor) -> Tensor:
+        """``H`` with the ridge on its diagonal (a new tensor)."""
+        return H + self.amount(H) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
+def damped(H: Tensor, damping: float | Damping) -> Tensor:
+    """``H`` plus the ridge: ``damping * mean(diag H) * I`` for a number (relative damping), or per
+    the :class:`Damping`'s unit. Refuses a Gram with no information."""
+    return Damping.of(damping).add_to(H)
+
+
+@dataclass
+class Gram:
+    """Calibration statistics of one input: ``H = sum_t x_t x_t^T`` over ``n`` tokens (float64),
+    and for the sandwich ``M_raw = sum_t e_t x_t x_t^T`` with ``e_t = ||W x_t||^2`` and
+    ``S = sum_t e_t``. With ``diagonal=True`` only ``diag H`` (``sum_t x_t^2``, Wanda's
+    ``scaler_row``) is kept: d numbers instead of d^2, for statistics that read nothing else."""
+
+    d: int
+    device: torch.device
+    sandwich: bool = False
+    diagonal: bool = False
+    n: int = 0
+    H: Tensor = field(init=False)
+    M_raw: Tensor | None = field(init=False, default=None)
+    S: float = 0.0
+
+    def __post_init__(self):
+        if self.diagonal and self.sandwich:
+            raise ValueError("the sandwich needs the whole Gram matrix (diagonal=False)")
+        shape = (self.d,) if self.diagonal else (self.d, self.d)
+        self.H = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        if self.sandwich:
+            self.M_raw = torch.zeros_like(self.H)
+
+    def add(self, x: Tensor, xtx: Tensor | None = None, W: Tensor | None = None) -> None:
+        """Add tokens ``x`` (tokens x d); ``xtx`` is their statistic (Gram, or its diagonal) when
+        already computed, ``W`` the rows this input feeds (for the sandwich's ``e_t``)."""
+        x = x.detach()
+        if xtx is None:
+            xtx = input_statistic(x, self.diagonal)
+        self.H += xtx
+        self.n += x.shape[0]
+        if self.sandwich:
+            x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            e = (x @ W.detach().to(device=x.device, dtype=x.dtype).T).double().pow(2).sum(1)
+            xd = x.double()
+            self.M_raw += (xd * e[:, None]).T @ xd
+            self.S += float(e.sum())
+
+    @property
+    def diag(self) -> Tensor:
+        return self.H if self.diagonal else self.H.diagonal()
+
+    def meat(self) -> Tensor:
+        """``M`` with the token factors normalised to mean 1."""
+        if self.S <= 0:
+            return self.H
+        return self.M_raw * (self.n / self.S)
+
+
+def input_statistic(x: Tensor, diagonal: bool = False) -> Tensor:
+    """``x^T x`` (tokens x d in), or only its diagonal: float32 products (float64 inputs stay
+    float64), summed in float64."""
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.square().sum(0).double() if diagonal else (x.T @ x).double()
+
+
+def token_mask(batch) -> Tensor | None:
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+def tokens(x: Tensor, mask: Tensor | None, seq_first: bool = False) -> Tensor:
+    """``x`` as (tokens, features), padding tokens dropped where a mask matches its layout."""
+    if mask is not None and x.dim() == 3:
+        m = mask.T if seq_first else mask
+        if tuple(x.shape[:2]) == tuple(m.shape):
+            return x[m]
+    return x.reshape(-1, x.shape[-1])
+
+
+class Stop(Exception):
+    """Raised by a hook to end a forward pass once the layers being measured have their inputs."""
+
+
+def layer_input(t: Target, args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+@dataclass
+class Call:
+    """One call over the calibration batches: ``run()`` calls the model (or a block), ``mask``
+    marks the batch's real tokens."""
+
+    run: Callable[[], object]
+    mask: Tensor | None
+
+
+class Collector:
+    """Hooks that feed the Gram matrices (or their diagonals) of some targets; with ``halt``, each
+    call is ended as soon as every target has its input."""
+
+    def __init__(self, targets: list[Target], sandwich: bool, device: torch.device, diagonal: bool = False):
+        self.targets, self.sandwich, self.device = targets, sandwich, device
+        self.diagonal = {t.name: diagonal and t.kind in ("linear", "conv1d", "conv") for t in targets}
+        self.grams: dict[tuple[str, int], Gram] = {}
+        self.mask: Tensor | None = None
+        self.cache: tuple[Tensor, bool, Tensor, Tensor] | None = None
+        self.checked: set[int] = set()
+        self.fed: set[str] = set()
+
+    def _add(self, t: Target, part: int, rows: slice, x: Tensor, seq_first: bool = False) -> None:
+        diagonal = self.diagonal[t.name]
+        # layers share an input only when called one after another: keep the last input's statistic only
+        if self.cache is None or self.cache[0] is not x or self.cache[1] != diagonal or t.kind == "conv":
+            tok = t.tokens(x) if t.kind == "conv" else tokens(x, self.mask, seq_first)
+            xtx = input_statistic(tok, diagonal)
+            if not bool(torch.isfinite(xtx if diagonal else xtx.diagonal()).all()):   # NaN or inf reach diag
+                raise ValueError(f"the calibration inputs of {t.name!r} contain NaN or inf; check the model and "
+                                 "the batches (a float16 overflow?)")
+            self.cache = (x, diagonal, tok, xtx)
+        _, _, tok, xtx = self.cache
+        key = (t.name, part)
+        if key not in self.grams:
+            self.grams[key] = Gram(tok.shape[1], xtx.device, sandwich=self.sandwich, diagonal=diagonal)
+        W = t.matrix()[rows] if self.sandwich else None
+        self.grams[key].add(tok, xtx, W)
+
+    def hooks(self, halt: bool) -> list:
+        names = {t.name for t in self.targets}
+
+        def done(t: Target) -> None:
+            self.fed.add(t.name)
+            if halt and self.fed >= names:
+                raise Stop
+
+        handles = []
+        for t in self.targets:
+            if t.kind in ("linear", "conv1d", "conv"):
+                def pre(module, args, kwargs, t=t):
+                    self._add(t, 0, slice(None), layer_input(t, args, kwargs))
+                    done(t)
+                handles.append(t.caller.register_forward_pre_hook(pre, with_kwargs=True))
+            elif t.kind == "mha-in":
+                def pre(module, args, kwargs, t=t):
+                    call = mha_inputs(module, args, kwargs)
+                    seq_first = not module.batch_first
+                    for i, (rows, source) in enumerate(t.parts):
+                        self._add(t, i, rows, call[source], seq_first)
+                    done(t)
+                handles.append(t.caller.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(module, args, kwargs, output, t=t):
+                    values = mha_values(module, mha_inputs(module, args, kwargs))
+                    if id(module) not in self.checked:
+                        self._check(module, values, output[0])
+                    self._add(t, 0, slice(None), values, not module.batch_first)
+                    done(t)
+                handles.append(t.caller.register_forward_hook(post, with_kwargs=True))
+        return handles
+
+    def _check(self, mha: nn.Module, values: Tensor, output: Tensor) -> None:
+        again = mha.out_proj(values)
+        if not torch.allclose(again, output, rtol=1e-3, atol=1e-5 * float(output.abs().max()) + 1e-12):
+            raise RuntimeError(f"could not recompute the input of {type(mha).__name__}.out_proj from its call "
+                               "(a customised attention module?); leave its out_proj out of layers")
+        self.checked.add(id(mha))
+
+    def run(self, calls: Iterable[Call], halt: bool) -> None:
+        handles = self.hooks(halt)
+        try:
+            for c in calls:
+                self.mask, self.cache, self.fed = c.mask, None, set()
+                try:
+                    c.run()
+                except Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+            self.cache = None
