@@ -8,16 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like '0 1 2' or '0,1,2', got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
-    return [s for s in text.replace(",", " ").split() if s]
+from mustat._argtypes import floats, ints, names
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -73,13 +64,6 @@ def _benchmark(args: argparse.Namespace) -> int:
     print(f"{len(results)} result rows, {len(summary)} summary rows in {time.perf_counter() - t0:.1f} s; "
           f"written to {args.out}")
     return 0
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(s) for s in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like '0.1 1 10' or '0.1,1,10', got {text!r}") from None
 
 
 def _scale(args: argparse.Namespace) -> int:
@@ -142,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"dataset: {', '.join(sorted(DATASETS))}")
     p.add_argument("--data-dir", default=None, help="folder with your files for mnist/fashion_mnist (IDX) or cifar10 (python batches)")
     p.add_argument("--model", default="mlp", choices=sorted(MODELS), metavar="NAME", help=f"model: {', '.join(sorted(MODELS))}")
-    p.add_argument("--criteria", type=_names, default=list(DEFAULT_CRITERIA),
+    p.add_argument("--criteria", type=names, default=list(DEFAULT_CRITERIA),
                    help=f"criteria to compare, comma- or space-separated, from: {', '.join(sorted(CRITERIA))}; "
                         "one that uses standard errors (mu) runs once per --se estimator, or name one pairing: mu[curvature]")
-    p.add_argument("--se", type=_names, default=default_estimators(),
+    p.add_argument("--se", type=names, default=default_estimators(),
                    help=f"standard-error estimators for mu, from: {', '.join(sorted(ESTIMATORS))}, or a variant of "
                         f"one: {', '.join(sorted(v for c in ESTIMATORS.values() for v in c.variants))}")
     p.add_argument("--scope", default="global", choices=["global", "layer"], help="rank all weights together, or each layer separately")
@@ -170,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs, help="epochs of retraining after each pruning round")
     p.add_argument("--track-epochs", type=int, default=d.track_epochs,
                    help="estimators' window: the last N epochs of each phase (at most the phase)")
-    p.add_argument("--seeds", type=_ints, default=[0], help="seeds, e.g. '0 1 2'; the table shows mean ± sd")
+    p.add_argument("--seeds", type=ints, default=[0], help="seeds, e.g. '0 1 2'; the table shows mean ± sd")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=None, help="output folder (default runs/<id derived from the settings>)")
     p.add_argument("--save-sparse", action="store_true",
@@ -204,11 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--dataset", default="digits", help="dataset")
     s.add_argument("--model", default="mlp", help="an MLP whose submodules '1' and '3' are the Linear layers to rescale")
-    s.add_argument("--cs", type=_floats, default=[0.1, 0.3, 1.0, 3.0, 10.0], help="scale factors c")
-    s.add_argument("--criteria", type=_names,
+    s.add_argument("--cs", type=floats, default=[0.1, 0.3, 1.0, 3.0, 10.0], help="scale factors c")
+    s.add_argument("--criteria", type=names,
                    default=["magnitude"] + [f"mu[{e}]" for e in default_estimators()],
                    help="criterion labels")
-    s.add_argument("--modes", type=_names, default=["after", "init"],
+    s.add_argument("--modes", type=names, default=["after", "init"],
                    help="'after' (rescale the trained network) and/or 'init' (rescale the initialisation, then train)")
     s.add_argument("--sparsity", type=float, default=0.95, help="global one-shot sparsity")
     s.add_argument("--optimizer", default="adam", choices=["sgd", "adam"], help="optimizer")
@@ -216,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weight-decay", type=float, default=1e-3, help="L2 weight decay")
     s.add_argument("--epochs", type=int, default=30, help="dense training epochs")
     s.add_argument("--track-epochs", type=int, default=10, help="epochs of tracking after the rescaling")
-    s.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds")
+    s.add_argument("--seeds", type=ints, default=[0, 1, 2], help="seeds")
     s.add_argument("--out", default="runs/scale", help="output folder")
     s.set_defaults(func=_scale)
     from mustat.layerwise.command import add_parser as oneshot_parser

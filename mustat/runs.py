@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-import mustat
 from mustat._io import atomic_write, write_json
+from mustat._version import __version__ as mustat_version
 
 
 class RunFileError(ValueError):
@@ -83,7 +83,7 @@ class FolderLock:
 
 
 def versions() -> dict[str, str]:
-    return dict(mustat=mustat.__version__, torch=torch.__version__, numpy=np.__version__, pandas=pd.__version__,
+    return dict(mustat=mustat_version, torch=torch.__version__, numpy=np.__version__, pandas=pd.__version__,
                 python=platform.python_version())
 
 

@@ -6,6 +6,8 @@ import argparse
 
 import pandas as pd
 
+from mustat._argtypes import ints, names
+
 
 def summary(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and SD over seeds of each importance's rows, per round."""
@@ -35,7 +37,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from mustat.cli import _ints, _names
     from mustat.config import TrainConfig
     from mustat.data import DATASETS
     from mustat.models import MODELS
@@ -54,7 +55,7 @@ def add_parser(sub) -> None:
                    help=f"dataset: {', '.join(sorted(DATASETS))}")
     p.add_argument("--model", default="lenet5", choices=sorted(MODELS), metavar="NAME",
                    help=f"model: {', '.join(sorted(MODELS))}")
-    p.add_argument("--importance", type=_names, default=["wald[kfac]", "magnitude", "taylor", "lamp"],
+    p.add_argument("--importance", type=names, default=["wald[kfac]", "magnitude", "taylor", "lamp"],
                    help="importances, e.g. 'wald[kfac] wald[curvature] magnitude'")
     p.add_argument("--speedup", type=float, default=2.0, help="final reduction of multiply-accumulates, > 1")
     p.add_argument("--rounds", type=int, default=3, help="pruning rounds, each followed by retraining")
@@ -65,7 +66,7 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=15, help="epochs of dense training")
     p.add_argument("--retrain-epochs", type=int, default=3, help="epochs of retraining after each round")
     p.add_argument("--track-epochs", type=int, default=3, help="epochs the trajectory estimators track")
-    p.add_argument("--seeds", type=_ints, default=[0], help="seeds, e.g. '0 1 2'")
+    p.add_argument("--seeds", type=ints, default=[0], help="seeds, e.g. '0 1 2'")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while latency is measured")
     p.add_argument("--save-models", action="store_true",
                    help="write each pruned model as OUT/models/LABEL-seedK.pt2 (torch.export: plain torch reloads it)")
