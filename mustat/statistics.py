@@ -23,7 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_option, check_scalar
-from mustat.layers import Target, mha_inputs, mha_values
+from mustat._functional import eval_mode
+from mustat._params import entries
+from mustat.layers import Target, find_targets, mha_inputs, mha_values
 
 DAMPING_UNITS = ("relative", "absolute")
 
@@ -75,12 +77,15 @@ class Gram:
     """Calibration statistics of one input: ``H = sum_t x_t x_t^T`` over ``n`` tokens (float64),
     and for the sandwich ``M_raw = sum_t e_t x_t x_t^T`` with ``e_t = ||W x_t||^2`` and
     ``S = sum_t e_t``. With ``diagonal=True`` only ``diag H`` (``sum_t x_t^2``, Wanda's
-    ``scaler_row``) is kept: d numbers instead of d^2, for statistics that read nothing else."""
+    ``scaler_row``) is kept: d numbers instead of d^2, for statistics that read nothing else. With
+    ``bias=True`` the tokens carry a constant last coordinate, ``(x_t, 1)``, for a refit that
+    includes the bias: ``H`` is ``(d + 1) x (d + 1)``."""
 
     d: int
     device: torch.device
     sandwich: bool = False
     diagonal: bool = False
+    bias: bool = False
     n: int = 0
     H: Tensor = field(init=False)
     M_raw: Tensor | None = field(init=False, default=None)
@@ -89,7 +94,10 @@ class Gram:
     def __post_init__(self):
         if self.diagonal and self.sandwich:
             raise ValueError("the sandwich needs the whole Gram matrix (diagonal=False)")
-        shape = (self.d,) if self.diagonal else (self.d, self.d)
+        if self.bias and (self.diagonal or self.sandwich):
+            raise ValueError("the bias coordinate is kept only with the whole Gram matrix (no diagonal, no sandwich)")
+        k = self.d + int(self.bias)
+        shape = (k,) if self.diagonal else (k, k)
         self.H = torch.zeros(shape, dtype=torch.float64, device=self.device)
         if self.sandwich:
             self.M_raw = torch.zeros_like(self.H)
@@ -100,7 +108,14 @@ class Gram:
         x = x.detach()
         if xtx is None:
             xtx = input_statistic(x, self.diagonal)
-        self.H += xtx
+        if self.bias:
+            d, s = self.d, x.sum(0, dtype=torch.float64)
+            self.H[:d, :d] += xtx
+            self.H[:d, d] += s
+            self.H[d, :d] += s
+            self.H[d, d] += x.shape[0]
+        else:
+            self.H += xtx
         self.n += x.shape[0]
         if self.sandwich:
             x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -162,8 +177,9 @@ class Collector:
     """Hooks that feed the Gram matrices (or their diagonals) of some targets; with ``halt``, each
     call is ended as soon as every target has its input."""
 
-    def __init__(self, targets: list[Target], sandwich: bool, device: torch.device, diagonal: bool = False):
-        self.targets, self.sandwich, self.device = targets, sandwich, device
+    def __init__(self, targets: list[Target], sandwich: bool, device: torch.device, diagonal: bool = False,
+                 bias: bool = False):
+        self.targets, self.sandwich, self.device, self.bias = targets, sandwich, device, bias
         self.diagonal = {t.name: diagonal and t.kind in ("linear", "conv1d", "conv") for t in targets}
         self.grams: dict[tuple[str, int], Gram] = {}
         self.mask: Tensor | None = None
@@ -184,7 +200,8 @@ class Collector:
         _, _, tok, xtx = self.cache
         key = (t.name, part)
         if key not in self.grams:
-            self.grams[key] = Gram(tok.shape[1], xtx.device, sandwich=self.sandwich, diagonal=diagonal)
+            self.grams[key] = Gram(tok.shape[1], xtx.device, sandwich=self.sandwich, diagonal=diagonal,
+                                   bias=self.bias)
         W = t.matrix()[rows] if self.sandwich else None
         self.grams[key].add(tok, xtx, W)
 
@@ -241,3 +258,57 @@ class Collector:
             for h in handles:
                 h.remove()
             self.cache = None
+
+
+def to_device(batch, device):
+    """A batch (a tensor, a dict, a tuple or list of them) moved to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def call_model(model: nn.Module, batch, forward: Callable | None = None):
+    """``forward(model, batch)``, or the model called on the batch: ``model(**batch)`` for a dict (no
+    key/value cache: it would grow when blocks are replayed), ``model(batch[0])`` for a DataLoader's
+    ``(inputs, labels)``, ``model(batch)`` for a tensor."""
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, Mapping):
+        if getattr(getattr(model, "config", None), "use_cache", False) and "use_cache" not in batch:
+            return model(**batch, use_cache=False)
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+@torch.no_grad()
+def layer_grams(model: nn.Module, batches: Iterable, layers: Mapping[str, nn.Module], *, bias: bool = False,
+                diagonal: bool = False, forward: Callable | None = None) -> dict[str, Gram]:
+    """The :class:`Gram` of the input of each of ``layers`` (``{key: module}``, modules of ``model``
+    that :func:`mustat.layers.find_targets` supports) over the real tokens of ``batches`` (one
+    pass; dicts' ``attention_mask == 0`` tokens left out), keyed like ``layers``. The model is run
+    in eval mode, and its modes are put back."""
+    table = entries(model)
+    by_place = {(id(s.module), s.attr): e.name for e in table.values() for s in e.places()}
+    names = {}
+    for key, module in layers.items():
+        name = by_place.get((id(module), "weight"))
+        if name is None:
+            raise ValueError(f"layers[{key!r}] is not a module of the model with a weight")
+        names[name] = key
+    targets, _ = find_targets(model, table, list(names), ())
+    device = next(model.parameters()).device
+    collector = Collector(targets, False, device, diagonal=diagonal, bias=bias)
+    with eval_mode(model):
+        collector.run([Call(lambda b=b: call_model(model, to_device(b, device), forward), token_mask(b))
+                       for b in batches], halt=False)
+    out = {names[t.name]: collector.grams[(t.name, 0)] for t in targets if (t.name, 0) in collector.grams}
+    missing = sorted(set(layers) - set(out))
+    if missing:
+        raise ValueError(f"no calibration input reached {missing} (empty batches?)")
+    return out

@@ -38,7 +38,16 @@ from mustat.layers import Target, find_targets
 from mustat.layerwise import solve as S
 from mustat.patterns import check_groups, parse_pattern, resolve_sparsity
 from mustat.pruning import PruningReport
-from mustat.statistics import Call, Collector, Stop, layer_input, token_mask, tokens
+from mustat.statistics import (
+    Call,
+    Collector,
+    Stop,
+    call_model,
+    layer_input,
+    to_device,
+    token_mask,
+    tokens,
+)
 
 
 class SkippedLayersWarning(UserWarning):
@@ -64,28 +73,6 @@ class OneShotReport:
         left = f"; {len(self.skipped)} tensors left as they were (see .skipped)" if self.skipped else ""
         return (f"{len(self.layers)} layers pruned one-shot to {self.pruning.sparsity:.1%} in {self.seconds:.1f} s "
                 f"({self.passes} passes, per {self.driver}); mean relative reconstruction error {err:.4f}{left}")
-
-
-def _to(batch, device):
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
-def _call(model: nn.Module, batch, forward: Callable | None):
-    if forward is not None:
-        return forward(model, batch)
-    if isinstance(batch, Mapping):
-        if getattr(getattr(model, "config", None), "use_cache", False) and "use_cache" not in batch:
-            return model(**batch, use_cache=False)   # a key/value cache would grow when blocks are replayed
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])  # (inputs, labels) from a DataLoader
-    return model(batch)
 
 
 @contextlib.contextmanager
@@ -188,7 +175,7 @@ def _trace(model, batch, forward, targets: list[Target], device, blocks: list[nn
         handles.append(block.register_forward_hook(
             lambda m, a, k, o, i=i: seen_blocks.append((i, a, k, o)), with_kwargs=True))
     try:
-        _call(model, _to(batch, device), forward)
+        call_model(model, to_device(batch, device), forward)
     finally:
         for h in handles:
             h.remove()
@@ -447,7 +434,7 @@ def oneshot(
                 grams, tic = None, time.perf_counter()
                 if needs_data:
                     run = Collector([t for g in step for t in g], method == "mu-sandwich", device)
-                    run.run([Call(lambda b=b: _call(model, _to(b, device), forward), token_mask(b))
+                    run.run([Call(lambda b=b: call_model(model, to_device(b, device), forward), token_mask(b))
                              for b in calibration], halt=trace.once)
                     passes += 1
                     grams = run.grams
@@ -490,7 +477,7 @@ def _by_block(model, calibration, forward, device, found, groups, once, method, 
         for b in calibration:
             mask[0] = token_mask(b)
             try:
-                _call(model, _to(b, device), forward)
+                call_model(model, to_device(b, device), forward)
             except Stop:
                 pass
     finally:
@@ -538,7 +525,7 @@ def _global_shares(model, calibration, forward, groups, method, sparsity, dampin
     grams = {}
     if method != "magnitude":
         run = Collector(flat, method == "mu-sandwich", device, diagonal=method == "wanda")
-        run.run([Call(lambda b=b: _call(model, _to(b, device), forward), token_mask(b)) for b in calibration],
+        run.run([Call(lambda b=b: call_model(model, to_device(b, device), forward), token_mask(b)) for b in calibration],
                 halt=False)
         grams = run.grams
     parts, sizes, alive_all = [], [], []

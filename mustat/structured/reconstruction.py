@@ -22,55 +22,26 @@ put back afterwards (as mustat masks).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from numbers import Real
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
 from mustat import _masking as M
-from mustat._checks import check_option, check_scalar
-from mustat._functional import eval_mode
+from mustat._checks import check_option
+from mustat.statistics import Damping, layer_grams
 
 GROUP_SCORES = ("activation", "obs")
 
 
-@torch.no_grad()
 def input_grams(model: nn.Module, batches: Iterable[dict], layers: Mapping[str, nn.Linear],
                 damping: float = 0.01) -> dict[str, Tensor]:
     """``H`` of the input of each of ``layers`` (float64, the bias coordinate last) over the real
     tokens of ``batches`` (dicts for ``model(**batch)``; ``attention_mask == 0`` tokens left out),
-    damped by ``damping`` times the mean diagonal. The model runs in eval mode; its flags are
-    restored."""
-    check_scalar(damping, "damping", kind=Real, low=0.0)
-    grams: dict[str, Tensor] = {}
-    mask_now: list[Tensor | None] = [None]
-
-    def hook(name):
-        def pre(mod, args):
-            x = args[0].detach().to(torch.float64)
-            x = x.reshape(-1, x.shape[-1]) if mask_now[0] is None else x[mask_now[0].bool()]
-            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
-            grams[name] = grams.get(name, 0) + x.T @ x
-        return pre
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        with eval_mode(model):
-            for batch in batches:
-                mask_now[0] = batch.get("attention_mask")
-                model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = sorted(set(layers) - set(grams))
-    if missing:
-        raise ValueError(f"no calibration input reached {missing} (empty batches?)")
-    out = {}
-    for name, H in grams.items():
-        ridge = damping * float(H.diagonal().mean())
-        out[name] = H + ridge * torch.eye(len(H), dtype=H.dtype, device=H.device)
-    return out
+    damped by ``damping`` times the mean diagonal (:class:`mustat.statistics.Damping`, relative).
+    One pass of :func:`mustat.statistics.layer_grams`; the model's modes are restored."""
+    ridge = Damping(damping)
+    return {name: ridge.add_to(g.H) for name, g in layer_grams(model, batches, layers, bias=True).items()}
 
 
 def _fitted(layer: nn.Linear, H: Tensor) -> tuple[Tensor, Tensor]:
