@@ -216,6 +216,69 @@ def test_block_update_equals_obs_on_a_dense_empirical_fisher():
     assert (w[[1, 2]] - w0[[1, 2]]).abs().min() > 1e-3      # the update is not a no-op
 
 
+def _kronecker_curvature(model, X, layer):
+    """K-FAC's ``B (x) A`` for ``model[layer]`` (a Linear, its bias the weight's last column) under
+    cross-entropy, from the definition in :mod:`mustat.uncertainty.kfac` and with no part of any
+    estimator: ``A`` the mean over the n samples of ``[a_i; 1][a_i; 1]^T`` (``a_i`` the layer's input,
+    computed by the layers before it), ``B`` the sum over the samples of ``J_i^T Lambda_i J_i``
+    (``J_i`` the Jacobian of the logits in the layer's output, by ``torch.func``; ``Lambda_i =
+    diag(p_i) - p_i p_i^T`` cross-entropy's Hessian in the logits, written out in numpy)."""
+    from torch.func import jacrev, vmap
+
+    head = model[layer + 1:]
+    with torch.no_grad():
+        a = model[:layer](X)
+        s = model[layer](a)
+        J = vmap(jacrev(lambda v: head(v[None])[0]))(s).numpy()               # (n, C, out)
+        p = torch.softmax(head(s), 1).numpy()
+    Lam = np.stack([np.diag(q) - np.outer(q, q) for q in p])                   # (n, C, C)
+    B = np.einsum("ico,icd,idp->op", J, Lam, J)
+    a1 = np.hstack([a.numpy(), np.ones((len(X), 1))])
+    A = a1.T @ a1 / len(X)
+    return np.kron(B, A)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("block", ["layer", "row"])
+def test_kfac_update_equals_obs_on_an_independent_kronecker_curvature(block, layer):
+    """K-FAC's compensating update against the documented ``H = B (x) A + n (lambda + delta) I``
+    (:func:`_kronecker_curvature`), its bias columns held fixed: with ``obs_block='layer'`` the kept
+    weights K of the layer move by ``H_KK^-1 H_KQ w_Q`` (the cut ones Q go to 0), with ``'row'`` each
+    output row o does so on its diagonal block ``B_oo A + n (lambda + delta) I``. A factor 2 on the
+    curvature, or the damping without its n, fails this."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    n, damping = len(y), 1e-2
+    H = _kronecker_curvature(model, X, layer)
+    out, inp = model[layer].weight.shape
+    d = n * (WD + damping)
+    est = make_estimator("kfac", model, obs_block=block, damping=damping).fit(
+        FitContext(X=X, y=y, loss=F.cross_entropy, weight_decay=WD))
+    w0 = model[layer].weight.detach().numpy().copy()
+    mustat.prune(model, mustat.score(model, "obs", se=est.se()), sparsity=0.5, update=est)
+    w = model[layer].weight.detach().numpy()
+    cut = (w == 0) & (w0 != 0)
+    assert cut.any() and (~cut).any() and cut.any(1).sum() > 1
+    delta = (w - w0).reshape(-1)
+    weights = np.arange(out * (inp + 1)).reshape(out, inp + 1)[:, :inp].reshape(-1)  # the bias columns left out
+    Hw = H[np.ix_(weights, weights)] + d * np.eye(out * inp)
+    if block == "layer":
+        K, Q = np.flatnonzero(~cut.reshape(-1)), np.flatnonzero(cut.reshape(-1))
+        ref = np.linalg.solve(Hw[np.ix_(K, K)], Hw[np.ix_(K, Q)] @ w0.reshape(-1)[Q])
+        np.testing.assert_allclose(delta[K], ref, rtol=1e-7, atol=1e-10)
+    else:
+        for o in range(out):
+            rows = np.arange(inp * o, inp * (o + 1))
+            c, k = cut[o], ~cut[o]
+            Hoo = Hw[np.ix_(rows, rows)]
+            ref = np.linalg.solve(Hoo[np.ix_(k, k)], Hoo[np.ix_(k, c)] @ w0[o][c]) if c.any() else 0.0
+            np.testing.assert_allclose(delta[rows][k], ref, rtol=1e-8, atol=1e-12)
+    assert (w[cut] == 0).all() and np.abs(delta[~cut.reshape(-1)]).max() > 1e-3   # the update is not a no-op
+
+
 def test_memory_is_checked_before_any_allocation():
     model, X, y, loss = _logistic()
     est = make_estimator("block", model, max_memory=1000)
