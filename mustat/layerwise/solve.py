@@ -41,23 +41,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from mustat.obs import inverse_cholesky
 from mustat.patterns import Pattern, nm_keep
 from mustat.statistics import Gram, damped
 
 UNSTRUCTURED = Pattern()
 METHODS = ("magnitude", "wanda", "sparsegpt", "mu", "mu-sandwich")
 SCOPES = ("row", "layer", "global")
-
-
-def inverse_cholesky(Hd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(H_d^-1, U)`` with ``U`` upper triangular, ``U^T U = H_d^-1``."""
-    L, info = torch.linalg.cholesky_ex(Hd)
-    if int(info):
-        raise ValueError("the damped Gram matrix is not positive definite (rounding in a degenerate layer); "
-                         "raise damping, e.g. damping=0.1")
-    Hinv = torch.cholesky_inverse(L)
-    U = torch.linalg.cholesky(Hinv, upper=True)
-    return Hinv, U
 
 
 def noise_variance(W: Tensor, gram: Gram, sigma: str) -> Tensor:

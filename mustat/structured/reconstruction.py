@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from mustat import _masking as M
 from mustat._checks import check_option
+from mustat.obs import kept_solve
 from mustat.statistics import Damping, layer_grams
 
 GROUP_SCORES = ("activation", "obs")
@@ -82,7 +83,9 @@ def least_squares_refit(layer: nn.Linear, H: Tensor, keep: Sequence[int]) -> tup
     has a bias (``None`` is returned for the bias otherwise)."""
     W, H = _fitted(layer, H)
     K = [*keep, layer.in_features] if layer.bias is not None else list(keep)
-    coef = torch.linalg.solve(H[K][:, K], (W @ H[:, K]).T).T
+    kept = torch.zeros(H.shape[0], dtype=torch.bool)
+    kept[K] = True
+    coef = kept_solve(H, W, kept, ~kept)[:, K]          # W_K + W_R H_RK H_KK^-1: OBS on the removed columns
     return (coef[:, :-1], coef[:, -1]) if layer.bias is not None else (coef, None)
 
 

@@ -16,9 +16,10 @@ from mustat._checks import check_scalar
 from mustat._functional import vmap_or_loop
 from mustat._params import trainable_names
 from mustat.batching import batches
+from mustat.obs import cholesky, kept_solve
 from mustat.uncertainty.base import FitContext, register_estimator
 from mustat.uncertainty.curvature import output_factor
-from mustat.uncertainty.marginal import Marginal, cast_inputs, cholesky, kept_solve
+from mustat.uncertainty.marginal import Marginal, cast_inputs
 
 
 @register_estimator("fisher")

@@ -45,6 +45,7 @@ from torch.func import grad
 from mustat._checks import check_option, check_scalar
 from mustat._functional import FunctionalModel, eval_mode, vmap_or_loop
 from mustat.batching import batches
+from mustat.obs import cholesky, kept_solve
 from mustat.uncertainty.base import CurvatureEstimator, FitContext, Loss, NotFittedError
 
 KINDS = ("observed", "sandwich")
@@ -66,23 +67,6 @@ def per_sample_gradients(fm: FunctionalModel, names: list[str], loss: Loss, xb: 
 def cast_inputs(xb: Tensor, dtype: torch.dtype) -> Tensor:
     """A batch's inputs on the CPU, where the marginal estimators compute, floating ones in ``dtype``."""
     return xb.to("cpu", dtype) if xb.is_floating_point() else xb.to("cpu")
-
-
-def cholesky(H: Tensor, what: str, ridge: float = 0.0) -> Tensor:
-    """Lower Cholesky factors of a batch of symmetric matrices; a clear error when one is not
-    positive definite (no penalty, and the data leave a direction flat). ``ridge``: the smallest
-    diagonal term known to be added (the penalty); with one, rounding-sized pivots are genuine."""
-    H = 0.5 * (H + H.transpose(-1, -2))
-    L, info = torch.linalg.cholesky_ex(H)
-    # an exactly singular matrix can factor with rounding-sized pivots: without a ridge they count as zero
-    scale = H.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)
-    tiny = L.diagonal(dim1=-2, dim2=-1).square() <= H.shape[-1] * torch.finfo(H.dtype).eps * scale
-    if bool((info > 0).any()) or (ridge <= 0 and bool(tiny.any())):
-        raise ValueError(
-            f"{what} is not positive definite: the data leave some directions without curvature and there is "
-            "no weight decay to bound them. Pass damping=delta > 0 (curvature + n*delta*I, in weight-decay units), "
-            "train with weight decay, or restrict params=[...]")
-    return L
 
 
 class Marginal(CurvatureEstimator):
@@ -242,20 +226,6 @@ class Marginal(CurvatureEstimator):
             changes[n] = float((new - w)[now].norm() / w.norm().clamp_min(1e-300))
         self._se = self._estimate = self._fm = None
         return changes
-
-
-def kept_solve(H: Tensor, w: Tensor, keep: Tensor, cut: Tensor, ridge: float = 0.0) -> Tensor:
-    """One block's compensating update: ``w`` with ``w_K + H_KK^-1 H_KQ w_Q`` on the kept
-    entries ``K`` (``Q``: the entries cut now); entries outside both are left as they are."""
-    K = torch.nonzero(keep).flatten()
-    Q = torch.nonzero(cut).flatten()
-    out = w.clone()
-    if len(K) == 0 or len(Q) == 0:
-        return out
-    L = cholesky(H[K][:, K], "the kept weights' curvature block", ridge=ridge)
-    rhs = H[K][:, Q] @ w[Q]
-    out[K] = w[K] + torch.cholesky_solve(rhs[:, None], L)[:, 0]
-    return out
 
 
 class LowRankBlocks:

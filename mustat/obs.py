@@ -1,0 +1,65 @@
+r"""The Optimal Brain Surgeon kernel: the compensating update of a quadratic model when entries are
+removed, shared by every pruning path (marginal estimators, one-shot layers, structured refits).
+
+Removing the entries ``Q`` of a weight vector ``w`` whose loss is locally
+:math:`\tfrac12 (w' - w)^\top H (w' - w)`, with the entries ``K`` free and the rest held, the
+constrained minimum moves the kept entries by :math:`\delta_K = H_{KK}^{-1} H_{KQ} w_Q` (OBS,
+Hassibi & Stork 1993; for a layer's least-squares reconstruction ``H = X X^\top`` it is the exact
+refit of the kept inputs, as in SparseGPT and the structured refit). Rows that share ``H`` (a
+layer's output rows under reconstruction) are solved together.
+
+The curvature comes as a dense matrix here; a Kronecker or low-rank structure forms its blocks and
+calls :func:`kept_solve`, or solves the same system by conjugate gradients
+(:class:`mustat.uncertainty.kfac.KFAC`'s whole-layer update).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cholesky(H: Tensor, what: str, ridge: float = 0.0) -> Tensor:
+    """Lower Cholesky factors of a batch of symmetric matrices; a clear error when one is not
+    positive definite (no penalty, and the data leave a direction flat). ``ridge``: the smallest
+    diagonal term known to be added (the penalty); with one, rounding-sized pivots are genuine."""
+    H = 0.5 * (H + H.transpose(-1, -2))
+    L, info = torch.linalg.cholesky_ex(H)
+    # an exactly singular matrix can factor with rounding-sized pivots: without a ridge they count as zero
+    scale = H.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)
+    tiny = L.diagonal(dim1=-2, dim2=-1).square() <= H.shape[-1] * torch.finfo(H.dtype).eps * scale
+    if bool((info > 0).any()) or (ridge <= 0 and bool(tiny.any())):
+        raise ValueError(
+            f"{what} is not positive definite: the data leave some directions without curvature and there is "
+            "no weight decay to bound them. Pass damping=delta > 0 (curvature + n*delta*I, in weight-decay units), "
+            "train with weight decay, or restrict params=[...]")
+    return L
+
+
+def kept_solve(H: Tensor, w: Tensor, keep: Tensor, cut: Tensor, ridge: float = 0.0) -> Tensor:
+    """The compensating update: ``w`` with ``w_K + H_KK^-1 H_KQ w_Q`` on the kept entries ``K``
+    (``Q``: the entries cut now); entries outside both are left as they are. ``w`` is one vector
+    (``(d,)``) or rows sharing ``H`` and the index sets (``(rows, d)``); ``keep`` and ``cut`` are
+    boolean vectors of length d."""
+    K = torch.nonzero(keep).flatten()
+    Q = torch.nonzero(cut).flatten()
+    out = w.clone()
+    if len(K) == 0 or len(Q) == 0:
+        return out
+    L = cholesky(H[K][:, K], "the kept weights' curvature block", ridge=ridge)
+    rhs = H[K][:, Q] @ w[..., Q].reshape(-1, len(Q)).T                     # (k, rows)
+    delta = torch.cholesky_solve(rhs, L).T.reshape(*w.shape[:-1], len(K))
+    out[..., K] = w[..., K] + delta
+    return out
+
+
+def inverse_cholesky(Hd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(H_d^-1, U)`` with ``U`` upper triangular, ``U^T U = H_d^-1``: the factor SparseGPT's
+    column sweep pushes each pruned weight's error through."""
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info):
+        raise ValueError("the damped Gram matrix is not positive definite (rounding in a degenerate layer); "
+                         "raise damping, e.g. damping=0.1")
+    Hinv = torch.cholesky_inverse(L)
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    return Hinv, U

@@ -1,0 +1,36 @@
+"""The OBS kernel against a numpy constrained least squares."""
+
+import numpy as np
+import pytest
+import torch
+
+from mustat.obs import cholesky, kept_solve
+
+
+def test_kept_solve_is_the_constrained_minimum_for_one_row_or_many():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((40, 8))
+    H = A.T @ A
+    W = rng.standard_normal((3, 8))
+    keep = np.array([1, 1, 0, 1, 0, 1, 1, 0], bool)
+    cut = np.array([0, 0, 1, 0, 1, 0, 0, 0], bool)          # entry 7 neither: held as it is
+    free = np.flatnonzero(keep)
+    expected = W.copy()
+    for r in range(3):
+        # minimise (w' - w)^T H (w' - w) over w'_K with w'_Q = 0 and w'_7 = w_7: the normal equations on K
+        fixed = W[r].copy()
+        fixed[cut] = 0
+        fixed[free] = 0
+        expected[r, free] = np.linalg.solve(H[np.ix_(free, free)], H[free] @ (W[r] - fixed))
+    got = kept_solve(torch.from_numpy(H), torch.from_numpy(W), torch.from_numpy(keep), torch.from_numpy(cut))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    one = kept_solve(torch.from_numpy(H), torch.from_numpy(W[1]), torch.from_numpy(keep), torch.from_numpy(cut))
+    np.testing.assert_allclose(one.numpy(), expected[1], rtol=1e-10, atol=1e-12)
+    assert (got[:, cut] == torch.from_numpy(W[:, cut])).all()   # the caller zeroes the cut entries
+
+
+def test_a_singular_block_is_refused_without_a_ridge():
+    H = torch.zeros(3, 3, dtype=torch.float64)
+    H[0, 0] = 1.0
+    with pytest.raises(ValueError, match="not positive definite"):
+        cholesky(H, "a block")
