@@ -1,6 +1,7 @@
 """mustat: magnitude-and-uncertainty (M&U) pruning with calibrated statistics."""
 
 from mustat._functional import FunctionalModel
+from mustat._version import __version__
 from mustat.criteria import CRITERIA, Criterion, loss_gradient, register_criterion, score
 from mustat.layerwise import OneShotReport, oneshot
 from mustat.patterns import check_pattern
@@ -34,9 +35,8 @@ from mustat.uncertainty import (
     register_estimator,
 )
 
-__version__ = "0.6.0"
-
 __all__ = [
+    "__version__",
     "CRITERIA",
     "ESTIMATORS",
     "Criterion",

@@ -31,15 +31,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import mustat
 from mustat import distributed
 from mustat._checks import check_scalar
 from mustat._params import entries, select
 from mustat.config import PruneConfig, RunConfig, TrainConfig
-from mustat.criteria import get_criterion, loss_gradient
+from mustat.criteria import get_criterion, loss_gradient, score
 from mustat.data import Dataset, load
 from mustat.models import build, flops, loss_fn
-from mustat.pruning import cap_violation
+from mustat.pruning import PruningReport, cap_violation, load_pruned_state_dict, sparsity
+from mustat.pruning import prune as prune_weights
 from mustat.results import RESULT_COLUMNS, plot, title
 from mustat.runs import (
     FolderLock,
@@ -49,6 +49,7 @@ from mustat.runs import (
     save_checkpoint,
     write_table,
 )
+from mustat.sparse import save_sparse
 from mustat.training import evaluate, resolve_device, seeded, train_epochs
 from mustat.uncertainty import FitContext, make_estimator
 
@@ -95,11 +96,11 @@ def _context(model, data: Dataset, opt, train: TrainConfig) -> FitContext:
 def _row(model, data, *, prune: PruneConfig | None, seed, rnd, target, se_ok=None) -> dict:
     acc, loss = evaluate(model, (data.X_test, data.y_test))
     val_acc, _ = evaluate(model, (data.X_val, data.y_val))
-    rep = mustat.PruningReport.from_model(model)
+    rep = PruningReport.from_model(model)
     dense_macs, sparse_macs = flops(model, data.input_shape)
     return dict(label=prune.label if prune else "dense", criterion=prune.criterion if prune else "dense",
                 se=(prune.se or "-") if prune else "-", scope=prune.scope if prune else "-", seed=int(seed),
-                round=int(rnd), target_sparsity=float(target), sparsity=float(mustat.sparsity(model)),
+                round=int(rnd), target_sparsity=float(target), sparsity=float(sparsity(model)),
                 compression_ratio=float(rep.compression_ratio), flop_speedup=float(dense_macs / max(sparse_macs, 1)),
                 empty_tensors=sum(int(p == s) for p, s in zip(rep.pruned, rep.sizes)),
                 test_accuracy=float(acc), test_loss=float(loss), val_accuracy=float(val_acc),
@@ -135,11 +136,11 @@ def criterion_scores(model: nn.Module, criterion: str, data: Dataset, *, estimat
     """Scores of ``criterion`` with what it needs: a fitted ``estimator``'s ``se()`` and
     ``estimate()``, the training loss gradient, or the ``seed`` (random)."""
     if estimator is not None:
-        return mustat.score(model, criterion, se=estimator.se(), weights=estimator.estimate())
+        return score(model, criterion, se=estimator.se(), weights=estimator.estimate())
     if get_criterion(criterion).requires_grad:
         grads = loss_gradient(model, (data.X_train, data.y_train), lambda out, t: loss_fn(model, out, t))
-        return mustat.score(model, criterion, grads=grads)
-    return mustat.score(model, criterion, seed=seed)
+        return score(model, criterion, grads=grads)
+    return score(model, criterion, seed=seed)
 
 
 def prune_phase(config: RunConfig, prune: PruneConfig, data: Dataset, start: dict, *, seed: int,
@@ -158,7 +159,7 @@ def prune_phase(config: RunConfig, prune: PruneConfig, data: Dataset, start: dic
     # The optimizer first: installing masks reorders model.parameters() (a parametrized
     # weight moves after its bias), and optimizer state is matched by position.
     opt = train.make_optimizer(model.parameters())
-    mustat.load_pruned_state_dict(model, start["model"])
+    load_pruned_state_dict(model, start["model"])
     opt.load_state_dict(start["optimizer"])
     est = None
     if prune.se is not None:
@@ -177,8 +178,8 @@ def prune_phase(config: RunConfig, prune: PruneConfig, data: Dataset, start: dic
             se_ok = est.diagnostics().get("ok")
         scores = criterion_scores(model, prune.criterion, data, estimator=est, seed=seed * 1000 + rnd)
         updates = get_criterion(prune.criterion).updates
-        mustat.prune(model, scores, sparsity=target, scope=prune.scope, max_tensor_sparsity=prune.max_tensor_sparsity,
-                     update=est if updates else None)
+        prune_weights(model, scores, sparsity=target, scope=prune.scope, max_tensor_sparsity=prune.max_tensor_sparsity,
+                      update=est if updates else None)
         distributed.broadcast_masks(model)
         with seeded(model, seed * 1000 + rnd):
             train_epochs(model, opt, (data.X_train, data.y_train), epochs=train.retrain_epochs,
@@ -391,6 +392,6 @@ def _run_parallel(config, stems, ckpt, pairs, done, workers, bar, on_round, writ
 
 def _save_model(config: RunConfig, data: Dataset, state: dict, path: Path) -> None:
     model = _build(config, data, None)
-    mustat.load_pruned_state_dict(model, state)
-    mustat.save_sparse(model, path)
+    load_pruned_state_dict(model, state)
+    save_sparse(model, path)
 

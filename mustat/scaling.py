@@ -33,14 +33,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-import mustat
 from mustat._checks import check_option, check_scalar
 from mustat._io import atomic_write
 from mustat.config import TrainConfig
-from mustat.criteria import get_criterion, parse_label
+from mustat.criteria import get_criterion, label, parse_label
 from mustat.data import load
 from mustat.models import build, loss_fn
 from mustat.pipeline import criterion_scores
+from mustat.pruning import LayerCollapseWarning, prune
 from mustat.training import evaluate, seeded, steps_per_epoch, train_epochs
 from mustat.uncertainty import FitContext, make_estimator
 
@@ -139,11 +139,11 @@ def _track_and_prune(net, data, config: TrainConfig, pairs, track_epochs, sparsi
         scores = criterion_scores(pruned, crit, data, estimator=ests[se] if se is not None else None,
                                   seed=info["seed"])
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", mustat.LayerCollapseWarning)  # collapse is what this measures
-            report = mustat.prune(pruned, scores, sparsity=sparsity)
+            warnings.simplefilter("ignore", LayerCollapseWarning)  # collapse is what this measures
+            report = prune(pruned, scores, sparsity=sparsity)
         frame = report.to_frame().set_index("tensor")
         acc, _ = evaluate(pruned, (data.X_test, data.y_test))
-        rows.append(dict(info, label=mustat.criteria.label(crit, se), sparsity=sparsity, test_accuracy=acc,
+        rows.append(dict(info, label=label(crit, se), sparsity=sparsity, test_accuracy=acc,
                          layer_pruned=float(frame.loc[f"{layer}.weight", "sparsity"])
                          if f"{layer}.weight" in frame.index else np.nan))
     return rows

@@ -20,17 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mustat"
 
 # What is known and not removed here, each with its reason. Remove an entry when its cause is gone;
 # nothing may be added without one.
-KNOWN_CIRCLES: dict[frozenset[str], str] = {
-    frozenset({"mustat.structured.groups", "mustat.structured.surgery"}):
-        "being removed in a change of its own (issue 31, item 7): groups takes count from surgery, "
-        "surgery takes Group, WaldImportance and the rest from groups",
-}
-KNOWN_UPWARD: dict[str, str] = {
-    "mustat.pipeline": "outside this change (issue 31, item 7): takes prune, score, sparsity, PruningReport, "
-                       "load_pruned_state_dict and save_sparse through the package top",
-    "mustat.scaling": "outside this change (issue 31, item 7): takes prune, LayerCollapseWarning and "
-                      "criteria.label through the package top",
-}
+KNOWN_CIRCLES: dict[frozenset[str], str] = {}
+KNOWN_UPWARD: dict[str, str] = {}
 
 
 def _name(path: Path) -> str:

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import mustat
+from mustat.layers import mha_values
 from mustat.layerwise import oneshot
 from mustat.layerwise import solve as S
-from mustat.layers import mha_values
 from mustat.patterns import Pattern, check_pattern, parse_pattern, pattern_violations
 
 

@@ -30,8 +30,8 @@ def test_split_is_disjoint_seeded_and_checked():
 def test_the_pretrained_encoder_unpacks_loads_and_has_36_linear_layers(tmp_path):
     pytest.importorskip("transformers")
     from mustat._params import entries
-    from mustat.layerwise.hf import load_encoder, minilm_dir, sentence_embeddings, token_batches
     from mustat.layers import find_targets
+    from mustat.layerwise.hf import load_encoder, minilm_dir, sentence_embeddings, token_batches
 
     path = minilm_dir(tmp_path)
     assert (path / ".complete").exists() and minilm_dir(tmp_path) == path   # unpacked once
