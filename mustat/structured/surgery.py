@@ -11,6 +11,7 @@ removed channels. An error before the cut puts the masks back."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -175,28 +176,31 @@ def _flat(chunks) -> list[tuple[int, int]]:
     return [pair for chunk in chunks for pair in chunk]
 
 
-def _search(model, example_inputs, graph, found, chunks, seen, macs0, target_macs, min_channels, ignored_names,
+def _mac_model(model, example_inputs, graph, found, seen) -> MacModel | None:
+    try:
+        return MacModel(model, example_inputs, graph, found, seen)
+    except Unsupported:
+        return None
+
+
+def _search(model, example_inputs, found, chunks, macs, macs0, target_macs, min_channels, ignored_names,
             round_to) -> list[tuple[int, int]]:
     """The shortest prefix of ``chunks`` whose removal meets ``target_macs``, by bisection (MACs
-    never grow when channels go). Candidates are counted by :class:`~mustat.structured.macs.MacModel`
-    from the layer shapes; one copy is cut, for the deepest cut, to check that count against
-    Torch-Pruning's (and to refuse a budget out of reach); where the two differ, or the model has a
-    layer the formulas do not cover, every candidate is counted on a cut copy instead."""
-    best = _macs_after(model, example_inputs, found, _flat(chunks), ignored_names)
+    never grow when channels go). Candidates are counted by ``macs``
+    (:class:`~mustat.structured.macs.MacModel`, from the layer shapes); where that is ``None`` (a
+    layer its formulas do not cover), on a cut copy of the model each."""
+    if macs is not None:
+        after = macs.after
+    else:
+        def after(plan):
+            return _macs_after(model, example_inputs, found, plan, ignored_names)
+    best = after(_flat(chunks))
     if best > target_macs:
         kept = f"{min_channels} per group" if round_to is None else \
             f"{round_to * -(-min_channels // round_to)} per group (round_to={round_to})"
         raise ValueError(f"the budget target_macs={target_macs:,} is out of reach: removing every prunable "
                          f"channel but {kept} leaves {best:,} MACs "
                          f"({macs0 / max(best, 1):.2f}x); ask for less")
-    try:
-        macs = MacModel(model, example_inputs, graph, found, seen)
-        if macs.after(_flat(chunks)) != best:
-            raise Unsupported("the formulas miss a layer")
-        after = macs.after
-    except Unsupported:
-        def after(plan):
-            return _macs_after(model, example_inputs, found, plan, ignored_names)
     lo, hi = 0, len(chunks)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -204,7 +208,19 @@ def _search(model, example_inputs, graph, found, chunks, seen, macs0, target_mac
             hi = mid
         else:
             lo = mid + 1
-    return _flat(chunks[:hi])
+    if round_to is None or hi == 0:
+        return _flat(chunks[:hi])
+    # the last chunk: of each group's next one, that which meets the budget leaving the most MACs
+    # (chunks of a wide, early layer can cost far more than the slack; ties by rank)
+    base, nexts = chunks[:hi - 1], {}
+    for rank, chunk in enumerate(chunks[hi - 1:]):
+        nexts.setdefault(chunk[0][0], (rank, chunk))
+    fits = []
+    for rank, chunk in nexts.values():
+        m = after(_flat(base) + chunk)
+        if m <= target_macs:
+            fits.append((-m, rank, chunk))
+    return _flat(base) + min(fits, key=lambda t: t[:2])[2]
 
 
 def _importance(importance, model: nn.Module, stats: UnitStatistics | None, example_inputs):
@@ -275,8 +291,10 @@ def prune_channels(
         channels go in chunks, per group the lowest-scored first (the first chunk ``n mod
         round_to`` channels, then ``round_to`` at a time), chunks ranked across groups by their mean
         score; a group keeps at least ``round_to`` (``min_channels`` rounded up to a multiple), and
-        one no wider is not pruned. The budget is met by the fewest chunks, so the MACs land at
-        most one chunk's cost below it. ``None``: single channels (any width).
+        one no wider is not pruned. The budget is met by the fewest chunks: all but the last in
+        rank order, the last being, of each group's next chunk, the one that meets the budget
+        leaving the most MACs; so the MACs land at most one chunk's cost below the budget.
+        ``None``: single channels (any width), the lowest-ranked first.
 
     Raises
     ------
@@ -288,8 +306,8 @@ def prune_channels(
     -----
     The number of channels (chunks) is the smallest that meets the budget, found by bisection
     (MACs never grow when channels go). Each candidate's MACs come from the layer shapes
-    (:class:`~mustat.structured.macs.MacModel`), not from a cut copy: one copy is cut, for the
-    deepest cut, to check that count against Torch-Pruning's counter, and the model itself once.
+    (:class:`~mustat.structured.macs.MacModel`), not from a cut copy, and the model is cut once;
+    a model with a layer those formulas do not cover is searched on cut copies (the old way).
     """
     check_scalar(min_channels, "min_channels", kind=Integral, low=1)
     _check_round_to(round_to)
@@ -306,10 +324,8 @@ def prune_channels(
 
 def _prune_channels(model, example_inputs, importance, speedup, target_macs, stats, ignored_layers, min_channels,
                     round_to, masks) -> StructuredReport:
-    macs0, params0 = count(model, example_inputs)
     if speedup is not None:
         check_scalar(speedup, "speedup", kind=Real, low=1.0)
-        target_macs = int(macs0 / speedup)
     else:
         check_scalar(target_macs, "target_macs", kind=Integral, low=1)
     imp = _importance(importance, model, stats, example_inputs)
@@ -317,11 +333,20 @@ def _prune_channels(model, example_inputs, importance, speedup, target_macs, sta
         graph = dependency_graph(model, example_inputs)
     ignored = list(ignored_layers) if ignored_layers is not None else None
     found = groups(model, graph, ignored)
+    macs = _mac_model(model, example_inputs, graph, found, seen)
+    macs0, params0 = (macs.dense, macs.params) if macs is not None else count(model, example_inputs)
+    if speedup is not None:
+        target_macs = int(macs0 / speedup)
     ignored_names = _names(model, ignored if ignored is not None else output_layers(model))
     chunks = _chunks(channel_scores(model, graph, found, imp), found, min_channels, round_to)
-    plan = [] if macs0 <= target_macs else _search(model, example_inputs, graph, found, chunks, seen, macs0,
+    plan = [] if macs0 <= target_macs else _search(model, example_inputs, found, chunks, macs, macs0,
                                                    target_macs, min_channels, ignored_names, round_to)
-    return _cut(model, example_inputs, graph, found, plan, macs0, params0, masks, ignored_names)
+    report = _cut(model, example_inputs, graph, found, plan, macs0, params0, masks, ignored_names)
+    if macs is not None and macs.after(plan) != report.macs_after:
+        warnings.warn(f"the MACs counted from the layer shapes ({macs.after(plan):,}) differ from Torch-Pruning's "
+                      f"count of the cut model ({report.macs_after:,}): the budget may be missed; please report "
+                      f"the model ({type(model).__name__})", RuntimeWarning, stacklevel=3)
+    return report
 
 
 def _cut(model, example_inputs, graph, found, plan, macs0, params0, masks, ignored_names) -> StructuredReport:
