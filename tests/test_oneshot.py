@@ -574,3 +574,14 @@ def test_block_driver_on_convolutions_reads_wanda_errors_from_the_outputs():
     b = oneshot(other, [x], method="wanda", sparsity=0.5, exclude=("head",), driver="model")
     assert (a.driver, b.driver) == ("block", "model")
     np.testing.assert_allclose(a.layers["error"], b.layers["error"], rtol=1e-8)
+
+
+def test_errors_can_be_left_out_with_the_same_weights():
+    model, cal, *_ = _families()["bert"]
+    other = copy.deepcopy(model)
+    a = oneshot(model, cal, method="wanda", sparsity=0.5)
+    b = oneshot(other, cal, method="wanda", sparsity=0.5, errors=False)
+    assert a.layers["error"].notna().all() and b.layers["error"].isna().all()
+    assert b.passes == a.passes - 1        # the last block's outputs are not needed without its errors
+    for (n, x), (_, y) in zip(model.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=n)

@@ -206,7 +206,8 @@ def _groups(order: list[Target], inputs: list[int], once: bool) -> list[list[Tar
 
 
 def _matrix(t: Target) -> tuple[Tensor, Tensor]:
-    return t.matrix().to(torch.float64), t.alive()
+    W = t.matrix()
+    return (W if W.dtype == torch.float64 else W.float()), t.alive()
 
 
 def _errors(targets: list[Target], changes: dict[str, Tensor]
@@ -253,6 +254,7 @@ def oneshot(
     forward: Callable | None = None,
     driver: str = "auto",
     sequential: str = "layer",
+    errors: bool = True,
     progress: bool = False,
 ) -> OneShotReport:
     """Prune a trained model once, layer by layer, from a few calibration batches (no training).
@@ -310,6 +312,10 @@ def oneshot(
         block (of the model, without blocks) measured in one pass from the block's inputs before
         any of it is pruned, as SparseGPT's and Wanda's drivers do (fewer passes, the later layers'
         statistics from the dense block).
+    errors
+        Report each layer's relative reconstruction error ``||(W' - W) X||^2 / ||W X||^2`` on its
+        calibration inputs (read from the Gram, or for Wanda's diagonal statistics from one more
+        product per layer on the block's outputs); ``False`` leaves the column NaN and saves that.
     progress
         Show a progress bar over the groups of layers.
 
@@ -340,6 +346,8 @@ def oneshot(
         raise TypeError(f"update must be True, False or None, got {update!r}")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be a function forward(model, batch), got {type(forward).__name__}")
+    if not isinstance(errors, bool):
+        raise TypeError(f"errors must be True or False, got {errors!r}")
     if isinstance(layers, str):
         raise TypeError(f"layers must be a list of parameter names, got the string {layers!r}")
     if nm.structured and block_size % nm.m:
@@ -413,8 +421,8 @@ def oneshot(
             for t in group:
                 tic = time.perf_counter()
                 W, alive = _matrix(t)
-                row, W_new = _prune(t, W, alive, grams, shares[t.name], knobs)
-                if grams is not None and grams[(t.name, 0)].diagonal:
+                row, W_new = _prune(t, W, alive, grams, shares[t.name], knobs, errors)
+                if errors and grams is not None and grams[(t.name, 0)].diagonal:
                     changes[t.name] = W_new - W
                 dest = t.entry.leaf if t.entry.leaf is not None else getattr(t.module, t.attr)
                 with torch.no_grad():
@@ -445,17 +453,18 @@ def oneshot(
                          skipped, passes, time.perf_counter() - start, "block" if blocks is not None else "model")
 
 
-def _prune(t: Target, W: Tensor, alive: Tensor, grams: dict | None, sparsity: float, knobs: dict) -> tuple[dict, Tensor]:
+def _prune(t: Target, W: Tensor, alive: Tensor, grams: dict | None, sparsity: float, knobs: dict,
+           errors: bool = True) -> tuple[dict, Tensor]:
     """One target pruned from its statistics: its report row (with its keep-mask) and new weights."""
     W_new, keep = torch.empty_like(W), torch.empty_like(alive)
     error_num = error_den = 0.0
     for i, (rows, _) in enumerate(t.parts):
         g = grams.get((t.name, i)) if grams is not None else None
         W_new[rows], keep[rows] = S.solve(W[rows], g, sparsity=sparsity, alive=alive[rows], **knobs)
-        if g is not None and not g.diagonal:
-            D = W_new[rows] - W[rows]
+        if errors and g is not None and not g.diagonal:
+            D, W0 = (W_new[rows] - W[rows]).double(), W[rows].double()
             error_num += float(((D @ g.H) * D).sum())
-            error_den += float(((W[rows] @ g.H) * W[rows]).sum())
+            error_den += float(((W0 @ g.H) * W0).sum())
     row = dict(name=t.name, kind=t.kind, rows=W.shape[0], inputs=W.shape[1], sparsity=float(1 - keep.float().mean()),
                error=error_num / error_den if error_den > 0 else float("nan"), keep=keep)
     return row, W_new

@@ -53,7 +53,7 @@ SCOPES = ("row", "layer", "global")
 def noise_variance(W: Tensor, gram: Gram, sigma: str) -> Tensor:
     """``sigma^2`` per row: each row's mean squared output ``w_i^T H w_i / n`` (``"row"``), or
     their mean, one variance shared by the layer's outputs (``"layer"``)."""
-    s2 = torch.einsum("ij,jk,ik->i", W, gram.H, W) / max(gram.n, 1)
+    s2 = torch.einsum("ij,jk,ik->i", W, gram.H.to(W.dtype), W) / max(gram.n, 1)
     return s2.mean().expand_as(s2) if sigma == "layer" else s2
 
 
@@ -63,21 +63,20 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def scores(method: str, W: Tensor, gram: Gram | None, damping: float, sigma: str = "row") -> Tensor:
-    """The method's score for every weight of ``W`` (rows x d, float64); lower is pruned first.
-    ``sigma``: the noise scale of ``mu`` and ``mu-sandwich`` (:func:`noise_variance`)."""
+    """The method's score for every weight of ``W`` (rows x d) in ``W``'s dtype; lower is pruned
+    first. ``sigma``: the noise scale of ``mu`` and ``mu-sandwich`` (:func:`noise_variance`)."""
     if method == "magnitude":
         return W.abs()
-    H = gram.H
     if method == "wanda":
-        return W.abs() * gram.diag.clamp_min(0).sqrt()[None, :]
-    Hinv, _ = inverse_cholesky(damped(H, damping))
+        return W.abs() * gram.diag.to(W.dtype).clamp_min(0).sqrt()[None, :]
+    Hinv, _ = inverse_cholesky(damped(gram.H, damping).to(W.dtype))
     if method == "sparsegpt":
         return W.pow(2) / Hinv.diagonal()[None, :]
     sigma2 = noise_variance(W, gram, sigma)
     if method == "mu":
         var = Hinv.diagonal()
     elif method == "mu-sandwich":
-        var = torch.einsum("ij,jk,ki->i", Hinv, gram.meat(), Hinv)
+        var = torch.einsum("ij,jk,ki->i", Hinv, gram.meat().to(W.dtype), Hinv)
     else:
         raise ValueError(f"method={method!r} is not valid; choose one of: {', '.join(METHODS)}")
     return _ratio(W.pow(2), sigma2[:, None] * var[None, :])
@@ -97,7 +96,7 @@ def cut(s: Tensor, alive: Tensor, sparsity: float, scope: str, pattern: Pattern,
         dead = (~alive).sum(1)
         order = torch.sort(s, dim=1, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
-        return rank >= torch.clamp(dead, min=k)[:, None] if not isinstance(k, Tensor) else rank >= torch.maximum(dead, k)[:, None]
+        return rank >= torch.maximum(dead, torch.as_tensor(k, device=dead.device))[:, None]
     k = max(round(sparsity * s.numel()) if count is None else int(count), int((~alive).sum()))
     keep = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
     keep[torch.sort(s.flatten(), stable=True).indices[:k]] = False
@@ -114,14 +113,16 @@ def block_targets(alive: Tensor, sparsity: float, scope: str) -> Callable[[int, 
     pruned therefore ends at ``max(sparsity, its own)``, not at its share plus its dead weights.
     """
     per_row = scope == "row"
-    live = alive.sum(0) if not per_row else alive
-    cum = torch.cat([torch.zeros_like(live[..., :1]), live.cumsum(-1)], -1).double()   # live before column c
+
+    def cumulative(t: Tensor) -> Tensor:   # counts before column c, c = 0..d (per row, or over the rows)
+        t = t.double() if per_row else t.double().sum(0)
+        return torch.cat([torch.zeros_like(t[..., :1]), t.cumsum(-1)], -1)
+
+    cum, dead_cum = cumulative(alive), cumulative(~alive)
     n = alive.shape[1] if per_row else alive.numel()
     total = cum[..., -1]
     extra = (round(sparsity * n) - (n - total)).clamp_min(0)
     rate = torch.where(total > 0, extra / total.clamp_min(1), torch.zeros_like(total))
-    dead = (~alive).sum(0 if not per_row else ()).double() if not per_row else (~alive).double()
-    dead_cum = torch.cat([torch.zeros_like(dead[..., :1]), dead.cumsum(-1)], -1)
 
     def count(i1: int, i2: int) -> int | Tensor:
         new = torch.round(rate * cum[..., i2]) - torch.round(rate * cum[..., i1])
@@ -170,14 +171,19 @@ def obs_sweep(W: Tensor, U: Tensor, keep: Tensor | None, *, alive: Tensor, block
 
 def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: str, pattern: Pattern,
           update: bool, damping: float, block_size: int, alive: Tensor, sigma: str = "row") -> tuple[Tensor, Tensor]:
-    """Prune one matrix: ``(new weights, keep-mask)`` (float64 in, float64 out). With the update,
-    ``sparsegpt`` and ``mu`` choose the mask during the sweep from the updated weights (the paper's
-    adaptive selection); the other methods fix it from their scores first."""
-    W = W.to(torch.float64) * alive
+    """Prune one matrix: ``(new weights, keep-mask)``. With the update, ``sparsegpt`` and ``mu``
+    choose the mask during the sweep from the updated weights (the paper's adaptive selection); the
+    other methods fix it from their scores first.
+
+    Precision: the statistics are summed in float64; the damped Gram is factored and the sweep run
+    in ``W``'s precision, float32 for a float32 (or half-precision) model, as SparseGPT's reference
+    does (its float64 factorisation cost 1.2-1.6x the reference's time per layer,
+    ``benchmarks/oneshot_reference.py``), and float64 for a float64 model."""
+    W = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32) * alive
     if not update:
         keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
         return W * keep, keep
-    _, U = inverse_cholesky(damped(gram.H, damping))
+    _, U = inverse_cholesky(damped(gram.H, damping).to(W.dtype))
     if method in ("sparsegpt", "mu"):
         scale = noise_variance(W, gram, sigma) if method == "mu" else None
         return obs_sweep(W, U, None, alive=alive, block_size=block_size, sparsity=sparsity, scope=scope,
