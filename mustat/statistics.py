@@ -183,23 +183,31 @@ class Collector:
         self.diagonal = {t.name: diagonal and t.kind in ("linear", "conv1d", "conv") for t in targets}
         self.grams: dict[tuple[str, int], Gram] = {}
         self.mask: Tensor | None = None
-        self.cache: tuple[Tensor, bool, Tensor, Tensor] | None = None
+        self.cache: tuple | None = None   # (input, diagonal, tokens, statistic, the key that computed it)
         self.checked: set[int] = set()
         self.fed: set[str] = set()
+        self.shared: set[tuple[str, int]] = set()   # keys whose Gram is another's (the same input)
 
     def _add(self, t: Target, part: int, rows: slice, x: Tensor, seq_first: bool = False) -> None:
         diagonal = self.diagonal[t.name]
+        key = (t.name, part)
+        if key in self.shared:
+            return
         # layers share an input only when called one after another: keep the last input's statistic only
-        if self.cache is None or self.cache[0] is not x or self.cache[1] != diagonal or t.kind == "conv":
+        hit = not (self.cache is None or self.cache[0] is not x or self.cache[1] != diagonal or t.kind == "conv")
+        if not hit:
             tok = t.tokens(x) if t.kind == "conv" else tokens(x, self.mask, seq_first)
             xtx = input_statistic(tok, diagonal)
             if not bool(torch.isfinite(xtx if diagonal else xtx.diagonal()).all()):   # NaN or inf reach diag
                 raise ValueError(f"the calibration inputs of {t.name!r} contain NaN or inf; check the model and "
                                  "the batches (a float16 overflow?)")
-            self.cache = (x, diagonal, tok, xtx)
-        _, _, tok, xtx = self.cache
-        key = (t.name, part)
+            self.cache = (x, diagonal, tok, xtx, key)
+        _, _, tok, xtx, first = self.cache
         if key not in self.grams:
+            if hit and not self.sandwich:   # the same statistic: one Gram serves every layer reading this input
+                self.grams[key] = self.grams[first]
+                self.shared.add(key)
+                return
             self.grams[key] = Gram(tok.shape[1], xtx.device, sandwich=self.sandwich, diagonal=diagonal,
                                    bias=self.bias)
         W = t.matrix()[rows] if self.sandwich else None

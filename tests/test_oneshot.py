@@ -585,3 +585,41 @@ def test_errors_can_be_left_out_with_the_same_weights():
     assert b.passes == a.passes - 1        # the last block's outputs are not needed without its errors
     for (n, x), (_, y) in zip(model.named_parameters(), other.named_parameters()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=n)
+
+
+def test_the_cost_is_estimated_before_work_and_too_much_memory_refused(monkeypatch, capsys):
+    model = _mlp()
+    X = torch.randn(200, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    report = oneshot(model, [X[:100], X[100:]], method="sparsegpt", sparsity=0.5, progress=True)
+    out = capsys.readouterr()
+    assert "200 calibration tokens" in out.err + out.out and "GFLOP" in out.err + out.out
+    est = report.estimate
+    assert est.statistics_bytes == 8 * 16 * 16          # one group at a time: the widest input's float64 Gram
+    assert est.solve_bytes == 2 * 8 * 16 * 16 and est.cache_bytes == 0
+    # flops: Grams 2 T d^2, products 2 T r d, factorisations 4/3 d^3 + sweeps 2 r d^2, T = 200 tokens
+    flops = sum(2 * 200 * d * d + 2 * 200 * r * d + 4 / 3 * d ** 3 + 2 * r * d * d for r, d in ((16, 12), (4, 16)))
+    assert est.flops == pytest.approx(flops)
+    oneshot(_mlp(), [X], method="sparsegpt", sparsity=0.5)
+    assert capsys.readouterr().err == ""                 # quiet without progress
+
+    class Tight:
+        available = 1000
+    monkeypatch.setattr(mustat.layerwise.run.psutil, "virtual_memory", lambda: Tight())
+    fresh, before = _mlp(), _mlp().state_dict()
+    with pytest.raises(MemoryError, match="method='wanda'"):
+        oneshot(fresh, [X], method="sparsegpt", sparsity=0.5)
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_layers_reading_one_input_share_one_gram():
+    model, cal, *_ = _families()["bert"]
+    from mustat._params import entries
+    from mustat.layers import find_targets
+    from mustat.statistics import Call, Collector
+    targets, _ = find_targets(model, entries(model), None, ())
+    qkv = [t for t in targets if t.name.startswith("encoder.layer.0.attention.self.")]
+    run = Collector(qkv, False, torch.device("cpu"))
+    run.run([Call(lambda: model(**cal[0]), cal[0]["attention_mask"].bool())], halt=True)
+    grams = [run.grams[(t.name, 0)] for t in qkv]
+    assert len(qkv) == 3 and grams[0] is grams[1] is grams[2] and grams[0].n == cal[0]["input_ids"].numel()

@@ -40,7 +40,10 @@ def add_parser(sub) -> None:
     o.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass")
     o.add_argument("--damping", type=float, default=0.01, help="damping, a fraction of the Gram's mean diagonal")
     o.add_argument("--out", default=None, help="output folder (default runs/oneshot-<method>-<target>)")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--sequential", default="layer", choices=["layer", "block"],
+                   help="inside a transformer block: each layer from the pruned layers before it (layer), or every "
+                        "layer from the block's inputs in one pass, as SparseGPT's and Wanda's drivers (block)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar and no estimate")
     o.set_defaults(func=run)
 
 
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     dense = sentence_embeddings(model, eval_batches) if held else None
     report = oneshot(model, token_batches(tok, cal, args.batch_size, args.max_length), method=args.method,
                      sparsity=args.sparsity, pattern=args.pattern, scope=args.scope, update=update,
-                     damping=args.damping, sigma=args.sigma, progress=not args.quiet)
+                     damping=args.damping, sigma=args.sigma, sequential=args.sequential, progress=not args.quiet)
     print(report)
     summary = dict(model=str(path), method=args.method, target=target, scope=args.scope, update=update, sigma=args.sigma,
                    samples=args.samples, seed=args.seed, sparsity=report.pruning.sparsity, seconds=report.seconds,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 import pandas as pd
+import psutil
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -55,6 +56,67 @@ class SkippedLayersWarning(UserWarning):
     lower than the one asked for."""
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a one-shot run will cost, from the layers' shapes and the calibration tokens, before any
+    work: the statistics held at once (float64 Grams, or their diagonals), the largest layer's
+    factorisation, the cached block inputs, and the floating-point work with the seconds it takes
+    at this machine's measured matrix-product rate (an estimate: the model's own forward passes
+    and Python overhead add to it)."""
+
+    statistics_bytes: int
+    solve_bytes: int
+    cache_bytes: int
+    flops: float
+    seconds: float
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.statistics_bytes + self.solve_bytes + self.cache_bytes
+
+    def __str__(self) -> str:
+        mb = 2 ** 20
+        return (f"about {self.seconds:.0f} s ({self.flops / 1e9:.1f} GFLOP); memory on top of the model about "
+                f"{self.peak_bytes / mb:.0f} MB (statistics {self.statistics_bytes / mb:.0f} MB, factorisation "
+                f"{self.solve_bytes / mb:.0f} MB, cached inputs {self.cache_bytes / mb:.0f} MB)")
+
+
+def _matmul_rate() -> float:
+    """FLOP/s of a float32 matrix product on this machine and thread count (a 512^3 probe)."""
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    a @ a
+    tic = time.perf_counter()
+    a @ a
+    return 2 * 512 ** 3 / max(time.perf_counter() - tic, 1e-6)
+
+
+def estimate(steps: list[list[Target]], tokens: int, *, method: str, update: bool, diagonal: bool,
+             block_cache: bool) -> Cost:
+    """The :class:`Cost` of pruning ``steps`` (the groups of layers measured in one pass each) from
+    ``tokens`` calibration tokens."""
+    sandwich = method == "mu-sandwich"
+    solves = update or method not in ("magnitude", "wanda")
+    statistics, flops, widest, cache = 0, 0.0, 0, 0
+    for step in steps:
+        inputs = {}
+        for t in step:
+            for rows, _ in t.parts:
+                W = t.matrix()[rows]
+                r, d = W.shape
+                key = (id(t.caller), d) if t.kind in ("linear", "conv1d") and not sandwich else (t.name, rows.start)
+                inputs[key] = d
+                flops += 2.0 * tokens * r * d                                  # the layer's own product
+                if solves:
+                    flops += 4 / 3 * d ** 3 + 2.0 * r * d * d                 # factorisation, sweep
+                    widest = max(widest, d)
+        held = sum(d if diagonal else d * d * (1 + sandwich) for d in inputs.values())
+        statistics = max(statistics, 8 * held)
+        flops += sum(2.0 * tokens * (1 if diagonal else d) * d for d in inputs.values())
+        if block_cache:
+            cache = max(cache, 2 * 4 * tokens * max(inputs.values()))      # a block's inputs and outputs
+    return Cost(statistics, 2 * 8 * widest * widest, cache, flops, flops / _matmul_rate())
+
+
 @dataclass
 class OneShotReport:
     """What :func:`oneshot` did: one row per pruned tensor (``layers``), the model's counts
@@ -67,6 +129,7 @@ class OneShotReport:
     passes: int = 0
     seconds: float = 0.0
     driver: str = "model"
+    estimate: Cost | None = None
 
     def __str__(self) -> str:
         err = self.layers["error"].mean() if len(self.layers) else float("nan")
@@ -148,6 +211,7 @@ class _Trace:
     unreached: set[str]
     inputs: list[int]
     chained: bool = False
+    tokens: int = 0   # the first layer's input tokens in the traced batch
 
 
 def _trace(model, batch, forward, targets: list[Target], device, blocks: list[nn.Module] | None) -> _Trace:
@@ -189,8 +253,11 @@ def _trace(model, batch, forward, targets: list[Target], device, blocks: list[nn
         chained = (x is not None and x is _hidden_out(o0) and set(k0) == set(k1)
                    and _same(rest0[0], rest1[0]) and all(_same(k0[key], rest1[1][key]) for key in k0
                                                          if key != "hidden_states" or a0))
+    first = order[0][0] if order else None
+    n = 0 if first is None else (first.tokens(keep[0]) if first.kind == "conv" else tokens(keep[0], token_mask(batch))
+                                 ).shape[0]
     return _Trace([t for t, _ in order], once, {t.name for t in targets} - set(calls), [i for _, i in order],
-                  chained)
+                  chained, n)
 
 
 def _groups(order: list[Target], inputs: list[int], once: bool) -> list[list[Target]]:
@@ -412,6 +479,23 @@ def oneshot(
             passes += int(method != "magnitude")
             scope = "layer"
         flat = [t for g in groups for t in g]
+        cost = None
+        if needs_data:
+            if blocks is not None and sequential == "block":
+                steps = [[t for t in flat if blocks[1][t.name] == k] for k in range(len(blocks[0]))]
+            else:
+                steps = [flat] if sequential == "block" else groups
+            batches = len(calibration) if hasattr(calibration, "__len__") else 1
+            cost = estimate([s for s in steps if s], trace.tokens * batches, method=method, update=update,
+                            diagonal=diagonal and blocks is not None, block_cache=blocks is not None)
+            free = psutil.virtual_memory().available
+            if cost.peak_bytes > 0.9 * free:
+                raise MemoryError(f"one-shot {method} needs {cost}, but {free / 2**30:.1f} GB are free; use "
+                                  "method='wanda' (the diagonal of each Gram: d numbers, not d^2), fewer calibration "
+                                  "batches, or leave the widest layers out (layers=[...])")
+            if progress:
+                tqdm.write(f"one-shot {method}: {len(flat)} layers from {trace.tokens * batches:,} calibration tokens; "
+                           f"{cost}")
         bar = tqdm(total=len(flat), desc=f"one-shot {method}", disable=not progress, unit="layer")
         knobs = dict(method=method, pattern=nm, scope=scope, update=update, damping=damping, sigma=sigma,
                      block_size=block_size)
@@ -450,7 +534,8 @@ def oneshot(
                     prune_group(group, grams, (time.perf_counter() - tic) / len(step))
         bar.close()
     return OneShotReport(pd.DataFrame(rows_out), PruningReport.from_model(model, [t.name for t in flat]),
-                         skipped, passes, time.perf_counter() - start, "block" if blocks is not None else "model")
+                         skipped, passes, time.perf_counter() - start, "block" if blocks is not None else "model",
+                         cost)
 
 
 def _prune(t: Target, W: Tensor, alive: Tensor, grams: dict | None, sparsity: float, knobs: dict,
