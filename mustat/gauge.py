@@ -48,14 +48,14 @@ import torch
 from torch import Tensor, nn
 
 from mustat._checks import check_scalar
-from mustat._params import entries
+from mustat._params import PRUNABLE_TYPES, entries
 
 #: modules through which a positive rescaling of the channels passes unchanged
 HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
                nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYERS = PRUNABLE_TYPES   # the weight layers, listed once in mustat._params
 
 
 @dataclass(frozen=True)

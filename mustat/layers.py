@@ -32,6 +32,9 @@ from mustat._params import Entry, entry
 from mustat.patterns import is_hf_conv1d
 
 KINDS = ("linear", "conv1d", "conv", "mha-in", "mha-out")
+#: the weight layers (:data:`mustat._params.PRUNABLE_TYPES`) whose weight this view unfolds to a matrix
+#: with one token per output position; K-FAC's factors take the same view
+MATRIX_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
 
