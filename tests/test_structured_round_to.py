@@ -5,6 +5,7 @@ import order of the structured modules."""
 
 import ast
 import copy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,22 @@ def test_groups_and_macs_never_import_surgery():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not imported & banned, (name, imported & banned)
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (1, 8, 8)), ("lenet5", (1, 16, 16)), ("resnet", (1, 12, 12)),
+                                        ("vgg", VGG)])
+def test_wald_per_mac_costs_from_shapes_equal_the_copies(name, shape, monkeypatch):
+    """``wald`` divides by each group's channel cost: from the layer shapes once per model, equal
+    to :func:`channel_cost`'s count on a cut copy, and no copy made for it."""
+    from mustat.structured import WaldImportance
+    torch.manual_seed(0)
+    m = build(name, shape, 5)
+    x = torch.zeros(1, *shape)
+    imp = WaldImportance(unit_statistics(m, _se(m)), "chi2-per-mac", x)
+    graph = dependency_graph(m, x)
+    found = groups(m, graph)
+    expected = {g.root: channel_cost(m, x, g.root) for g in found if g.size > 1}
+    copies = []
+    monkeypatch.setattr(sys.modules["mustat.structured.groups"], "channel_cost", lambda *a: copies.append(a))
+    assert {r: imp._cost(m, r) for r in expected} == expected
+    assert not copies

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from mustat._checks import check_option
 from mustat._functional import eval_mode
-from mustat.structured.macs import count
+from mustat.structured.macs import MacModel, Unsupported, count, record_outputs
 from mustat.structured.units import UnitStatistics, chi2_logsf
 
 ROOTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -145,6 +145,28 @@ class WaldImportance(tp.importance.Importance):
         if score == "chi2-per-mac" and example_inputs is None:
             raise ValueError("score='chi2-per-mac' needs example_inputs to count each channel's MACs")
         self.example_inputs = example_inputs
+        self._macs_key, self._macs = None, None
+
+    def _cost(self, model: nn.Module, root: str) -> int:
+        """:func:`channel_cost`, from the layer shapes (:class:`~mustat.structured.macs.MacModel`,
+        kept while the model's shapes stay) where its formulas cover the model, else on a copy."""
+        key = (id(model), tuple(tuple(p.shape) for p in model.parameters()))
+        if self._macs_key != key:
+            with record_outputs(model) as seen:
+                graph = dependency_graph(model, self.example_inputs)
+            try:
+                self._macs = (MacModel(model, self.example_inputs, graph, [], seen), graph)
+            except Unsupported:
+                self._macs = None
+            self._macs_key = key
+        if self._macs is None:
+            return channel_cost(model, self.example_inputs, root)
+        macs, graph = self._macs
+        mod = model.get_submodule(root)
+        try:
+            return macs.channel_cost(graph.get_pruning_group(mod, graph.get_pruner_of_module(mod).prune_out_channels, [0]))
+        except Unsupported:
+            return channel_cost(model, self.example_inputs, root)
 
     @torch.no_grad()
     def __call__(self, group: tp.dependency.Group) -> Tensor | None:
@@ -163,7 +185,7 @@ class WaldImportance(tp.importance.Importance):
         if g.size < 2:     # its last channel is never removed, so its cost does not matter
             return torch.as_tensor(chi2, dtype=torch.float64)
         root = {m: n for n, m in graph.model.named_modules()}[group[0].dep.target.module]
-        cost = channel_cost(graph.model, self.example_inputs, root)
+        cost = self._cost(graph.model, root)
         return torch.as_tensor(chi2 / max(cost, 1), dtype=torch.float64)
 
 

@@ -101,48 +101,52 @@ class MacModel:
         with eval_mode(model):
             total, params, per_layer, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
         self.dense, self.params = int(total), int(params)
-        mods = dict(model.named_modules())
-        names = {m: n for n, m in mods.items()}
-        by_fn = {}
+        self._graph, self._seen = graph, seen
+        self._mods = dict(model.named_modules())
+        self._names = {m: n for n, m in self._mods.items()}
+        self._counted = {n: int(per_layer.get(m) or 0) for n, m in self._mods.items()}
+        if sum(self._counted[n] for n, m in self._mods.items() if not any(True for _ in m.children())) != self.dense:
+            raise Unsupported("the per-layer counts do not add up to the total")
+        self._by_fn: dict = {}
         for name, (fn, _, _) in seen.items():
             if fn is not None:
-                by_fn.setdefault(fn, []).append(name)
-        # each graph target (a module, or a parameter-free op of the trace) -> the counted module
+                self._by_fn.setdefault(fn, []).append(name)
         self._layers: dict[str, dict] = {}
-        self._costs: list[dict[tuple[str, str], np.ndarray]] = []
-        for g in found:
-            per: dict[tuple[str, str], np.ndarray] = {}
-            done: dict[tuple[str, str], set] = {}
-            for item in g.tp_group.items:
-                target = item.dep.target.module
-                name = names.get(target)
-                if name is None:                      # an op of the trace: the module whose output it made
-                    owners = by_fn.get(getattr(item.dep.target, "grad_fn", None), [])
-                    owners = [n for n in owners if per_layer.get(mods[n])]
-                    if len(owners) > 1:
-                        raise Unsupported(f"modules {owners} made the same output")
-                    if not owners:
-                        continue                     # uncounted: a reshape, a functional ReLU, an identity
-                    name = owners[0]
-                if item.root_idxs is None or any(r is None for r in item.root_idxs):
-                    raise Unsupported(f"an item of the group rooted at {g.tp_group[0].dep.target} has no root index")
-                side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
-                seen_idx = done.setdefault((name, side), set())
-                cost = per.setdefault((name, side), np.zeros(g.size))
-                for idx, root in zip(item.idxs, item.root_idxs):
-                    if idx not in seen_idx:
-                        seen_idx.add(idx)
-                        cost[root] += 1
-            self._costs.append(per)
-        touched = {key[0] for per in self._costs for key in per}
-        self._fixed = self.dense
-        for name in touched:
-            module = mods[name]
-            macs = int(per_layer.get(module) or 0)
-            self._fixed -= macs
-            self._layers[name] = self._layer(name, module, macs, seen.get(name))
-        if sum(int(per_layer.get(m) or 0) for m in mods.values() if not any(True for _ in m.children())) != self.dense:
-            raise Unsupported("the per-layer counts do not add up to the total")
+        self._costs = [self._group_costs(g.tp_group, g.size) for g in found]
+
+    def _group_costs(self, tp_group, size: int) -> dict[tuple[str, str], np.ndarray]:
+        """Per counted layer and side (``"in"``, ``"out"``): the features each of the group's
+        ``size`` channels takes from it."""
+        per: dict[tuple[str, str], np.ndarray] = {}
+        done: dict[tuple[str, str], set] = {}
+        for item in tp_group.items:
+            target = item.dep.target.module
+            name = self._names.get(target)
+            if name is None:                      # an op of the trace: the module whose output it made
+                owners = [n for n in self._by_fn.get(getattr(item.dep.target, "grad_fn", None), [])
+                          if self._counted[n]]
+                if len(owners) > 1:
+                    raise Unsupported(f"modules {owners} made the same output")
+                if not owners:
+                    continue                     # uncounted: a reshape, a functional ReLU, an identity
+                name = owners[0]
+            if item.root_idxs is None or any(r is None for r in item.root_idxs):
+                raise Unsupported(f"an item of the group rooted at {tp_group[0].dep.target} has no root index")
+            if name not in self._layers:
+                self._layers[name] = self._layer(name, self._mods[name], self._counted[name], self._seen.get(name))
+            side = "out" if self._graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            seen_idx = done.setdefault((name, side), set())
+            cost = per.setdefault((name, side), np.zeros(size))
+            for idx, root in zip(item.idxs, item.root_idxs):
+                if idx not in seen_idx:
+                    seen_idx.add(idx)
+                    cost[root] += 1
+        return per
+
+    def channel_cost(self, tp_group) -> int:
+        """MACs saved by removing channel 0 of ``tp_group`` (a group of this model's ``graph``)
+        from the dense model: what :func:`~mustat.structured.groups.channel_cost` measures on a copy."""
+        return self.dense - self._total([self._group_costs(tp_group, len(tp_group[0].idxs))], [(0, 0)])
 
     @staticmethod
     def _layer(name: str, module: nn.Module, macs: int, shapes) -> dict:
@@ -188,11 +192,15 @@ class MacModel:
 
     def after(self, plan: Sequence[tuple[int, int]]) -> int:
         """MACs after removing ``plan``'s ``(group index, channel)`` pairs."""
+        return self._total(self._costs, plan)
+
+    def _total(self, costs, plan) -> int:
         cut: dict[tuple[str, str], float] = {}
         for gi, c in plan:
-            for key, cost in self._costs[gi].items():
+            for key, cost in costs[gi].items():
                 cut[key] = cut.get(key, 0.0) + cost[c]
-        total = self._fixed
-        for name, spec in self._layers.items():
-            total += self._macs(spec, cut.get((name, "in"), 0.0), cut.get((name, "out"), 0.0))
+        total = self.dense
+        for name in {key[0] for key in cut}:
+            spec = self._layers[name]
+            total += self._macs(spec, cut.get((name, "in"), 0.0), cut.get((name, "out"), 0.0)) - self._counted[name]
         return int(total)
