@@ -14,9 +14,9 @@ MAC speed-up:
     for ``"wald"`` (per MAC, synthetic SEs) and ``"magnitude"`` (global group L2);
 (b) the same with ``round_to=8``.
 
-Prints each model's widths, MACs, search time (one call: mustat's ``prune_channels``; Torch-
+Prints each model's widths, MACs, search time (median of 3 calls: mustat's ``prune_channels``; Torch-
 Pruning's pruner built and stepped at the found ratio; and, for (a), the old search that counted
-every bisection step on a deep copy of the model) and its median latency at batch 1 and 64 over
+every bisection step, and each group's per-MAC cost for ``wald``, on a deep copy of the model) and its median latency at batch 1 and 64 over
 (c)'s. All models are timed alternately in the same run (``mustat.structured.timing.latency``,
 median of ``repeats`` rounds), so the ratios share the machine's load.
 """
@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import statistics
+import sys
 import time
 from unittest import mock
 
@@ -70,10 +71,13 @@ def tp_uniform(dense: nn.Module, x, target: int) -> tuple[nn.Module, float, floa
             hi = mid
         else:
             lo = mid
-    model = copy.deepcopy(dense)
-    t0 = time.perf_counter()
-    tp_prune(model, x, hi)
-    return model, hi, time.perf_counter() - t0
+    took = []
+    for _ in range(3):
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        tp_prune(model, x, hi)
+        took.append(time.perf_counter() - t0)
+    return model, hi, statistics.median(took)
 
 
 def widths(model: nn.Module) -> str:
@@ -82,11 +86,22 @@ def widths(model: nn.Module) -> str:
     return "/".join(map(str, out[:-1]))        # the output layer is never pruned
 
 
-def mustat_prune(dense, x, target, round_to, importance="wald", old_search=False):
+def mustat_prune(dense, x, target, round_to, importance="wald", old_search=False, calls=3):
+    """The pruned model and the median seconds of ``calls`` calls of ``prune_channels``."""
+    took = []
+    for _ in range(calls):
+        model, t = _mustat_prune(dense, x, target, round_to, importance, old_search)
+        took.append(t)
+    return model, statistics.median(took)
+
+
+def _mustat_prune(dense, x, target, round_to, importance, old_search):
     model = copy.deepcopy(dense)
     st = stats_of(model) if importance == "wald" else None
-    ctx = mock.patch.object(surgery, "MacModel", side_effect=Unsupported("old search")) if old_search else \
-        contextlib.nullcontext()
+    ctx = contextlib.ExitStack()
+    if old_search:      # before: a cut copy per bisection step and per group's channel cost
+        for module in (surgery, sys.modules["mustat.structured.groups"]):
+            ctx.enter_context(mock.patch.object(module, "MacModel", side_effect=Unsupported("old search")))
     with ctx:
         t0 = time.perf_counter()
         prune_channels(model, x, importance, target_macs=target, stats=st, round_to=round_to)
@@ -98,6 +113,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
     ap.add_argument("--speedups", type=float, nargs="+", default=[2.0, 4.0])
     ap.add_argument("--importances", nargs="+", default=["wald", "magnitude"])
+    ap.add_argument("--round-to", type=int, default=8, help="mustat's round_to in (b); Torch-Pruning's stays 8")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--min-run-time", type=float, default=0.3)
@@ -113,7 +129,7 @@ def main():
         target = count(tpm, x1)[0]
         models, search = {"(c) TP uniform, round_to=8": tpm}, {"(c) TP uniform, round_to=8": t_tp}
         for imp in args.importances:
-            for tag, rt in (("(a)", None), ("(b)", 8)):
+            for tag, rt in (("(a)", None), ("(b)", args.round_to)):
                 key = f"{tag} mustat {imp}, round_to={rt}"
                 models[key], search[key] = mustat_prune(dense, x1, target, rt, imp)
         _, t_old = mustat_prune(dense, x1, target, None, args.importances[0], old_search=True)
