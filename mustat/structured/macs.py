@@ -93,7 +93,7 @@ class MacModel:
     -----
     Checked against cut copies on random plans for an MLP, LeNet-5, a 1-D CNN, a ResNet with
     BatchNorm and coupled shortcuts, the VGG-style CNN and PyTorch's MNIST example (equal to the
-    MAC, tests/test_structured.py). A parameter-free layer is matched to the graph's operation by
+    MAC, tests/test_structured_round_to.py). A parameter-free layer is matched to the graph's operation by
     the ``grad_fn`` of its output; a module the trace never reaches is charged its dense count.
     """
 
