@@ -86,7 +86,7 @@ class MacModel:
     ------
     Unsupported
         A layer the formulas do not cover (a grouped, not depthwise, convolution; a
-        parameter-free layer whose channel axis is not axis 1; one called twice; two counted
+        parameter-free layer whose channel axis is not axis 1; a Conv or Linear called twice; two counted
         modules whose outputs are one tensor): count by cutting copies instead.
 
     Notes
