@@ -74,3 +74,10 @@ def test_cli_reports_errors_cleanly(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "mustat structured: error: importance 'wald' needs an estimator" in proc.stderr
+
+
+def test_round_to_reaches_the_schedule_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mustat", *ARGS, "--importance", "lamp", "--round-to", "0",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "round_to" in proc.stderr
+    assert not (tmp_path / "results.csv").exists()

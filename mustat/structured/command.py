@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
                         track_epochs=args.track_epochs)
     results = run(dataset=args.dataset, model=args.model, importances=args.importance, speedup=args.speedup,
                   rounds=args.rounds, seeds=args.seeds, train=train, out=args.out, threads=args.threads,
-                  save_models=args.save_models, quiet=args.quiet)
+                  save_models=args.save_models, round_to=args.round_to, quiet=args.quiet)
     table = summary(results)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
@@ -67,6 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--retrain-epochs", type=int, default=3, help="epochs of retraining after each round")
     p.add_argument("--track-epochs", type=int, default=3, help="epochs the trajectory estimators track")
     p.add_argument("--seeds", type=ints, default=[0], help="seeds, e.g. '0 1 2'")
+    p.add_argument("--round-to", type=int, default=None, metavar="K",
+                   help="keep every layer's width a multiple of K (8 suits most CPU kernels; docs/PERFORMANCE.md)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while latency is measured")
     p.add_argument("--save-models", action="store_true",
                    help="write each pruned model as OUT/models/LABEL-seedK.pt2 (torch.export: plain torch reloads it)")
