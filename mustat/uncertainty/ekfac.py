@@ -36,6 +36,7 @@ class EKFAC(KFAC):
     """Eigenvalue-corrected Kronecker-factored marginal SEs (module notes); the same layers,
     options and compensating update as ``kfac``."""
 
+    _passes = 2
     variants = {"ekfac-sandwich": {"kind": "sandwich"}, "ekfac-layer": {"obs_block": "layer"}}
 
     def _extra_memory(self, positions: int, out: int, features: int) -> int:
@@ -43,25 +44,36 @@ class EKFAC(KFAC):
         # projections and the square
         return out * features + (0 if positions == 1 else 4 * min(_CHUNK, 512 * out * features))
 
+    def _extra_flops(self, n: int, positions: int, out: int, features: int, rank: int, columns: int) -> dict:
+        # the second pass's forward and C backward passes are in the caller's "data pass" (_passes = 2);
+        # here each column's gradient projected on the basis
+        if positions == 1:
+            proj = 2 * n * (features * rank + columns * out * out + columns * out * rank)
+        else:
+            proj = 2 * n * columns * (positions * out * features + out * out * features + out * features * rank)
+        return {"second pass": (proj, 0.5)}
+
     def _eigenvalues(self, context: FitContext, bases: dict) -> dict[str, Tensor]:
-        s = {n: torch.zeros(len(QB), len(QA), dtype=torch.float64) for n, (QA, QB, *_) in bases.items()}
+        s = {n: torch.zeros(QB.shape[1], QA.shape[1], dtype=torch.float64) for n, (QA, QB, *_) in bases.items()}
         seen = 0
-        for size, inputs, columns in self._chunks(context):
+        for size, inputs, columns in self._chunks(context, "eigenvalues"):
             seen += size
             # one position: G_ic = b_ic a_i^T, so its squared projection is an outer product of squares
-            proj = {n: (a[:, 0] @ bases[n][0]).square() for n, a in inputs.items() if a.shape[1] == 1}
+            proj = {n: (self._with_one(n, a[:, :, 0].to(torch.float64)) @ bases[n][0]).square()
+                    for n, a in inputs.items() if a.shape[2] == 1}
             for col in columns:
                 for n, g in col.items():
                     if g is None:
                         continue
                     QA, QB = bases[n][:2]
                     if n in proj:
-                        s[n] += (g[:, 0] @ QB).square().T @ proj[n]
+                        s[n] += (g[:, :, 0].to(torch.float64) @ QB).square().T @ proj[n]
                         continue
                     a = inputs[n]
                     step = max(1, _CHUNK // (len(QB) * len(QA)))
                     for j in range(0, size, step):
-                        G = torch.einsum("mto,mtk->mok", g[j:j + step], a[j:j + step])
+                        G = g[j:j + step].to(torch.float64) @ self._with_one(
+                            n, a[j:j + step].to(torch.float64), 1).transpose(1, 2)
                         s[n] += (QB.T @ G @ QA).square().sum(0)
         return {n: v * (context.n / seen) for n, v in s.items()}
 

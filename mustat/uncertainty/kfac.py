@@ -26,6 +26,7 @@ place in the Kronecker basis); the compensating update respects them exactly.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable
 from numbers import Integral, Real
@@ -33,31 +34,69 @@ from numbers import Integral, Real
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from mustat._checks import check_option, check_scalar
-from mustat._functional import eval_mode
+from mustat._functional import FunctionalModel, eval_mode
 from mustat._params import entries
 from mustat.batching import batches
-from mustat.uncertainty.base import FitContext, register_estimator
+from mustat.uncertainty.base import Cost, FitContext, machine_flops, register_estimator
 from mustat.uncertainty.curvature import output_factor
 from mustat.uncertainty.marginal import Marginal, cast_inputs, kept_solve
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: the compensating update's blocks: each output row (cross-row terms dropped) or the whole layer
 OBS_BLOCKS = ("row", "layer")
+#: the dtype of the forward and backward passes that collect the factors: ``"float64"``, or
+#: ``"model"``, the model's own (float32: about twice as fast; the factors are still summed and
+#: decomposed in float64)
+PASS_DTYPES = ("float64", "model")
+
+
+def _sum_outer(t: Tensor) -> Tensor:
+    """``sum_i t_i t_i^T`` over a chunk ``t`` of ``(m, k, T)`` (features first, any strides), in
+    float64: products in ``t``'s dtype (the pass dtype), batched over about 32 MiB of output, with
+    no copy of ``t``."""
+    k = t.shape[1]
+    if t.shape[2] == 1:
+        r = t[:, :, 0]
+        return (r.T @ r).to(torch.float64)
+    out = torch.zeros(k, k, dtype=torch.float64)
+    step = max(1, (32 << 20) // (t.element_size() * k * k))
+    for j in range(0, len(t), step):
+        b = t[j:j + step]
+        out += torch.bmm(b, b.transpose(1, 2)).sum(0, dtype=torch.float64)
+    return out
+
+
+def _moment(a: Tensor, bias: bool, into: Tensor | None) -> Tensor:
+    """``into + sum [a, 1][a, 1]^T`` (``[a]`` without ``bias``) over a chunk ``a`` of
+    ``(m, features, T)``, in float64, without forming ``[a, 1]``."""
+    f = a.shape[1]
+    k = f + bias
+    if into is None:
+        into = torch.zeros(k, k, dtype=torch.float64)
+    into[:f, :f] += _sum_outer(a)
+    if bias:
+        s = a.sum((0, 2), dtype=torch.float64)
+        into[:f, f] += s
+        into[f, :f] += s
+        into[f, f] += a.shape[0] * a.shape[2]
+    return into
 
 
 def _patches(module: nn.Module, x: Tensor) -> Tensor:
-    """The layer's input as ``(m, T, features)`` rows (a Linear layer: ``T = 1``; a
-    convolution: its unfolded patches, in the order of ``weight.reshape(out, -1)``)."""
+    """The layer's input as ``(m, features, T)``, features first (a Linear layer: ``T`` the
+    leading positions, 1 for a plain batch; a convolution: its unfolded patches, in the order of
+    ``weight.reshape(out, -1)``)."""
     if isinstance(module, nn.Linear):
-        return x.reshape(len(x), -1, x.shape[-1])
+        return x.reshape(len(x), -1, x.shape[-1]).transpose(1, 2)
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(2)
         k, d, p, s = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
     else:
         k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
-    return F.unfold(x, k, dilation=d, padding=p, stride=s).transpose(1, 2)
+    return F.unfold(x, k, dilation=d, padding=p, stride=s)
 
 
 @register_estimator("kfac")
@@ -68,6 +107,8 @@ class KFAC(Marginal):
     Other tensors: an error offering ``block``."""
 
     cheaper = "curvature"
+    #: passes over the data (EK-FAC makes a second one)
+    _passes = 1
     #: ``kfac-damped``: damping 1e-4 in weight-decay units, for a model trained without weight decay
     #: (whose curvature is singular: constant inputs, dead units)
     variants = {"kfac-sandwich": {"kind": "sandwich"}, "kfac-layer": {"obs_block": "layer"},
@@ -75,8 +116,12 @@ class KFAC(Marginal):
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
                  params: Iterable[str] | None = None, obs_block: str = "row", cg_tol: float = 1e-10,
-                 cg_max_iter: int = 5000, max_memory: int = 4 << 30):
-        super().__init__(model, kind=kind, damping=damping, params=params, max_memory=max_memory)
+                 cg_max_iter: int = 5000, max_memory: int = 4 << 30, pass_dtype: str = "float64",
+                 progress: bool | None = None):
+        super().__init__(model, kind=kind, damping=damping, params=params, max_memory=max_memory, progress=progress)
+        self.pass_dtype = check_option(pass_dtype, "pass_dtype", PASS_DTYPES)
+        self._show = False
+        self._has_bias: dict[str, bool] = {}
         self.obs_block = check_option(obs_block, "obs_block", OBS_BLOCKS)
         self.cg_tol = float(check_scalar(cg_tol, "cg_tol", kind=Real, low=0.0, high=1.0, closed="neither"))
         self.cg_max_iter = int(check_scalar(cg_max_iter, "cg_max_iter", kind=Integral, low=1))
@@ -104,90 +149,176 @@ class KFAC(Marginal):
         self._biases = {id(e.module): e for e in entries(self._model).values() if e.attr == "bias" and not e.frozen}
 
     def _memory(self, context: FitContext) -> int:
-        self._find_biases()                 # each fit: masks may have been installed since
-        total = 0
-        first = next(batches(context.source), None)
-        positions = self._positions(first[0][:1]) if first is not None else {}
-        for mod in self._layers.values():
-            a = mod.weight[0].numel() + self._bias(mod)
-            out, T = mod.weight.shape[0], positions.get(mod, 1)
-            # factors, eigenvectors, eigenvalues and the inverse diagonal; a chunk's unfolded inputs and
-            # one output-space column's gradients (the columns are taken one at a time)
-            total += 3 * (a * a + out ** 2) + 3 * out * a
-            total += 2 * 512 * T * (a + out) + self._extra_memory(T, out, a)
-        return 8 * total + (64 << 20)
+        return self.cost(context).bytes
 
     def _extra_memory(self, positions: int, out: int, features: int) -> int:
         """Further float64 entries a subclass's fit holds per layer (EK-FAC's per-sample gradients)."""
         return 0
 
-    def _positions(self, probe: Tensor) -> dict[nn.Module, int]:
-        """Output positions ``T`` of each layer, from one sample."""
+    def _extra_flops(self, n: int, positions: int, out: int, features: int, rank: int, columns: int) -> dict:
+        """``{stage: (flops, efficiency)}`` a subclass's fit adds per layer (EK-FAC's second pass)."""
+        return {}
+
+    def _shapes(self, context: FitContext) -> tuple[dict, int, int]:
+        """Per layer ``(positions T, out, features [+1])``, the model's output size ``C`` and the
+        forward flops of one sample, from a forward pass on one sample."""
+        first = next(batches(context.source), None)
+        if first is None:
+            return {n: (1, m.weight.shape[0], m.weight[0].numel() + self._bias(m)) for n, m in self._layers.items()}, 1, 0
+        seen, out = self._positions(first[0][:1], with_output=True)
+        shapes = {n: (seen.get(m, 1), m.weight.shape[0], m.weight[0].numel() + self._bias(m))
+                  for n, m in self._layers.items()}
+        return shapes, max(1, int(out.shape[1:].numel())), sum(2 * T * o * f for T, o, f in shapes.values())
+
+    def _chunk_rows(self, shapes: dict, columns: int) -> int:
+        """Samples per chunk: at most 512, and about 512 MiB of unfolded inputs and one output-space
+        column's gradients (a convolution's patches are its positions times its features per sample)."""
+        per = 8 * sum(T * (f + 2 * o) for T, o, f in shapes.values())
+        return int(max(1, min(512, (512 << 20) // max(1, per))))
+
+    def cost(self, context: FitContext) -> Cost:
+        """The fit's memory and time from the layers' shapes and ``context.n`` (:class:`Cost`):
+        one forward pass and ``C`` backward passes per chunk (``C`` the model's outputs), the
+        factors' products, one eigendecomposition per factor (of the ``N x N`` Gram matrix when a
+        layer sees ``N = n T`` rows, fewer than its features) and the inverse diagonal."""
+        self._find_biases()                 # each fit: masks may have been installed since
+        shapes, C, forward = self._shapes(context)
+        n = int(context.n or 0)
+        m = min(self._chunk_rows(shapes, C), max(1, n))
+        rate = machine_flops()
+        parts: dict[str, float] = {}
+        flops = 0.0
+
+        def add(stage: str, f: float, efficiency: float) -> None:
+            nonlocal flops
+            flops += f
+            parts[stage] = parts.get(stage, 0.0) + f / (rate * efficiency)
+
+        # the passes run below the float64 matrix-product rate (convolutions on unfolded inputs,
+        # copies), float32 ones about twice as fast: a forward pass and C backward passes, each
+        # about twice the forward's flops
+        speed = 2.0 if self._pass_dtype() == torch.float32 else 1.0
+        add("data pass", self._passes * n * forward * (1 + 2 * C), 0.5 * speed)
+        factor_entries, peak, chunk = 0, 0, 0
+        for T, o, f in shapes.values():
+            N = n * T
+            low = N < f                     # the Gram matrix of the rows is the smaller eigenproblem
+            r = min(N, f) if low else f
+            add("data pass", 2 * C * N * o * o + (0 if low else 2 * N * f * f), 1.0 * speed)
+            if low:
+                add("eigendecompositions", 2 * N * N * f + 2 * N * f * r, 1.0)
+                add("eigendecompositions", 9 * N**3, 0.5)
+            else:
+                add("eigendecompositions", 9 * f**3, 0.5)
+            add("eigendecompositions", 9 * o**3, 0.5)
+            add("inverse diagonal", 2 * o * r * (o + f), 1.0)
+            for stage, (fl, eff) in self._extra_flops(n, T, o, f, r, C).items():
+                add(stage, fl, eff)
+            # kept: the factor A (or the rows it is made of), its eigenvectors, B and its eigenvectors,
+            # the eigenvalues and the denominators
+            held = (N * f if low else f * f) + f * r + 2 * o * o + 2 * o * r
+            factor_entries += held
+            # while one layer is decomposed: A's symmetrised copy and eigh's workspace, or the Gram
+            # matrix and its eigenvectors, and the inverse diagonal's squares
+            peak = max(peak, (2 * N * N if low else 2 * f * f) + f * r + o * f)
+            chunk += m * T * (f + 2 * o) + self._extra_memory(T, o, f)
+        total = 8 * (factor_entries + max(peak, chunk)) + (64 << 20)
+        return Cost(bytes=int(total), seconds=sum(parts.values()), flops=flops, parts=tuple(parts.items()),
+                    factor_bytes=8 * factor_entries)
+
+    def _positions(self, probe: Tensor, with_output: bool = False):
+        """Output positions ``T`` of each layer, from one sample (and the model's output)."""
         seen = {}
 
         def count(mod, inp, out):
-            seen[mod] = _patches(mod, inp[0].detach()).shape[1]
+            seen[mod] = _patches(mod, inp[0].detach()).shape[2]
 
         handles = [m.register_forward_hook(count) for m in self._layers.values()]
         try:
             with torch.no_grad(), eval_mode(self._model):
-                self._model(probe)
+                out = self._model(probe)
         finally:
             for h in handles:
                 h.remove()
-        return seen
+        return (seen, out) if with_output else seen
 
-    def _chunks(self, context: FitContext):
-        """Per chunk of at most 512 rows: its size, each layer's input rows ``a``
-        (``(m, T, features [+1])``, the bias's 1 appended), and an iterator over the output-space
-        factor columns ``c`` that yields, for each, ``{layer: (m, T, out)}``: the column
-        back-propagated to each layer's output (``None`` where the output does not depend on the
-        layer). The columns are computed one at a time, when the iterator is advanced, so only one
-        is held; consume it before the next chunk."""
-        fm = self._fm
+    def _pass_dtype(self) -> torch.dtype:
+        if self.pass_dtype == "float64":
+            return torch.float64
+        dtypes = {p.dtype for p in self._model.parameters() if p.is_floating_point()}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float64
+
+    def _chunks(self, context: FitContext, what: str = "factors"):
+        """Per chunk of samples (:meth:`_chunk_rows`): its size, each layer's inputs ``a``
+        (``(m, features, T)``, without the bias's 1: :meth:`_with_one` appends it), and an
+        iterator over the output-space factor columns ``c`` that yields, for each,
+        ``{layer: (m, out, T)}``: the column back-propagated to each layer's output (``None``
+        where the output does not depend on the layer). The columns are computed one at a time,
+        when the iterator is advanced, so only one is held; consume it before the next chunk.
+        The passes run in :attr:`pass_dtype`; a progress bar counts the samples when the fit
+        was announced as long."""
+        dtype = self._pass_dtype()
+        fm = self._fm if dtype == torch.float64 else FunctionalModel(self._model, dtype=dtype, device="cpu")
         mods = {mod: n for n, mod in self._layers.items()}
         order = list(mods)
         factor_of = None
-        for X, y in batches(context.source):
-            for s in range(0, len(y), 512):
-                xb, yb = cast_inputs(X[s:s + 512], torch.float64), y[s:s + 512].cpu()
-                inputs, outputs, out = self._capture(fm, mods, xb)
-                missing = [n for m, n in mods.items() if m not in inputs]
-                if missing:
-                    raise ValueError(f"estimator {self.name!r}: the layers {missing} are not called in the forward "
-                                     "pass, so they have no curvature; leave them out of params=")
-                shape = out.shape[1:]
-                C = max(1, int(shape.numel()))
-                out = out.reshape(len(xb), C)
-                if factor_of is None:
-                    factor_of = output_factor(context.loss, shape)
-                L = factor_of(out.detach(), yb)
+        shapes, C, _ = self._shapes(context)
+        step = self._chunk_rows(shapes, C)
+        bar = tqdm(total=context.n, desc=f"{self.name}: {what}", unit="sample", disable=not self._show,
+                   file=sys.stderr, leave=False)
+        try:
+            for X, y in batches(context.source):
+                for s in range(0, len(y), step):
+                    xb, yb = cast_inputs(X[s:s + step], dtype), y[s:s + step].cpu()
+                    inputs, outputs, out = self._capture(fm, mods, xb)
+                    missing = [n for m, n in mods.items() if m not in inputs]
+                    if missing:
+                        raise ValueError(f"estimator {self.name!r}: the layers {missing} are not called in the "
+                                         "forward pass, so they have no curvature; leave them out of params=")
+                    shape = out.shape[1:]
+                    C = max(1, int(shape.numel()))
+                    out = out.reshape(len(xb), C)
+                    if factor_of is None:
+                        factor_of = output_factor(context.loss, shape)
+                    L = factor_of(out.detach(), yb)
 
-                def columns(out=out, L=L, outputs=outputs, C=C):
-                    for c in range(C):
-                        gs = torch.autograd.grad((out * L[:, :, c]).sum(), [outputs[m] for m in order],
-                                                 retain_graph=c < C - 1, allow_unused=True)
-                        col = {}
-                        for m, g in zip(order, gs):
-                            if g is not None:
-                                if isinstance(m, nn.Linear):     # (m, ..., out): every leading position a row
-                                    g = g.reshape(len(g), -1, g.shape[-1])
-                                else:                           # (m, out, *spatial)
-                                    g = g.reshape(len(g), g.shape[1], -1).transpose(1, 2)
-                            col[mods[m]] = g
-                        yield col
+                    def columns(out=out, L=L, outputs=outputs, C=C):
+                        # one backward pass per column (batching them with is_grads_batched was slower
+                        # on the MNIST-example CNN: 2.9 s against 2.0 s for 256 samples, float64)
+                        targets = [outputs[m] for m in order]
+                        for c in range(C):
+                            gs = torch.autograd.grad((out * L[:, :, c]).sum(), targets, retain_graph=c < C - 1,
+                                                     allow_unused=True)
+                            col = {}
+                            for m, g in zip(order, gs):
+                                if g is not None:
+                                    if isinstance(m, nn.Linear):     # (m, ..., out): every leading position
+                                        g = g.reshape(len(g), -1, g.shape[-1]).transpose(1, 2)
+                                    else:                           # (m, out, *spatial)
+                                        g = g.reshape(len(g), g.shape[1], -1)
+                                col[mods[m]] = g
+                            yield col
 
-                layers = {}
-                for m in order:
-                    a = _patches(m, inputs[m])
-                    if self._bias(m):
-                        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], 2)
-                    layers[mods[m]] = a
-                yield len(yb), layers, columns()
+                    yield len(yb), {mods[m]: _patches(m, inputs[m]) for m in order}, columns()
+                    bar.update(len(yb))
+        finally:
+            bar.close()
+
+    def _with_one(self, name: str, a: Tensor, dim: int = -1) -> Tensor:
+        """Inputs with the bias's 1 appended along ``dim`` (the features) when the layer has a bias."""
+        if not self._has_bias[name]:
+            return a
+        shape = list(a.shape)
+        shape[dim] = 1
+        return torch.cat([a, a.new_ones(shape)], dim)
 
     def _build(self, context: FitContext) -> None:
-        A = {n: 0.0 for n in self._layers}
-        B = {n: 0.0 for n in self._layers}
+        self._has_bias = {n: self._bias(mod) for n, mod in self._layers.items()}
+        A: dict[str, Tensor | None] = {n: None for n in self._layers}
+        B: dict[str, Tensor | None] = {n: None for n in self._layers}
+        # a layer's input rows are kept while they are fewer than its features: A = X^T X / N then has
+        # rank <= N, and the N x N Gram matrix X X^T gives its eigenvectors at a fraction of the cost
+        rows: dict[str, list | None] = {n: [] for n in self._layers}
         positions = {}
         seen = 0
         for size, inputs, columns in self._chunks(context):
@@ -195,34 +326,65 @@ class KFAC(Marginal):
             for col in columns:
                 for n, g in col.items():
                     if g is not None:
-                        g = g.reshape(-1, g.shape[-1])
-                        B[n] = B[n] + g.T @ g
+                        g = _sum_outer(g)
+                        B[n] = g if B[n] is None else B[n].add_(g)
             for n, a in inputs.items():
-                positions[n] = a.shape[1]
-                a = a.reshape(-1, a.shape[2])
-                A[n] = A[n] + a.T @ a
-        self._factors, self._eigen, self._cg = {}, {}, {}
+                positions[n] = a.shape[2]
+                f = a.shape[1] + self._has_bias[n]
+                if rows[n] is not None:
+                    rows[n].append(self._with_one(n, a.transpose(1, 2).reshape(-1, a.shape[1]).to(torch.float64)))
+                    if sum(len(r) for r in rows[n]) < f:
+                        continue
+                    a, rows[n] = torch.cat(rows[n]), None
+                    A[n] = a.T @ a
+                    continue
+                A[n] = _moment(a, self._has_bias[n], A[n])
+        self._factors, self._eigen, self._cg, self._rows, self._a_cache = {}, {}, {}, {}, {}
         bases = {}
-        for n, mod in self._layers.items():
+        eps = torch.finfo(torch.float64).eps
+        bar = tqdm(self._layers.items(), desc=f"{self.name}: eigendecompositions", unit="layer",
+                   disable=not self._show, file=sys.stderr, leave=False)
+        for n, mod in bar:
             # A is a mean over the rows seen; B a sum, scaled to the n training rows (FitContext(n=...))
-            a_mat = A[n] / (seen * positions[n])
-            b_mat = (B[n] if isinstance(B[n], Tensor) else torch.zeros(mod.weight.shape[0], mod.weight.shape[0],
-                                                                       dtype=torch.float64)) * (context.n / seen)
-            alpha, QA = torch.linalg.eigh(0.5 * (a_mat + a_mat.T))
+            total = seen * positions[n]
+            b_mat = (B[n] if B[n] is not None else torch.zeros(mod.weight.shape[0], mod.weight.shape[0],
+                                                               dtype=torch.float64)) * (context.n / seen)
+            if rows[n] is not None:
+                X = torch.cat(rows[n]) / total ** 0.5           # A = X^T X, X X^T = U diag(alpha) U^T
+                alpha, U = torch.linalg.eigh(X @ X.T)
+                # directions below rounding (as a full eigendecomposition would resolve them) count as null
+                keep = alpha > alpha.max().clamp_min(0) * X.shape[1] * eps
+                alpha = alpha[keep]
+                QA = X.T @ (U[:, keep] / alpha.sqrt())
+                self._rows[n], a_mat = X, None
+            else:
+                a_mat = A[n] / total
+                alpha, QA = torch.linalg.eigh(0.5 * (a_mat + a_mat.T))
             beta, QB = torch.linalg.eigh(0.5 * (b_mat + b_mat.T))
             bases[n] = (QA, QB, alpha, beta, a_mat, b_mat)
         eigen = self._eigenvalues(context, bases)
         for n, (QA, QB, _, _, a_mat, b_mat) in bases.items():
             denom = eigen[n] + self._d
-            if bool((denom <= 0).any()):
+            if bool((denom <= 0).any()) or (QA.shape[1] < QA.shape[0] and self._d <= 0):
                 raise ValueError(f"estimator {self.name!r}: layer {n!r} has directions without curvature and there is "
                                  "no weight decay; pass damping=delta > 0 or train with weight decay")
             self._factors[n] = (QA, QB, denom, a_mat, b_mat)
             self._eigen[n] = eigen[n]
 
+    def _a_matrix(self, name: str) -> Tensor:
+        """The factor ``A`` of a layer (formed from its kept rows when it was decomposed through them)."""
+        a_mat = self._factors[name][3]
+        if a_mat is None:
+            if name not in self._a_cache:
+                X = self._rows[name]
+                self._a_cache[name] = X.T @ X
+            a_mat = self._a_cache[name]
+        return a_mat
+
     def _eigenvalues(self, context: FitContext, bases: dict) -> dict[str, Tensor]:
-        """The curvature's eigenvalues in each layer's Kronecker eigenbasis, ``(out, features)``:
-        K-FAC's products :math:`\\beta_k \\alpha_l` (EK-FAC overrides this)."""
+        """The curvature's eigenvalues in each layer's Kronecker eigenbasis, ``(out, rank of A)``:
+        K-FAC's products :math:`\beta_k \alpha_l` (EK-FAC overrides this); directions outside
+        the columns of ``Q_A`` have eigenvalue 0."""
         return {n: beta.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :]
                 for n, (_, _, alpha, beta, _, _) in bases.items()}
 
@@ -250,6 +412,10 @@ class KFAC(Marginal):
         out = {}
         for n, (QA, QB, denom, _, _) in self._factors.items():
             full = QB.square() @ denom.reciprocal() @ QA.square().T           # (out, in [+1])
+            if QA.shape[1] < QA.shape[0]:
+                # the directions outside Q_A's columns have eigenvalue 0, so 1/d, and the rows of Q_B
+                # are unit vectors: their share of each diagonal entry is (1 - |Q_A[j]|^2) / d
+                full += (1 - QA.square().sum(1)).clamp_min(0)[None, :] / self._d
             w = self._layers[n].weight
             out[n] = full[:, : w[0].numel()].reshape(w.shape)
         return out
@@ -272,7 +438,10 @@ class KFAC(Marginal):
             g = psi[n].reshape(len(psi[n]), mod.weight.shape[0], -1)
             if self._bias(mod):
                 g = torch.cat([g, psi[self._bias_name(mod)].reshape(len(g), -1, 1)], 2)
-            sol = QB @ ((QB.T @ g @ QA) / denom) @ QA.T
+            gQ = g @ QA
+            sol = QB @ ((QB.T @ gQ) / denom) @ QA.T
+            if QA.shape[1] < QA.shape[0]:       # eigenvalue 0 outside Q_A's columns (module notes)
+                sol += (g - gQ @ QA.T) / self._d
             out[n] = sol[:, :, : mod.weight[0].numel()].reshape(len(g), *mod.weight.shape)
         return out
 
@@ -292,8 +461,8 @@ class KFAC(Marginal):
     def _row_block(self, name: str, o: int, k: int) -> Tensor:
         """Output row ``o``'s block of the curvature over its first ``k`` inputs, cross-row terms
         dropped and without the damping: K-FAC's ``B_oo A``."""
-        _, _, _, a_mat, b_mat = self._factors[name]
-        return b_mat[o, o] * a_mat[:k, :k]
+        b_mat = self._factors[name][4]
+        return b_mat[o, o] * self._a_matrix(name)[:k, :k]
 
     def _layer_solve(self, name: str, w: Tensor, keep: Tensor, cut: Tensor) -> Tensor:
         r"""The whole layer's compensating update, :math:`\Delta_K = H_{KK}^{-1} H_{KQ} w_Q` with

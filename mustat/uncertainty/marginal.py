@@ -46,7 +46,14 @@ from mustat._checks import check_option, check_scalar
 from mustat._functional import FunctionalModel, eval_mode, vmap_or_loop
 from mustat.batching import batches
 from mustat.obs import cholesky, kept_solve
-from mustat.uncertainty.base import CurvatureEstimator, FitContext, Loss, NotFittedError
+from mustat.uncertainty.base import (
+    Cost,
+    CurvatureEstimator,
+    FitContext,
+    Loss,
+    NotFittedError,
+    announce,
+)
 
 KINDS = ("observed", "sandwich")
 _GiB = 1 << 30
@@ -75,8 +82,8 @@ class Marginal(CurvatureEstimator):
     a saliency) or :math:`\\sqrt{[H^{-1}JH^{-1}]_{qq}}` (``kind="sandwich"``, a sampling SE).
 
     Subclasses implement :meth:`_memory` (bytes, checked against ``max_memory`` before any
-    allocation), :meth:`_build`, :meth:`_inverse_diagonal` (``{name: variance}`` over the tracked
-    tensors), :meth:`_kept_solve` (the compensating update, :meth:`obs_update`) and, when
+    allocation; or :meth:`cost`, which also estimates the time), :meth:`_build`,
+    :meth:`_inverse_diagonal` (``{name: variance}`` over the tracked tensors), :meth:`_kept_solve` (the compensating update, :meth:`obs_update`) and, when
     ``sandwich`` is true, ``_solve(psi)``: ``H^-1`` applied to a chunk of per-sample vectors
     ``{name: (m, *shape)}`` of :meth:`_block_names`."""
 
@@ -85,8 +92,13 @@ class Marginal(CurvatureEstimator):
     sandwich: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, kind: str = "observed", damping: float = 0.0,
-                 params: Iterable[str] | None = None, max_memory: int = 4 * _GiB):
+                 params: Iterable[str] | None = None, max_memory: int = 4 * _GiB, progress: bool | None = None):
         super().__init__(model, params=params)
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress must be True, False or None (auto: when the fit is estimated to be long), "
+                            f"got {progress!r}")
+        self.progress = progress
+        self._show = False
         self.kind = check_option(kind, "kind", KINDS if type(self).sandwich else ("observed",))
         self.damping = float(check_scalar(damping, "damping", kind=Real, low=0.0))
         self.max_memory = int(check_scalar(max_memory, "max_memory", kind=Integral, low=1))
@@ -122,11 +134,12 @@ class Marginal(CurvatureEstimator):
         self._se = self._estimate = self._fm = None      # a failed refit must not serve the last one
         self._penalty = context.penalty()
         self._d = context.n * (self._penalty + self.damping)
-        need = self._memory(context)
-        if need > self.max_memory:
+        cost = self.cost(context)
+        if cost.bytes > self.max_memory:
             raise ValueError(
-                f"estimator {self.name!r} needs about {need / _GiB:.2f} GiB for its curvature on this model, more "
-                f"than max_memory={self.max_memory / _GiB:.2f} GiB; {self._cheaper_hint()}")
+                f"estimator {self.name!r} needs about {cost.bytes / _GiB:.2f} GiB for its curvature on this model, "
+                f"more than max_memory={self.max_memory / _GiB:.2f} GiB; {self._cheaper_hint()}")
+        self._show = announce(self.name, cost, self.progress)
         # float64 on the CPU whatever the model's dtype and device: Kronecker factors and Woodbury
         # kernels lose several digits in float32, and the blocks are small next to the model
         self._fm = FunctionalModel(self._model, dtype=torch.float64, device="cpu")
@@ -148,6 +161,11 @@ class Marginal(CurvatureEstimator):
             se[n] = v.to(device=ref[n].device, dtype=ref[n].dtype)
         self._se, self._estimate = se, ref
         return self
+
+    def cost(self, context: FitContext) -> Cost:
+        """The fit's memory from :meth:`_memory` (time not estimated); subclasses that estimate
+        it override this (``kfac``, ``ekfac``)."""
+        return Cost(bytes=int(self._memory(context)))
 
     def _cheaper_hint(self) -> str:
         return f"use se={self.cheaper!r}, or raise max_memory"
