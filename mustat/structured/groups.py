@@ -28,10 +28,11 @@ from torch import Tensor, nn
 
 from mustat._checks import check_option
 from mustat._functional import eval_mode
+from mustat._params import PRUNABLE_TYPES
 from mustat.structured.macs import MacModel, Unsupported, count, record_outputs
 from mustat.structured.units import UnitStatistics, chi2_logsf
 
-ROOTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+ROOTS = PRUNABLE_TYPES   # Torch-Pruning's roots: the weight layers, listed once in mustat._params
 
 
 @dataclass

@@ -43,9 +43,9 @@ import torch
 from scipy import stats as sps
 from torch import Tensor, nn
 
-from mustat._params import entries
+from mustat._params import PRUNABLE_TYPES, entries
 
-UNIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+UNIT_LAYERS = (*PRUNABLE_TYPES, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)   # weight layers and norms
 
 
 @dataclass(frozen=True)
