@@ -68,3 +68,163 @@ def test_nll_loss_on_logits_warns():
     assert "estimator 'kfac'" in messages[1] and "1/sqrt(n*weight_decay) (n=60, weight_decay=0.001)" in messages[1]
     for v in se.values():
         torch.testing.assert_close(v, torch.full_like(v, (60 * 1e-3) ** -0.5), rtol=1e-12, atol=0)
+
+
+WD = 1e-3
+
+
+def _wide():
+    """A first layer with more inputs (30, and the bias) than samples (20): its A has rank 20 and
+    is decomposed through the 20 x 20 Gram matrix of its rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(20, 30, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+    return model, X, y
+
+
+def _ctx(X, y):
+    return FitContext(X=X, y=y, loss=nn.functional.cross_entropy, weight_decay=WD)
+
+
+def test_fewer_rows_than_features_equals_the_dense_kronecker_inverse():
+    model, X, y = _wide()
+    est = make_estimator("kfac", model).fit(_ctx(X, y))
+    assert est._factors["0.weight"][0].shape == (31, 20)           # the Gram route: 20 directions of 31
+    ref = curvlinops.KFACLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), list(model.parameters()),
+                                        [(X, y)], fisher_type="type-2", kfac_approx="expand",
+                                        separate_weight_and_bias=False, check_deterministic=False)
+    ref.compute_kronecker_factors()
+    for layer, (o, f) in (("0", (5, 31)), ("2", (3, 6))):
+        A, B = ref._input_covariances[layer], ref._gradient_covariances[layer]
+        torch.testing.assert_close(est._a_matrix(f"{layer}.weight"), A, rtol=1e-10, atol=1e-12)
+        H = torch.kron(B, A) + len(X) * WD * torch.eye(o * f, dtype=torch.float64)
+        var = torch.linalg.inv(H).diagonal().reshape(o, f)[:, :-1]
+        torch.testing.assert_close(est.se()[f"{layer}.weight"] ** 2, var, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("name,kind,block", [("kfac", "observed", "row"), ("kfac", "sandwich", "row"),
+                                             ("kfac", "observed", "layer"), ("ekfac", "observed", "row"),
+                                             ("ekfac", "sandwich", "row"), ("ekfac", "observed", "layer")])
+def test_the_gram_route_equals_the_full_eigendecomposition(name, kind, block):
+    """SEs (observed and sandwich) and the compensating update after a prune are those of the full
+    eigendecomposition of A, which the Gram route replaces."""
+    import mustat
+
+    model, X, y = _wide()
+    out = {}
+    for gram in (True, False):
+        copy = nn.Sequential(nn.Linear(30, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        copy.load_state_dict(model.state_dict())
+        est = make_estimator(name, copy, kind=kind, obs_block=block)
+        est._gram_route = gram
+        est.fit(_ctx(X, y))
+        assert est._factors["0.weight"][0].shape == ((31, 20) if gram else (31, 31))
+        se = est.se()
+        if kind == "observed":
+            mustat.prune(copy, mustat.score(copy, "obs", se=se), sparsity=0.5, update=est)
+        out[gram] = (se, copy[0].weight.detach().clone())
+    for n in out[True][0]:
+        torch.testing.assert_close(out[True][0][n], out[False][0][n], rtol=1e-8, atol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-7, atol=1e-10)
+
+
+def _factor_bytes_from_shapes(layers, n):
+    """What the factors of ``(T, out, features with bias)`` layers occupy after a fit, in float64:
+    A (or, with fewer rows N = nT than features, the N rows), Q_A (features x rank), B, Q_B, the
+    eigenvalues and the denominators (out x rank)."""
+    total = 0
+    for T, o, f in layers:
+        N = n * T
+        r = min(N, f)
+        total += (N * f if N < f else f * f) + f * r + 2 * o * o + 2 * o * r
+    return 8 * total
+
+
+def _allocated(est):
+    tensors = [t for v in est._factors.values() for t in v if t is not None]
+    tensors += list(est._eigen.values()) + list(est._rows.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+@pytest.mark.parametrize("net", ["wide", "cnn"])
+def test_the_cost_is_announced_before_the_data_pass_and_matches_the_factors(name, net, capsys):
+    if net == "wide":
+        model, X, y = _wide()
+        layers = [(1, 5, 31), (1, 3, 6)]
+    else:
+        model, X = _nets()[1]
+        y = torch.randint(0, 4, (len(X),), generator=torch.Generator().manual_seed(2))
+        layers = [(9, 3, 19), (1, 4, 28)]            # conv 2->3 3x3 stride 2 on 5x5: 3x3 positions
+    ctx = _ctx(X, y)
+    est = make_estimator(name, model, progress=True)
+    cost = est.cost(ctx)
+    assert est._se is None                           # an estimate, no fit
+    assert cost.seconds > 0 and cost.flops > 0 and cost.bytes > cost.factor_bytes
+    est.fit(ctx)
+    err = capsys.readouterr().err
+    line = err.index(f"estimator {name!r}: this fit will take about")
+    assert line < err.index(f"{name}: factors") < err.index(f"{name}: eigendecompositions")
+    expected = _factor_bytes_from_shapes(layers, len(X))
+    actual = _allocated(est)
+    assert expected / 1.5 <= actual <= 1.5 * expected
+    assert actual / 1.5 <= cost.factor_bytes <= 1.5 * actual
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_progress_shows_only_when_asked_or_long(name, capsys, caplog, monkeypatch):
+    import logging
+
+    import mustat.uncertainty.base as base
+
+    model, X, y = _wide()
+    for progress in (False, None):                   # quiet, and auto on a fit of milliseconds
+        make_estimator(name, model, progress=progress).fit(_ctx(X, y))
+        assert capsys.readouterr().err == ""
+    make_estimator(name, model, progress=True).fit(_ctx(X, y))
+    err = capsys.readouterr().err
+    assert "this fit will take" in err and f"{name}: factors" in err
+    monkeypatch.setattr(base, "LONG_FIT_SECONDS", 0.0)   # every fit long: auto shows, quiet only logs
+    make_estimator(name, model).fit(_ctx(X, y))
+    assert "this fit will take" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="mustat.uncertainty"):
+        make_estimator(name, model, progress=False).fit(_ctx(X, y))
+    assert capsys.readouterr().err == ""
+    assert any("this fit will take" in r.getMessage() for r in caplog.records)
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        make_estimator(name, model, progress="yes")
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_too_little_memory_offers_the_diagonal(name):
+    model, X, y = _wide()
+    est = make_estimator(name, model, max_memory=1000)
+    with pytest.raises(ValueError, match=rf"estimator '{name}' needs about .* GiB .* more than max_memory=.*; "
+                                         r"use se='curvature', or raise max_memory"):
+        est.fit(_ctx(X, y))
+    assert est._se is None and not hasattr(est, "_factors")     # refused before any work
+
+
+def test_other_estimators_declare_what_they_can():
+    from mustat.uncertainty.base import Cost
+
+    model, X, y = _wide()
+    fisher = make_estimator("fisher", model).cost(_ctx(X, y))
+    assert isinstance(fisher, Cost) and fisher.bytes > 0 and fisher.seconds != fisher.seconds   # memory only: nan
+    assert make_estimator("pseudo", model).cost(_ctx(X, y)) is None                           # not declared
+
+
+def test_float32_passes_stay_close_to_float64():
+    """pass_dtype='model' runs the passes of a float32 model in float32 (factors summed and
+    decomposed in float64): SEs within 1e-4 of the float64 passes here."""
+    model, X, y = _wide()
+    model = model.float()
+    ctx = _ctx(X.float(), y)
+    se64 = make_estimator("kfac", model).fit(ctx).se()
+    se32 = make_estimator("kfac", model, pass_dtype="model").fit(ctx).se()
+    for n in se64:
+        torch.testing.assert_close(se32[n], se64[n], rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="pass_dtype"):
+        make_estimator("kfac", model, pass_dtype="float16")
