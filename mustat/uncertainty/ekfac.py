@@ -72,9 +72,13 @@ class EKFAC(KFAC):
                     a = inputs[n]
                     step = max(1, _CHUNK // (len(QB) * len(QA)))
                     for j in range(0, size, step):
-                        G = g[j:j + step].to(torch.float64) @ self._with_one(
-                            n, a[j:j + step].to(torch.float64), 1).transpose(1, 2)
-                        s[n] += (QB.T @ G @ QA).square().sum(0)
+                        # G_ic = sum_t b_itc [a_it, 1]^T: the product in the pass dtype, the bias
+                        # column a sum of b (no column of ones, no copy of the patches)
+                        gj = g[j:j + step]
+                        G = gj @ a[j:j + step].transpose(1, 2)
+                        if self._has_bias[n]:
+                            G = torch.cat([G, gj.sum(2, keepdim=True)], 2)
+                        s[n] += (QB.T @ G.to(torch.float64) @ QA).square().sum(0)
         return {n: v * (context.n / seen) for n, v in s.items()}
 
     def _row_block(self, name: str, o: int, k: int) -> Tensor:
