@@ -226,5 +226,8 @@ def test_float32_passes_stay_close_to_float64():
     se32 = make_estimator("kfac", model, pass_dtype="model").fit(ctx).se()
     for n in se64:
         torch.testing.assert_close(se32[n], se64[n], rtol=1e-4, atol=0)
+    # the estimate names the faster option where it applies
+    assert "pass_dtype='model' (float32 passes) would take about" in str(make_estimator("kfac", model).cost(ctx))
+    assert make_estimator("kfac", model, pass_dtype="model").cost(ctx).note == ""
     with pytest.raises(ValueError, match="pass_dtype"):
         make_estimator("kfac", model, pass_dtype="float16")

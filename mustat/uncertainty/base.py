@@ -245,6 +245,8 @@ class Cost:
         Seconds per stage, in the order the fit runs them.
     factor_bytes : int
         Of ``bytes``, what stays allocated after the fit (the curvature's factors).
+    note : str
+        A cheaper option, when the estimator knows one (shown after the figures).
     """
 
     bytes: int
@@ -252,6 +254,7 @@ class Cost:
     flops: float = math.nan
     parts: tuple[tuple[str, float], ...] = ()
     factor_bytes: int = 0
+    note: str = ""
 
     @property
     def long(self) -> bool:
@@ -263,7 +266,8 @@ class Cost:
         if math.isnan(self.seconds):
             return f"about {gib:.2f} GiB"
         parts = ", ".join(f"{k} {v:.2g} s" for k, v in self.parts if v >= 0.05)
-        return f"about {gib:.2f} GiB and {self.seconds:.2g} s" + (f" ({parts})" if parts else "")
+        return (f"about {gib:.2f} GiB and {self.seconds:.2g} s" + (f" ({parts})" if parts else "")
+                + (f"; {self.note}" if self.note else ""))
 
 
 def announce(name: str, cost: Cost | None, progress: bool | None) -> bool:

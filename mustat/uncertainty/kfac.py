@@ -66,8 +66,8 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: the compensating update's blocks: each output row (cross-row terms dropped) or the whole layer
 OBS_BLOCKS = ("row", "layer")
 #: the dtype of the forward and backward passes that collect the factors: ``"float64"``, or
-#: ``"model"``, the model's own (float32: about twice as fast; the factors are still summed and
-#: decomposed in float64)
+#: ``"model"``, the model's own (float32 for a float32 or half-precision model: about twice as
+#: fast; the factors are still summed across chunks and decomposed in float64)
 PASS_DTYPES = ("float64", "model")
 
 
@@ -258,8 +258,13 @@ class KFAC(Marginal):
             peak = max(peak, (2 * N * N if low else 2 * f * f) + f * r + o * f)
             chunk += m * T * (f + 2 * o) + self._extra_memory(T, o, f)
         total = 8 * (factor_entries + max(peak, chunk)) + (64 << 20)
-        return Cost(bytes=int(total), seconds=sum(parts.values()), flops=flops, parts=tuple(parts.items()),
-                    factor_bytes=8 * factor_entries)
+        seconds = sum(parts.values())
+        note = ""
+        if speed == 1.0 and self.pass_dtype == "float64" and {p.dtype for p in self._model.parameters()} == {torch.float32}:
+            faster = seconds - parts.get("data pass", 0.0) / 2
+            note = f"pass_dtype='model' (float32 passes) would take about {faster:.2g} s"
+        return Cost(bytes=int(total), seconds=seconds, flops=flops, parts=tuple(parts.items()),
+                    factor_bytes=8 * factor_entries, note=note)
 
     def _positions(self, probe: Tensor, with_output: bool = False):
         """Output positions ``T`` of each layer, from one sample (and the model's output)."""
@@ -281,7 +286,10 @@ class KFAC(Marginal):
         if self.pass_dtype == "float64":
             return torch.float64
         dtypes = {p.dtype for p in self._model.parameters() if p.is_floating_point()}
-        return dtypes.pop() if len(dtypes) == 1 else torch.float64
+        if len(dtypes) != 1:
+            return torch.float64
+        # half-precision models still pass in float32: their CPU kernels are slow and the factors lose too much
+        return torch.float64 if dtypes == {torch.float64} else torch.float32
 
     def _chunks(self, context: FitContext, what: str = "factors"):
         """Per chunk of samples (:meth:`_chunk_rows`): its size, each layer's inputs ``a``
