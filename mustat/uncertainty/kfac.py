@@ -237,7 +237,7 @@ class KFAC(Marginal):
         factor_entries, peak, chunk = 0, 0, 0
         for T, o, f in shapes.values():
             N = n * T
-            low = N < f                     # the Gram matrix of the rows is the smaller eigenproblem
+            low = self._gram_route and N < f     # the Gram matrix of the rows is the smaller eigenproblem
             r = min(N, f) if low else f
             add("data pass", 2 * C * N * o * o + (0 if low else 2 * N * f * f), 1.0 * speed)
             if low:
