@@ -177,7 +177,7 @@ def test_the_cost_is_announced_before_the_data_pass_and_matches_the_factors(name
 def test_progress_shows_only_when_asked_or_long(name, capsys, caplog, monkeypatch):
     import logging
 
-    import mustat.uncertainty.base as base
+    import mustat.cost
 
     model, X, y = _wide()
     for progress in (False, None):                   # quiet, and auto on a fit of milliseconds
@@ -186,7 +186,7 @@ def test_progress_shows_only_when_asked_or_long(name, capsys, caplog, monkeypatc
     make_estimator(name, model, progress=True).fit(_ctx(X, y))
     err = capsys.readouterr().err
     assert "this fit will take" in err and f"{name}: factors" in err
-    monkeypatch.setattr(base, "LONG_FIT_SECONDS", 0.0)   # every fit long: auto shows, quiet only logs
+    monkeypatch.setattr(mustat.cost, "LONG_FIT_SECONDS", 0.0)   # every fit long: auto shows, quiet only logs
     make_estimator(name, model).fit(_ctx(X, y))
     assert "this fit will take" in capsys.readouterr().err
     with caplog.at_level(logging.INFO, logger="mustat.uncertainty"):
@@ -208,7 +208,7 @@ def test_too_little_memory_offers_the_diagonal(name):
 
 
 def test_other_estimators_declare_what_they_can():
-    from mustat.uncertainty.base import Cost
+    from mustat.cost import Cost
 
     model, X, y = _wide()
     fisher = make_estimator("fisher", model).cost(_ctx(X, y))

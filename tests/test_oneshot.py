@@ -592,10 +592,11 @@ def test_the_cost_is_estimated_before_work_and_too_much_memory_refused(monkeypat
     X = torch.randn(200, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     report = oneshot(model, [X[:100], X[100:]], method="sparsegpt", sparsity=0.5, progress=True)
     out = capsys.readouterr()
-    assert "200 calibration tokens" in out.err + out.out and "GFLOP" in out.err + out.out
-    est = report.estimate
-    assert est.statistics_bytes == 8 * 16 * 16          # one group at a time: the widest input's float64 Gram
-    assert est.solve_bytes == 2 * 8 * 16 * 16 and est.cache_bytes == 0
+    assert "200 calibration tokens; this will take" in out.err and "statistics 0 MiB" in out.err
+    est, memory = report.estimate, dict(report.estimate.memory)
+    assert memory["statistics"] == 8 * 16 * 16          # one group at a time: the widest input's float64 Gram
+    assert memory["factorisation"] == 2 * 8 * 16 * 16 and memory["cached inputs"] == 0
+    assert est.bytes == sum(memory.values())
     # flops: Grams 2 T d^2, products 2 T r d, factorisations 4/3 d^3 + sweeps 2 r d^2, T = 200 tokens
     flops = sum(2 * 200 * d * d + 2 * 200 * r * d + 4 / 3 * d ** 3 + 2 * r * d * d for r, d in ((16, 12), (4, 16)))
     assert est.flops == pytest.approx(flops)

@@ -21,6 +21,7 @@ layer's scores from one pass over the dense model first to share the sparsity ou
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mustat._checks import check_option, check_scalar
 from mustat._params import entries, install_mask
+from mustat.cost import Cost, announce, machine_flops
 from mustat.layers import Target, find_targets
 from mustat.layerwise import solve as S
 from mustat.patterns import check_groups, parse_pattern, resolve_sparsity
@@ -50,53 +52,25 @@ from mustat.statistics import (
     tokens,
 )
 
+logger = logging.getLogger("mustat.layerwise")
+
 
 class SkippedLayersWarning(UserWarning):
     """Weights of a kind one-shot pruning does not support stay dense: the model's sparsity is
     lower than the one asked for."""
 
 
-@dataclass(frozen=True)
-class Cost:
-    """What a one-shot run will cost, from the layers' shapes and the calibration tokens, before any
-    work: the statistics held at once (float64 Grams, or their diagonals), the largest layer's
-    factorisation, the cached block inputs, and the floating-point work with the seconds it takes
-    at this machine's measured matrix-product rate (an estimate: the model's own forward passes
-    and Python overhead add to it)."""
-
-    statistics_bytes: int
-    solve_bytes: int
-    cache_bytes: int
-    flops: float
-    seconds: float
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.statistics_bytes + self.solve_bytes + self.cache_bytes
-
-    def __str__(self) -> str:
-        mb = 2 ** 20
-        return (f"about {self.seconds:.0f} s ({self.flops / 1e9:.1f} GFLOP); memory on top of the model about "
-                f"{self.peak_bytes / mb:.0f} MB (statistics {self.statistics_bytes / mb:.0f} MB, factorisation "
-                f"{self.solve_bytes / mb:.0f} MB, cached inputs {self.cache_bytes / mb:.0f} MB)")
-
-
-def _matmul_rate() -> float:
-    """FLOP/s of a float32 matrix product on this machine and thread count (a 512^3 probe)."""
-    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
-    a @ a
-    tic = time.perf_counter()
-    a @ a
-    return 2 * 512 ** 3 / max(time.perf_counter() - tic, 1e-6)
-
-
 def estimate(steps: list[list[Target]], tokens: int, *, method: str, update: bool, diagonal: bool,
              block_cache: bool) -> Cost:
-    """The :class:`Cost` of pruning ``steps`` (the groups of layers measured in one pass each) from
-    ``tokens`` calibration tokens."""
+    """The :class:`~mustat.cost.Cost` of pruning ``steps`` (the groups of layers measured in one pass
+    each) from ``tokens`` calibration tokens: the statistics held at once (float64 Grams, or their
+    diagonals), the widest layer's factorisation, the cached block inputs, and the floating-point
+    work in seconds at this machine's measured float32 matrix-product rate (an estimate: the
+    model's other operations and Python add to it)."""
     sandwich = method == "mu-sandwich"
     solves = update or method not in ("magnitude", "wanda")
-    statistics, flops, widest, cache = 0, 0.0, 0, 0
+    statistics, widest, cache = 0, 0, 0
+    work = {"statistics": 0.0, "products": 0.0, "solves": 0.0}
     for step in steps:
         inputs = {}
         for t in step:
@@ -105,16 +79,21 @@ def estimate(steps: list[list[Target]], tokens: int, *, method: str, update: boo
                 r, d = W.shape
                 key = (id(t.caller), d) if t.kind in ("linear", "conv1d") and not sandwich else (t.name, rows.start)
                 inputs[key] = d
-                flops += 2.0 * tokens * r * d                                  # the layer's own product
+                work["products"] += 2.0 * tokens * r * d                      # the layer's own product
                 if solves:
-                    flops += 4 / 3 * d ** 3 + 2.0 * r * d * d                 # factorisation, sweep
+                    work["solves"] += 4 / 3 * d ** 3 + 2.0 * r * d * d         # factorisation, sweep
                     widest = max(widest, d)
         held = sum(d if diagonal else d * d * (1 + sandwich) for d in inputs.values())
         statistics = max(statistics, 8 * held)
-        flops += sum(2.0 * tokens * (1 if diagonal else d) * d for d in inputs.values())
+        work["statistics"] += sum(2.0 * tokens * (1 if diagonal else d) * d for d in inputs.values())
         if block_cache:
             cache = max(cache, 2 * 4 * tokens * max(inputs.values()))      # a block's inputs and outputs
-    return Cost(statistics, 2 * 8 * widest * widest, cache, flops, flops / _matmul_rate())
+    rate = machine_flops(torch.float32)
+    memory = (("statistics", statistics), ("factorisation", 2 * 8 * widest * widest), ("cached inputs", cache))
+    flops = sum(work.values())
+    return Cost(bytes=sum(b for _, b in memory), seconds=flops / rate, flops=flops,
+                parts=tuple((k, v / rate) for k, v in work.items()), memory=memory,
+                note="method='wanda' holds d numbers per layer, not d^2" if not diagonal else "")
 
 
 @dataclass
@@ -489,13 +468,12 @@ def oneshot(
             cost = estimate([s for s in steps if s], trace.tokens * batches, method=method, update=update,
                             diagonal=diagonal and blocks is not None, block_cache=blocks is not None)
             free = psutil.virtual_memory().available
-            if cost.peak_bytes > 0.9 * free:
-                raise MemoryError(f"one-shot {method} needs {cost}, but {free / 2**30:.1f} GB are free; use "
+            if cost.bytes > 0.9 * free:
+                raise MemoryError(f"one-shot {method} needs {cost}, but {free / 2**30:.1f} GiB are free; use "
                                   "method='wanda' (the diagonal of each Gram: d numbers, not d^2), fewer calibration "
                                   "batches, or leave the widest layers out (layers=[...])")
-            if progress:
-                tqdm.write(f"one-shot {method}: {len(flat)} layers from {trace.tokens * batches:,} calibration tokens; "
-                           f"{cost}")
+            announce(f"one-shot {method}: {len(flat)} layers from {trace.tokens * batches:,} calibration tokens; "
+                     "this will take", cost, progress or None, logger)
         bar = tqdm(total=len(flat), desc=f"one-shot {method}", disable=not progress, unit="layer")
         knobs = dict(method=method, pattern=nm, scope=scope, update=update, damping=damping, sigma=sigma,
                      block_size=block_size)

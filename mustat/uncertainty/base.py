@@ -32,7 +32,6 @@ import functools
 import logging
 import math
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from torch.utils.hooks import RemovableHandle
 from mustat._checks import check_option
 from mustat._params import entries, select
 from mustat.batching import batches, check_data, count
+from mustat.cost import Cost
+from mustat.cost import announce as announce_cost
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -204,86 +205,13 @@ class FitContext:
                              f"{', '.join(missing)}")
 
 
-#: an estimated fit longer than this many seconds is announced (logged, and printed with progress bars
-#: when ``progress`` is not False)
-LONG_FIT_SECONDS = 5.0
-
 logger = logging.getLogger("mustat.uncertainty")
 
 
-@functools.cache
-def machine_flops() -> float:
-    """Float64 multiply-adds per second (counted as 2 flops) of a 512 x 512 matrix product on
-    this machine with torch's current thread count: the best of three, measured once per
-    process (a few milliseconds). The unit of :attr:`Cost.seconds`."""
-    a = torch.randn(512, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 512**3 / max(best, 1e-9)
-
-
-@dataclass(frozen=True)
-class Cost:
-    """What :meth:`Estimator.fit` will cost, estimated from the shapes before any work.
-
-    Attributes
-    ----------
-    bytes : int
-        Peak memory the fit holds beyond the model and the data (its factors, eigenvectors,
-        one chunk's activations and gradients, and 64 MiB of slack).
-    seconds : float
-        ``flops`` divided by :func:`machine_flops` (a measured float64 matrix-product rate),
-        each stage weighted by how far it runs below that rate: an order of magnitude (the
-        benchmark ``benchmarks/kfac_cnn.py`` finds it within a factor 2), ``nan`` when the
-        estimator does not estimate time.
-    flops : float
-        Floating-point operations of the whole fit.
-    parts : tuple of (str, float)
-        Seconds per stage, in the order the fit runs them.
-    factor_bytes : int
-        Of ``bytes``, what stays allocated after the fit (the curvature's factors).
-    note : str
-        A cheaper option, when the estimator knows one (shown after the figures).
-    """
-
-    bytes: int
-    seconds: float = math.nan
-    flops: float = math.nan
-    parts: tuple[tuple[str, float], ...] = ()
-    factor_bytes: int = 0
-    note: str = ""
-
-    @property
-    def long(self) -> bool:
-        """Whether the fit is expected to take more than :data:`LONG_FIT_SECONDS`."""
-        return self.seconds > LONG_FIT_SECONDS
-
-    def __str__(self) -> str:
-        gib = self.bytes / (1 << 30)
-        if math.isnan(self.seconds):
-            return f"about {gib:.2f} GiB"
-        parts = ", ".join(f"{k} {v:.2g} s" for k, v in self.parts if v >= 0.05)
-        return (f"about {gib:.2f} GiB and {self.seconds:.2g} s" + (f" ({parts})" if parts else "")
-                + (f"; {self.note}" if self.note else ""))
-
-
 def announce(name: str, cost: Cost | None, progress: bool | None) -> bool:
-    """Say a long fit's estimated cost before it starts; returns whether to show progress bars.
-
-    ``progress=None`` (auto): bars and a line on stderr when the estimate exceeds
-    :data:`LONG_FIT_SECONDS`; ``True``: always; ``False``: never (the estimate still goes to the
-    ``mustat.uncertainty`` logger at INFO)."""
-    long = cost is not None and cost.long
-    show = bool(progress) if progress is not None else long
-    if cost is not None and (long or show):
-        line = f"estimator {name!r}: this fit will take {cost}"
-        logger.info(line)
-        if show:
-            print(line, file=sys.stderr, flush=True)
-    return show
+    """Say a long fit's estimated cost before it starts (:func:`mustat.cost.announce`); returns
+    whether to show progress bars."""
+    return announce_cost(f"estimator {name!r}: this fit will take", cost, progress, logger)
 
 
 @dataclass(frozen=True)
@@ -638,7 +566,6 @@ def load_plugins() -> list[str]:
     import importlib
     import importlib.util
     import os
-    import sys
     from importlib.metadata import entry_points
     from pathlib import Path
 

@@ -58,9 +58,11 @@ from mustat._checks import check_option, check_scalar
 from mustat._functional import FunctionalModel, eval_mode
 from mustat._params import entries
 from mustat.batching import batches
-from mustat.uncertainty.base import Cost, FitContext, machine_flops, register_estimator
+from mustat.cost import Cost, machine_flops
+from mustat.obs import kept_solve
+from mustat.uncertainty.base import FitContext, register_estimator
 from mustat.uncertainty.curvature import output_factor
-from mustat.uncertainty.marginal import Marginal, cast_inputs, kept_solve
+from mustat.uncertainty.marginal import Marginal, cast_inputs
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: the compensating update's blocks: each output row (cross-row terms dropped) or the whole layer
@@ -133,7 +135,7 @@ class KFAC(Marginal):
         The dtype of the forward and backward passes that collect the factors (module notes).
     progress : bool or None
         ``None``: when :meth:`cost` estimates more than
-        :data:`~mustat.uncertainty.base.LONG_FIT_SECONDS`, print the estimate to stderr before the
+        :data:`~mustat.cost.LONG_FIT_SECONDS`, print the estimate to stderr before the
         fit and show progress bars; ``True``: always; ``False``: never (the estimate still goes
         to the ``mustat.uncertainty`` logger).
     """

@@ -45,9 +45,9 @@ from torch.func import grad
 from mustat._checks import check_option, check_scalar
 from mustat._functional import FunctionalModel, eval_mode, vmap_or_loop
 from mustat.batching import batches
+from mustat.cost import Cost
 from mustat.obs import cholesky, kept_solve
 from mustat.uncertainty.base import (
-    Cost,
     CurvatureEstimator,
     FitContext,
     Loss,
