@@ -80,7 +80,7 @@ class Fisher(Marginal):
                 G += V.T @ V
                 seen += len(yb)
         # the data may be a sample of the n training rows (FitContext(n=...)): G is scaled to n
-        self._H = G * (context.n / seen) + self._d * torch.eye(P, dtype=torch.float64)
+        self._H = self.ridge.add_to(G * (context.n / seen))
         Lh = cholesky(self._H, "the penalised Gauss-Newton matrix", ridge=self._d)
         self._Hinv = torch.cholesky_inverse(Lh)
 

@@ -47,6 +47,7 @@ from mustat._functional import FunctionalModel, eval_mode, vmap_or_loop
 from mustat.batching import batches
 from mustat.cost import Cost
 from mustat.obs import cholesky, kept_solve
+from mustat.statistics import Damping
 from mustat.uncertainty.base import (
     CurvatureEstimator,
     FitContext,
@@ -133,7 +134,10 @@ class Marginal(CurvatureEstimator):
         context.need(self.name, *self.needs)
         self._se = self._estimate = self._fm = None      # a failed refit must not serve the last one
         self._penalty = context.penalty()
-        self._d = context.n * (self._penalty + self.damping)
+        # the ridge of every block: penalty and damping in weight-decay units on the mean loss, so n times
+        # them on the summed curvature (absolute: the curvature's own units)
+        self.ridge = Damping(context.n * (self._penalty + self.damping), "absolute")
+        self._d = self.ridge.value
         cost = self.cost(context)
         if cost.bytes > self.max_memory:
             raise ValueError(
