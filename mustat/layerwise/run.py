@@ -308,12 +308,12 @@ def oneshot(
     Parameters
     ----------
     model
-        Any module with ``nn.Linear``, ``transformers``' ``Conv1D`` (GPT-2) or
-        ``nn.MultiheadAttention`` layers (:mod:`mustat.layerwise.layers`); masks are installed and,
+        Any module with ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``transformers``' ``Conv1D``
+        (GPT-2) or ``nn.MultiheadAttention`` layers (:mod:`mustat.layers`); masks are installed and,
         with ``update``, the kept weights changed, in place. Its train/eval mode is restored.
     calibration
-        Batches, iterated once per group of layers (a list, a DataLoader; an iterator is read into a
-        list first). A batch is a tensor (``model(batch)``), a tuple or list whose first element
+        Batches (a list, a DataLoader; an iterator is read into a list first), run through the model
+        once per group of layers, or with the block driver once to the first block. A batch is a tensor (``model(batch)``), a tuple or list whose first element
         is the input (``model(batch[0])``: a DataLoader's ``(inputs, labels)``), or a dict of
         tokenised inputs (``model(**batch)``; tokens where its ``attention_mask`` is 0 are left out
         of the statistics). ``None`` only for ``method="magnitude"`` without update.
