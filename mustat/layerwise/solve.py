@@ -53,7 +53,8 @@ SCOPES = ("row", "layer", "global")
 def noise_variance(W: Tensor, gram: Gram, sigma: str) -> Tensor:
     """``sigma^2`` per row: each row's mean squared output ``w_i^T H w_i / n`` (``"row"``), or
     their mean, one variance shared by the layer's outputs (``"layer"``)."""
-    s2 = torch.einsum("ij,jk,ik->i", W, gram.H.to(W.dtype), W) / max(gram.n, 1)
+    W = W.double()
+    s2 = torch.einsum("ij,jk,ik->i", W, gram.H, W) / max(gram.n, 1)
     return s2.mean().expand_as(s2) if sigma == "layer" else s2
 
 
@@ -63,20 +64,22 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def scores(method: str, W: Tensor, gram: Gram | None, damping: float, sigma: str = "row") -> Tensor:
-    """The method's score for every weight of ``W`` (rows x d) in ``W``'s dtype; lower is pruned
-    first. ``sigma``: the noise scale of ``mu`` and ``mu-sandwich`` (:func:`noise_variance`)."""
+    """The method's score for every weight of ``W`` (rows x d), computed in float64 (a statistic:
+    the sandwich's ``H^-1 M H^-1`` loses the ranking in float32); lower is pruned first.
+    ``sigma``: the noise scale of ``mu`` and ``mu-sandwich`` (:func:`noise_variance`)."""
+    W = W.double()
     if method == "magnitude":
         return W.abs()
     if method == "wanda":
-        return W.abs() * gram.diag.to(W.dtype).clamp_min(0).sqrt()[None, :]
-    Hinv, _ = inverse_cholesky(damped(gram.H, damping).to(W.dtype))
+        return W.abs() * gram.diag.clamp_min(0).sqrt()[None, :]
+    Hinv, _ = inverse_cholesky(damped(gram.H, damping))
     if method == "sparsegpt":
         return W.pow(2) / Hinv.diagonal()[None, :]
     sigma2 = noise_variance(W, gram, sigma)
     if method == "mu":
         var = Hinv.diagonal()
     elif method == "mu-sandwich":
-        var = torch.einsum("ij,jk,ki->i", Hinv, gram.meat().to(W.dtype), Hinv)
+        var = torch.einsum("ij,jk,ki->i", Hinv, gram.meat(), Hinv)
     else:
         raise ValueError(f"method={method!r} is not valid; choose one of: {', '.join(METHODS)}")
     return _ratio(W.pow(2), sigma2[:, None] * var[None, :])
@@ -175,10 +178,10 @@ def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: 
     choose the mask during the sweep from the updated weights (the paper's adaptive selection); the
     other methods fix it from their scores first.
 
-    Precision: the statistics are summed in float64; the damped Gram is factored and the sweep run
-    in ``W``'s precision, float32 for a float32 (or half-precision) model, as SparseGPT's reference
-    does (its float64 factorisation cost 1.2-1.6x the reference's time per layer,
-    ``benchmarks/oneshot_reference.py``), and float64 for a float64 model."""
+    Precision: the statistics and the scores are float64; the OBS sweep (its factor ``U`` and the
+    running weights) runs in ``W``'s precision, float32 for a float32 (or half-precision) model,
+    as SparseGPT's reference does (a float64 factorisation cost 1.2-1.6x the reference's time per
+    layer, ``benchmarks/oneshot_reference.py``), and float64 for a float64 model."""
     W = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32) * alive
     if not update:
         keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
