@@ -2,6 +2,7 @@
 sequential scheme reproduced by hand, and the layer types of the model families it serves."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -497,6 +498,9 @@ def test_unsupported_weights_are_named_with_the_sparsity_reached():
         report = oneshot(model, [torch.randn(4, 2, 5, 5)], method="wanda", sparsity=0.5)
     assert report.skipped == [("0.weight", "grouped convolutions are not supported")]
     assert "1 tensors left as they were" in str(report)
+    with warnings.catch_warnings():           # layers named: the others were left out on purpose
+        warnings.simplefilter("error", mustat.layerwise.run.SkippedLayersWarning)
+        oneshot(copy.deepcopy(model), [torch.randn(4, 2, 5, 5)], method="wanda", sparsity=0.5, layers=["2.weight"])
 
 
 class _TokenPool(nn.Module):

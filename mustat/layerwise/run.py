@@ -430,7 +430,8 @@ def oneshot(
     diagonal = method == "wanda" and not update   # Wanda reads diag H only (its scaler_row)
     start = time.perf_counter()
     rows_out, passes = [], 0
-    unsupported = [(n, why) for n, why in skipped if "not supported" in why]
+    # only when every supported layer is pruned: a user who named the layers chose the rest
+    unsupported = [(n, why) for n, why in skipped if "not supported" in why] if layers is None else []
     if unsupported:
         dense = sum(table[n].source()[0].numel() for n, _ in unsupported)
         pruned = sum(t.matrix().numel() for t in targets)
