@@ -35,7 +35,7 @@ KINDS = ("linear", "conv1d", "conv", "mha-in", "mha-out")
 #: the weight layers (:data:`mustat._params.PRUNABLE_TYPES`) whose weight this view unfolds to a matrix
 #: with one token per output position; K-FAC's factors take the same view
 MATRIX_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_CONVS = (nn.Conv1d, nn.Conv2d)
+_CONVS = MATRIX_TYPES[1:]
 
 
 @dataclass(eq=False)

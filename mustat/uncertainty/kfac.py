@@ -59,12 +59,13 @@ from mustat._functional import FunctionalModel, eval_mode
 from mustat._params import entries
 from mustat.batching import batches
 from mustat.cost import Cost, machine_flops
+from mustat.layers import MATRIX_TYPES
 from mustat.obs import kept_solve
 from mustat.uncertainty.base import FitContext, register_estimator
 from mustat.uncertainty.curvature import output_factor
 from mustat.uncertainty.marginal import Marginal, cast_inputs
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_LAYERS = MATRIX_TYPES   # the layers the matrix view unfolds, listed once in mustat.layers
 #: the compensating update's blocks: each output row (cross-row terms dropped) or the whole layer
 OBS_BLOCKS = ("row", "layer")
 #: the dtype of the forward and backward passes that collect the factors: ``"float64"``, or
