@@ -88,7 +88,19 @@ class Target:
     def tokens(self, x: Tensor) -> Tensor:
         """A convolution's input ``(batch, in, *spatial)`` as its patches, one row per output
         position, columns in the order of :meth:`view` (taps x in)."""
-        m = self.module
+        cols = patches(self.module, x)                                 # (batch, in * taps, positions)
+        b, _, L = cols.shape
+        cols = cols.reshape(b, self.module.in_channels, -1, L)         # (batch, in, taps, positions)
+        return cols.permute(0, 3, 2, 1).reshape(b * L, -1)             # (tokens, taps x in)
+
+
+def patches(module: nn.Module, x: Tensor) -> Tensor:
+    """A matrix layer's input as ``(batch, features, positions)``, features in the order of the
+    stored ``weight.reshape(out, -1)`` (a convolution: in x taps, unfolded as im2col with the
+    module's padding, whatever its mode; a Linear layer: its last axis, every leading axis after
+    the first a position). K-FAC's input factor and :meth:`Target.tokens` both read this."""
+    if isinstance(module, _CONVS):
+        m = module
         if m.padding_mode != "zeros" or isinstance(m.padding, str) or any(m.padding):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
@@ -98,10 +110,10 @@ class Target:
             x, k, d, s = x[:, :, None], (1, *m.kernel_size), (1, *m.dilation), (1, *m.stride)
         else:
             k, d, s = m.kernel_size, m.dilation, m.stride
-        cols = F.unfold(x, k, dilation=d, stride=s)                    # (batch, in * taps, positions)
-        b, _, L = cols.shape
-        cols = cols.reshape(b, m.in_channels, -1, L)                   # (batch, in, taps, positions)
-        return cols.permute(0, 3, 2, 1).reshape(b * L, -1)             # (tokens, taps x in)
+        return F.unfold(x, k, dilation=d, stride=s)
+    if x.dim() == 1:
+        x = x[None]
+    return x.reshape(len(x), -1, x.shape[-1]).transpose(1, 2)
 
 
 def find_targets(model: nn.Module, table: dict[str, Entry], names: list[str] | None,

@@ -103,21 +103,25 @@ class Gram:
             self.M_raw = torch.zeros_like(self.H)
 
     def add(self, x: Tensor, xtx: Tensor | None = None, W: Tensor | None = None) -> None:
-        """Add tokens ``x`` (tokens x d); ``xtx`` is their statistic (Gram, or its diagonal) when
-        already computed, ``W`` the rows this input feeds (for the sandwich's ``e_t``)."""
+        """Add tokens ``x`` (tokens x d, or ``(batch, d, positions)``: see :func:`input_statistic`);
+        ``xtx`` is their statistic (Gram, or its diagonal) when already computed, ``W`` the rows
+        this input feeds (for the sandwich's ``e_t``)."""
         x = x.detach()
         if xtx is None:
             xtx = input_statistic(x, self.diagonal)
+        count = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]
         if self.bias:
-            d, s = self.d, x.sum(0, dtype=torch.float64)
+            d, s = self.d, x.sum(0 if x.dim() == 2 else (0, 2), dtype=torch.float64)
             self.H[:d, :d] += xtx
             self.H[:d, d] += s
             self.H[d, :d] += s
-            self.H[d, d] += x.shape[0]
+            self.H[d, d] += count
         else:
             self.H += xtx
-        self.n += x.shape[0]
+        self.n += count
         if self.sandwich:
+            if x.dim() != 2:
+                raise ValueError("the sandwich's token weights need tokens x d inputs")
             x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
             e = (x @ W.detach().to(device=x.device, dtype=x.dtype).T).double().pow(2).sum(1)
             xd = x.double()
@@ -136,10 +140,25 @@ class Gram:
 
 
 def input_statistic(x: Tensor, diagonal: bool = False) -> Tensor:
-    """``x^T x`` (tokens x d in), or only its diagonal: float32 products (float64 inputs stay
-    float64), summed in float64."""
+    """``x^T x`` over tokens, or only its diagonal: float32 products (float64 inputs stay float64),
+    summed in float64. ``x`` is tokens x d, or ``(batch, d, positions)`` (features first, as
+    :func:`mustat.layers.patches` gives a convolution's patches): its positions are tokens, and the
+    products are batched over about 32 MiB of output without copying ``x``."""
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return x.square().sum(0).double() if diagonal else (x.T @ x).double()
+    if x.dim() == 2:
+        return x.square().sum(0).double() if diagonal else (x.T @ x).double()
+    if diagonal:
+        return x.square().sum((0, 2), dtype=torch.float64)
+    d = x.shape[1]
+    if x.shape[2] == 1:
+        r = x[:, :, 0]
+        return (r.T @ r).double()
+    out = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    step = max(1, (32 << 20) // (x.element_size() * d * d))
+    for j in range(0, len(x), step):
+        b = x[j:j + step]
+        out += torch.bmm(b, b.transpose(1, 2)).sum(0, dtype=torch.float64)
+    return out
 
 
 def token_mask(batch) -> Tensor | None:

@@ -81,10 +81,13 @@ def test_ekfac_equals_kfac_where_kfac_is_exact():
                                make_estimator("kfac", model).fit(ctx).se()["weight"], rtol=1e-10, atol=0)
 
 
-def _dense_curvature(est, name):
+def _dense_curvature(est, name, n):
+    """The layer's damped curvature from its Kronecker basis and eigenvalues (both checked against
+    references above: curvlinops' factors, the dense GGN's diagonal in the basis); the ridge is
+    the penalty's ``n * weight_decay``, written here rather than read from the estimator."""
     QA, QB = (t.numpy() for t in est._factors[name][:2])
     Q = np.kron(QB, QA)
-    return Q @ np.diag(est._eigen[name].numpy().reshape(-1)) @ Q.T + est._d * np.eye(len(Q))
+    return Q @ np.diag(est._eigen[name].numpy().reshape(-1)) @ Q.T + n * WD * np.eye(len(Q))
 
 
 @pytest.mark.parametrize("se", ["kfac", "ekfac"])
@@ -98,7 +101,7 @@ def test_the_layer_update_is_the_constrained_optimum_of_the_layer_curvature(se):
         copy = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
         copy.load_state_dict(model.state_dict())
         est = make_estimator(se, copy, obs_block=block or "row").fit(ctx)
-        H = _dense_curvature(est, name)
+        H = _dense_curvature(est, name, len(X))
         w = copy[0].weight.detach().clone()
         scores = mustat.score(copy, "obs", se=est.se())
         mustat.prune(copy, scores, sparsity=0.5, update=est if block else None)
@@ -141,7 +144,7 @@ def test_the_layer_update_leaves_weights_pruned_before_the_fit_out(se):
     mustat.prune(model, mustat.score(model, "obs", se=first.se()), sparsity=0.3)
     before = model[0].weight.detach().clone()
     est = make_estimator(se, model, obs_block="layer").fit(ctx)
-    H = _dense_curvature(est, "0.weight")
+    H = _dense_curvature(est, "0.weight", len(X))
     mustat.prune(model, mustat.score(model, "obs", se=est.se()), sparsity=0.6, update=est)
     after = model[0].weight.detach()
     old, cut = (before == 0).numpy().reshape(-1), ((after == 0) & (before != 0)).numpy().reshape(-1)

@@ -231,3 +231,34 @@ def test_float32_passes_stay_close_to_float64():
     assert make_estimator("kfac", model, pass_dtype="model").cost(ctx).note == ""
     with pytest.raises(ValueError, match="pass_dtype"):
         make_estimator("kfac", model, pass_dtype="float16")
+
+
+class _Pad(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x):
+        return nn.functional.pad(x, (1, 1, 1, 1), mode=self.mode)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+def test_padding_modes_equal_an_explicit_pad_before_an_unpadded_conv(mode):
+    """A convolution with ``padding="same"`` (any mode) is a pad followed by an unpadded
+    convolution: K-FAC's SEs of the two models are the same numbers (the unpadded one is the case
+    checked against curvlinops above)."""
+    torch.manual_seed(0)
+    padded = nn.Sequential(nn.Conv2d(2, 3, 3, padding="same", padding_mode=mode), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(3 * 5 * 5, 4)).double()
+    plain = nn.Sequential(_Pad("constant" if mode == "zeros" else mode), nn.Conv2d(2, 3, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 5 * 5, 4)).double()
+    plain[1].load_state_dict(padded[0].state_dict())
+    plain[4].load_state_dict(padded[3].state_dict())
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 2, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,), generator=g)
+    ctx = FitContext(X=X, y=y, loss=nn.functional.cross_entropy, weight_decay=1e-3)
+    se = make_estimator("kfac", padded).fit(ctx).se()
+    ref = make_estimator("kfac", plain).fit(ctx).se()
+    torch.testing.assert_close(se["0.weight"], ref["1.weight"], rtol=1e-10, atol=0)
+    torch.testing.assert_close(se["3.weight"], ref["4.weight"], rtol=1e-10, atol=0)

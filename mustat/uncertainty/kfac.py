@@ -50,7 +50,6 @@ from collections.abc import Iterable
 from numbers import Integral, Real
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -59,8 +58,9 @@ from mustat._functional import FunctionalModel, eval_mode
 from mustat._params import entries
 from mustat.batching import batches
 from mustat.cost import Cost, machine_flops
-from mustat.layers import MATRIX_TYPES
+from mustat.layers import MATRIX_TYPES, patches
 from mustat.obs import kept_solve
+from mustat.statistics import Gram, input_statistic
 from mustat.uncertainty.base import FitContext, register_estimator
 from mustat.uncertainty.curvature import output_factor
 from mustat.uncertainty.marginal import Marginal, cast_inputs
@@ -74,56 +74,11 @@ OBS_BLOCKS = ("row", "layer")
 PASS_DTYPES = ("float64", "model")
 
 
-def _sum_outer(t: Tensor) -> Tensor:
-    """``sum_i t_i t_i^T`` over a chunk ``t`` of ``(m, k, T)`` (features first, any strides), in
-    float64: products in ``t``'s dtype (the pass dtype), batched over about 32 MiB of output, with
-    no copy of ``t``."""
-    k = t.shape[1]
-    if t.shape[2] == 1:
-        r = t[:, :, 0]
-        return (r.T @ r).to(torch.float64)
-    out = torch.zeros(k, k, dtype=torch.float64)
-    step = max(1, (32 << 20) // (t.element_size() * k * k))
-    for j in range(0, len(t), step):
-        b = t[j:j + step]
-        out += torch.bmm(b, b.transpose(1, 2)).sum(0, dtype=torch.float64)
-    return out
-
-
-def _moment(a: Tensor, bias: bool, into: Tensor | None) -> Tensor:
-    """``into + sum [a, 1][a, 1]^T`` (``[a]`` without ``bias``) over a chunk ``a`` of
-    ``(m, features, T)``, in float64, without forming ``[a, 1]``."""
-    f = a.shape[1]
-    k = f + bias
-    if into is None:
-        into = torch.zeros(k, k, dtype=torch.float64)
-    into[:f, :f] += _sum_outer(a)
-    if bias:
-        s = a.sum((0, 2), dtype=torch.float64)
-        into[:f, f] += s
-        into[f, :f] += s
-        into[f, f] += a.shape[0] * a.shape[2]
-    return into
-
-
-def _patches(module: nn.Module, x: Tensor) -> Tensor:
-    """The layer's input as ``(m, features, T)``, features first (a Linear layer: ``T`` the
-    leading positions, 1 for a plain batch; a convolution: its unfolded patches, in the order of
-    ``weight.reshape(out, -1)``)."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(len(x), -1, x.shape[-1]).transpose(1, 2)
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2)
-        k, d, p, s = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
-    else:
-        k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
-    return F.unfold(x, k, dilation=d, padding=p, stride=s)
-
-
 @register_estimator("kfac")
 class KFAC(Marginal):
     """Kronecker-factored marginal SEs (module notes) for the weights of ``nn.Linear``,
-    ``nn.Conv1d`` and ``nn.Conv2d`` layers (``groups=1``, numeric zero padding), each applied
+    ``nn.Conv1d`` and ``nn.Conv2d`` layers (``groups=1``; any padding: the input factor reads the
+    patches of :func:`mustat.layers.patches`), each applied
     once per forward pass (a Linear layer may see sequences: its positions are the ``T``).
     Other tensors: an error offering ``block``.
 
@@ -167,11 +122,10 @@ class KFAC(Marginal):
         self._layers: dict[str, nn.Module] = {}
         for n, e in zip(self.names, self._entries):
             mod = e.module
-            if e.tied or e.attr != "weight" or not isinstance(mod, _LAYERS) or getattr(mod, "groups", 1) != 1 \
-                    or isinstance(getattr(mod, "padding", 0), str) or getattr(mod, "padding_mode", "zeros") != "zeros":
+            if e.tied or e.attr != "weight" or not isinstance(mod, _LAYERS) or getattr(mod, "groups", 1) != 1:
                 raise ValueError(
                     f"estimator {self.name!r} factors the weights of nn.Linear, nn.Conv1d and nn.Conv2d layers (groups=1, "
-                    f"numeric zero padding, used once), not {n!r} ({type(mod).__name__}.{e.attr}); use se='block' "
+                    f"used once), not {n!r} ({type(mod).__name__}.{e.attr}); use se='block' "
                     "or leave it out of params=")
             self._layers[n] = mod
         self._find_biases()
@@ -274,7 +228,7 @@ class KFAC(Marginal):
         seen = {}
 
         def count(mod, inp, out):
-            seen[mod] = _patches(mod, inp[0].detach()).shape[2]
+            seen[mod] = patches(mod, inp[0].detach()).shape[2]
 
         handles = [m.register_forward_hook(count) for m in self._layers.values()]
         try:
@@ -345,7 +299,7 @@ class KFAC(Marginal):
                                 col[mods[m]] = g
                             yield col
 
-                    yield len(yb), {mods[m]: _patches(m, inputs[m]) for m in order}, columns()
+                    yield len(yb), {mods[m]: patches(m, inputs[m]) for m in order}, columns()
                     bar.update(len(yb))
         finally:
             bar.close()
@@ -360,7 +314,7 @@ class KFAC(Marginal):
 
     def _build(self, context: FitContext) -> None:
         self._has_bias = {n: self._bias(mod) for n, mod in self._layers.items()}
-        A: dict[str, Tensor | None] = {n: None for n in self._layers}
+        A: dict[str, Gram | None] = {n: None for n in self._layers}
         B: dict[str, Tensor | None] = {n: None for n in self._layers}
         # a layer's input rows are kept while they are fewer than its features: A = X^T X / N then has
         # rank <= N, and the N x N Gram matrix X X^T gives its eigenvectors at a fraction of the cost
@@ -372,7 +326,7 @@ class KFAC(Marginal):
             for col in columns:
                 for n, g in col.items():
                     if g is not None:
-                        g = _sum_outer(g)
+                        g = input_statistic(g)
                         B[n] = g if B[n] is None else B[n].add_(g)
             for n, a in inputs.items():
                 positions[n] = a.shape[2]
@@ -381,10 +335,13 @@ class KFAC(Marginal):
                     rows[n].append(self._with_one(n, a.transpose(1, 2).reshape(-1, a.shape[1]).to(torch.float64)))
                     if sum(len(r) for r in rows[n]) < f:
                         continue
-                    a, rows[n] = torch.cat(rows[n]), None
-                    A[n] = a.T @ a
+                    kept, rows[n] = torch.cat(rows[n]), None
+                    A[n] = Gram(a.shape[1], a.device, bias=self._has_bias[n])
+                    A[n].add(kept[:, :a.shape[1]])
                     continue
-                A[n] = _moment(a, self._has_bias[n], A[n])
+                if A[n] is None:
+                    A[n] = Gram(a.shape[1], a.device, bias=self._has_bias[n])
+                A[n].add(a)
         self._factors, self._eigen, self._cg, self._rows, self._a_cache = {}, {}, {}, {}, {}
         bases = {}
         eps = torch.finfo(torch.float64).eps
@@ -404,7 +361,7 @@ class KFAC(Marginal):
                 QA = X.T @ (U[:, keep] / alpha.sqrt())
                 self._rows[n], a_mat = X, None
             else:
-                a_mat = A[n] / total
+                a_mat = A[n].H / total
                 alpha, QA = torch.linalg.eigh(0.5 * (a_mat + a_mat.T))
             beta, QB = torch.linalg.eigh(0.5 * (b_mat + b_mat.T))
             bases[n] = (QA, QB, alpha, beta, a_mat, b_mat)
