@@ -8,12 +8,14 @@ Hassibi & Stork 1993; for a layer's least-squares reconstruction ``H = X X^\top`
 refit of the kept inputs, as in SparseGPT and the structured refit). Rows that share ``H`` (a
 layer's output rows under reconstruction) are solved together.
 
-The curvature comes as a dense matrix here; a Kronecker or low-rank structure forms its blocks and
-calls :func:`kept_solve`, or solves the same system by conjugate gradients
-(:class:`mustat.uncertainty.kfac.KFAC`'s whole-layer update).
+The curvature comes as a dense matrix (:func:`kept_solve`, by Cholesky) or as an operator, its
+product with a tensor of the weights' shape (:func:`kept_cg`, by preconditioned conjugate
+gradients: K-FAC's whole-layer update, where the ``out*in`` system is never formed).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -63,3 +65,50 @@ def inverse_cholesky(Hd: Tensor) -> tuple[Tensor, Tensor]:
     Hinv = torch.cholesky_inverse(L)
     U = torch.linalg.cholesky(Hinv, upper=True)
     return Hinv, U
+
+
+def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor, w: Tensor, keep: Tensor, cut: Tensor, *,
+            tol: float, max_iter: int) -> tuple[Tensor, int, float]:
+    r"""The compensating update of :func:`kept_solve` for a curvature given as an operator:
+    :math:`\delta_K = H_{KK}^{-1} H_{KQ} w_Q` by conjugate gradients on the kept entries with a
+    Jacobi preconditioner, ``H`` symmetric positive definite on them.
+
+    Parameters
+    ----------
+    H
+        The product of the curvature with a tensor of ``w``'s shape (any shape: a layer's
+        rows x inputs, say), returning that shape.
+    diag
+        The curvature's diagonal, in ``w``'s shape (the preconditioner).
+    w, keep, cut
+        The weights and the boolean masks of the entries kept free and cut now (entries in
+        neither are held).
+    tol, max_iter
+        Stop when the residual is below ``tol`` times the right-hand side's norm, or after
+        ``max_iter`` iterations.
+
+    Returns
+    -------
+    (updated w, iterations, relative residual)
+    """
+    K = keep.to(w.dtype)
+    rhs = K * H(w * cut)
+    precond = diag * K + (1 - K)
+    x = torch.zeros_like(w)
+    r = rhs.clone()
+    z = r / precond
+    p = z.clone()
+    rz = (r * z).sum()
+    norm = float(rhs.norm())
+    iters = 0
+    while float(r.norm()) > tol * norm and iters < max_iter:
+        Hp = K * H(p)
+        step = rz / (p * Hp).sum()
+        x += step * p
+        r -= step * Hp
+        z = r / precond
+        rz, rz_old = (r * z).sum(), rz
+        p = z + (rz / rz_old) * p
+        iters += 1
+    residual = float(r.norm()) / max(norm, 1e-300)
+    return torch.where(keep, w + x, w), iters, residual

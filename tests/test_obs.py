@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mustat.obs import cholesky, kept_solve
+from mustat.obs import cholesky, kept_cg, kept_solve
 
 
 def test_kept_solve_is_the_constrained_minimum_for_one_row_or_many():
@@ -34,3 +34,30 @@ def test_a_singular_block_is_refused_without_a_ridge():
     H[0, 0] = 1.0
     with pytest.raises(ValueError, match="not positive definite"):
         cholesky(H, "a block")
+
+
+def test_kept_cg_is_the_constrained_minimum_of_an_operator():
+    """The operator kernel on a curvature that couples every entry of a 3 x 5 matrix (as K-FAC's
+    cross-row terms do), each row with its own support and one entry held, against numpy's
+    solve of the flattened normal equations."""
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((60, 15))
+    H = A.T @ A + 0.1 * np.eye(15)
+    W = rng.standard_normal((3, 5))
+    cut = rng.random((3, 5)) < 0.4
+    keep = ~cut
+    keep[1, 2] = cut[1, 2] = False                     # held as it is
+    K, Q = np.flatnonzero(keep), np.flatnonzero(cut)
+    expected = W.reshape(-1).copy()
+    expected[K] += np.linalg.solve(H[np.ix_(K, K)], H[np.ix_(K, Q)] @ W.reshape(-1)[Q])
+    Ht = torch.from_numpy(H)
+    got, iters, residual = kept_cg(lambda V: (Ht @ V.reshape(-1)).reshape(V.shape), Ht.diagonal().reshape(3, 5),
+                                   torch.from_numpy(W), torch.from_numpy(keep), torch.from_numpy(cut),
+                                   tol=1e-13, max_iter=200)
+    np.testing.assert_allclose(got.numpy().reshape(-1), expected, rtol=1e-9, atol=1e-11)
+    assert residual <= 1e-13 and 1 <= iters <= len(K) + 5
+    # too few iterations: the residual says so
+    _, iters, residual = kept_cg(lambda V: (Ht @ V.reshape(-1)).reshape(V.shape), Ht.diagonal().reshape(3, 5),
+                                 torch.from_numpy(W), torch.from_numpy(keep), torch.from_numpy(cut),
+                                 tol=1e-13, max_iter=1)
+    assert iters == 1 and residual > 1e-6

@@ -59,7 +59,7 @@ from mustat._params import entries
 from mustat.batching import batches
 from mustat.cost import Cost, machine_flops
 from mustat.layers import MATRIX_TYPES, patches
-from mustat.obs import kept_solve
+from mustat.obs import kept_cg, kept_solve
 from mustat.statistics import Gram, input_statistic
 from mustat.uncertainty.base import FitContext, register_estimator
 from mustat.uncertainty.curvature import output_factor
@@ -474,38 +474,19 @@ class KFAC(Marginal):
         small matrix products in the eigenbasis, so the ``out*in`` system is never formed."""
         QA, QB, _, _, _ = self._factors[name]
         s, d = self._eigen[name], self._d
-        k = w.shape[1]
-        QAw = QA[:k]
-        K = keep.to(torch.float64)
+        QAw = QA[:w.shape[1]]
 
         def H(V: Tensor) -> Tensor:
             return QB @ ((QB.T @ V @ QAw) * s) @ QAw.T + d * V
 
-        rhs = K * H(w * cut)
-        diag = (QB.square() @ s @ QAw.square().T + d) * K + (1 - K)
-        x = torch.zeros_like(w)
-        r = rhs.clone()
-        z = r / diag
-        p = z.clone()
-        rz = (r * z).sum()
-        target = self.cg_tol * float(rhs.norm())
-        iters = 0
-        while float(r.norm()) > target and iters < self.cg_max_iter:
-            Hp = K * H(p)
-            step = rz / (p * Hp).sum()
-            x += step * p
-            r -= step * Hp
-            z = r / diag
-            rz, rz_old = (r * z).sum(), rz
-            p = z + (rz / rz_old) * p
-            iters += 1
-        residual = float(r.norm()) / max(float(rhs.norm()), 1e-300)
+        diag = QB.square() @ s @ QAw.square().T + d
+        out, iters, residual = kept_cg(H, diag, w, keep, cut, tol=self.cg_tol, max_iter=self.cg_max_iter)
         self._cg[name] = (iters, residual)
         if residual > self.cg_tol:
             warnings.warn(f"estimator {self.name!r}: the layer update of {name!r} stopped after {iters} conjugate-"
                           f"gradient iterations at relative residual {residual:.1e} (cg_tol={self.cg_tol:g}); raise "
                           "cg_max_iter or use obs_block='row'", RuntimeWarning, stacklevel=5)
-        return torch.where(keep, w + x, w)
+        return out
 
     def diagnostics(self) -> dict:
         out = {**super().diagnostics(), "obs_block": self.obs_block}
