@@ -73,6 +73,8 @@ class FunctionalModel:
         Cast every floating tensor (parameters and buffers) to this dtype and move
         everything to this device (default: as they are). Inputs are the caller's to cast.
 
+    Notes
+    -----
     ``fm.params(names)`` gives the effective values (masks applied), detached;
     ``fm(values, *args)`` runs the forward pass with ``values`` (a dict keyed by tensor
     name, any subset) in place of those tensors and the snapshot for all others. The

@@ -207,9 +207,11 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
     lines += _reading(glm)
     lines += ["", "## GLM designs", "", _fmt(head), ""]
     lines += _hidden(summary)
-    lines += ["",
-              "## Figures", "", "![log-log SE](loglog_se.png)", "", "![QQ of null p-values](qq_null_pvalues.png)", "",
-              "![coverage](coverage.png)", ""]
+    # link only the figures drawn (a study without GLM cells has no coverage figure)
+    figures = [f"![{alt}]({name})" for alt, name in (("log-log SE", "loglog_se.png"),
+               ("QQ of null p-values", "qq_null_pvalues.png"), ("coverage", "coverage.png")) if (out / name).exists()]
+    if figures:
+        lines += ["", "## Figures", ""] + [x for f in figures for x in (f, "")]
     return atomic_write(out / "report.md", lambda t: Path(t).write_text("\n".join(lines)))
 
 
