@@ -4,15 +4,24 @@
 characters; part of the standard library, so present on every machine). It is split into
 sentences, deduplicated and filtered by length; the split into calibration and evaluation sets is
 a seeded permutation, so the two never share a sentence.
+
+For language models the text is read whole (:func:`read_text`: the topics, or a file the user
+names), tokenised once, and cut into windows (:func:`token_windows`): non-overlapping windows of
+the token stream, a seeded share for calibration and a disjoint one for evaluation.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from mustat._checks import check_scalar
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -50,3 +59,63 @@ def split(sentences: list[str], calibration: int, evaluation: int, seed: int = 0
     order = np.random.default_rng(seed).permutation(len(sentences))
     return ([sentences[i] for i in order[:calibration]],
             [sentences[i] for i in order[calibration:calibration + evaluation]])
+
+
+def read_text(source: str = "pydoc") -> str:
+    """The text to calibrate and evaluate a language model on: ``"pydoc"`` (:func:`python_docs_text`)
+    or the path of a UTF-8 text file."""
+    if source == "pydoc":
+        return python_docs_text()
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"text {source!r} is neither 'pydoc' nor a file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text {source!r} is empty")
+    return text
+
+
+class Windows(NamedTuple):
+    """Calibration and evaluation windows, ``(count, length)`` token tensors, and where each window
+    starts in the stream (``*_starts``, multiples of ``length``)."""
+
+    calibration: Tensor
+    evaluation: Tensor
+    calibration_starts: np.ndarray
+    evaluation_starts: np.ndarray
+
+
+def token_windows(ids, length: int, calibration: int, evaluation: int, *, seed: int = 0) -> Windows:
+    """Disjoint calibration and evaluation windows of a token stream.
+
+    The stream ``ids`` (1-D, integers) is cut into ``len(ids) // length`` non-overlapping windows
+    of ``length`` tokens (the tail shorter than ``length`` is dropped); a permutation drawn with
+    ``seed`` (numpy's PCG64, the same on every machine) gives the first ``calibration`` windows to
+    calibration and the next ``evaluation`` to evaluation, each set in stream order. No token
+    position is in both sets, and a window never crosses another. Every method calibrated with the
+    same ``seed`` sees the very same tokens.
+
+    Returns
+    -------
+    Windows
+        ``torch.long`` tensors ``(calibration, length)`` and ``(evaluation, length)`` and their starts.
+    """
+    import torch
+
+    check_scalar(length, "length", kind=int, low=2)
+    check_scalar(calibration, "calibration", kind=int, low=0)
+    check_scalar(evaluation, "evaluation", kind=int, low=0)
+    check_scalar(seed, "seed", kind=int, low=0)
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"ids must be a 1-D integer sequence of tokens, got shape {tuple(ids.shape)} {ids.dtype}")
+    n = len(ids) // length
+    if calibration + evaluation > n:
+        raise ValueError(f"calibration + evaluation = {calibration + evaluation} windows of {length} tokens is more "
+                         f"than the {n} in {len(ids)} tokens")
+    order = np.random.default_rng(seed).permutation(n)
+    cal = np.sort(order[:calibration])
+    held = np.sort(order[calibration:calibration + evaluation])
+    windows = ids[: n * length].long().view(n, length)
+    return Windows(windows[torch.as_tensor(cal, dtype=torch.long)], windows[torch.as_tensor(held, dtype=torch.long)],
+                   cal * length, held * length)
