@@ -11,7 +11,7 @@ from mustat.structured.groups import (
     groups,
     output_layers,
 )
-from mustat.structured.heads import attention_blocks, prune_heads
+from mustat.structured.heads import attention_blocks, prune_heads, sync_config
 from mustat.structured.macs import count
 from mustat.structured.surgery import (
     IMPORTANCES,
@@ -29,5 +29,5 @@ __all__ = [
     "BASELINES", "IMPORTANCES", "Group", "StructuredReport", "UnitStatistics", "WaldImportance", "attention_blocks",
     "count", "dependency_graph", "export", "fdr_keep", "ffn_blocks", "group_tests", "groups", "latency",
     "output_layers", "paired_latency", "prune_channels", "prune_channels_fdr", "prune_ffn", "prune_heads",
-    "unit_statistics",
+    "sync_config", "unit_statistics",
 ]

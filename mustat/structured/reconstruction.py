@@ -143,16 +143,40 @@ def cut_channels(producers: Sequence[nn.Linear], consumer: nn.Linear, idxs: Sequ
     check_cuttable([*producers, consumer])
     gone = set(idxs)
     keep = [j for j in range(consumer.in_features) if j not in gone]
-    masks = [_unmask(layer) for layer in (*producers, consumer)]
-    idxs = sorted(gone)
-    for layer in producers:
-        tp.prune_linear_out_channels(layer, idxs)
-    tp.prune_linear_in_channels(consumer, idxs)
+    found = _unmask(consumer)
+    cut_outputs(producers, idxs)
+    tp.prune_linear_in_channels(consumer, sorted(gone))
     if fitted is not None:
         set_weights(consumer, *fitted)
+    else:
+        for attr, k in found.items():
+            M.set_mask(consumer, attr, k[:, keep] if attr == "weight" else k)
+
+
+@torch.no_grad()
+def cut_outputs(producers: Sequence[nn.Linear], idxs: Sequence[int]) -> None:
+    """Remove the output rows ``idxs`` (and bias entries) of every producer with Torch-Pruning's
+    ``prune_linear_out_channels``, keeping the surviving entries' masks (module notes): the half of
+    :func:`cut_channels` for layers whose consumer is cut elsewhere (a grouped-query attention
+    block's key and value projections, whose rows are not the output projection's columns)."""
+    check_cuttable(producers)
+    gone = set(idxs)
+    masks = [_unmask(layer) for layer in producers]
     for layer, found in zip(producers, masks):
+        keep = [j for j in range(layer.out_features) if j not in gone]
+        tp.prune_linear_out_channels(layer, sorted(gone))
         for attr, k in found.items():
             M.set_mask(layer, attr, k[keep])
-    if fitted is None:
-        for attr, k in masks[-1].items():
-            M.set_mask(consumer, attr, k[:, keep] if attr == "weight" else k)
+
+
+def removal_count(n: int, fraction: float, width: int, round_to: int | None) -> int:
+    """Units to remove from ``n`` (each ``width`` channels wide) for :func:`~mustat.structured.prune_ffn`
+    and :func:`~mustat.structured.prune_heads`: ``round(fraction * n)``, at most
+    ``n - 1``; with ``round_to``, the nearest count (ties: fewer removed) whose kept width
+    ``(n - k) * width`` is a multiple of ``round_to``, keeping at least one unit (no such count:
+    the unrounded one)."""
+    k = min(int(round(fraction * n)), n - 1)
+    if round_to is None:
+        return k
+    ok = [j for j in range(n) if ((n - j) * width) % round_to == 0]
+    return min(ok, key=lambda j: (abs(j - k), j)) if ok else k
