@@ -178,9 +178,10 @@ def save_plain(model: nn.Module, tokenizer, folder: str | os.PathLike) -> Path:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    plain.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    with _quiet_transformers():
+        plain.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

@@ -85,15 +85,19 @@ class Windows(NamedTuple):
     evaluation_starts: np.ndarray
 
 
-def token_windows(ids, length: int, calibration: int, evaluation: int, *, seed: int = 0) -> Windows:
+def token_windows(ids, length: int, calibration: int, evaluation: int, *, seed: int = 0,
+                  calibration_seed: int | None = None) -> Windows:
     """Disjoint calibration and evaluation windows of a token stream.
 
     The stream ``ids`` (1-D, integers) is cut into ``len(ids) // length`` non-overlapping windows
     of ``length`` tokens (the tail shorter than ``length`` is dropped); a permutation drawn with
-    ``seed`` (numpy's PCG64, the same on every machine) gives the first ``calibration`` windows to
-    calibration and the next ``evaluation`` to evaluation, each set in stream order. No token
+    ``seed`` (numpy's PCG64, the same on every machine) gives its first ``evaluation`` windows to
+    evaluation and the next ``calibration`` to calibration, each set in stream order. With
+    ``calibration_seed``, the calibration windows are drawn instead from all the windows left over
+    by a permutation with that seed: the evaluation set stays the same for every calibration seed
+    and count, so methods and seeds are compared on the very same held-out tokens. No token
     position is in both sets, and a window never crosses another. Every method calibrated with the
-    same ``seed`` sees the very same tokens.
+    same seeds sees the very same tokens.
 
     Returns
     -------
@@ -106,6 +110,8 @@ def token_windows(ids, length: int, calibration: int, evaluation: int, *, seed: 
     check_scalar(calibration, "calibration", kind=int, low=0)
     check_scalar(evaluation, "evaluation", kind=int, low=0)
     check_scalar(seed, "seed", kind=int, low=0)
+    if calibration_seed is not None:
+        check_scalar(calibration_seed, "calibration_seed", kind=int, low=0)
     ids = torch.as_tensor(ids)
     if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"ids must be a 1-D integer sequence of tokens, got shape {tuple(ids.shape)} {ids.dtype}")
@@ -114,8 +120,10 @@ def token_windows(ids, length: int, calibration: int, evaluation: int, *, seed: 
         raise ValueError(f"calibration + evaluation = {calibration + evaluation} windows of {length} tokens is more "
                          f"than the {n} in {len(ids)} tokens")
     order = np.random.default_rng(seed).permutation(n)
-    cal = np.sort(order[:calibration])
-    held = np.sort(order[calibration:calibration + evaluation])
+    held, rest = np.sort(order[:evaluation]), order[evaluation:]
+    if calibration_seed is not None:
+        rest = rest[np.random.default_rng(calibration_seed).permutation(len(rest))]
+    cal = np.sort(rest[:calibration])
     windows = ids[: n * length].long().view(n, length)
     return Windows(windows[torch.as_tensor(cal, dtype=torch.long)], windows[torch.as_tensor(held, dtype=torch.long)],
                    cal * length, held * length)

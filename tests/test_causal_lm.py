@@ -194,6 +194,11 @@ def test_token_windows_are_disjoint_seeded_and_checked():
     again = token_windows(ids, 16, 20, 30, seed=4)
     assert torch.equal(again.calibration, w.calibration) and torch.equal(again.evaluation, w.evaluation)
     assert not torch.equal(token_windows(ids, 16, 20, 30, seed=5).calibration, w.calibration)
+    other = token_windows(ids, 16, 10, 30, seed=4, calibration_seed=7)       # another calibration, same held-out
+    assert torch.equal(other.evaluation, w.evaluation) and not set(other.calibration.flatten().tolist()) & held
+    assert not torch.equal(other.calibration, w.calibration[:10])
+    assert torch.equal(token_windows(ids, 16, 5, 30, seed=4, calibration_seed=7).calibration,
+                       token_windows(ids, 16, 5, 30, seed=4, calibration_seed=7).calibration)
     with pytest.raises(ValueError, match="is more than the 62 in 1000 tokens"):
         token_windows(ids, 16, 40, 30)
     with pytest.raises(ValueError, match=r"length must be in \[2, inf\], got 1"):
