@@ -67,8 +67,8 @@ def inverse_cholesky(Hd: Tensor) -> tuple[Tensor, Tensor]:
     return Hinv, U
 
 
-def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor, w: Tensor, keep: Tensor, cut: Tensor, *,
-            tol: float, max_iter: int) -> tuple[Tensor, int, float]:
+def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor | Callable[[Tensor], Tensor], w: Tensor, keep: Tensor,
+            cut: Tensor, *, tol: float, max_iter: int, start: Tensor | None = None) -> tuple[Tensor, int, float]:
     r"""The compensating update of :func:`kept_solve` for a curvature given as an operator:
     :math:`\delta_K = H_{KK}^{-1} H_{KQ} w_Q` by conjugate gradients on the kept entries with a
     Jacobi preconditioner, ``H`` symmetric positive definite on them.
@@ -79,13 +79,18 @@ def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor, w: Tensor, keep: Tensor
         The product of the curvature with a tensor of ``w``'s shape (any shape: a layer's
         rows x inputs, say), returning that shape.
     diag
-        The curvature's diagonal, in ``w``'s shape (the preconditioner).
+        The preconditioner: the curvature's diagonal in ``w``'s shape (Jacobi), or a function
+        applying an approximate inverse to a residual of ``w``'s shape (symmetric positive
+        definite; its output is restricted to the kept entries here).
     w, keep, cut
         The weights and the boolean masks of the entries kept free and cut now (entries in
         neither are held).
     tol, max_iter
         Stop when the residual is below ``tol`` times the right-hand side's norm, or after
         ``max_iter`` iterations.
+    start
+        Weights to start from (only their kept entries are read: a previous, approximate
+        update, say); ``None`` starts from ``w``.
 
     Returns
     -------
@@ -93,10 +98,17 @@ def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor, w: Tensor, keep: Tensor
     """
     K = keep.to(w.dtype)
     rhs = K * H(w * cut)
-    precond = diag * K + (1 - K)
-    x = torch.zeros_like(w)
-    r = rhs.clone()
-    z = r / precond
+    if callable(diag):
+        def apply(r: Tensor) -> Tensor:
+            return K * diag(r)
+    else:
+        precond = diag * K + (1 - K)
+
+        def apply(r: Tensor) -> Tensor:
+            return r / precond
+    x = torch.zeros_like(w) if start is None else K * (start - w)
+    r = rhs - K * H(x) if start is not None else rhs.clone()
+    z = apply(r)
     p = z.clone()
     rz = (r * z).sum()
     norm = float(rhs.norm())
@@ -106,7 +118,7 @@ def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor, w: Tensor, keep: Tensor
         step = rz / (p * Hp).sum()
         x += step * p
         r -= step * Hp
-        z = r / precond
+        z = apply(r)
         rz, rz_old = (r * z).sum(), rz
         p = z + (rz / rz_old) * p
         iters += 1

@@ -292,6 +292,8 @@ def oneshot(
     pattern: str = "unstructured",
     scope: str | None = None,
     update: bool | None = None,
+    refit: bool = False,
+    refit_tol: float = 1e-2,
     damping: float = 0.01,
     sigma: str = "row",
     block_size: int = 128,
@@ -333,6 +335,13 @@ def oneshot(
     update
         Apply OBS's compensating update to the kept weights (SparseGPT's sweep). ``None``: on for
         ``sparsegpt``, off for the others.
+    refit
+        After each layer's mask is chosen (by any method), refit its kept weights exactly: each
+        row's least-squares reconstruction on its support, by preconditioned conjugate gradients
+        (:func:`mustat.layerwise.solve.refit`; ALPS's second stage). Needs calibration data, and
+        the whole Gram matrix for Wanda.
+    refit_tol
+        The refit's relative residual, in (0, 1).
     damping
         Added to the Gram matrix's diagonal as a fraction of its mean (SparseGPT's 0.01).
     sigma
@@ -398,12 +407,16 @@ def oneshot(
         raise TypeError(f"layers must be a list of parameter names, got the string {layers!r}")
     if nm.structured and block_size % nm.m:
         raise ValueError(f"block_size={block_size} must be a multiple of M={nm.m} for pattern='{nm}'")
+    if not isinstance(refit, bool):
+        raise TypeError(f"refit must be True or False, got {refit!r}")
+    check_scalar(refit_tol, "refit_tol", kind=Real, low=0.0, high=1.0, closed="neither")
     if update is None:
         update = method == "sparsegpt"
-    needs_data = method != "magnitude" or update
+    needs_data = method != "magnitude" or update or refit
     if calibration is None and needs_data:
         raise ValueError(f"calibration batches are required for method={method!r}"
-                         f"{' with update' if update else ''}; only magnitude without update needs none")
+                         f"{' with update' if update else ''}{' with refit' if refit else ''}; only magnitude "
+                         "without update or refit needs none")
     if isinstance(exclude, str):
         exclude = (exclude,)
     if calibration is not None:
@@ -427,7 +440,7 @@ def oneshot(
         for rows, _ in t.parts:
             check_groups(t.entry.source()[0].shape if t.kind == "conv" else t.matrix()[rows].shape, nm, t.name)
     device = next(model.parameters()).device
-    diagonal = method == "wanda" and not update   # Wanda reads diag H only (its scaler_row)
+    diagonal = method == "wanda" and not update and not refit   # Wanda reads diag H only (its scaler_row)
     start = time.perf_counter()
     rows_out, passes = [], 0
     # only when every supported layer is pruned: a user who named the layers chose the rest
@@ -466,7 +479,7 @@ def oneshot(
             else:
                 steps = [flat] if sequential == "block" else groups
             batches = len(calibration) if hasattr(calibration, "__len__") else 1
-            cost = estimate([s for s in steps if s], trace.tokens * batches, method=method, update=update,
+            cost = estimate([s for s in steps if s], trace.tokens * batches, method=method, update=update or refit,
                             diagonal=diagonal and blocks is not None, block_cache=blocks is not None)
             free = psutil.virtual_memory().available
             if cost.bytes > 0.9 * free:
@@ -477,7 +490,7 @@ def oneshot(
                      "this will take", cost, progress or None, logger)
         bar = tqdm(total=len(flat), desc=f"one-shot {method}", disable=not progress, unit="layer")
         knobs = dict(method=method, pattern=nm, scope=scope, update=update, damping=damping, sigma=sigma,
-                     block_size=block_size)
+                     block_size=block_size, refit_tol=refit_tol if refit else None)
 
         def prune_group(group: list[Target], grams: dict | None, share: float) -> dict[str, Tensor]:
             changes = {}

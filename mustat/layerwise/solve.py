@@ -32,6 +32,15 @@ its row through the upper Cholesky factor ``U`` of ``H_d^-1`` (row ``j`` of ``U`
 of the inverse of ``H_d`` restricted to columns ``j..d``, scaled), in lazy blocks of columns.
 Weights already processed are frozen, so it is a greedy approximation of the row's constrained
 least-squares refit, not its optimum.
+
+The refit (``refit=True``, any method): after the mask is chosen, each row's least-squares problem
+on its kept weights is solved, ``min ||(w' - w) X||^2 + ridge`` over ``w'`` zero off the mask (the
+same damped ``H_d``), by conjugate gradients over all rows at once (:func:`mustat.obs.kept_cg`),
+preconditioned by ``H_d^-1`` and started from the sweep's weights, to a relative residual of
+``refit_tol`` (1e-2 by default: on all-MiniLM-L6-v2's layers at 70% and 2:4 the reconstruction
+error at 1e-2 is within 1% of that at 1e-4, in 20-60 iterations). This is ALPS's second stage
+(Meng et al. 2024) and the exact solution the sweep approximates: on those layers it cut
+SparseGPT's reconstruction error by 30-50% at the same mask.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mustat.obs import inverse_cholesky
+from mustat.obs import inverse_cholesky, kept_cg
 from mustat.patterns import Pattern, nm_keep
 from mustat.statistics import Gram, damped
 
@@ -172,24 +181,45 @@ def obs_sweep(W: Tensor, U: Tensor, keep: Tensor | None, *, alive: Tensor, block
     return W * keep, keep
 
 
+def refit(W0: Tensor, W: Tensor, keep: Tensor, alive: Tensor, Hd: Tensor, Hinv: Tensor, *, tol: float,
+          max_iter: int = 500) -> Tensor:
+    """The exact least-squares refit of every row on its kept weights (module notes): the minimum of
+    ``sum_i (w'_i - w0_i)^T H_d (w'_i - w0_i)`` with ``w'`` zero where ``keep`` is off, started from
+    ``W``; in ``W``'s precision."""
+    H, P = Hd.to(W.dtype), Hinv.to(W.dtype)
+    out, _, _ = kept_cg(lambda V: V @ H, lambda R: R @ P, W0, keep, alive & ~keep, tol=tol, max_iter=max_iter,
+                        start=W)
+    return out * keep
+
+
 def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: str, pattern: Pattern,
-          update: bool, damping: float, block_size: int, alive: Tensor, sigma: str = "row") -> tuple[Tensor, Tensor]:
+          update: bool, damping: float, block_size: int, alive: Tensor, sigma: str = "row",
+          refit_tol: float | None = None) -> tuple[Tensor, Tensor]:
     """Prune one matrix: ``(new weights, keep-mask)``. With the update, ``sparsegpt`` and ``mu``
     choose the mask during the sweep from the updated weights (the paper's adaptive selection); the
-    other methods fix it from their scores first.
+    other methods fix it from their scores first. ``refit_tol``: after the mask is chosen, refit the
+    kept weights exactly (:func:`refit`) to that relative residual; ``None``: no refit.
 
     Precision: the statistics and the scores are float64; the OBS sweep (its factor ``U`` and the
     running weights) runs in ``W``'s precision, float32 for a float32 (or half-precision) model,
     as SparseGPT's reference does (a float64 factorisation cost 1.2-1.6x the reference's time per
     layer, ``benchmarks/oneshot_reference.py``), and float64 for a float64 model."""
     W = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32) * alive
-    if not update:
+    if not update and refit_tol is None:
         keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
         return W * keep, keep
-    _, U = inverse_cholesky(damped(gram.H, damping).to(W.dtype))
-    if method in ("sparsegpt", "mu"):
+    Hd = damped(gram.H, damping)
+    Hinv, U = inverse_cholesky(Hd.to(W.dtype))
+    if not update:
+        keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
+        W_new = W * keep
+    elif method in ("sparsegpt", "mu"):
         scale = noise_variance(W, gram, sigma) if method == "mu" else None
-        return obs_sweep(W, U, None, alive=alive, block_size=block_size, sparsity=sparsity, scope=scope,
-                         pattern=pattern, row_scale=scale)
-    keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
-    return obs_sweep(W, U, keep, alive=alive, block_size=block_size)
+        W_new, keep = obs_sweep(W, U, None, alive=alive, block_size=block_size, sparsity=sparsity, scope=scope,
+                                pattern=pattern, row_scale=scale)
+    else:
+        keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
+        W_new, keep = obs_sweep(W, U, keep, alive=alive, block_size=block_size)
+    if refit_tol is not None:
+        W_new = refit(W, W_new, keep, alive, Hd, Hinv, tol=refit_tol)
+    return W_new, keep
