@@ -104,7 +104,7 @@ def runner_options(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mustat.config import DEFAULT_CRITERIA, DEFAULT_MAX_TENSOR_SPARSITY, TrainConfig
+    from mustat.config import DEFAULT_CRITERIA, DEFAULT_MAX_TENSOR_SPARSITY, DEFAULT_SE, TrainConfig
     from mustat.criteria import CRITERIA
     from mustat.data import DATASETS
     from mustat.models import MODELS
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criteria", type=names, default=list(DEFAULT_CRITERIA),
                    help=f"criteria to compare, comma- or space-separated, from: {', '.join(sorted(CRITERIA))}; "
                         "one that uses standard errors (mu) runs once per --se estimator, or name one pairing: mu[curvature]")
-    p.add_argument("--se", type=names, default=default_estimators(),
+    p.add_argument("--se", type=names, default=list(DEFAULT_SE),
                    help=f"standard-error estimators for mu, from: {', '.join(sorted(ESTIMATORS))}, or a variant of "
                         f"one: {', '.join(sorted(v for c in ESTIMATORS.values() for v in c.variants))}")
     p.add_argument("--scope", default="global", choices=["global", "layer"], help="rank all weights together, or each layer separately")
