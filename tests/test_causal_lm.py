@@ -295,3 +295,41 @@ def test_perplexity_rejects_bad_arguments_before_work():
         C.perplexity(model, stream(20), context=8, batch_size=0)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         C.perplexity(model, stream(20).view(2, 10), attention_mask=torch.ones(2, 9))
+
+
+# ---- mustat oneshot on a causal LM ---------------------------------------------------------------
+
+
+def test_oneshot_command_prunes_a_causal_lm_and_reports_held_out_perplexity(folder, tmp_path, capsys):
+    import json
+
+    import mustat
+    from mustat.cli import main
+
+    out = tmp_path / "out"
+    assert main(["oneshot", str(folder), "--text", str(folder / "text.txt"), "--samples", "8", "--max-length", "16",
+                 "--evaluate", "6", "--sparsity", "0.5", "--method", "sparsegpt", "--seed", "3", "--out", str(out),
+                 "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "causal-lm" and report["evaluation_tokens"] == 6 * 15
+    model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    held = token_windows(C.encode(tok, (folder / "text.txt").read_text()), 16, 8, 6, seed=3).evaluation
+    with torch.no_grad():                    # independently: transformers' loss on the same windows
+        assert report["dense_perplexity"] == pytest.approx(math.exp(model(held, labels=held).loss), rel=1e-5)
+        mustat.load_sparse(out / "model.safetensors", model)
+        assert report["perplexity"] == pytest.approx(math.exp(model(held, labels=held).loss), rel=1e-5)
+    layers = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    assert len(layers) == 14 and all((m.weight == 0).float().mean() == 0.5 for m in layers)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)      # embedding and tied head left dense
+    assert "pruned: perplexity" in capsys.readouterr().out
+
+
+def test_oneshot_command_refuses_a_missing_text_before_loading(folder, tmp_path, capsys):
+    from mustat.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["oneshot", str(folder), "--text", str(tmp_path / "none.txt"), "--sparsity", "0.5",
+              "--out", str(tmp_path / "x")])
+    assert "neither 'pydoc' nor a file" in capsys.readouterr().err and not (tmp_path / "x").exists()

