@@ -339,3 +339,67 @@ def layer_grams(model: nn.Module, batches: Iterable, layers: Mapping[str, nn.Mod
     if missing:
         raise ValueError(f"no calibration input reached {missing} (empty batches?)")
     return out
+
+
+def causal_lm_loss(model: nn.Module, batch: Mapping) -> Tensor:
+    """The next-token cross-entropy of a ``transformers`` causal LM on a dict batch (its
+    ``input_ids`` as labels; tokens where ``attention_mask`` is 0 left out): the ``loss`` that
+    :func:`output_fisher` takes for such a model."""
+    labels = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if isinstance(mask, Tensor):
+        labels = labels.masked_fill(mask == 0, -100)
+    return call_model(model, {**batch, "labels": labels}).loss
+
+
+def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
+                  loss: Callable[[nn.Module, object], Tensor]) -> dict[str, Tensor]:
+    r"""The diagonal of K-FAC's output factor of the model's own loss for each target:
+    :math:`B_{ii} = \sum_t (\partial L / \partial y_{ti})^2` over the calibration tokens ``t`` (a
+    convolution's output positions), ``L = loss(model, batch)`` per batch (the empirical Fisher:
+    the data's own labels). With the input Gram ``H`` it gives the Kronecker-factored Fisher
+    :math:`B \otimes H` of the loss, whose diagonal-``B`` Wald statistic of ``w_ij = 0`` is
+    :math:`B_{ii} w_{ij}^2 / [H^{-1}]_{jj}` (LLM Surgeon's setting, cross-row terms dropped).
+
+    Parameters' ``.grad`` are left as they were (the gradients are taken with respect to zero
+    offsets added to the layers' outputs); the model runs in eval mode, and its modes are put back.
+    Only layers called as modules (Linear, transformers' Conv1D, convolutions) are supported.
+    """
+    unsupported = [t.name for t in targets if t.kind not in ("linear", "conv1d", "conv")]
+    if unsupported:
+        raise ValueError(f"the loss's output factor needs layers called as modules; {unsupported} are parts of an "
+                         "attention module (nn.MultiheadAttention): leave them out (layers=[...])")
+    device = next(model.parameters()).device
+    sums: dict[str, Tensor] = {}
+    offsets: dict[str, Tensor] = {}
+
+    def hook(module, args, out, t):
+        z = torch.zeros_like(out, requires_grad=True)
+        offsets[t.name] = z
+        return out + z
+
+    handles = [t.module.register_forward_hook(lambda m, a, o, t=t: hook(m, a, o, t)) for t in targets]
+    try:
+        with eval_mode(model), torch.enable_grad():
+            for batch in batches:
+                offsets.clear()
+                value = loss(model, to_device(batch, device))
+                names = [t.name for t in targets if t.name in offsets]
+                grads = torch.autograd.grad(value, [offsets[n] for n in names], allow_unused=True)
+                for t in targets:
+                    if t.name not in offsets:
+                        continue
+                    g = grads[names.index(t.name)]
+                    if g is None:
+                        continue
+                    g = g.detach().double().square()
+                    axis = g.dim() - t.module.weight.dim() + 1 if t.kind == "conv" else g.dim() - 1
+                    row = g.sum(tuple(d for d in range(g.dim()) if d != axis))
+                    sums[t.name] = row if t.name not in sums else sums[t.name] + row
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [t.name for t in targets if t.name not in sums]
+    if missing:
+        raise ValueError(f"the loss does not depend on {missing} (not reached, or after the loss is computed)")
+    return sums

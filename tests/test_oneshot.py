@@ -665,3 +665,41 @@ def test_oneshot_refit_lowers_every_layers_error_and_keeps_the_mask(method):
     # the first layer sees the same inputs in both runs: the same mask, refitted
     assert torch.equal(plain[0].weight == 0, refitted[0].weight == 0)
     assert (b.layers["error"].to_numpy() < a.layers["error"].to_numpy()).all()
+
+
+def test_loss_sigma_ranks_by_the_loss_fisher_wald_statistic():
+    """``sigma="loss"`` without update: the kept weights are the largest ``B_ii w^2 / [H_d^-1]_jj``
+    over the layer (numpy, from B and H computed here by hand); rows the loss ignores go first."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 5)).double()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(40, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    weights = torch.tensor([3.0, 1.0, 0.5, 0.0, 2.0], dtype=torch.float64)   # row 3: not in the loss
+
+    def loss(m, x):
+        return (m(x).pow(2) * weights).sum() / 80
+
+    W = model[0].weight.detach().numpy().copy()
+    X = torch.cat(batches).numpy()
+    Y = X @ W.T + model[0].bias.detach().numpy()
+    B = ((2 * Y * weights.numpy() / 80) ** 2).sum(0)
+    H = X.T @ X
+    Hinv = np.linalg.inv(H + 0.01 * np.mean(np.diag(H)) * np.eye(6))
+    z2 = B[:, None] * W ** 2 / np.diag(Hinv)[None, :]
+    oneshot(model, batches, method="mu", sigma="loss", loss=loss, scope="layer", sparsity=0.5)
+    kept = (model[0].weight != 0).numpy()
+    order = np.argsort(z2.reshape(-1), kind="stable")
+    expected = np.ones(30, bool)
+    expected[order[:15]] = False
+    np.testing.assert_array_equal(kept.reshape(-1), expected)
+    assert not kept[3].any()
+
+
+def test_loss_sigma_needs_a_loss_and_mu():
+    with pytest.raises(ValueError, match="sigma='loss' needs loss="):
+        oneshot(_mlp(), [torch.randn(8, 12, dtype=torch.float64)], method="mu", sigma="loss", sparsity=0.5)
+    with pytest.raises(ValueError, match="not of method='sparsegpt'"):
+        oneshot(_mlp(), [torch.randn(8, 12, dtype=torch.float64)], method="sparsegpt", sigma="loss",
+                loss=lambda m, x: m(x).sum(), sparsity=0.5)
+    with pytest.raises(ValueError, match="loss='ce' is not valid"):
+        oneshot(_mlp(), [torch.randn(8, 12, dtype=torch.float64)], method="mu", sigma="loss", loss="ce", sparsity=0.5)

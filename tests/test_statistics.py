@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from mustat.statistics import Damping, Gram, damped, layer_grams
+from mustat._params import entries
+from mustat.layers import find_targets
+from mustat.statistics import Damping, Gram, causal_lm_loss, damped, layer_grams, output_fisher
 
 
 def test_damping_units():
@@ -63,3 +65,55 @@ def test_layer_grams_leave_padding_out_and_restore_the_mode():
     assert g.n == 8 and model.training
     with pytest.raises(ValueError, match="not a module of the model"):
         layer_grams(model, [{"input_ids": ids, "attention_mask": mask}], {"p": nn.Linear(4, 3)})
+
+
+def test_output_fisher_is_the_squared_gradient_of_the_loss_at_each_layers_output():
+    """Against autograd on the layers' outputs made leaves by hand (no hooks): an MLP on
+    sequences (positions are tokens) and a CNN; parameters' .grad untouched, the mode restored."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().train()
+    cnn = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).double().train()
+    g = torch.Generator().manual_seed(1)
+    cases = [(mlp, [torch.randn(4, 6, 5, generator=g, dtype=torch.float64) for _ in range(2)]),
+             (cnn, [torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)])]
+    for model, batches in cases:
+        def loss(m, x):
+            return m(x).pow(2).sum(-1).sin().mean()
+        targets, _ = find_targets(model, entries(model), None, ())
+        got = output_fisher(model, batches, targets, loss)
+        assert model.training and all(p.grad is None for p in model.parameters())
+        first, last = model[0], model[-1]
+        expected = {t.name: 0 for t in targets}
+        for x in batches:
+            y0 = first(x).detach().requires_grad_()
+            h = model[1](y0)
+            if model is cnn:
+                h = model[2](h)
+            y1 = last(h)
+            y1_leaf = y1.detach().requires_grad_()
+            value = y1_leaf.pow(2).sum(-1).sin().mean()
+            (g1,) = torch.autograd.grad(value, y1_leaf)
+            (g0,) = torch.autograd.grad(y1, y0, g1)
+            rows = 1 if model is cnn else g0.dim() - 1      # output channels, or the last axis
+            expected["0.weight"] += g0.square().sum([d for d in range(g0.dim()) if d != rows])
+            expected[f"{len(model) - 1}.weight"] += g1.square().sum([d for d in range(g1.dim() - 1)])
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-12, atol=0)
+
+
+def test_causal_lm_loss_leaves_padding_out():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 20, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        got = causal_lm_loss(model, {"input_ids": ids, "attention_mask": mask})
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    # next-token cross-entropy over the pairs whose target is a real token
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    real = mask[:, 1:].bool()
+    torch.testing.assert_close(got.double(), nll[real].mean(), rtol=1e-5, atol=0)

@@ -46,7 +46,9 @@ from mustat.statistics import (
     Collector,
     Stop,
     call_model,
+    causal_lm_loss,
     layer_input,
+    output_fisher,
     to_device,
     token_mask,
     tokens,
@@ -296,6 +298,7 @@ def oneshot(
     refit_tol: float = 1e-2,
     damping: float = 0.01,
     sigma: str = "row",
+    loss: Callable | str | None = None,
     block_size: int = 128,
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = ("lm_head",),
@@ -346,7 +349,15 @@ def oneshot(
         Added to the Gram matrix's diagonal as a fraction of its mean (SparseGPT's 0.01).
     sigma
         The noise scale of ``mu`` and ``mu-sandwich``: ``row`` (each output row's mean squared
-        output) or ``layer`` (one for the layer); see :mod:`mustat.layerwise.solve`.
+        output), ``layer`` (one for the layer), or ``loss``: the model's own loss, ``1 / B_ii``
+        with ``B`` K-FAC's output factor of ``loss`` on the calibration batches, measured once on
+        the dense model (:func:`mustat.statistics.output_fisher`), so that ``z^2`` is the Wald
+        statistic of the loss's Kronecker-factored Fisher and rows, layers (``scope="global"``)
+        compete in units of the loss; see :mod:`mustat.layerwise.solve`.
+    loss
+        For ``sigma="loss"``: ``loss(model, batch)`` returning a scalar to differentiate, or
+        ``"causal-lm"`` for a ``transformers`` causal LM (next-token cross-entropy,
+        :func:`mustat.statistics.causal_lm_loss`).
     block_size
         Columns per lazy block of the update (SparseGPT's 128); a multiple of M for N:M.
     layers
@@ -392,7 +403,17 @@ def oneshot(
     check_scalar(damping, "damping", kind=Real, low=0.0, high=1e6, closed="right")
     if damping == 0:
         raise ValueError("damping must be in (0, 1e6], got 0: the Gram matrix of collinear inputs is singular")
-    sigma = check_option(sigma, "sigma", ("row", "layer"))
+    sigma = check_option(sigma, "sigma", S.SIGMAS)
+    if isinstance(loss, str):
+        check_option(loss, "loss", ("causal-lm",))
+        loss = causal_lm_loss
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be a function loss(model, batch) or 'causal-lm', got {type(loss).__name__}")
+    if sigma == "loss" and loss is None:
+        raise ValueError("sigma='loss' needs loss=: a function loss(model, batch), or 'causal-lm' for a transformers "
+                         "causal LM")
+    if sigma == "loss" and method not in ("mu", "mu-sandwich"):
+        raise ValueError(f"sigma='loss' is the noise scale of mu and mu-sandwich, not of method={method!r}")
     driver = check_option(driver, "driver", ("auto", "model"))
     sequential = check_option(sequential, "sequential", ("layer", "block"))
     check_scalar(block_size, "block_size", kind=Integral, low=1)
@@ -467,8 +488,14 @@ def oneshot(
         if not groups:
             raise ValueError("no layer was reached by the calibration forward; check forward= and the batches")
         shares = {t.name: sparsity for g in groups for t in g}
+        fisher = None
+        if sigma == "loss":
+            with torch.enable_grad():
+                fisher = output_fisher(model, calibration, [t for g in groups for t in g], loss)
+            passes += len(calibration) if hasattr(calibration, "__len__") else 1
         if scope == "global":
-            shares = _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device)
+            shares = _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device,
+                                    fisher)
             passes += int(method != "magnitude")
             scope = "layer"
         flat = [t for g in groups for t in g]
@@ -497,7 +524,8 @@ def oneshot(
             for t in group:
                 tic = time.perf_counter()
                 W, alive = _matrix(t)
-                row, W_new = _prune(t, W, alive, grams, shares[t.name], knobs, errors)
+                row, W_new = _prune(t, W, alive, grams, shares[t.name], knobs, errors,
+                                    None if fisher is None else fisher[t.name])
                 if errors and grams is not None and grams[(t.name, 0)].diagonal:
                     changes[t.name] = W_new - W
                 dest = t.entry.leaf if t.entry.leaf is not None else getattr(t.module, t.attr)
@@ -531,13 +559,14 @@ def oneshot(
 
 
 def _prune(t: Target, W: Tensor, alive: Tensor, grams: dict | None, sparsity: float, knobs: dict,
-           errors: bool = True) -> tuple[dict, Tensor]:
+           errors: bool = True, fisher: Tensor | None = None) -> tuple[dict, Tensor]:
     """One target pruned from its statistics: its report row (with its keep-mask) and new weights."""
     W_new, keep = torch.empty_like(W), torch.empty_like(alive)
     error_num = error_den = 0.0
     for i, (rows, _) in enumerate(t.parts):
         g = grams.get((t.name, i)) if grams is not None else None
-        W_new[rows], keep[rows] = S.solve(W[rows], g, sparsity=sparsity, alive=alive[rows], **knobs)
+        W_new[rows], keep[rows] = S.solve(W[rows], g, sparsity=sparsity, alive=alive[rows],
+                                          fisher=None if fisher is None else fisher[rows], **knobs)
         if errors and g is not None and not g.diagonal:
             D, W0 = (W_new[rows] - W[rows]).double(), W[rows].double()
             error_num += float(((D @ g.H) * D).sum())
@@ -601,7 +630,8 @@ def _by_block(model, calibration, forward, device, found, groups, once, method, 
     return passes
 
 
-def _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device) -> dict[str, float]:
+def _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device,
+                   fisher=None) -> dict[str, float]:
     """Each layer's sparsity when the method's scores of the dense model compete across layers.
 
     The scores are taken per token (the Gram matrix's mean, ``H / n``): ``z^2 / n`` for ``mu``,
@@ -620,7 +650,8 @@ def _global_shares(model, calibration, forward, groups, method, sparsity, dampin
         scored = []
         for i, (rows, _) in enumerate(t.parts):
             g = grams.get((t.name, i))
-            s = S.scores(method, W[rows] * alive[rows], g, damping, sigma)
+            s = S.scores(method, W[rows] * alive[rows], g, damping, sigma,
+                         None if fisher is None else fisher[t.name][rows])
             if g is not None:
                 s = s / (g.n ** 0.5 if method == "wanda" else g.n)
             scored.append(s.flatten())

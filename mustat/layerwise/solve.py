@@ -19,6 +19,11 @@ a score on that problem; lower is pruned first.
   ``global`` scopes. With ``sigma="layer"`` one variance (the mean over rows) serves the whole
   layer (isotropic noise): within a layer it ranks as ``sparsegpt``, and ``z^2 / n`` compares
   layers by the share of their output energy.
+- ``mu`` with ``sigma="loss"``: the variance of row ``i`` is ``1 / B_ii``, ``B`` the output factor
+  of the model's own loss (K-FAC; :func:`mustat.statistics.output_fisher`): ``z^2 = B_ii w_ij^2 /
+  [H_d^-1]_jj`` is the Wald statistic of the loss's Kronecker-factored Fisher ``B (x) H`` with
+  ``B``'s cross-row terms dropped, twice the loss increase OBS predicts for removing the weight
+  after the row's refit. Rows and, with the ``global`` scope, layers compete in loss units.
 - ``mu-sandwich``: the same with the heteroscedastic variance ``sigma_i^2 [H_d^-1 M H_d^-1]_jj``,
   ``M = sum_t v_t x_t x_t^T``, where token ``t``'s noise factor ``v_t = ||W x_t||^2 / mean_t
   ||W x_t||^2`` (the layer's own output energy, shared across rows; ``v_t = 1`` gives ``mu``).
@@ -57,11 +62,19 @@ from mustat.statistics import Gram, damped
 UNSTRUCTURED = Pattern()
 METHODS = ("magnitude", "wanda", "sparsegpt", "mu", "mu-sandwich")
 SCOPES = ("row", "layer", "global")
+SIGMAS = ("row", "layer", "loss")
 
 
-def noise_variance(W: Tensor, gram: Gram, sigma: str) -> Tensor:
+def noise_variance(W: Tensor, gram: Gram, sigma: str, fisher: Tensor | None = None) -> Tensor:
     """``sigma^2`` per row: each row's mean squared output ``w_i^T H w_i / n`` (``"row"``), or
-    their mean, one variance shared by the layer's outputs (``"layer"``)."""
+    their mean, one variance shared by the layer's outputs (``"layer"``), or ``1 / B_ii`` from the
+    model's loss (``"loss"``: ``fisher`` is ``B``'s diagonal, :func:`mustat.statistics.output_fisher`;
+    a row the loss does not depend on has an infinite variance, and its weights go first)."""
+    if sigma == "loss":
+        if fisher is None:
+            raise ValueError("sigma='loss' needs the loss's output factor (oneshot(..., loss=...))")
+        B = fisher.to(device=W.device, dtype=torch.float64)
+        return torch.where(B > 0, 1 / B.clamp_min(torch.finfo(torch.float64).tiny), torch.full_like(B, float("inf")))
     W = W.double()
     s2 = torch.einsum("ij,jk,ik->i", W, gram.H, W) / max(gram.n, 1)
     return s2.mean().expand_as(s2) if sigma == "layer" else s2
@@ -72,7 +85,8 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
-def scores(method: str, W: Tensor, gram: Gram | None, damping: float, sigma: str = "row") -> Tensor:
+def scores(method: str, W: Tensor, gram: Gram | None, damping: float, sigma: str = "row",
+           fisher: Tensor | None = None) -> Tensor:
     """The method's score for every weight of ``W`` (rows x d), computed in float64 (a statistic:
     the sandwich's ``H^-1 M H^-1`` loses the ranking in float32); lower is pruned first.
     ``sigma``: the noise scale of ``mu`` and ``mu-sandwich`` (:func:`noise_variance`)."""
@@ -84,7 +98,7 @@ def scores(method: str, W: Tensor, gram: Gram | None, damping: float, sigma: str
     Hinv, _ = inverse_cholesky(damped(gram.H, damping))
     if method == "sparsegpt":
         return W.pow(2) / Hinv.diagonal()[None, :]
-    sigma2 = noise_variance(W, gram, sigma)
+    sigma2 = noise_variance(W, gram, sigma, fisher)
     if method == "mu":
         var = Hinv.diagonal()
     elif method == "mu-sandwich":
@@ -194,7 +208,7 @@ def refit(W0: Tensor, W: Tensor, keep: Tensor, alive: Tensor, Hd: Tensor, Hinv: 
 
 def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: str, pattern: Pattern,
           update: bool, damping: float, block_size: int, alive: Tensor, sigma: str = "row",
-          refit_tol: float | None = None) -> tuple[Tensor, Tensor]:
+          refit_tol: float | None = None, fisher: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Prune one matrix: ``(new weights, keep-mask)``. With the update, ``sparsegpt`` and ``mu``
     choose the mask during the sweep from the updated weights (the paper's adaptive selection); the
     other methods fix it from their scores first. ``refit_tol``: after the mask is chosen, refit the
@@ -206,19 +220,19 @@ def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: 
     layer, ``benchmarks/oneshot_reference.py``), and float64 for a float64 model."""
     W = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32) * alive
     if not update and refit_tol is None:
-        keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
+        keep = cut(scores(method, W, gram, damping, sigma, fisher), alive, sparsity, scope, pattern)
         return W * keep, keep
     Hd = damped(gram.H, damping)
     Hinv, U = inverse_cholesky(Hd.to(W.dtype))
     if not update:
-        keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
+        keep = cut(scores(method, W, gram, damping, sigma, fisher), alive, sparsity, scope, pattern)
         W_new = W * keep
     elif method in ("sparsegpt", "mu"):
-        scale = noise_variance(W, gram, sigma) if method == "mu" else None
+        scale = noise_variance(W, gram, sigma, fisher) if method == "mu" else None
         W_new, keep = obs_sweep(W, U, None, alive=alive, block_size=block_size, sparsity=sparsity, scope=scope,
                                 pattern=pattern, row_scale=scale)
     else:
-        keep = cut(scores(method, W, gram, damping, sigma), alive, sparsity, scope, pattern)
+        keep = cut(scores(method, W, gram, damping, sigma, fisher), alive, sparsity, scope, pattern)
         W_new, keep = obs_sweep(W, U, keep, alive=alive, block_size=block_size)
     if refit_tol is not None:
         W_new = refit(W, W_new, keep, alive, Hd, Hinv, tol=refit_tol)
