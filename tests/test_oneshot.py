@@ -703,3 +703,61 @@ def test_loss_sigma_needs_a_loss_and_mu():
                 loss=lambda m, x: m(x).sum(), sparsity=0.5)
     with pytest.raises(ValueError, match="loss='ce' is not valid"):
         oneshot(_mlp(), [torch.randn(8, 12, dtype=torch.float64)], method="mu", sigma="loss", loss="ce", sparsity=0.5)
+
+
+def _owl_reference(block_scores, sparsity, M=5.0, lam=0.08):
+    """OWL's published rule, transcribed in numpy: LOD per block, mapped to [-lam, lam] around 1 - s."""
+    lod = np.array([100 * np.mean(s > M * s.mean()) for s in block_scores])
+    ratio = (lod - lod.min()) / (lod.max() - lod.min()) * 2 * lam
+    return 1 - (ratio - ratio.mean() + 1 - sparsity)
+
+
+class _Stack(nn.Module):
+    def __init__(self, scales):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)) for _ in scales)
+        with torch.no_grad():   # heavy-tailed weights in some blocks: different outlier ratios
+            for block, scale in zip(self.blocks, scales):
+                for layer in (block[0], block[2]):
+                    w = torch.randn(8, 8, dtype=torch.float64)
+                    layer.weight.copy_(w * w.abs() ** scale)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_owl_allocation_follows_the_published_rule_and_meets_the_budget():
+    torch.manual_seed(4)
+    model = _Stack([0.0, 1.0, 2.0, 3.0]).double()
+    batches = [torch.randn(32, 8, dtype=torch.float64) for _ in range(2)]
+    X = torch.cat(batches)
+    block_scores, x = [], X
+    with torch.no_grad():
+        for block in model.blocks:
+            h = block[1](block[0](x))
+            s0 = (block[0].weight.abs() * x.pow(2).sum(0).sqrt()[None]).numpy()
+            s2 = (block[2].weight.abs() * h.pow(2).sum(0).sqrt()[None]).numpy()
+            block_scores.append(np.concatenate([s0.ravel(), s2.ravel()]))
+            x = x + block(x)
+    expected = _owl_reference(block_scores, 0.6)
+    report = oneshot(model, batches, method="wanda", sparsity=0.6, allocation="owl")
+    by_layer = report.layers.set_index("name")["sparsity"]
+    for k in range(4):
+        for i in (0, 2):
+            assert by_layer[f"blocks.{k}.{i}.weight"] == pytest.approx(round(expected[k] * 8) / 8, abs=1e-12)
+    assert expected.std() > 0.02 and np.isclose(expected.mean(), 0.6)
+
+
+def test_allocation_mapping_and_errors():
+    model = _mlp()
+    batches = [torch.randn(16, 12, dtype=torch.float64)]
+    report = oneshot(model, batches, method="wanda", sparsity=0.5, allocation={"0.weight": 0.75})
+    assert report.layers.set_index("name")["sparsity"].to_dict() == {"0.weight": 0.75, "2.weight": 0.5}
+    with pytest.raises(ValueError, match=r"allocation names \['1.weight'\]"):
+        oneshot(_mlp(), batches, sparsity=0.5, allocation={"1.weight": 0.5})
+    with pytest.raises(ValueError, match="allocation='owl' shares an unstructured sparsity"):
+        oneshot(_mlp(), batches, pattern="2:4", allocation="owl")
+    with pytest.raises(ValueError, match="allocation='even' is not valid"):
+        oneshot(_mlp(), batches, sparsity=0.5, allocation="even")

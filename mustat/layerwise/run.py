@@ -39,6 +39,7 @@ from mustat._params import entries, install_mask
 from mustat.cost import Cost, announce, machine_flops
 from mustat.layers import Target, find_targets
 from mustat.layerwise import solve as S
+from mustat.layerwise.allocation import ALLOCATIONS, owl_shares
 from mustat.patterns import check_groups, parse_pattern, resolve_sparsity
 from mustat.pruning import PruningReport
 from mustat.statistics import (
@@ -293,6 +294,7 @@ def oneshot(
     sparsity: float | None = None,
     pattern: str = "unstructured",
     scope: str | None = None,
+    allocation: str | Mapping[str, float] = "uniform",
     update: bool | None = None,
     refit: bool = False,
     refit_tol: float = 1e-2,
@@ -335,6 +337,13 @@ def oneshot(
         paper's rule) or ``global`` (the sparsity shared out between layers by the scores of the
         dense model). ``None``: ``layer`` for ``sparsegpt``, ``row`` for the others. An N:M pattern
         fixes every group, so only ``row`` applies (and is the default).
+    allocation
+        How the sparsity is shared between layers: ``"uniform"`` (each layer at ``sparsity``),
+        ``"owl"`` (OWL's outlier-weighted block sparsities with the published ``M=5``,
+        ``lambda=0.08``, from the dense model's Wanda scores: :mod:`mustat.layerwise.allocation`),
+        or a mapping ``{layer name: sparsity}`` (layers it leaves out get ``sparsity``).
+        ``scope="global"`` is the statistical alternative: one threshold on the method's own
+        statistic shares the budget exactly.
     update
         Apply OBS's compensating update to the kept weights (SparseGPT's sweep). ``None``: on for
         ``sparsegpt``, off for the others.
@@ -397,6 +406,15 @@ def oneshot(
     if sparsity is not None:
         check_scalar(sparsity, "sparsity", kind=Real, low=0.0, high=1.0, closed="left")
     sparsity = resolve_sparsity(sparsity, nm)
+    if isinstance(allocation, str):
+        allocation = check_option(allocation, "allocation", ALLOCATIONS)
+    elif not isinstance(allocation, Mapping):
+        raise TypeError(f"allocation must be one of {', '.join(ALLOCATIONS)} or a mapping of layer sparsities, got "
+                        f"{type(allocation).__name__}")
+    if allocation != "uniform" and (nm.structured or scope == "global"):
+        raise ValueError(f"allocation={allocation if isinstance(allocation, str) else 'a mapping'!r} shares an "
+                         f"unstructured sparsity between layers; it does not combine with "
+                         f"{'pattern=' + repr(str(nm)) if nm.structured else 'scope=' + repr(scope)}")
     if nm.structured and scope != "row":
         raise ValueError(f"scope={scope!r} does not apply to pattern='{nm}': every group of {nm.m} keeps {nm.n}; "
                          "use scope='row'")
@@ -457,6 +475,14 @@ def oneshot(
     if not targets:
         raise ValueError("the model has no layer one-shot pruning supports (nn.Linear, transformers' Conv1D, "
                          "nn.MultiheadAttention)")
+    if isinstance(allocation, Mapping):
+        names = {t.name for t in targets}
+        unknown = [k for k in allocation if k not in names]
+        if unknown:
+            raise ValueError(f"allocation names {unknown}, which are not layers being pruned; they are: "
+                             f"{', '.join(sorted(names)[:8])}{' ...' if len(names) > 8 else ''}")
+        for k, v in allocation.items():
+            check_scalar(v, f"allocation[{k!r}]", kind=Real, low=0.0, high=1.0, closed="left")
     for t in targets:
         for rows, _ in t.parts:
             check_groups(t.entry.source()[0].shape if t.kind == "conv" else t.matrix()[rows].shape, nm, t.name)
@@ -493,6 +519,11 @@ def oneshot(
             with torch.enable_grad():
                 fisher = output_fisher(model, calibration, [t for g in groups for t in g], loss)
             passes += len(calibration) if hasattr(calibration, "__len__") else 1
+        if isinstance(allocation, Mapping):
+            shares.update({k: float(v) for k, v in allocation.items()})
+        elif allocation == "owl":
+            shares = _owl_shares(model, calibration, forward, groups, sparsity, device)
+            passes += 1
         if scope == "global":
             shares = _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device,
                                     fisher)
@@ -628,6 +659,21 @@ def _by_block(model, calibration, forward, device, found, groups, once, method, 
                 num, den = sums[r["name"]]
                 r["error"] = num / den if den > 0 else float("nan")
     return passes
+
+
+def _owl_shares(model, calibration, forward, groups, sparsity, device) -> dict[str, float]:
+    """OWL's layer sparsities from the dense model's Wanda scores, blocks as the block driver finds them."""
+    flat = [t for g in groups for t in g]
+    run = Collector(flat, False, device, diagonal=True)
+    run.run([Call(lambda b=b: call_model(model, to_device(b, device), forward), token_mask(b)) for b in calibration],
+            halt=False)
+    scores = {}
+    for t in flat:
+        W, alive = _matrix(t)
+        scores[t.name] = torch.cat([S.scores("wanda", W[rows] * alive[rows], run.grams[(t.name, i)], 0.0).flatten()
+                                    for i, (rows, _) in enumerate(t.parts)])
+    found = _block_list(model, flat)
+    return owl_shares(scores, found[1] if found else None, sparsity)
 
 
 def _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device,
