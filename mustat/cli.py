@@ -284,6 +284,12 @@ def _oneshot_parser(sub) -> None:
     o.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass")
     o.add_argument("--damping", type=float, default=0.01, help="damping, a fraction of the Gram's mean diagonal")
     o.add_argument("--out", default=None, help="output folder (default runs/oneshot-<method>-<target>)")
+    o.add_argument("--export", default=None, metavar="FOLDER",
+                   help="also write the pruned model as a folder that reloads (mustat.export.save_pruned; replaced "
+                        "atomically if it exists)")
+    o.add_argument("--export-format", default=None, metavar="FORMAT",
+                   help="sparse-bitmask or sparse-24-bitmask (compressed-tensors checkpoints), or save-pretrained "
+                        "(dense, masks beside); default: sparse-24-bitmask for --pattern 2:4, else sparse-bitmask")
     o.add_argument("--sequential", default="layer", choices=["layer", "block"],
                    help="inside a transformer block: each layer from the pruned layers before it (layer), or every "
                         "layer from the block's inputs in one pass, as SparseGPT's and Wanda's drivers (block)")

@@ -380,3 +380,19 @@ def load_pruned(folder: str | Path, *, masks: bool = True) -> nn.Module:
         for name, keep in found.items():
             install_mask(model, name, keep, table)
     return model
+
+
+def export_target(folder: str | os.PathLike | None, format: str | None, pattern) -> tuple[Path, str] | None:
+    """``(folder, format)`` of ``mustat oneshot --export FOLDER --export-format FORMAT``, checked
+    before any work; ``None`` without ``--export``. The default format follows the pattern:
+    ``sparse-24-bitmask`` for 2:4, ``sparse-bitmask`` otherwise."""
+    if folder is None:
+        if format is not None:
+            raise ValueError(f"--export-format {format} needs --export FOLDER")
+        return None
+    default = "sparse-24-bitmask" if str(pattern) == "2:4" else "sparse-bitmask"
+    format = check_option(default if format is None else format, "--export-format", FORMATS)
+    if format == "sparse-24-bitmask" and str(pattern) != "2:4":
+        raise ValueError(f"--export-format sparse-24-bitmask stores 2:4 models; --pattern is {pattern}: use "
+                         "--pattern 2:4, or --export-format sparse-bitmask")
+    return Path(folder), format

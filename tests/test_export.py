@@ -181,3 +181,34 @@ def test_bad_input_and_atomic_writes(tmp_path, monkeypatch):
     assert (tmp_path / "a" / "model.safetensors").stat().st_mode & 0o777 == mode
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_pruned(tmp_path)
+
+
+def test_oneshot_command_exports(tmp_path, capsys):
+    from tiny_llama import causal_folder
+
+    from mustat.cli import main
+
+    folder = causal_folder(tmp_path / "llama")
+    common = ["oneshot", str(folder), "--text", str(folder / "text.txt"), "--samples", "8", "--max-length", "16",
+              "--evaluate", "0", "--quiet"]
+    out, export = tmp_path / "out", tmp_path / "export"
+    assert main([*common, "--pattern", "2:4", "--out", str(out), "--export", str(export)]) == 0
+    config = json.loads((export / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+    assert (export / "tokenizer.json").is_file()
+    again = load_pruned(export)
+    assert mustat.check_pattern(again, "2:4") == {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    mustat.load_sparse(out / "model.safetensors", model)          # the command's own file: the same model
+    batches = [dict(input_ids=torch.arange(2, 18).reshape(2, 8))]
+    _same(model.eval(), again, batches)
+    assert f"wrote {export} (sparse-24-bitmask)" in capsys.readouterr().out
+    for extra, message in ((["--sparsity", "0.5", "--export", str(tmp_path / "x"), "--export-format", "onnx"],
+                            "--export-format='onnx' is not valid; choose one of: sparse-bitmask"),
+                           (["--sparsity", "0.5", "--export", str(tmp_path / "x"), "--export-format",
+                             "sparse-24-bitmask"], "sparse-24-bitmask stores 2:4 models; --pattern is unstructured"),
+                           (["--sparsity", "0.5", "--export-format", "save-pretrained"], "needs --export FOLDER")):
+        with pytest.raises(SystemExit):
+            main([*common, *extra, "--out", str(tmp_path / "y")])
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

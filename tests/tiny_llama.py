@@ -39,3 +39,27 @@ def token_batches(seed: int = 0, vocab: int = 64, n: int = 3, length: int = 12) 
         mask[1, length // 2:] = 0
         out.append(dict(input_ids=ids, attention_mask=mask))
     return out
+
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def causal_folder(folder, *, seed: int = 0):
+    """A tiny LLaMA (float32, 6 query heads over 3 key/value heads) and a word-level tokenizer of
+    :data:`WORDS` saved in ``folder`` with a ``text.txt`` of 3,000 words: what ``mustat oneshot``
+    loads as a causal-LM folder."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = ["<pad>", "<unk>", *WORDS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>").save_pretrained(
+        folder)
+    model = tiny_llama("6q3kv", seed=seed, dtype=torch.float32, attn="sdpa", vocab=len(vocab))
+    model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = 0, None, None
+    model.save_pretrained(folder)
+    g = torch.Generator().manual_seed(seed)
+    text = " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (3000,), generator=g))
+    (folder / "text.txt").write_text(text + "\n")
+    return folder

@@ -102,11 +102,13 @@ def _run(args: argparse.Namespace) -> int:
     target = str(pattern) if pattern.structured else f"{args.sparsity:g}"
     out = Path(args.out or f"runs/oneshot-{args.method}-{target.replace(':', 'of')}")
     from mustat.causal_lm import is_causal_lm_source
+    from mustat.export import export_target, save_pruned
 
+    export = export_target(getattr(args, "export", None), getattr(args, "export_format", None), pattern)
     if is_causal_lm_source(args.model):
         from mustat.layerwise.lm_command import run_causal
 
-        return run_causal(args, target, out)
+        return run_causal(args, target, out, export=export)
     path = minilm_dir(Path("runs") / "models") if args.model == "minilm" else Path(args.model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: give a folder saved with save_pretrained, or 'minilm'")
@@ -137,5 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     atomic_write(out / "layers.csv", lambda p: report.layers.to_csv(p, index=False))
     write_json(out / "report.json", summary)
     print(f"wrote {out}/model.safetensors, layers.csv, report.json")
+    if export is not None:
+        print(f"wrote {save_pruned(model, export[0], format=export[1], overwrite=True, tokenizer=tok)} ({export[1]})")
     return 0
 
