@@ -58,7 +58,7 @@ class Role(NamedTuple):
 #: ``quantity`` its estimator reports with the variant's options ("sampling" or "saliency"), so a
 #: ``*-sandwich`` variant sits with the sampling SEs and its base with the saliency ones.
 ESTIMATOR_ROLES = (
-    Role("the paper's trajectory SD (pseudo bootstrap)",
+    Role("the paper's trajectory SD (of the SGD iterates)",
          ("pseudo",), ("pseudo-every10", "pseudo-ema", "pseudo-epoch", "pseudo-balanced")),
     Role("sampling SEs, for tests, intervals and FDR",
          ("calibrated", "batch-means", "bootstrap"),
