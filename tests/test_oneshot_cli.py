@@ -54,3 +54,22 @@ def test_oneshot_command_errors(folder, tmp_path, capsys):
         main(["oneshot", str(tmp_path), "--sparsity", "0.5", "--text", str(folder / "text.txt")])
     assert "has no config.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()   # nothing written on a refused run
+
+
+def test_quiet_prints_no_progress_and_leaves_transformers_as_it_was(folder, tmp_path, capfd):
+    """--quiet: no bar on stderr, neither mustat's nor transformers' "Loading weights" (a trial
+    showed one for two minutes); transformers' switch is back on after the run. Without --quiet
+    the bars are there, so the check can fail."""
+    from transformers.utils import logging as tf_logging
+
+    argv = ["oneshot", str(folder), "--text", str(folder / "text.txt"), "--samples", "16", "--evaluate", "8",
+            "--sparsity", "0.5", "--method", "wanda"]
+    capfd.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "loud")]) == 0
+    loud = capfd.readouterr()
+    assert "one-shot wanda" in loud.err and "it/s]" in loud.err
+    assert main([*argv, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    quiet = capfd.readouterr()
+    assert quiet.err == "" and "it/s" not in quiet.out and "\r" not in quiet.out
+    assert "fidelity on 8 held-out sentences" in quiet.out
+    assert tf_logging.is_progress_bar_enabled()
