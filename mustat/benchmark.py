@@ -342,11 +342,20 @@ def report(summary: pd.DataFrame) -> str:
 
 
 def plot(results: pd.DataFrame, path: Path) -> Path:
+    """Save :func:`figure` as a PNG at ``path`` (atomically); returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
+    atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def figure(results: pd.DataFrame):
     """The metric against sparsity, one panel per dataset / model / scope, bands = 95% CI over seeds."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
     metric_col = metric(results)
@@ -357,9 +366,9 @@ def plot(results: pd.DataFrame, path: Path) -> Path:
                        kind="line", marker="o", errorbar=("ci", 95), height=3.2, aspect=1.2, facet_kws=dict(sharey=False))
     grid.set_titles("{col_name}")
     grid.set_axis_labels("sparsity", metric_col.replace("_", " "))
-    atomic_write(path, lambda t: grid.savefig(t, format="png", dpi=110))
-    plt.close(grid.figure)
-    return path
+    grid.figure.suptitle(f"{metric_col.replace('_', ' ').capitalize()} against sparsity by criterion "
+                         f"(mean, 95% CI over {results['seed'].nunique()} seeds)", y=1.04)
+    return grid.figure
 
 
 def load_grid(path: str | Path) -> BenchmarkGrid:

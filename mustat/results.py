@@ -76,7 +76,7 @@ def figure(results: pd.DataFrame, *, title: str = "", chance: float | None = Non
     ax.set_xticklabels([f"{s:g}" for s in targets], rotation=45 if len(targets) > 5 else 0)
     ax.minorticks_off()
     ax.set(xlabel="sparsity (fraction of weights pruned; log compression-ratio scale)", ylabel=col.replace("_", " "),
-           title=title)
+           title=title or f"{col.replace('_', ' ')} against sparsity by criterion (mean ± sd over seeds)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig

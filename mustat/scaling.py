@@ -150,6 +150,17 @@ def _track_and_prune(net, data, config: TrainConfig, pairs, track_epochs, sparsi
 
 
 def plot(df: pd.DataFrame, path: str | Path) -> Path:
+    """Save :func:`figure` as a PNG at ``path`` (atomically); returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(df)
+    path = Path(path)
+    atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def figure(df: pd.DataFrame):
     """Accuracy after pruning against ``c`` (log scale), one line per criterion, 95% CI over seeds."""
     import matplotlib
 
@@ -165,8 +176,7 @@ def plot(df: pd.DataFrame, path: str | Path) -> Path:
         ax.set(xscale="log", xlabel="c (hidden layer rescaled by c, the next by 1/c)", ylabel="test accuracy",
                title=f"rescaled {'after training' if mode == 'after' else 'at initialisation'}")
         ax.legend(fontsize="small")
+    fig.suptitle("Scale invariance: accuracy after pruning when a hidden layer is rescaled (function unchanged); "
+                 "95% CI over seeds", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=110))
-    plt.close(fig)
-    return path
+    return fig

@@ -46,6 +46,24 @@ def _setup():
     return sns
 
 
+def _log_ticks(axis, lo: float | None = None, hi: float | None = None) -> None:
+    """Readable ticks on a log axis: minor labels (2x10^1, 3x10^1, ...) collide on an axis that
+    spans a decade or two. With the data's range ``lo``..``hi`` under two decades, plain numbers
+    on the 1-2-5 sequence inside it; otherwise decade ticks labelled 10^k, at most five."""
+    import matplotlib.ticker as mticker
+
+    axis.set_minor_formatter(mticker.NullFormatter())
+    if lo is not None and hi is not None and 0 < lo < hi and hi / lo < 100:
+        k0, k1 = int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1
+        ticks = [m * 10.0**k for k in range(k0, k1 + 1) for m in (1, 2, 5) if lo <= m * 10.0**k <= hi]
+        if len(ticks) >= 2:
+            axis.set_major_locator(mticker.FixedLocator(ticks))
+            axis.set_major_formatter(mticker.FixedFormatter([f"{t:g}" for t in ticks]))
+            return
+    axis.set_major_locator(mticker.LogLocator(base=10, numticks=5))
+    axis.set_major_formatter(mticker.LogFormatterSciNotation(base=10))
+
+
 def hidden_designs(table: pd.DataFrame) -> set[str]:
     """Designs scored against the bootstrap or the teacher as a reference: the hidden-layer ones
     (a GLM's bootstrap is an estimator row, scored against exact Wald)."""
@@ -61,34 +79,71 @@ def _primary(cells: pd.DataFrame) -> pd.DataFrame:
     return cells[keep]
 
 
-def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
-    """Estimator SE against the reference SE, log-log, one panel per estimator (replication 0)."""
-    sns = _setup()
+#: in the log-log figure, estimator SEs further than this factor outside the range of the reference
+#: SEs (a failed estimate: 1e-8, or 1e3 times the reference) are drawn on the panel's edge
+LOGLOG_CLIP = 10.0
+
+
+def loglog_data(cells: pd.DataFrame) -> pd.DataFrame:
+    """The points of :func:`loglog_figure`: replication 0, every main estimator but the reference."""
     cells = _primary(cells)
     d = cells[(cells.replication == 0) & cells.estimator.isin([e for e in MAIN_ESTIMATORS if e != "wald"]) & (cells.se > 0)
               & np.isfinite(cells.se) & (cells.ref_se > 0)].copy()
     d["optimizer"] = d["setting"].str.split(" ").str[0]
     d["sampler"] = np.where(d["setting"].str.contains("replacement"), "replacement", "shuffle")
+    return d
+
+
+def draw_loglog(cells: pd.DataFrame):
+    """The figure of :func:`loglog_figure` (a matplotlib Figure, not saved)."""
+    sns = _setup()
+    d = loglog_data(cells)
+    # clip per panel: each panel's axes span the reference SEs' range widened by LOGLOG_CLIP both
+    # ways, the same on both axes so the diagonal is the diagonal; points outside go on the edge
+    d["clipped"] = False
+    limits = {}
+    for key, g in d.groupby(["sampler", "estimator"]):
+        lo, hi = g.ref_se.min() / LOGLOG_CLIP, g.ref_se.max() * LOGLOG_CLIP
+        out = (g.se < lo) | (g.se > hi)
+        d.loc[g.index, "se"] = g.se.clip(lo, hi)
+        d.loc[g.index, "clipped"] = out
+        limits[key] = (lo / 1.3, hi * 1.3, int(out.sum()))
+    estimators = list(dict.fromkeys(d.estimator))
     g = sns.relplot(data=d, x="ref_se", y="se", col="estimator", row="sampler", hue="optimizer", style="design",
-                    kind="scatter", height=2.8, facet_kws=dict(sharex=False, sharey=False), alpha=0.7)
-    for ax in g.axes.flat:
+                    kind="scatter", height=2.8, facet_kws=dict(sharex=False, sharey=False), alpha=0.7,
+                    col_order=estimators)
+    for (sampler, est), ax in g.axes_dict.items():
+        lo, hi, n_out = limits.get((sampler, est), (None, None, 0))
         ax.set(xscale="log", yscale="log")
-        lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
-        hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
-    g.set_titles("{col_name} · {row_name}")
-    g.set_axis_labels("reference SE (Wald: GLMs; teacher replicates or sandwich: MLPs)", "estimator SE")
-    _save(g.figure, path)
+        if lo is not None:
+            ax.set(xlim=(lo, hi), ylim=(lo, hi))
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
+        _log_ticks(ax.xaxis)
+        _log_ticks(ax.yaxis)
+        ax.set_title(f"{est} · {sampler}" + (f" ({n_out} clipped)" if n_out else ""))
+        ax.set(xlabel="", ylabel="")
+    g.figure.supxlabel("reference SE (Wald: GLMs; teacher replicates or sandwich: MLPs)", y=0.0)
+    g.figure.supylabel("estimator SE", x=0.0)
+    g.figure.suptitle(f"Estimator SE against the reference SE (replication 0); SEs more than {LOGLOG_CLIP:g}x "
+                      "outside the reference range are clipped to the panel's edge (count in the panel title)",
+                      y=1.02, fontsize=10)
+    return g.figure
+
+
+def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
+    """Estimator SE against the reference SE, log-log, one panel per estimator (replication 0);
+    estimator SEs more than ``LOGLOG_CLIP`` times outside the reference SEs' range are drawn on the
+    panel's edge, and each panel's title counts them."""
+    _save(draw_loglog(cells), path)
     return path
 
 
-def qq_figure(cells: pd.DataFrame, path: Path, dof: dict[str, float] | None = None) -> Path:
-    """QQ plot of null-weight p-values against U(0, 1), per estimator and sampler; an estimator
-    with interval degrees of freedom in ``dof`` is referred to Student's t, as its summary rows are."""
+def draw_qq(cells: pd.DataFrame, dof: dict[str, float] | None = None):
+    """The figure of :func:`qq_figure`, or None when no weight has a known zero truth."""
     sns = _setup()
     d = cells[cells.truth.notna() & (cells.truth == 0) & cells.estimator.isin(TRAJECTORY + ["wald"])].copy()
     if d.empty:
-        return path
+        return None
     d["p"] = pvalues(zvalues(d["weight"].to_numpy(), d["se"].to_numpy()))
     for est, k in (dof or {}).items():
         rows = d.estimator == est
@@ -105,18 +160,27 @@ def qq_figure(cells: pd.DataFrame, path: Path, dof: dict[str, float] | None = No
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
     g.set_titles("{col_name} minibatches")
     g.set_axis_labels("U(0, 1) quantile", "null p-value quantile")
-    _save(g.figure, path)
+    g.figure.suptitle("Null p-values against U(0, 1): on the diagonal when the test is calibrated", y=1.04, fontsize=10)
+    return g.figure
+
+
+def qq_figure(cells: pd.DataFrame, path: Path, dof: dict[str, float] | None = None) -> Path:
+    """QQ plot of null-weight p-values against U(0, 1), per estimator and sampler; an estimator
+    with interval degrees of freedom in ``dof`` is referred to Student's t, as its summary rows are."""
+    fig = draw_qq(cells, dof)
+    if fig is not None:
+        _save(fig, path)
     return path
 
 
-def coverage_figure(summary: pd.DataFrame, path: Path) -> Path:
-    """Coverage of 95% intervals by training setting, with the binomial band around 0.95."""
+def draw_coverage(summary: pd.DataFrame):
+    """The figure of :func:`coverage_figure`, or None when no cell has a coverage."""
     sns = _setup()
     import matplotlib.pyplot as plt
 
     d = summary[summary.coverage95.notna() & summary.estimator.isin(MAIN_ESTIMATORS)].copy()
     if d.empty:
-        return path
+        return None
     d["cell"] = d["design"] + " · " + d["setting"]
     cells = list(dict.fromkeys(d["cell"]))
     ests = list(dict.fromkeys(d["estimator"]))
@@ -133,19 +197,26 @@ def coverage_figure(summary: pd.DataFrame, path: Path) -> Path:
     ax.axvspan(0.935, 0.965, color="grey", alpha=0.2, label=f"0.95 ± 0.015 (n = {n:.0f} intervals a cell)")
     ax.axvline(0.95, color="grey", lw=1)
     ax.set(xlabel="coverage of 95% intervals with Wilson 95% intervals (GLM designs with known truth)", ylabel="")
+    ax.set_title("Coverage of 95% intervals by cell and estimator")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    _save(fig, path)
+    return fig
+
+
+def coverage_figure(summary: pd.DataFrame, path: Path) -> Path:
+    """Coverage of 95% intervals by training setting, with the binomial band around 0.95."""
+    fig = draw_coverage(summary)
+    if fig is not None:
+        _save(fig, path)
     return path
 
 
-def hidden_figure(summary: pd.DataFrame, path: Path) -> Path:
-    """Hidden-layer cells: each estimator's median SE ratio against each reference (log scale), with
-    the reference's own per-weight Monte-Carlo error as a band around 1 and [0.8, 1.25] shaded."""
+def draw_hidden(summary: pd.DataFrame):
+    """The figure of :func:`hidden_figure`, or None when there is no hidden-layer cell."""
     designs = hidden_designs(summary)
     d = summary[summary.design.isin(designs) & np.isfinite(summary.se_ratio_median)
                 & (summary.se_ratio_median > 0) & (summary.estimator != "wald")].copy()
     if d.empty:
-        return path
+        return None
     sns = _setup()
     d["cell"] = d["design"] + " · wd=" + d["weight_decay"].map("{:g}".format)
     g = sns.catplot(data=d, x="se_ratio_median", y="estimator", hue="cell", col="reference", kind="point",
@@ -167,8 +238,43 @@ def hidden_figure(summary: pd.DataFrame, path: Path) -> Path:
     g.set_axis_labels("median SE ratio", "")
     g.figure.suptitle("hidden layers: grey [0.8, 1.25]; orange ±2 Monte-Carlo errors of one weight's reference",
                       y=1.03, fontsize=9)
-    _save(g.figure, path)
+    return g.figure
+
+
+def hidden_figure(summary: pd.DataFrame, path: Path) -> Path:
+    """Hidden-layer cells: each estimator's median SE ratio against each reference (log scale), with
+    the reference's own per-weight Monte-Carlo error as a band around 1 and [0.8, 1.25] shaded."""
+    fig = draw_hidden(summary)
+    if fig is not None:
+        _save(fig, path)
     return path
+
+
+def redraw(out: Path) -> list[Path]:
+    """Redraw a study's figures from the tables in ``out``: ``coverage.png`` and
+    ``hidden_layers.png`` from ``summary.csv``, and, where ``cells.csv`` was kept, ``loglog_se.png``
+    and ``qq_null_pvalues.png``. Returns the figures written; nothing is recomputed.
+
+        .venv/bin/python -m validation.report docs/calibration/full
+    """
+    out = Path(out)
+    summary = pd.read_csv(out / "summary.csv")
+    written = []
+    for draw, name in ((draw_coverage, "coverage.png"), (draw_hidden, "hidden_layers.png")):
+        fig = draw(summary)
+        if fig is not None:
+            _save(fig, out / name)
+            written.append(out / name)
+    if (out / "cells.csv").exists():
+        cells = pd.read_csv(out / "cells.csv")
+        finite = summary[np.isfinite(summary.interval_dof.astype(float))]
+        loglog_figure(cells, out / "loglog_se.png")
+        written.append(out / "loglog_se.png")
+        fig = draw_qq(cells, finite.groupby("estimator").interval_dof.median().to_dict())
+        if fig is not None:
+            _save(fig, out / "qq_null_pvalues.png")
+            written.append(out / "qq_null_pvalues.png")
+    return written
 
 
 def _fmt(df: pd.DataFrame) -> str:
@@ -270,3 +376,11 @@ def _hidden(summary: pd.DataFrame) -> list[str]:
              _fmt(h[~h.estimator.isin(refs | {"wald"})][HIDDEN_COLS]), "",
              "![hidden layers](hidden_layers.png)", ""]
     return lines
+
+
+if __name__ == "__main__":
+    import sys
+
+    for folder in sys.argv[1:] or ["."]:
+        for path in redraw(Path(folder)):
+            print(path)

@@ -69,3 +69,19 @@ def on_page_markdown(markdown, page, config, files):
         return f"{m.group(1)}{new}{anchor}{m.group(3)}"
 
     return _LINK.sub(repl, markdown)
+
+
+def on_nav(nav, config, files):
+    """Pages under ``docs/`` that mkdocs.yml's nav does not list (a study page added since) go in a
+    last section, so that a new page is on the site without an edit here."""
+    from mkdocs.structure.nav import Section
+
+    listed = {p.file.src_uri for p in nav.pages}
+    extra = [f.page for f in files.documentation_pages() if f.src_uri not in listed and f.page is not None]
+    if extra:
+        section = Section("More pages", extra)
+        for page in extra:
+            page.parent = section
+        nav.items.append(section)
+        nav.pages.extend(extra)
+    return nav
