@@ -79,8 +79,8 @@ def test_other_settings_in_same_folder_refused(tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--dataset", "imagenet"], "invalid choice.*digits"),
-    (["--model", "resnet50"], "invalid choice.*lenet5"),
+    (["--dataset", "imagenet"], "dataset=.imagenet. is not valid; choose one of: .*digits"),
+    (["--model", "resnet50"], "model=.resnet50. is not valid; choose one of: .*lenet5"),
     (["--criteria", "mu,psychic"], "criterion=.psychic. is not valid; choose one of: gradient-weight, lamp, magnitude, mu, obs, random"),
     (["--se", "pseudo,oracle"], "se=.oracle. is not valid; choose one of: batch-means, block, bootstrap, calibrated, curvature, ekfac, fisher, kfac, pseudo, wald, woodfisher, batch-means-balanced, .*kfac-layer"),
     (["--criteria", "magnitude[pseudo]"], "uses no standard errors"),
