@@ -260,3 +260,28 @@ def test_bad_input():
     with pytest.raises(TypeError, match="round_to must be an integer"):
         prune_ffn(model, [], 0.5, "magnitude", refit=False, round_to=8.0)
     assert att.q_proj.out_features == 48 and model.config.num_key_value_heads == 3
+
+
+def test_masked_grouped_query_blocks_are_cut_with_their_masks():
+    """A one-shot-pruned (masked) model: the key/value rows are cut by cut_outputs with their masks
+    kept, and the result equals pruning the finalized copy."""
+    import mustat
+    from mustat._params import install_mask, mask_of
+
+    model, batches = tiny_llama("9q3kv", seed=10), token_batches(10)
+    g = torch.Generator().manual_seed(10)
+    keeps = {}
+    for name, p in list(model.named_parameters()):
+        if name.endswith("proj.weight"):
+            keeps[name] = (torch.rand(p.shape, generator=g) > 0.4).double()
+            install_mask(model, name, keeps[name])
+    plain = mustat.finalize(copy.deepcopy(model))
+    assert prune_heads(model, batches, 1 / 3, "magnitude", refit=False) == prune_heads(
+        plain, batches, 1 / 3, "magnitude", refit=False)
+    torch.testing.assert_close(_logits(model, batches), _logits(plain, batches), rtol=1e-12, atol=1e-12)
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        got = mask_of(model, name)
+        assert got is not None and got.shape == (16, 72)
+        full = keeps[name]
+        assert any(torch.equal(got, full[rows]) for rows in (list(range(0, 16)), [*range(0, 8), *range(16, 24)],
+                                                            list(range(8, 24))))
