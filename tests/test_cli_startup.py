@@ -257,6 +257,20 @@ def test_a_name_a_plugin_registers_is_accepted_although_the_help_does_not_list_i
     assert "plugin-set" not in _subparser("structured").format_help()
 
 
+def test_scale_defaults_to_magnitude_and_mu_with_each_default_estimator(tmp_path, monkeypatch):
+    """``mustat scale --criteria`` defaults to the registry's default estimators, read when it runs."""
+    import mustat.scaling as scaling
+    from mustat.uncertainty import default_estimators
+
+    seen = {}
+    monkeypatch.setattr(scaling, "scale_experiment",
+                        lambda **kw: seen.update(kw) or (_ for _ in ()).throw(ValueError("stop")))
+    with pytest.raises(SystemExit):
+        main(["scale", "--out", str(tmp_path)])
+    assert seen["labels"] == ["magnitude", *(f"mu[{e}]" for e in default_estimators())]
+    assert " ".join(seen["labels"]) in " ".join(_subparser("scale").format_help().split())
+
+
 # ------------------------------------------------------------------------------------ --quiet
 def test_hf_progress_bars_off_inside_and_put_back_after():
     pytest.importorskip("transformers")
