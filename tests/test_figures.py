@@ -152,6 +152,22 @@ def test_calibration_figures_are_readable(name):
     check_readable(getattr(report, name)(data))
 
 
+def test_calibration_figures_redraw_from_their_points(tmp_path):
+    """A study keeps the figures' points beside them; the figures redraw from those and summary.csv."""
+    from validation.report import QQ_POINTS, loglog_data, qq_data, redraw
+
+    rng = np.random.default_rng(7)
+    cells = _cells(rng)
+    cells = cells[cells.estimator.isin(["pseudo", "wald"])]   # two panels: the test is of the files, not the looks
+    _summary(rng).to_csv(tmp_path / "summary.csv", index=False)
+    loglog_data(cells).to_csv(tmp_path / "loglog_points.csv", index=False)
+    q = qq_data(cells)
+    assert q.groupby(["estimator", "sampler"]).size().max() <= QQ_POINTS
+    q.to_csv(tmp_path / "qq_points.csv", index=False)
+    written = {p.name for p in redraw(tmp_path)}
+    assert written == {"coverage.png", "hidden_layers.png", "loglog_se.png", "qq_null_pvalues.png"}
+
+
 def test_window_figure_is_readable():
     window = _script("docs/calibration/window.py")
     rng = np.random.default_rng(2)

@@ -84,18 +84,30 @@ def _primary(cells: pd.DataFrame) -> pd.DataFrame:
 LOGLOG_CLIP = 10.0
 
 
+#: the columns of loglog_points.csv, the log-log figure's points (a study keeps them beside the figure)
+LOGLOG_COLUMNS = ["design", "setting", "optimizer", "sampler", "estimator", "ref_se", "se"]
+#: the columns of qq_points.csv: at most QQ_POINTS quantiles per estimator and sampler
+QQ_COLUMNS = ["estimator", "sampler", "expected", "observed"]
+QQ_POINTS = 400
+
+
 def loglog_data(cells: pd.DataFrame) -> pd.DataFrame:
-    """The points of :func:`loglog_figure`: replication 0, every main estimator but the reference."""
+    """The points of :func:`loglog_figure` (columns ``LOGLOG_COLUMNS``): replication 0, every main
+    estimator but the reference. A table that already has those columns (``loglog_points.csv``)
+    is returned as it is."""
+    if "replication" not in cells and set(LOGLOG_COLUMNS) <= set(cells):
+        return cells[LOGLOG_COLUMNS].copy()
     cells = _primary(cells)
     d = cells[(cells.replication == 0) & cells.estimator.isin([e for e in MAIN_ESTIMATORS if e != "wald"]) & (cells.se > 0)
               & np.isfinite(cells.se) & (cells.ref_se > 0)].copy()
     d["optimizer"] = d["setting"].str.split(" ").str[0]
     d["sampler"] = np.where(d["setting"].str.contains("replacement"), "replacement", "shuffle")
-    return d
+    return d[LOGLOG_COLUMNS]
 
 
 def draw_loglog(cells: pd.DataFrame):
-    """The figure of :func:`loglog_figure` (a matplotlib Figure, not saved)."""
+    """The figure of :func:`loglog_figure` (a matplotlib Figure, not saved), from the per-weight
+    cells or from their :func:`loglog_data`."""
     sns = _setup()
     d = loglog_data(cells)
     # clip per panel: each panel's axes span the reference SEs' range widened by LOGLOG_CLIP both
@@ -138,12 +150,15 @@ def loglog_figure(cells: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def draw_qq(cells: pd.DataFrame, dof: dict[str, float] | None = None):
-    """The figure of :func:`qq_figure`, or None when no weight has a known zero truth."""
-    sns = _setup()
+def qq_data(cells: pd.DataFrame, dof: dict[str, float] | None = None) -> pd.DataFrame:
+    """The points of :func:`qq_figure` (columns ``QQ_COLUMNS``): per estimator and sampler, the
+    sorted null p-values against U(0, 1) quantiles, thinned to ``QQ_POINTS`` evenly spaced ranks
+    (the line is the same). Empty when no weight has a known zero truth."""
+    if "truth" not in cells and set(QQ_COLUMNS) <= set(cells):
+        return cells[QQ_COLUMNS].copy()
     d = cells[cells.truth.notna() & (cells.truth == 0) & cells.estimator.isin(TRAJECTORY + ["wald"])].copy()
     if d.empty:
-        return None
+        return pd.DataFrame(columns=QQ_COLUMNS)
     d["p"] = pvalues(zvalues(d["weight"].to_numpy(), d["se"].to_numpy()))
     for est, k in (dof or {}).items():
         rows = d.estimator == est
@@ -153,8 +168,19 @@ def draw_qq(cells: pd.DataFrame, dof: dict[str, float] | None = None):
     parts = []
     for (est, sampler), g in d.groupby(["estimator", "sampler"]):
         p = np.sort(g["p"].to_numpy())
-        parts.append(pd.DataFrame(dict(estimator=est, sampler=sampler, expected=(np.arange(1, len(p) + 1) - 0.5) / len(p), observed=p)))
-    q = pd.concat(parts)
+        keep = np.unique(np.linspace(0, len(p) - 1, min(len(p), QQ_POINTS)).round().astype(int))
+        parts.append(pd.DataFrame(dict(estimator=est, sampler=sampler,
+                                       expected=((np.arange(1, len(p) + 1) - 0.5) / len(p))[keep], observed=p[keep])))
+    return pd.concat(parts, ignore_index=True)[QQ_COLUMNS]
+
+
+def draw_qq(cells: pd.DataFrame, dof: dict[str, float] | None = None):
+    """The figure of :func:`qq_figure` from the per-weight cells or their :func:`qq_data`, or None
+    when no weight has a known zero truth."""
+    sns = _setup()
+    q = qq_data(cells, dof)
+    if q.empty:
+        return None
     g = sns.relplot(data=q, x="expected", y="observed", hue="estimator", col="sampler", kind="line", height=3)
     for ax in g.axes.flat:
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
@@ -252,8 +278,9 @@ def hidden_figure(summary: pd.DataFrame, path: Path) -> Path:
 
 def redraw(out: Path) -> list[Path]:
     """Redraw a study's figures from the tables in ``out``: ``coverage.png`` and
-    ``hidden_layers.png`` from ``summary.csv``, and, where ``cells.csv`` was kept, ``loglog_se.png``
-    and ``qq_null_pvalues.png``. Returns the figures written; nothing is recomputed.
+    ``hidden_layers.png`` from ``summary.csv``; ``loglog_se.png`` and ``qq_null_pvalues.png`` from
+    ``cells.csv`` where it was kept, else from the points a study writes beside them
+    (``loglog_points.csv``, ``qq_points.csv``). Returns the figures written; nothing is recomputed.
 
         .venv/bin/python -m validation.report docs/calibration/full
     """
@@ -268,12 +295,14 @@ def redraw(out: Path) -> list[Path]:
     if (out / "cells.csv").exists():
         cells = pd.read_csv(out / "cells.csv")
         finite = summary[np.isfinite(summary.interval_dof.astype(float))]
-        loglog_figure(cells, out / "loglog_se.png")
-        written.append(out / "loglog_se.png")
-        fig = draw_qq(cells, finite.groupby("estimator").interval_dof.median().to_dict())
-        if fig is not None:
-            _save(fig, out / "qq_null_pvalues.png")
-            written.append(out / "qq_null_pvalues.png")
+        loglog, qq = cells, qq_data(cells, finite.groupby("estimator").interval_dof.median().to_dict())
+    else:
+        loglog = pd.read_csv(out / "loglog_points.csv") if (out / "loglog_points.csv").exists() else None
+        qq = pd.read_csv(out / "qq_points.csv") if (out / "qq_points.csv").exists() else None
+    if loglog is not None:
+        written.append(loglog_figure(loglog, out / "loglog_se.png"))
+    if qq is not None and not qq.empty:
+        written.append(qq_figure(qq, out / "qq_null_pvalues.png"))
     return written
 
 
@@ -284,9 +313,15 @@ def _fmt(df: pd.DataFrame) -> str:
 def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
     """Figures plus ``report.md``: headline tables and a reading generated from the numbers."""
     out = Path(out)
-    loglog_figure(cells, out / "loglog_se.png")
+    # the figures' points, small enough to commit: the figures redraw from them without cells.csv
+    points = loglog_data(cells)
+    atomic_write(out / "loglog_points.csv", lambda t: points.to_csv(t, index=False))
+    loglog_figure(points, out / "loglog_se.png")
     finite = summary[np.isfinite(summary.interval_dof.astype(float))]
-    qq_figure(cells, out / "qq_null_pvalues.png", dof=finite.groupby("estimator").interval_dof.median().to_dict())
+    q = qq_data(cells, dof=finite.groupby("estimator").interval_dof.median().to_dict())
+    if not q.empty:
+        atomic_write(out / "qq_points.csv", lambda t: q.to_csv(t, index=False))
+        qq_figure(q, out / "qq_null_pvalues.png")
     coverage_figure(summary, out / "coverage.png")
     hidden_figure(summary, out / "hidden_layers.png")
     cols = ["design", "setting", "estimator", "centre", "se_ratio_median", "loglog_slope", "spearman_z",
@@ -308,7 +343,8 @@ def write_report(out: Path, summary: pd.DataFrame, cells: pd.DataFrame) -> Path:
              "median interval width; an estimator with finite `interval_dof` (batch means) has",
              "t intervals with that many degrees of freedom. Ratio metrics pool every weight whose reference SE is finite and positive; a failed",
              "estimate (inf or 0) stays in the median and is counted (`frac_est_inf`, `frac_est_zero`).",
-             "Tables: `summary.csv` (one row per cell, estimator and reference), `cells.csv` (one row per weight).", "",
+             "Tables: `summary.csv` (one row per cell, estimator and reference), `cells.csv` (one row per weight),",
+             "`loglog_points.csv` and `qq_points.csv` (the figures' points: `python -m validation.report DIR` redraws them).", "",
              "## Reading", ""]
     lines += _reading(glm)
     lines += ["", "## GLM designs", "", _fmt(head), ""]
