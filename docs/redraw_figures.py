@@ -2,10 +2,12 @@
 
     .venv/bin/python docs/redraw_figures.py
 
-- calibration studies: ``coverage.png`` and ``hidden_layers.png`` from each ``summary.csv``
-  (``python -m validation.report DIR``); ``loglog_se.png`` and ``qq_null_pvalues.png`` need the
-  per-weight ``cells.csv``, which is not committed (tens of MB): those are redrawn only where a
-  study's folder has it, so the committed ones come from the study runs themselves;
+- calibration studies (``python -m validation.report DIR``): ``coverage.png`` and
+  ``hidden_layers.png`` from each ``summary.csv``; ``loglog_se.png`` and ``qq_null_pvalues.png``
+  from the per-weight ``cells.csv`` (not committed: tens of MB) or from the figures' points that
+  a study writes since 2026-12-07 (``loglog_points.csv``, ``qq_points.csv``). Studies committed
+  before then have neither, so their log-log and QQ figures stay as their runs drew them until
+  they are rerun;
 - ``calibration/window.png`` from ``calibration/window.csv`` (``window.py --redraw``);
 - ``pruning/{full,collapse}/accuracy_vs_sparsity.png`` from their ``results.csv``;
 - ``pruning/scale/scale_invariance.png`` from ``scale-after.csv`` and ``scale-init.csv``;
