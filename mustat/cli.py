@@ -288,8 +288,9 @@ def _oneshot_parser(sub) -> None:
                    help="also write the pruned model as a folder that reloads (mustat.export.save_pruned; replaced "
                         "atomically if it exists)")
     o.add_argument("--export-format", default=None, metavar="FORMAT",
-                   help="sparse-bitmask or sparse-24-bitmask (compressed-tensors checkpoints), or save-pretrained "
-                        "(dense, masks beside); default: sparse-24-bitmask for --pattern 2:4, else sparse-bitmask")
+                   help="save-pretrained (default: dense weights with the zeros, masks beside; loads in transformers "
+                        "and vLLM), or sparse-bitmask / sparse-24-bitmask (compressed-tensors' legacy sparse "
+                        "checkpoints: half the bytes; mustat.export.load_pruned and compressed-tensors <= 0.14 read them)")
     o.add_argument("--sequential", default="layer", choices=["layer", "block"],
                    help="inside a transformer block: each layer from the pruned layers before it (layer), or every "
                         "layer from the block's inputs in one pass, as SparseGPT's and Wanda's drivers (block)")

@@ -8,7 +8,7 @@ Three formats (:data:`FORMATS`), written by :func:`save_pruned` and read back by
   The masks themselves go beside, in ``masks.safetensors`` (one bit per entry, the
   :mod:`mustat.sparse` packing), which ``from_pretrained`` ignores and :func:`load_pruned` reads.
 * ``"sparse-bitmask"`` and ``"sparse-24-bitmask"``: a compressed-tensors checkpoint, the format
-  llm-compressor writes for sparse models and vLLM reads: every masked ``nn.Linear`` weight stored as
+  llm-compressor wrote for sparse models up to compressed-tensors 0.14 (now legacy: below): every masked ``nn.Linear`` weight stored as
   its kept values plus a bitmask, the rest as they are, and ``config.json`` carrying a
   ``quantization_config`` with ``quant_method: "compressed-tensors"`` and a ``sparsity_config``
   (``targets: ["Linear"]``, the dense Linear layers in ``ignore``). Per weight, with
@@ -25,11 +25,19 @@ Three formats (:data:`FORMATS`), written by :func:`save_pruned` and read back by
   a 2:4 group that keeps fewer than 2 entries is stored with masked entries (value 0) filling it
   to 2, and those come back kept. These are the layouts of compressed-tensors up to 0.14.0.1
   (``BitmaskCompressor``, ``Sparse24BitMaskCompressor``; the tests compare the files with its own
-  compressor and decompress them with it). Later compressed-tensors releases (0.15 and up, which
-  transformers 5 requires to load such a checkpoint) dropped sparse compression, so with
-  transformers 5 read these folders with :func:`load_pruned`; an environment with
-  compressed-tensors <= 0.14 (and transformers 4, as llm-compressor 0.14 installs) decompresses them
-  itself. mustat writes and reads the format without the package.
+  compressor and decompress them with it). mustat writes and reads them without the package.
+
+**Where each format loads (read 2026-12-07).** The sparse formats are *legacy* upstream:
+compressed-tensors 0.15 and later dropped sparse compression (0.20.1 lists both formats as
+"legacy"), transformers 5 requires compressed-tensors >= 0.15 to open a compressed-tensors
+checkpoint (transformers PR #46342), so its ``from_pretrained`` cannot read these folders; vLLM
+removed its 2:4 (Sparse24) support (vllm PR #36799, March 2026) and from 0.24 rejects
+compressed sparse formats; and llm-compressor 0.14.0.1 (with compressed-tensors 0.19.0) saves a
+pruned model's weights dense. So today a pruned model that must load in transformers or vLLM is a
+``"save-pretrained"`` folder (the default); the sparse formats hold the same model in about
+half the bytes at 50% (values plus one bit per weight) for :func:`load_pruned`, for
+compressed-tensors <= 0.14.0.1 (with the transformers 4 and vLLM releases of its time) and for
+archives.
 
 Every folder is written atomically: into a temporary folder beside it, renamed into place when
 complete, so an interrupted export leaves no half-written folder (an existing folder is replaced
@@ -53,8 +61,8 @@ from mustat._checks import check_option
 from mustat._params import entries, install_mask, masked_names
 from mustat.patterns import pattern_violations
 
-FORMATS = ("sparse-bitmask", "sparse-24-bitmask", "save-pretrained")
-SPARSE_FORMATS = FORMATS[:2]
+FORMATS = ("save-pretrained", "sparse-bitmask", "sparse-24-bitmask")
+SPARSE_FORMATS = FORMATS[1:]
 #: the compressed-tensors release whose on-disk layout these files follow (module notes)
 COMPRESSED_TENSORS_LAYOUT = "0.14.0.1"
 MASKS_FILE = "masks.safetensors"
@@ -213,7 +221,7 @@ def _load(model: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
     model.tie_weights()
 
 
-def save_pruned(model: nn.Module, folder: str | Path, *, format: str = "sparse-bitmask", overwrite: bool = False,
+def save_pruned(model: nn.Module, folder: str | Path, *, format: str = "save-pretrained", overwrite: bool = False,
                 tokenizer=None) -> Path:
     """Save a pruned transformers model (masks from :func:`mustat.prune` or :func:`mustat.oneshot`)
     as a folder that reloads with identical weights, logits and masks (module notes).
@@ -226,9 +234,10 @@ def save_pruned(model: nn.Module, folder: str | Path, *, format: str = "sparse-b
     folder
         The folder to write (atomically: module notes).
     format
-        ``"sparse-bitmask"`` (compressed-tensors, any sparsity), ``"sparse-24-bitmask"``
-        (compressed-tensors, 2:4 models only) or ``"save-pretrained"`` (dense effective weights,
-        masks beside).
+        ``"save-pretrained"`` (default: dense effective weights, masks beside; loads in
+        transformers and vLLM), ``"sparse-bitmask"`` (compressed-tensors, any sparsity) or
+        ``"sparse-24-bitmask"`` (compressed-tensors, 2:4 models only); where each loads: module
+        notes.
     overwrite
         Replace an existing ``folder`` (once the new one is complete).
     tokenizer
@@ -384,14 +393,13 @@ def load_pruned(folder: str | Path, *, masks: bool = True) -> nn.Module:
 
 def export_target(folder: str | os.PathLike | None, format: str | None, pattern) -> tuple[Path, str] | None:
     """``(folder, format)`` of ``mustat oneshot --export FOLDER --export-format FORMAT``, checked
-    before any work; ``None`` without ``--export``. The default format follows the pattern:
-    ``sparse-24-bitmask`` for 2:4, ``sparse-bitmask`` otherwise."""
+    before any work; ``None`` without ``--export``. The default format is ``save-pretrained``
+    (module notes: what transformers and vLLM load today)."""
     if folder is None:
         if format is not None:
             raise ValueError(f"--export-format {format} needs --export FOLDER")
         return None
-    default = "sparse-24-bitmask" if str(pattern) == "2:4" else "sparse-bitmask"
-    format = check_option(default if format is None else format, "--export-format", FORMATS)
+    format = check_option("save-pretrained" if format is None else format, "--export-format", FORMATS)
     if format == "sparse-24-bitmask" and str(pattern) != "2:4":
         raise ValueError(f"--export-format sparse-24-bitmask stores 2:4 models; --pattern is {pattern}: use "
                          "--pattern 2:4, or --export-format sparse-bitmask")

@@ -151,8 +151,8 @@ def test_read_pruned_gives_dense_state_and_masks(tmp_path):
 
 def test_bad_input_and_atomic_writes(tmp_path, monkeypatch):
     model, _ = _pruned(seed=5)
-    with pytest.raises(ValueError, match="format='safetensors' is not valid; choose one of: sparse-bitmask, "
-                                         "sparse-24-bitmask, save-pretrained"):
+    with pytest.raises(ValueError, match="format='safetensors' is not valid; choose one of: save-pretrained, "
+                                         "sparse-bitmask, sparse-24-bitmask"):
         save_pruned(model, tmp_path / "a", format="safetensors")
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.weight' \(shape \(48, 48\)\) is not: "
                                          r"\d+ groups of 4 inputs keep more than 2"):
@@ -160,7 +160,7 @@ def test_bad_input_and_atomic_writes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs a transformers model.*save_sparse"):
         save_pruned(torch.nn.Linear(2, 2), tmp_path / "a")
     assert not (tmp_path / "a").exists()
-    save_pruned(model, tmp_path / "a")
+    save_pruned(model, tmp_path / "a", format="sparse-bitmask")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_pruned(model, tmp_path / "a")
     before = sorted(os.listdir(tmp_path / "a"))
@@ -170,9 +170,9 @@ def test_bad_input_and_atomic_writes(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        save_pruned(model, tmp_path / "a", overwrite=True)
+        save_pruned(model, tmp_path / "a", format="sparse-bitmask", overwrite=True)
     with pytest.raises(OSError, match="disk full"):
-        save_pruned(model, tmp_path / "b")
+        save_pruned(model, tmp_path / "b", format="save-pretrained")      # fails at masks.safetensors
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["a"]                # the old folder intact, nothing half-written
     assert sorted(os.listdir(tmp_path / "a")) == before
@@ -192,7 +192,8 @@ def test_oneshot_command_exports(tmp_path, capsys):
     common = ["oneshot", str(folder), "--text", str(folder / "text.txt"), "--samples", "8", "--max-length", "16",
               "--evaluate", "0", "--quiet"]
     out, export = tmp_path / "out", tmp_path / "export"
-    assert main([*common, "--pattern", "2:4", "--out", str(out), "--export", str(export)]) == 0
+    assert main([*common, "--pattern", "2:4", "--out", str(out), "--export", str(export),
+                 "--export-format", "sparse-24-bitmask"]) == 0
     config = json.loads((export / "config.json").read_text())
     assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
     assert (export / "tokenizer.json").is_file()
@@ -203,8 +204,11 @@ def test_oneshot_command_exports(tmp_path, capsys):
     batches = [dict(input_ids=torch.arange(2, 18).reshape(2, 8))]
     _same(model.eval(), again, batches)
     assert f"wrote {export} (sparse-24-bitmask)" in capsys.readouterr().out
+    assert main([*common, "--sparsity", "0.5", "--out", str(out), "--export", str(export)]) == 0     # replaced
+    assert "quantization_config" not in json.loads((export / "config.json").read_text())            # default
+    assert f"wrote {export} (save-pretrained)" in capsys.readouterr().out
     for extra, message in ((["--sparsity", "0.5", "--export", str(tmp_path / "x"), "--export-format", "onnx"],
-                            "--export-format='onnx' is not valid; choose one of: sparse-bitmask"),
+                            "--export-format='onnx' is not valid; choose one of: save-pretrained, sparse-bitmask"),
                            (["--sparsity", "0.5", "--export", str(tmp_path / "x"), "--export-format",
                              "sparse-24-bitmask"], "sparse-24-bitmask stores 2:4 models; --pattern is unstructured"),
                            (["--sparsity", "0.5", "--export-format", "save-pretrained"], "needs --export FOLDER")):
