@@ -32,11 +32,11 @@ def _script(path: Path):
 
 
 def main() -> list[Path]:
+    import matplotlib
+
     from mustat import benchmark, scaling
     from mustat._io import atomic_write
     from validation.report import redraw
-
-    import matplotlib
 
     written = []
     # the calibration figures set seaborn's theme; the others are drawn in matplotlib's defaults, as their runs draw them
