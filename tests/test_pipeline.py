@@ -19,7 +19,8 @@ LABELS = ["mu[pseudo]", "mu[calibrated]", "mu[batch-means]", "mu[curvature]", "m
 
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["prune", "--out", str(out), "--seeds", "0,1", *TINY]) == 0
+    # the trajectory and diagonal estimators (not the defaults): the window check below needs them
+    assert main(["prune", "--out", str(out), "--seeds", "0,1", "--se", "pseudo,calibrated,batch-means,curvature", *TINY]) == 0
     captured = capsys.readouterr()
     printed = captured.out
     assert all(lab in printed for lab in LABELS) and "dense" in printed and "±" in printed
