@@ -262,3 +262,45 @@ def test_padding_modes_equal_an_explicit_pad_before_an_unpadded_conv(mode):
     ref = make_estimator("kfac", plain).fit(ctx).se()
     torch.testing.assert_close(se["0.weight"], ref["1.weight"], rtol=1e-10, atol=0)
     torch.testing.assert_close(se["3.weight"], ref["4.weight"], rtol=1e-10, atol=0)
+
+
+def test_monte_carlo_output_factor_is_unbiased_within_its_sampling_error():
+    """``mc_samples=k``: the last layer's factor ``B = sum_i L_i xi xi^T L_i^T / k`` against the
+    exact ``sum_i Lambda_i`` (``Lambda_i = diag(p_i) - p_i p_i^T``). For Gaussian ``xi`` each entry's
+    variance is ``sum_i (Lambda_aa Lambda_bb + Lambda_ab^2) / k`` (Isserlis), so every z-score of the
+    78 distinct entries is within 4.5 (a fixed seed; under normality the chance of a larger one is
+    about 5e-4). ``k`` at or above the number of outputs is the exact factor, which is cheaper."""
+    torch.manual_seed(0)
+    C = 12
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (200,), generator=g)
+    ctx = FitContext(X=X, y=y, loss=nn.functional.cross_entropy, weight_decay=1e-3)
+    k = 3
+    exact = make_estimator("kfac", model).fit(ctx)
+    mc = make_estimator("kfac", model, mc_samples=k, seed=3).fit(ctx)
+    B, B_mc = exact._factors["2.weight"][4], mc._factors["2.weight"][4]
+    with torch.no_grad():
+        p = torch.softmax(model(X), 1)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(B, lam.sum(0), rtol=1e-10, atol=1e-12)
+    d = lam.diagonal(dim1=1, dim2=2)
+    var = ((d[:, :, None] * d[:, None, :]) + lam.square()).sum(0) / k
+    z = (B_mc - B) / var.sqrt()
+    rows, cols = torch.triu_indices(C, C)
+    assert float(z[rows, cols].abs().max()) < 4.5
+    assert float(z[rows, cols].abs().max()) > 0.1            # it is a draw, not the exact factor
+    full = make_estimator("kfac", model, mc_samples=C, seed=3).fit(ctx)
+    torch.testing.assert_close(full._factors["2.weight"][4], B, rtol=1e-12, atol=0)
+    # the same seed draws the same numbers; another seed others
+    again = make_estimator("kfac", model, mc_samples=k, seed=3).fit(ctx)
+    other = make_estimator("kfac", model, mc_samples=k, seed=4).fit(ctx)
+    assert torch.equal(again._factors["2.weight"][4], B_mc)
+    assert not torch.equal(other._factors["2.weight"][4], B_mc)
+
+
+def test_mc_samples_is_checked():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="mc_samples"):
+        make_estimator("kfac", model, mc_samples=0)
