@@ -118,7 +118,8 @@ def main() -> None:
     atomic_write(out.with_suffix(".csv"), lambda p: table.to_csv(p, index=False))
     lines = [
         "# GQA groups and gated-MLP neurons removed from a LLaMA of SmolLM2-135M's shape: CPU prefill", "",
-        f"Produced by `python docs/structured/llama_gqa.py --layers {args.layers} --threads {args.threads}` on "
+        f"Produced by `python docs/structured/llama_gqa.py --layers {args.layers} --threads {args.threads} "
+        f"--repeats {args.repeats}` on "
         f"{when} ({platform.machine()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, float32, {args.threads} intra-op thread(s), dense and pruned timed "
         f"alternately, median of {args.repeats} rounds; random weights, seed 0). One of the 3 key/value groups "
