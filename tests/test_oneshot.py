@@ -761,3 +761,17 @@ def test_allocation_mapping_and_errors():
         oneshot(_mlp(), batches, pattern="2:4", allocation="owl")
     with pytest.raises(ValueError, match="allocation='even' is not valid"):
         oneshot(_mlp(), batches, sparsity=0.5, allocation="even")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_causal_lm_loss_statistic_shares_the_budget_exactly(family):
+    """``sigma="loss"`` with ``loss="causal-lm"`` and the global scope on tiny causal LMs: one
+    threshold over every layer meets the budget (to one weight) and layers get different
+    sparsities (the ranking itself is checked against numpy in the test above)."""
+    model, tok, *_ = _families()[family]
+    report = oneshot(model, tok, method="mu", sigma="loss", loss="causal-lm", scope="global", update=True,
+                     sparsity=0.6)
+    sizes = report.layers["rows"] * report.layers["inputs"]
+    total = float((report.layers["sparsity"] * sizes).sum() / sizes.sum())
+    assert total == pytest.approx(0.6, abs=0.5 / sizes.sum())
+    assert report.layers["sparsity"].std() > 0.01
