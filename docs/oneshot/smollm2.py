@@ -121,9 +121,9 @@ def cell(args) -> dict:
 
 def run(args) -> None:
     prepared(args.model)
-    rows = pd.read_csv(args.out).to_dict("records") if args.out.exists() else []
-    layer_path = args.out.with_name(args.out.stem.replace("results", "layers") + ".csv")
-    layer_rows = pd.read_csv(layer_path).to_dict("records") if layer_path.exists() else []
+    rows = _read(args.out).to_dict("records") if args.out.exists() else []
+    layer_path = _layers(args.out)
+    layer_rows = _read(layer_path).to_dict("records") if layer_path.exists() else []
     done = {(r["method"], str(r["target"]), int(r["seed"])) for r in rows}
     cells = [("dense", "0", 0)]
     for target in args.targets.split(","):
@@ -158,9 +158,27 @@ def run(args) -> None:
               f"{row['seconds']:.1f} s, peak {row['peak_mb']:.0f} MB (wall {row['wall_seconds']:.0f} s)", flush=True)
 
 
+def merge(source: Path, out: Path) -> None:
+    """Rows of another invocation's results (and per-layer) CSV added to ``out``'s, each run once:
+    for invocations run side by side with different ``--targets``/``--methods`` and ``--out``."""
+    for a, b in ((source, out), (_layers(source), _layers(out))):
+        if not a.exists():
+            continue
+        frame = pd.concat([_read(b), _read(a)]) if b.exists() else _read(a)
+        frame = frame.drop_duplicates(subset=["method", "target", "seed"] + (["name"] if "name" in frame else []))
+        atomic_write(b, lambda p, f=frame: f.to_csv(p, index=False))
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"target": str})
+
+
+def _layers(results: Path) -> Path:
+    return results.with_name(results.stem.replace("results", "layers") + ".csv")
+
+
 def summary(results: Path, dest: Path, command: str) -> None:
-    r = pd.read_csv(results)
-    r["target"] = r["target"].astype(str)
+    r = _read(results)
     d = r[r.method == "dense"].iloc[0]
     lines = ["# One-shot pruning of SmolLM2-135M-Instruct (dequantized Q4_1) on the Python docs",
              "",
@@ -214,6 +232,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "smollm2_results.csv")
     ap.add_argument("--report", action="store_true", help="only rewrite smollm2.md")
+    ap.add_argument("--merge", type=Path, help="add another invocation's results CSV to --out (no runs)")
+    ap.add_argument("--command", help="the command line(s) smollm2.md names (default: this one)")
     ap.add_argument("--cell", nargs=3, metavar=("METHOD", "TARGET", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
@@ -229,9 +249,12 @@ def main() -> None:
     if args.cell:
         print(json.dumps(cell(args)))
         return
-    if not args.report:
+    if args.merge:
+        merge(args.merge, args.out)
+    elif not args.report:
         run(args)
-    summary(args.out, args.out.with_name(args.out.stem.removesuffix("_results") + ".md"), "python " + " ".join(["docs/oneshot/smollm2.py", *sys.argv[1:]]))
+    command = args.command or "python " + " ".join(["docs/oneshot/smollm2.py", *sys.argv[1:]])
+    summary(args.out, args.out.with_name(args.out.stem.removesuffix("_results") + ".md"), command)
 
 
 if __name__ == "__main__":
