@@ -429,14 +429,15 @@ def test_adaptive_mask_on_a_partly_pruned_layer_meets_the_target(scope):
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "nn.TransformerEncoder"])
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "mu-global"])
 def test_the_block_driver_equals_the_model_driver(family, method):
     model, cal, *_ = _families()[family]
     model = model.double()
     cal = [b.double() if isinstance(b, torch.Tensor) else b for b in cal]
     other = copy.deepcopy(model)
-    a = oneshot(model, cal, method=method, sparsity=0.5)
-    b = oneshot(other, cal, method=method, sparsity=0.5, driver="model")
+    kw = dict(method="mu", scope="global", update=True, refit=True) if method == "mu-global" else dict(method=method)
+    a = oneshot(model, cal, sparsity=0.5, **kw)
+    b = oneshot(other, cal, sparsity=0.5, driver="model", **kw)
     assert (a.driver, b.driver) == ("block", "model")
     for (n, x), (_, y) in zip(model.named_parameters(), other.named_parameters()):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=n)

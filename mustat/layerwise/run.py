@@ -507,7 +507,7 @@ def oneshot(
             passes += 1
             skipped += [(t.name, "not reached by the calibration forward") for t in targets if t.name in trace.unreached]
             groups = _groups(trace.order, trace.inputs, trace.once)
-            if found and trace.chained and scope != "global" and driver == "auto":
+            if found and trace.chained and driver == "auto":
                 blocks = found
         else:
             groups = [[t] for t in targets]
