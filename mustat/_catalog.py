@@ -66,7 +66,7 @@ ESTIMATOR_ROLES = (
           "woodfisher-sandwich", "woodfisher-row-sandwich")),
     Role("saliency SEs, for ranking (OBS: sqrt([H^-1]_qq))",
          ("curvature", "wald", "fisher", "block", "kfac", "ekfac", "woodfisher"),
-         ("kfac-layer", "kfac-damped", "ekfac-layer", "woodfisher-row", "woodfisher-damped")),
+         ("kfac-layer", "kfac-damped", "kfac-mc", "ekfac-layer", "woodfisher-row", "woodfisher-damped")),
 )
 
 
