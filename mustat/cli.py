@@ -364,6 +364,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``mustat`` command.
+
+    Parameters
+    ----------
+    argv
+        The arguments after ``mustat`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The command's exit status. A bad argument, a missing file or extra, or a diverged training
+        exits with status 2 and one line on stderr (``SystemExit``), not a traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
