@@ -363,7 +363,7 @@ def figure(results: pd.DataFrame):
     pruned["panel"] = (pruned.dataset + " / " + pruned.model + " / " + pruned.scope
                        + " / wd " + pruned.weight_decay.map("{:g}".format))
     grid = sns.relplot(data=pruned, x="target_sparsity", y=metric_col, hue="label", col="panel", col_wrap=min(3, pruned.panel.nunique()),
-                       kind="line", marker="o", errorbar=("ci", 95), height=3.2, aspect=1.2, facet_kws=dict(sharey=False))
+                       kind="line", marker="o", errorbar=("ci", 95), seed=0, height=3.2, aspect=1.2, facet_kws=dict(sharey=False))
     grid.set_titles("{col_name}")
     grid.set_axis_labels("sparsity", metric_col.replace("_", " "))
     grid.figure.suptitle(f"{metric_col.replace('_', ' ').capitalize()} against sparsity by criterion "

@@ -100,16 +100,17 @@ def _cells(rng) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _summary(rng) -> pd.DataFrame:
+def _summary(rng, estimators=("pseudo", "calibrated", "batch-means", "curvature", "wald"), ratios=(0.2, 4)) -> pd.DataFrame:
     rows = []
     for design, refs in (("logistic", ["wald"]), ("teacher-regression", ["wald-sandwich", "bootstrap", "teacher"])):
         for setting, wd in zip(SETTINGS, (1e-4, 1e-3, 1e-2)):
-            for est in ("pseudo", "calibrated", "batch-means", "curvature", "wald"):
+            for est in estimators:
                 for ref in refs:
                     cov = rng.uniform(0.5, 0.97) if design == "logistic" else np.nan
                     rows.append(dict(design=design, setting=setting, estimator=est, reference=ref, weight_decay=wd,
                                      coverage95=cov, coverage95_lo=cov - 0.01, coverage95_hi=cov + 0.01, n_truth=2000,
-                                     se_ratio_median=rng.uniform(0.2, 4), ref_mc_rel_error=0.05, interval_dof=np.inf))
+                                     se_ratio_median=np.exp(rng.uniform(*np.log(ratios))), ref_mc_rel_error=0.05,
+                                     interval_dof=np.inf))
     return pd.DataFrame(rows)
 
 
@@ -150,6 +151,14 @@ def test_calibration_figures_are_readable(name):
     rng = np.random.default_rng(1)
     data = _cells(rng) if name == "draw_qq" else _summary(rng)
     check_readable(getattr(report, name)(data))
+
+
+def test_hidden_figure_with_many_estimators_and_a_wide_range_is_readable():
+    """19 estimators (the marginal study's) and ratios from 0.05 to 8: the panels grow, the ticks thin."""
+    from validation.report import draw_hidden
+
+    summary = _summary(np.random.default_rng(8), estimators=[f"estimator-{i}" for i in range(19)], ratios=(0.05, 8))
+    check_readable(draw_hidden(summary))
 
 
 def test_calibration_figures_redraw_from_their_points(tmp_path):
