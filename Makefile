@@ -10,7 +10,7 @@ LLM := $(VENV)/.installed-llm
 # validated marginal mu[kfac], magnitude, random: mustat.config), on 2 processes of one thread each
 # (tiny models train fastest on one thread). Its phases are shorter than the library's defaults
 # (60 dense epochs, 40-epoch windows) so that a fresh `make run`, the environment included, fits in
-# two minutes; the 20-epoch windows (580 steps) pass every default estimator's check (README: what
+# two minutes; the 20-epoch windows (380 steps) pass every default estimator's check (README: what
 # the window length does to mu[pseudo]). `make run` installs what the job needs; `make test` adds
 # the dev, data and transformers extras.
 MAIN_JOB := prune --seeds 0,1,2 --workers 2 --epochs 40 --retrain-epochs 20 --track-epochs 20 --out runs/main

@@ -36,7 +36,9 @@ def test_make_run_runs_the_defaults_and_their_checks_pass():
     assert argv[0] == "prune" and "--se" not in argv and "--criteria" not in argv, "make run shows the defaults"
     args = build_parser().parse_args(argv)
     train = TrainConfig(epochs=args.epochs, retrain_epochs=args.retrain_epochs, track_epochs=args.track_epochs)
-    setup = train.setup(1437)                          # digits' training split
+    from mustat.data import load
+
+    setup = train.setup(len(load(args.dataset).y_train))
     import torch
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(), torch.nn.Linear(300, 10))
