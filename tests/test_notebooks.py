@@ -36,6 +36,10 @@ def _code(path: Path) -> list[str]:
     return [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
 
 
+def _assigned(source: str) -> set[str]:
+    return {t.id for node in ast.parse(source).body for t in ast.walk(node.targets[0]) if isinstance(t, ast.Name)}
+
+
 def test_all_notebooks_are_covered():
     assert {p.name for p in NOTEBOOKS} == set(SMALL)
 
@@ -50,11 +54,7 @@ def test_notebook_is_committed_without_outputs(path):
     params = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "each notebook has one cell tagged 'parameters'"
     # the test's parameters name the same variables as the notebook's
-    names = {t.id for node in ast.parse(params[0].source).body for t in ast.walk(node.targets[0])
-             if isinstance(t, ast.Name)}
-    small = {t.id for node in ast.parse(SMALL[path.name]).body for t in ast.walk(node.targets[0])
-             if isinstance(t, ast.Name)}
-    assert names == small
+    assert _assigned(params[0].source) == _assigned(SMALL[path.name])
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
