@@ -32,7 +32,7 @@ import pandas as pd
 import psutil
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mustat._checks import check_option, check_scalar
 from mustat._params import entries, install_mask
