@@ -6,12 +6,13 @@
 #   bash benchmarks/fresh_clone.sh run  warm   # the same with uv's cache kept
 #   bash benchmarks/fresh_clone.sh test cold   # make .venv/.installed-dev (make test's environment)
 #   bash benchmarks/fresh_clone.sh pip  cold   # the run environment by the pip fallback (HAVE_UV=false)
+#   bash benchmarks/fresh_clone.sh pip-test cold   # the test environment by the pip fallback
 #
 # "cold" empties uv's cache (a fresh UV_CACHE_DIR) and turns pip's cache off. One line per call is
 # appended to $LOG (default /tmp/fresh_clone.log). REPO (default: this repository) is cloned into
 # a new folder under /tmp, so only committed work is measured.
 set -uo pipefail
-what=${1:?run, test or pip}
+what=${1:?run, test, pip or pip-test}
 cache=${2:-cold}
 repo=${REPO:-$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)}
 log=${LOG:-/tmp/fresh_clone.log}
@@ -34,6 +35,7 @@ case $what in
     run) out="$(step environment .venv/.installed) | $(step job run)" ;;
     test) out="$(step test-environment .venv/.installed-dev)" ;;
     pip) out="$(step pip-environment .venv/.installed HAVE_UV=false)" ;;
+    pip-test) out="$(step pip-test-environment .venv/.installed-dev HAVE_UV=false)" ;;
     *) echo "unknown: $what" >&2; exit 2 ;;
 esac
 load1=$(cut -d' ' -f1 /proc/loadavg)
