@@ -608,7 +608,12 @@ def test_the_cost_is_estimated_before_work_and_too_much_memory_refused(monkeypat
     flops = sum(2 * 200 * d * d + 2 * 200 * r * d + 4 / 3 * d ** 3 + 2 * r * d * d for r, d in ((16, 12), (4, 16)))
     assert est.flops == pytest.approx(flops)
     oneshot(_mlp(), [X], method="sparsegpt", sparsity=0.5)
-    assert capsys.readouterr().err == ""                 # quiet without progress
+    assert capsys.readouterr().err == ""                 # a short run says nothing by default
+    monkeypatch.setattr(mustat.cost, "LONG_FIT_SECONDS", 0.0)   # every run is long now
+    oneshot(_mlp(), [X], method="sparsegpt", sparsity=0.5)
+    assert "this will take" in capsys.readouterr().err
+    oneshot(_mlp(), [X], method="sparsegpt", sparsity=0.5, progress=False)
+    assert capsys.readouterr().err == ""                 # progress=False: nothing, even when long
 
     class Tight:
         available = 1000

@@ -308,7 +308,7 @@ def oneshot(
     driver: str = "auto",
     sequential: str = "layer",
     errors: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> OneShotReport:
     """Prune a trained model once, layer by layer, from a few calibration batches (no training).
 
@@ -392,7 +392,10 @@ def oneshot(
         calibration inputs (read from the Gram, or for Wanda's diagonal statistics from one more
         product per layer on the block's outputs); ``False`` leaves the column NaN and saves that.
     progress
-        Show a progress bar over the groups of layers.
+        ``None``: when the cost estimate exceeds a few seconds
+        (:data:`mustat.cost.LONG_FIT_SECONDS`), print it to stderr and show a progress bar over
+        the groups of layers; ``True``: always; ``False``: never (the estimate still goes to the
+        ``mustat.layerwise`` logger).
 
     Returns
     -------
@@ -544,8 +547,8 @@ def oneshot(
                 raise MemoryError(f"one-shot {method} needs {cost}, but {free / 2**30:.1f} GiB are free; use "
                                   "method='wanda' (the diagonal of each Gram: d numbers, not d^2), fewer calibration "
                                   "batches, or leave the widest layers out (layers=[...])")
-            announce(f"one-shot {method}: {len(flat)} layers from {trace.tokens * batches:,} calibration tokens; "
-                     "this will take", cost, progress or None, logger)
+            progress = announce(f"one-shot {method}: {len(flat)} layers from {trace.tokens * batches:,} calibration "
+                                "tokens; this will take", cost, progress, logger)
         bar = tqdm(total=len(flat), desc=f"one-shot {method}", disable=not progress, unit="layer")
         knobs = dict(method=method, pattern=nm, scope=scope, update=update, damping=damping, sigma=sigma,
                      block_size=block_size, refit_tol=refit_tol if refit else None)
