@@ -39,6 +39,9 @@ STRUCTURED_BASELINES = ("magnitude", "taylor", "lamp")
 #: :data:`mustat.layerwise.solve.METHODS` and ``SCOPES``
 ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt", "mu", "mu-sandwich")
 ONESHOT_SCOPES = ("row", "layer", "global")
+#: :data:`mustat.layerwise.solve.SIGMAS` and :data:`mustat.layerwise.allocation.ALLOCATIONS`
+ONESHOT_SIGMAS = ("row", "layer", "loss")
+ONESHOT_ALLOCATIONS = ("uniform", "owl")
 
 
 class Role(NamedTuple):

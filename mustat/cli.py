@@ -274,8 +274,14 @@ def _oneshot_parser(sub) -> None:
                    help="where weights compete (default: layer for sparsegpt, the paper's rule; row otherwise)")
     o.add_argument("--update", default="auto", choices=["auto", "yes", "no"],
                    help="OBS's compensating update of the kept weights (auto: only for sparsegpt)")
-    o.add_argument("--sigma", default="row", choices=["row", "layer"],
-                   help="noise scale of mu: each output row's, or one for the layer")
+    o.add_argument("--sigma", default="row", choices=_catalog.ONESHOT_SIGMAS,
+                   help="noise scale of mu: each output row's, one for the layer, or the model's own loss (causal "
+                        "LMs: next-token cross-entropy's K-FAC output factor; with --scope global the allocation "
+                        "between layers by one threshold on that Wald statistic)")
+    o.add_argument("--allocation", default="uniform", choices=_catalog.ONESHOT_ALLOCATIONS,
+                   help="sparsity per layer: uniform, or OWL's outlier-weighted block sparsities (M=5, lambda=0.08)")
+    o.add_argument("--refit", action="store_true",
+                   help="refit each layer's kept weights exactly (least squares on the support, after any method)")
     o.add_argument("--text", default="pydoc", help="a text file with one sentence per line, or 'pydoc'")
     o.add_argument("--samples", type=int, default=128, help="calibration sentences")
     o.add_argument("--evaluate", type=int, default=256, help="held-out sentences to measure fidelity on (0: none)")
@@ -295,8 +301,8 @@ def _oneshot_parser(sub) -> None:
                    help="inside a transformer block: each layer from the pruned layers before it (layer), or every "
                         "layer from the block's inputs in one pass, as SparseGPT's and Wanda's drivers (block)")
     o.add_argument("--quiet", action="store_true",
-                   help="no progress bars: neither mustat's nor those of transformers and huggingface_hub while "
-                        "the model loads (the one-line estimate before a run estimated to be long still prints)")
+                   help="no progress output: neither mustat's bars and cost estimate nor the bars of transformers "
+                        "and huggingface_hub while the model loads")
     o.set_defaults(func="mustat.layerwise.command:run")
 
 

@@ -333,3 +333,23 @@ def test_oneshot_command_refuses_a_missing_text_before_loading(folder, tmp_path,
         main(["oneshot", str(folder), "--text", str(tmp_path / "none.txt"), "--sparsity", "0.5",
               "--out", str(tmp_path / "x")])
     assert "neither 'pydoc' nor a file" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_oneshot_command_takes_the_loss_statistic_allocation_and_refit(folder, tmp_path):
+    """--sigma loss (the causal LM's own loss) with --scope global, --refit: the budget met over the
+    decoder's layers, layers at different sparsities; --allocation owl runs too."""
+    import json
+
+    from mustat.cli import main
+
+    common = ["oneshot", str(folder), "--text", str(folder / "text.txt"), "--samples", "8", "--max-length", "16",
+              "--evaluate", "4", "--sparsity", "0.6", "--quiet"]
+    assert main([*common, "--method", "mu", "--sigma", "loss", "--scope", "global", "--update", "yes", "--refit",
+                 "--out", str(tmp_path / "loss")]) == 0
+    report = json.loads((tmp_path / "loss" / "report.json").read_text())
+    assert report["sigma"] == "loss" and report["refit"] is True and report["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    import pandas as pd
+    layers = pd.read_csv(tmp_path / "loss" / "layers.csv")
+    assert layers["sparsity"].std() > 0.01
+    assert main([*common, "--allocation", "owl", "--out", str(tmp_path / "owl")]) == 0
+    assert json.loads((tmp_path / "owl" / "report.json").read_text())["allocation"] == "owl"

@@ -152,6 +152,9 @@ def test_the_static_lists_equal_the_registries():
     assert _catalog.TRAIN_DEFAULTS == asdict(config.TrainConfig()), fix
     assert _catalog.STRUCTURED_BASELINES == tuple(BASELINES), fix
     assert (_catalog.ONESHOT_METHODS, _catalog.ONESHOT_SCOPES) == (tuple(METHODS), tuple(SCOPES)), fix
+    from mustat.layerwise.allocation import ALLOCATIONS
+    from mustat.layerwise.solve import SIGMAS
+    assert (_catalog.ONESHOT_SIGMAS, _catalog.ONESHOT_ALLOCATIONS) == (SIGMAS, ALLOCATIONS), fix
 
 
 def _registered() -> list[str]:

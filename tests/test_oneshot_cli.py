@@ -53,6 +53,10 @@ def test_oneshot_command_errors(folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["oneshot", str(tmp_path), "--sparsity", "0.5", "--text", str(folder / "text.txt")])
     assert "has no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):        # an encoder has no loss of its own
+        main(["oneshot", str(folder), "--sparsity", "0.5", "--method", "mu", "--sigma", "loss",
+              "--text", str(folder / "text.txt"), "--out", str(tmp_path / "x")])
+    assert "--sigma loss needs the model's own loss" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()   # nothing written on a refused run
 
 

@@ -109,6 +109,9 @@ def _run(args: argparse.Namespace) -> int:
         from mustat.layerwise.lm_command import run_causal
 
         return run_causal(args, target, out, export=export)
+    if args.sigma == "loss":
+        raise ValueError("--sigma loss needs the model's own loss: here only causal LMs have one (an encoder's "
+                         "embeddings have no training loss); use --sigma row or layer")
     path = minilm_dir(Path("runs") / "models") if args.model == "minilm" else Path(args.model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: give a folder saved with save_pretrained, or 'minilm'")
@@ -123,9 +126,11 @@ def _run(args: argparse.Namespace) -> int:
     dense = sentence_embeddings(model, eval_batches) if held else None
     report = oneshot(model, token_batches(tok, cal, args.batch_size, args.max_length), method=args.method,
                      sparsity=args.sparsity, pattern=args.pattern, scope=args.scope, update=update,
-                     damping=args.damping, sigma=args.sigma, sequential=args.sequential, progress=not args.quiet)
+                     damping=args.damping, sigma=args.sigma, sequential=args.sequential, progress=not args.quiet,
+                     allocation=args.allocation, refit=args.refit)
     print(report)
     summary = dict(model=str(path), method=args.method, target=target, scope=args.scope, update=update, sigma=args.sigma,
+                   allocation=args.allocation, refit=args.refit,
                    samples=args.samples, seed=args.seed, sparsity=report.pruning.sparsity, seconds=report.seconds,
                    passes=report.passes, mean_layer_error=float(report.layers["error"].mean()),
                    skipped=report.skipped, date=time.strftime("%Y-%m-%d"))
