@@ -15,7 +15,7 @@ LLM := $(VENV)/.installed-llm
 # the dev, data and transformers extras.
 MAIN_JOB := prune --seeds 0,1,2 --workers 2 --epochs 40 --retrain-epochs 20 --track-epochs 20 --out runs/main
 
-.PHONY: run test test-all lint bench bench-llm clean
+.PHONY: run test test-all lint bench bench-llm bench-llmc clean
 
 # Installs go through uv (a resolver and installer that downloads and unpacks in parallel), itself
 # installed into the venv by pip; where uv cannot be had, pip does the same installs (slower:
@@ -72,6 +72,19 @@ bench: $(DEV)
 
 bench-llm: $(LLM)
 	$(PY) docs/oneshot/smollm2.py
+
+# llm-compressor beside mustat (issue 32): its own optional environment, never a dependency of
+# mustat nor part of make test; torch held at the 2.13.0 CPU build by a constraint file
+LLMC := .venv-llmc
+$(LLMC)/.installed:
+	test -x $(LLMC)/bin/python || $(PYTHON) -m venv $(LLMC)
+	echo 'torch==2.13.0' > $(LLMC)/constraints.txt
+	$(LLMC)/bin/pip install --quiet '$(TORCH)' && $(LLMC)/bin/pip install --quiet -c $(LLMC)/constraints.txt llmcompressor==0.14.0.1
+	$(LLMC)/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') and not torch.version.cuda else 'torch ' + torch.__version__)"
+	touch $@
+
+bench-llmc: $(LLM) $(LLMC)/.installed
+	$(PY) benchmarks/llmcompressor_smollm2.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
