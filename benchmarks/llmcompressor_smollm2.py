@@ -80,13 +80,12 @@ def side_llmc(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-
     import llmcompressor
+    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+    from transformers import AutoModelForCausalLM
 
     method, target, seed = args.cell[0], args.cell[1], int(args.cell[2])
     cal = torch.load(WORK / f"calibration-seed{seed}.pt")
