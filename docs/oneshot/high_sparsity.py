@@ -31,11 +31,12 @@ Methods (``mustat.layerwise.oneshot`` options):
 N:M patterns fix every group of M inputs of a row, so allocation and row weighting do not apply:
 only ``wanda``, ``sparsegpt`` and ``sparsegpt + refit`` run there.
 
-Rows go to ``high_sparsity.csv`` as they finish (atomically; a rerun skips finished cells), and
-``high_sparsity.md`` is written from it with the command, date and machine.
+Rows go to ``high_sparsity.csv`` (or ``--out``) as they finish (atomically; a rerun skips finished
+cells), and ``high_sparsity.md`` is written from every ``high_sparsity*.csv`` here.
 
     python docs/oneshot/high_sparsity.py --model gpt2-char
     python docs/oneshot/high_sparsity.py --model minilm --targets 0.7,2:4
+    python docs/oneshot/high_sparsity.py --model smollm2 --targets 0.7,2:4 --out docs/oneshot/high_sparsity_smollm2.csv
     python docs/oneshot/high_sparsity.py --report
 """
 
@@ -200,8 +201,8 @@ def run(name: str, targets, seeds, out: Path, methods=tuple(METHODS)) -> None:
         atomic_write(out, lambda p, f=frame: f.to_csv(p, index=False))
 
 
-def summary(results: Path, dest: Path) -> None:
-    r = pd.read_csv(results)
+def summary(results: list[Path], dest: Path) -> None:
+    r = pd.concat([pd.read_csv(p) for p in results], ignore_index=True)
     r["target"] = r["target"].astype(str)
     lines = [f"# High sparsity one-shot: allocation x refit x curvature ({date.today()}, {platform.machine()}, "
              f"{int(r['threads'].iloc[0])} threads)", "",
@@ -258,9 +259,11 @@ def main() -> None:
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of the module's METHODS")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--report", action="store_true", help="only rewrite high_sparsity.md from the CSV")
+    ap.add_argument("--out", type=Path, default=HERE / "high_sparsity.csv",
+                    help="the results CSV (one per concurrent invocation; the report reads every high_sparsity*.csv here)")
+    ap.add_argument("--report", action="store_true", help="only rewrite high_sparsity.md from the CSVs")
     args = ap.parse_args()
-    out = HERE / "high_sparsity.csv"
+    out = args.out
     if not args.report:
         torch.set_num_threads(args.threads)
         targets = [t for t in args.targets.split(",") if t]
@@ -272,7 +275,7 @@ def main() -> None:
         if unknown:
             ap.error(f"--methods has {unknown}; choose from {', '.join(METHODS)}")
         run(args.model, targets, [int(s) for s in args.seeds.split(",")], out, methods)
-    summary(out, HERE / "high_sparsity.md")
+    summary(sorted(HERE.glob("high_sparsity*.csv")), HERE / "high_sparsity.md")
 
 
 if __name__ == "__main__":
