@@ -254,7 +254,8 @@ class Estimator(abc.ABC):
     * ``measures_frozen``: it can measure frozen tensors (``requires_grad=False``); the
       others refuse them at construction (a trajectory does not move them, a refit
       would not fit them);
-    * ``default``: it is in the default comparison of ``mustat prune``;
+    * ``default``: it is in :func:`default_estimators`, the default list of the calibration study,
+      the benchmark's grids and ``mustat scale`` (``mustat prune``'s is :data:`mustat.config.DEFAULT_SE`);
     * ``variants``: named option sets the calibration study can run (``"pseudo-ema"``);
     * ``constants``: code-level settings that shape its results (they go into run settings
       and cell keys, so changing one recomputes what it shapes);
@@ -524,7 +525,8 @@ def get_estimator(name: str) -> type[Estimator]:
 
 
 def default_estimators() -> list[str]:
-    """The estimators of the default comparison, in registration order."""
+    """The estimators marked ``default``, in registration order: the calibration study's, the benchmark
+    grids' and ``mustat scale``'s default list (``mustat prune`` uses :data:`mustat.config.DEFAULT_SE`)."""
     return [n for n, c in ESTIMATORS.items() if c.default]
 
 
