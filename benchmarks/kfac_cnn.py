@@ -79,8 +79,14 @@ def main(argv=None) -> None:
         torch.save(se, args.save)
     if args.reference:
         ref = torch.load(args.reference)
-        worst = max(float(((se[n].double() - ref[n].double()).abs() / ref[n].double()).max()) for n in se)
-        print(f"largest relative SE difference from {args.reference}: {worst:.2e}")
+        rel = torch.cat([((se[n].double() - ref[n].double()).abs() / ref[n].double()).flatten() for n in se])
+        print(f"relative SE difference from {args.reference}: median {float(rel.median()):.2e}, "
+              f"largest {float(rel.max()):.2e}")
+        # what mu ranks by: |w| / se, over all weights (ties are rare: a rank correlation of the SEs)
+        a = torch.cat([se[n].double().flatten() for n in se])
+        b = torch.cat([ref[n].double().flatten() for n in se])
+        ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+        print(f"Spearman correlation of the SEs with the reference: {float(torch.corrcoef(torch.stack([ra, rb]))[0, 1]):.4f}")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
