@@ -54,6 +54,11 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _stem(method: str, target: str, seed: int) -> str:
     return f"{method}-{target.replace(':', 'of')}-seed{seed}"
 
@@ -97,10 +102,10 @@ def side_llmc(args) -> dict:
     modifier = cls(sparsity=sparsity, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])
     defaults = {k: getattr(modifier, k) for k in ("dampening_frac", "block_size") if hasattr(modifier, k)}
     ds = Dataset.from_dict({"input_ids": cal.tolist(), "attention_mask": torch.ones_like(cal).tolist()})
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu_s()
     oneshot(model=model, dataset=ds, recipe=[modifier], num_calibration_samples=len(cal),
             max_seq_length=cal.shape[1], shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, _cpu_s() - c
     peak = _peak_mb()
     names = _pruned_names(model)
     modules = dict(model.named_modules())
@@ -108,7 +113,7 @@ def side_llmc(args) -> dict:
     torch.save(weights, WORK / f"llmc-{_stem(method, target, seed)}.pt")
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     total = sum(w.numel() for w in weights.values())
-    return dict(side="llm-compressor", seconds=seconds, peak_mb=peak, rss_loaded_mb=rss_loaded,
+    return dict(side="llm-compressor", seconds=seconds, cpu_seconds=cpu, peak_mb=peak, rss_loaded_mb=rss_loaded,
                 sparsity=zeros / total, layers=len(names), settings=json.dumps(defaults),
                 version=f"llmcompressor {llmcompressor.__version__}, torch {torch.__version__}, "
                         f"transformers {__import__('transformers').__version__}")
@@ -135,16 +140,16 @@ def side_mustat(args) -> dict:
     batches = [{"input_ids": b} for b in cal.split(args.batch_size)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu_s()
         report = oneshot(model, batches, method=method, **kw)
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, _cpu_s() - c
     peak = _peak_mb()
     state, _, _ = effective_state_dict(model)
     names = _pruned_names(model)
     weights = {n: state[f"{n}.weight"].detach().clone() for n in names}
     torch.save(weights, WORK / f"mustat-{_stem(method, target, seed)}.pt")
     p = perplexity(model, held)
-    return dict(side="mustat", seconds=seconds, peak_mb=peak, rss_loaded_mb=rss_loaded, perplexity=p.value,
+    return dict(side="mustat", seconds=seconds, cpu_seconds=cpu, peak_mb=peak, rss_loaded_mb=rss_loaded, perplexity=p.value,
                 eval_tokens=p.tokens, sparsity=report.pruning.sparsity, layers=len(names),
                 settings=json.dumps({"damping": 0.01, "block_size": 128, "sequential": "layer",
                                      "batch_size": args.batch_size}),
@@ -287,21 +292,22 @@ def summary(results: Path, dest: Path, command: str, note: str) -> None:
              "(or `WandaPruningModifier`), its defaults otherwise (the sequential pipeline, one decoder layer at "
              "a time, batch size 1); mustat: `mustat.layerwise.oneshot(model, batches, method=..., sparsity=0.5 "
              "or pattern='2:4')` with its defaults (block driver, true-sequential within a block, per-layer "
-             "reconstruction errors computed). Seconds: the whole `oneshot` call of each side. Peak: each "
+             "reconstruction errors computed). Seconds: the whole `oneshot` call of each side (wall; CPU s: the process's user + system CPU time over the same call, all threads, less sensitive to the load). Peak: each "
              "side's process high-water resident memory at the end of pruning (the dense model loaded: "
              f"llm-compressor's process {pruned[pruned.side == 'llm-compressor'].rss_loaded_mb.max():.0f} MB, "
              f"mustat's {pruned[pruned.side == 'mustat'].rss_loaded_mb.max():.0f} MB). Masks agree: the fraction "
              "of the pruned layers' weight entries that are zero on both sides or nonzero on both.", "",
              "| method | target | seed | perplexity dense | llm-compressor | mustat | mustat / llmc perplexity "
-             "| llmc s | mustat s | time ratio mustat/llmc | llmc peak MB | mustat peak MB | masks agree "
+             "| llmc s | mustat s | time ratio mustat/llmc | CPU s llmc / mustat | llmc peak MB | mustat peak MB | masks agree "
              "| sparsity llmc / mustat |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (m, t, s), g in pruned.groupby(["method", "target", "seed"], sort=False):
         a = g[g.side == "llm-compressor"].iloc[0]
         b = g[g.side == "mustat"].iloc[0]
         lines.append(f"| {m} | {t} | {s} | {d.perplexity:.3f} | {a.perplexity:.3f} | {b.perplexity:.3f} | "
                      f"{b.perplexity / a.perplexity:.4f} | {a.seconds:.1f} | {b.seconds:.1f} | "
-                     f"{b.seconds / a.seconds:.2f} | {a.peak_mb:.0f} | {b.peak_mb:.0f} | {a.mask_agreement:.4f} | "
+                     f"{b.seconds / a.seconds:.2f} | {a.get('cpu_seconds', float('nan')):.0f} / "
+                     f"{b.get('cpu_seconds', float('nan')):.0f} | {a.peak_mb:.0f} | {b.peak_mb:.0f} | {a.mask_agreement:.4f} | "
                      f"{a.sparsity:.3f} / {b.sparsity:.3f} |")
     lines.append("")
     atomic_write(dest, lambda p: Path(p).write_text("\n".join(lines)))
