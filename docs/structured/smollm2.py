@@ -71,7 +71,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--evaluate", type=int, default=32)
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--parts", default="structured,export", help="structured, export, or both (comma-separated)")
+    ap.add_argument("--parts", default="structured,export", help="structured, export, or both (comma-separated); "
+                    "export alone writes smollm2_export.md/.csv")
+    ap.add_argument("--export-method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"],
+                    help="the one-shot method of the exported models")
     args = ap.parse_args()
     parts = args.parts.split(",")
     torch.set_num_threads(args.threads)
@@ -82,11 +85,13 @@ def main() -> None:
     w = token_windows(torch.load(TOKENS), 256, args.samples, args.evaluate, seed=0, calibration_seed=0)
     held = w.evaluation
     cal = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in w.calibration.split(8)]
-    base = perplexity(dense, held)
-    print(f"dense: {base}")
     n_dense = sum(p.numel() for p in dense.parameters())
-    rows = [dict(part="structured", method="dense", perplexity=base.value, params=n_dense, seconds=0.0,
-                 reload_identical=True)]
+    rows = []
+    if "structured" in parts:
+        base = perplexity(dense, held)
+        print(f"dense: {base}")
+        rows.append(dict(part="structured", method="dense", perplexity=base.value, params=n_dense, seconds=0.0,
+                         reload_identical=True))
     for label, (method, refit) in STRUCTURED.items() if "structured" in parts else ():
         model = copy.deepcopy(dense)
         t = time.perf_counter()
@@ -108,7 +113,8 @@ def main() -> None:
     for target in ("0.5", "2:4") if "export" in parts else ():
         model = copy.deepcopy(dense)
         kw = {"pattern": target} if ":" in target else {"sparsity": float(target)}
-        report = mustat.oneshot(model, [{"input_ids": b} for b in w.calibration.split(8)], method="sparsegpt", **kw)
+        cal_ids = None if args.export_method == "magnitude" else [{"input_ids": b} for b in w.calibration.split(8)]
+        report = mustat.oneshot(model, cal_ids, method=args.export_method, **kw)
         p = perplexity(model, held)
         reference = _logits(model, held[:4])
         formats = ("sparse-bitmask", "save-pretrained") + (("sparse-24-bitmask",) if ":" in target else ())
@@ -126,25 +132,27 @@ def main() -> None:
                 weights = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
                 same = torch.equal(_logits(again, held[:4]), reference)
                 pattern_ok = mustat.check_pattern(again, target) == {} if ":" in target else None
-                rows.append(dict(part="export", method=f"sparsegpt {target}", format=fmt, perplexity=p.value,
+                rows.append(dict(part="export", method=f"{args.export_method} {target}", format=fmt, perplexity=p.value,
                                  sparsity=report.pruning.sparsity, size_mb=_size(folder) / 2**20, save_s=t_save,
                                  load_s=t_load, reload_identical=same and weights, masks_identical=masks,
                                  pattern_ok=pattern_ok))
                 print(rows[-1], flush=True)
                 del again
-    write(rows, f"--threads {args.threads} --parts {args.parts}", args.evaluate, args.samples, n_dense)
+    command = f"--threads {args.threads} --parts {args.parts}" + (
+        f" --export-method {args.export_method}" if "export" in parts else "")
+    write(rows, command, args.evaluate, args.samples, n_dense, stem="smollm2_export" if parts == ["export"] else "smollm2")
 
 
 def write(rows: list[dict], command: str, evaluate: int, samples: int, n_dense: int, when: str | None = None,
-          note: str = "") -> None:
-    """``smollm2.csv`` and ``smollm2.md`` from the rows of a run (``when`` it ran: default now)."""
+          note: str = "", stem: str = "smollm2") -> None:
+    """``<stem>.csv`` and ``<stem>.md`` from the rows of a run (``when`` it ran: default now)."""
     import transformers
 
     table = pd.DataFrame(rows)
     for col in ("format", "shape", "pattern_ok"):
         if col not in table:
             table[col] = None
-    atomic_write(HERE / "smollm2.csv", lambda p: table.to_csv(p, index=False))
+    atomic_write(HERE / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
     when = when or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     s = table[table.part == "structured"]
     e = table[table.part == "export"]
@@ -170,7 +178,7 @@ def write(rows: list[dict], command: str, evaluate: int, samples: int, n_dense: 
         lines.append(f"| {r.method} | {r.perplexity:.2f} | {r.params / 1e6:.1f}M | {r.seconds:.1f} | "
                      f"{r.shape if isinstance(r.shape, str) else '9q/3kv, 1536'} | {r.reload_identical} |")
     lines += ["", "## Exports of the one-shot models", "",
-              f"SparseGPT (`mustat.oneshot`, 210 decoder linear layers; embedding and tied `lm_head` dense) saved with "
+              "One-shot pruning (`mustat.oneshot`, the method named in the first column, 210 decoder linear layers; embedding and tied `lm_head` dense) saved with "
               f"`mustat.export.save_pruned` and reloaded with `load_pruned`. Size: the folder on disk (the dense "
               f"float32 weights are {dense_mb:.0f} MiB). Identical: every effective weight and the logits on 4 "
               "held-out windows equal bit for bit; masks: every mask equal; 2:4: `check_pattern` after reload.", "",
@@ -180,11 +188,15 @@ def write(rows: list[dict], command: str, evaluate: int, samples: int, n_dense: 
         lines.append(f"| {r.method} | {r.format} | {r.perplexity:.2f} | {r.size_mb:.0f} | {r.save_s:.1f} | "
                      f"{r.load_s:.1f} | {r.reload_identical} | {r.masks_identical} | "
                      f"{'' if r.pattern_ok is None or pd.isna(r.pattern_ok) else r.pattern_ok} |")
+    if not len(s):
+        start, end = lines.index("## One third of the key/value groups and of the MLP neurons removed"), \
+            lines.index("## Exports of the one-shot models")
+        lines = lines[:start] + lines[end:]
     if not len(e):
         lines = lines[:lines.index("## Exports of the one-shot models")] + [
             "## Exports of the one-shot models", "", "Not run here (`--parts export`): the export round trips are "
             "tested bit for bit on tiny LLaMA models (tests/test_export.py)."]
-    atomic_write(HERE / "smollm2.md", lambda p: Path(p).write_text("\n".join(lines) + "\n"))
+    atomic_write(HERE / f"{stem}.md", lambda p: Path(p).write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
 
 
