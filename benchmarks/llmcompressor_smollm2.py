@@ -273,8 +273,8 @@ def summary(results: Path, dest: Path, command: str, note: str) -> None:
     lines = ["# llm-compressor and mustat side by side: one-shot pruning of SmolLM2-135M", "",
              f"Issue 32 part 3. Runs dated {', '.join(sorted(set(r.date.astype(str))))}; command: {command}. "
              f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {int(d.threads)} threads per process, "
-             f"a shared 2-core box that was **heavily loaded** (1-minute load average {pruned.load_before.min():.1f}"
-             f"-{pruned.load.max():.1f} during the runs, other engineers' jobs beside these): every time is an upper "
+             f"a shared 2-core box that was **heavily loaded** (1-minute load average {pruned.load_before.iloc[0]:.1f}"
+             f" when the first cell started, {pruned.load.iloc[-1]:.1f} when the last ended, other engineers' jobs beside these): every time is an upper "
              "bound, and the ratio compares two processes run one after the other in the same run, under "
              "the same (but not constant) load." + (f" {note}" if note else ""), "",
              f"Versions: {versions}.", "",
