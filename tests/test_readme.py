@@ -60,9 +60,11 @@ def test_python_block_runs(line, code, tmp_path, monkeypatch):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")      # the blocks' own warnings are the library's business
-            exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+            namespace = {"__name__": "__readme__"}
+            exec(compile(code + "\n__ran_to_the_end__ = True\n", f"README.md:{line}", "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
+    assert namespace.get("__ran_to_the_end__") is True
 
 
 def _parser():

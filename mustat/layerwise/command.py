@@ -80,7 +80,6 @@ def _run(args: argparse.Namespace) -> int:
     from mustat.layerwise import oneshot
     from mustat.layerwise.hf import load_encoder, minilm_dir, sentence_embeddings, token_batches
     from mustat.patterns import parse_pattern
-    from mustat.sparse import save_sparse
     from mustat.text import split
 
     pattern = parse_pattern(args.pattern, "--pattern")
@@ -102,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     target = str(pattern) if pattern.structured else f"{args.sparsity:g}"
     out = Path(args.out or f"runs/oneshot-{args.method}-{target.replace(':', 'of')}")
     from mustat.causal_lm import is_causal_lm_source
-    from mustat.export import export_target, save_pruned
+    from mustat.export import export_target
 
     export = export_target(getattr(args, "export", None), getattr(args, "export_format", None), pattern)
     if is_causal_lm_source(args.model):
@@ -139,12 +138,22 @@ def _run(args: argparse.Namespace) -> int:
         summary["cosine"] = float((emb * dense).sum(1).mean())
         print(f"fidelity on {len(held)} held-out sentences: mean cosine to the dense embeddings "
               f"{summary['cosine']:.4f}")
+    return write_outputs(model, tok, report, summary, out, export)
+
+
+def write_outputs(model, tokenizer, report, summary: dict, out: Path, export: tuple[Path, str] | None) -> int:
+    """The pruned model (``model.safetensors``), ``layers.csv`` and ``report.json`` into ``out``,
+    and the ``--export`` folder when asked (encoder and causal-LM runs alike)."""
+    from mustat.export import save_pruned
+    from mustat.sparse import save_sparse
+
     out.mkdir(parents=True, exist_ok=True)
     save_sparse(model, out / "model.safetensors")
     atomic_write(out / "layers.csv", lambda p: report.layers.to_csv(p, index=False))
     write_json(out / "report.json", summary)
     print(f"wrote {out}/model.safetensors, layers.csv, report.json")
     if export is not None:
-        print(f"wrote {save_pruned(model, export[0], format=export[1], overwrite=True, tokenizer=tok)} ({export[1]})")
+        print(f"wrote {save_pruned(model, export[0], format=export[1], overwrite=True, tokenizer=tokenizer)} "
+              f"({export[1]})")
     return 0
 

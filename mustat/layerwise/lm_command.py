@@ -13,15 +13,12 @@ import argparse
 import time
 from pathlib import Path
 
-from mustat._io import atomic_write, write_json
-
 
 def run_causal(args: argparse.Namespace, target: str, out: Path, export: tuple[Path, str] | None = None) -> int:
     """Load, split, prune, evaluate and save; ``target``, ``out`` and ``export`` (``--export``'s
     folder and format: :func:`mustat.export.export_target`) as the command resolved them."""
     from mustat.causal_lm import encode, load_causal_lm, perplexity
     from mustat.layerwise import oneshot
-    from mustat.sparse import save_sparse
     from mustat.text import read_text, token_windows
 
     if args.max_length < 2:
@@ -50,12 +47,6 @@ def run_causal(args: argparse.Namespace, target: str, out: Path, export: tuple[P
         pruned = perplexity(model, held)
         summary.update(dense_perplexity=dense.value, perplexity=pruned.value, evaluation_tokens=pruned.tokens)
         print(f"pruned: {pruned} (dense {dense.value:.4f})")
-    out.mkdir(parents=True, exist_ok=True)
-    save_sparse(model, out / "model.safetensors")
-    atomic_write(out / "layers.csv", lambda p: report.layers.to_csv(p, index=False))
-    write_json(out / "report.json", summary)
-    print(f"wrote {out}/model.safetensors, layers.csv, report.json")
-    if export is not None:
-        from mustat.export import save_pruned
-        print(f"wrote {save_pruned(model, export[0], format=export[1], overwrite=True, tokenizer=tok)} ({export[1]})")
-    return 0
+    from mustat.layerwise.command import write_outputs
+
+    return write_outputs(model, tok, report, summary, out, export)
