@@ -48,6 +48,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
                 torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow   # 33 s; resuming is covered in one process by test_faults and test_pipeline
 def test_resume_under_two_ranks(tmp_path):
     _torchrun(tmp_path / "run")
     first = pd.read_csv(tmp_path / "run" / "results.csv")

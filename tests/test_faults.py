@@ -61,7 +61,8 @@ def reference(tmp_path_factory):
 
 # digits: 1293 training rows, batch 64 -> 21 steps an epoch: step 5 is in the dense phase, step 50
 # in the first retraining round of the first criterion; the 3rd write is a criterion's checkpoint
-@pytest.mark.parametrize("point, count", [("step", 5), ("step", 50), ("write", 3)])
+@pytest.mark.parametrize("point, count", [("step", 5), pytest.param("step", 50, marks=pytest.mark.slow),
+                                          ("write", 3)])
 def test_sigkill_then_resume_gives_identical_results(tmp_path, reference, point, count):
     out = tmp_path / "run"
     killed = _run(tmp_path, out, point, count)

@@ -65,6 +65,7 @@ def plugin(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow   # 49 s: three end-to-end commands; test_a_broken_plugin_is_named stays in the default suite
 def test_a_plugin_estimator_runs_in_prune_benchmark_and_study(plugin):
     tmp = plugin
     printed = _mustat(tmp, "prune", "--se", "plugin-constant", "--criteria", "mu,magnitude", "--epochs", "2",
