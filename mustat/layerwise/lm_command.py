@@ -47,6 +47,6 @@ def run_causal(args: argparse.Namespace, target: str, out: Path, export: tuple[P
         pruned = perplexity(model, held)
         summary.update(dense_perplexity=dense.value, perplexity=pruned.value, evaluation_tokens=pruned.tokens)
         print(f"pruned: {pruned} (dense {dense.value:.4f})")
-    from mustat.layerwise.command import write_outputs
+    from mustat.layerwise.outputs import write_outputs
 
     return write_outputs(model, tok, report, summary, out, export)
