@@ -309,6 +309,21 @@ def test_every_layer_of_each_family_is_found_and_pruned(family):
     assert torch.isfinite(after).all() and not torch.allclose(after, before)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_block_driver_never_runs_the_head(family):
+    # the head's logits (vocabulary x tokens) are a causal LM's largest activation: the trace stops
+    # after the last block and the block driver starts from the first block's inputs
+    model, cal, *_ = _families()[family]
+    head = model.get_output_embeddings()
+    calls = []
+    handle = head.register_forward_hook(lambda *a: calls.append(1))
+    report = oneshot(model, cal, method="wanda", sparsity=0.5)
+    assert report.driver == "block" and calls == []
+    model(**cal[0])                          # the hook does see a call of the model
+    handle.remove()
+    assert calls == [1]
+
+
 def _output(model, batch):
     was = model.training
     model.eval()

@@ -200,46 +200,67 @@ def _trace(model, batch, forward, targets: list[Target], device, blocks: list[nn
     """Call order of the targets on one batch, whether each is called once (so passes may stop
     early), the targets never reached, an id of each one's input (negative: not shared), and
     whether ``blocks`` feed one another (each called once, in order, on the previous one's output,
-    with the same other arguments)."""
+    with the same other arguments).
+
+    Little is held: only the previous target's input (inputs are shared by consecutive targets
+    only) and the previous block's call, compared as the next one arrives; where the targets sit
+    in ``blocks`` the pass stops after the last block, before the model's head (a causal LM's
+    logits are the largest tensor of its forward)."""
     order: list[tuple[Target, int]] = []
     calls: dict[str, int] = {}
-    keep: list[Tensor] = []
-    seen_blocks: list[tuple[int, tuple, dict, object]] = []
+    last: list = [None, 0]                       # the previous target's input and its id
+    first_tokens: list[int] = []
+    state = {"next": 0, "chained": bool(blocks), "previous": None}
     handles = []
     for t in targets:
         def seen(x, t=t):
             calls[t.name] = calls.get(t.name, 0) + 1
-            if calls[t.name] == 1:
-                keep.append(x)
-                order.append((t, id(x) if t.kind in ("linear", "conv1d") else -len(order) - 1))
+            if calls[t.name] > 1:
+                return
+            if not first_tokens:
+                first_tokens.append((t.tokens(x) if t.kind == "conv" else tokens(x, token_mask(batch))).shape[0])
+            if t.kind not in ("linear", "conv1d"):
+                order.append((t, -len(order) - 1))
+                last[0] = None
+                return
+            if x is not last[0]:
+                last[0], last[1] = x, len(order)
+            order.append((t, last[1]))
         if t.kind == "mha-out":
             handles.append(t.caller.register_forward_hook(lambda m, a, o, seen=seen: seen(o)))
         else:
             handles.append(t.caller.register_forward_pre_hook(
                 lambda m, a, k, t=t, seen=seen: seen(layer_input(t, a, k)), with_kwargs=True))
+
+    def block_called(i, a, k, o):
+        previous, state["previous"] = state["previous"], (a, k, _hidden_out(o))
+        if i != state["next"]:
+            state["chained"] = False
+        state["next"] = i + 1
+        if state["chained"] and previous is not None:
+            a0, k0, o0 = previous
+            x = _hidden_in(a, k)
+            rest0, rest1 = _with_hidden(a0, k0, x), _with_hidden(a, k, x)
+            state["chained"] = (x is not None and x is o0 and set(k0) == set(k)
+                                and _same(rest0[0], rest1[0]) and all(_same(k0[key], rest1[1][key]) for key in k0
+                                                                      if key != "hidden_states" or a0))
+        if i == len(blocks) - 1 and len(calls) == len(targets):
+            raise Stop                           # every target seen: the head is not needed
+
     for i, block in enumerate(blocks or []):
         handles.append(block.register_forward_hook(
-            lambda m, a, k, o, i=i: seen_blocks.append((i, a, k, o)), with_kwargs=True))
+            lambda m, a, k, o, i=i: block_called(i, a, k, o), with_kwargs=True))
     try:
         call_model(model, to_device(batch, device), forward)
+    except Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
     once = all(c == 1 for c in calls.values())
-    chained = bool(blocks) and once and [b[0] for b in seen_blocks] == list(range(len(blocks)))
-    for (_, a0, k0, _), (_, a1, k1, _), (_, _, _, o0) in zip(seen_blocks, seen_blocks[1:], seen_blocks):
-        if not chained:
-            break
-        x = _hidden_in(a1, k1)
-        rest0, rest1 = _with_hidden(a0, k0, x), _with_hidden(a1, k1, x)
-        chained = (x is not None and x is _hidden_out(o0) and set(k0) == set(k1)
-                   and _same(rest0[0], rest1[0]) and all(_same(k0[key], rest1[1][key]) for key in k0
-                                                         if key != "hidden_states" or a0))
-    first = order[0][0] if order else None
-    n = 0 if first is None else (first.tokens(keep[0]) if first.kind == "conv" else tokens(keep[0], token_mask(batch))
-                                 ).shape[0]
+    chained = bool(blocks) and once and state["chained"] and state["next"] == len(blocks)
     return _Trace([t for t, _ in order], once, {t.name for t in targets} - set(calls), [i for _, i in order],
-                  chained, n)
+                  chained, first_tokens[0] if first_tokens else 0)
 
 
 def _groups(order: list[Target], inputs: list[int], once: bool) -> list[list[Target]]:
