@@ -310,3 +310,29 @@ def test_at_mean_is_the_estimator_refitted_at_the_window_mean():
         torch.testing.assert_close(fits["fisher@mean"][1][n], expect.se()[n])
         torch.testing.assert_close(fits["fisher@mean"][0][n], mean[n])
         assert not torch.allclose(fits["fisher"][1][n], expect.se()[n])      # the last iterate's differs
+
+
+def test_curvature_fitted_apart_equals_curvature_of_the_stack():
+    """The study fits ``curvature`` on each replicate GLM apart (validation.estimators.APART_FOR_SPEED,
+    the linear-layer rule instead of per-sample products over the stack's R outputs): the same SEs."""
+    import torch
+
+    from mustat.uncertainty import FitContext, make_estimator
+    from validation.designs import get_design
+    from validation.estimators import fit_replicates, per_replicate
+
+    assert per_replicate("curvature") and not per_replicate("batch-means") and not per_replicate("bootstrap")
+    design = get_design("linear")
+    stack = design.stacked_model([3, 4, 5])
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 3, stack.linear.in_features, generator=g)
+    y = torch.randn(300, 3, generator=g)
+    setting = Setting(weight_decay=1e-3)
+    apart = fit_replicates(stack, lambda: design.model(0), design.loss(), X, y, setting, ("curvature",))["curvature"]
+    whole = make_estimator("curvature", stack).fit(FitContext(X=X, y=y, loss=design.stacked_loss(),
+                                                              weight_decay=1e-3))
+    torch.testing.assert_close(apart[1]["linear.weight"], whole.se()["linear.weight"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(apart[0]["linear.weight"], stack.linear.weight.detach())
+    # and against the closed form of a linear GLM: se_j = 1 / sqrt(sum_i x_ij^2 + n lambda)
+    closed = (X.square().sum(0) + 300 * 1e-3).rsqrt()
+    torch.testing.assert_close(apart[1]["linear.weight"], closed, rtol=1e-5, atol=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import special as sps_special
 from scipy import stats as sps
 
 from mustat.pruning import ranked_cut
@@ -154,3 +155,51 @@ def paired_coverage(w: np.ndarray, se: np.ndarray, w_ref: np.ndarray, se_ref: np
     pvalue = float(mcnemar(table, exact=True).pvalue) if only_mine + only_ref else 1.0
     return dict(covered_only_est=only_mine, covered_only_ref=only_ref, mcnemar_pvalue=pvalue,
                 width95_median=float(np.median(2 * q * se)), ref_width95_median=float(np.median(2 * Z95 * se_ref)))
+
+
+def clustered_mean(x: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """Mean of ``x`` and its standard error with ``groups`` (datasets) as independent clusters:
+    the weights of one dataset are correlated, so the i.i.d. SE (and Wilson's interval) of a
+    proportion pooled over them is too small. Groups of equal size: the SD of the group means
+    over sqrt(number of groups)."""
+    keys, inv = np.unique(groups, return_inverse=True)
+    means = np.bincount(inv, weights=x.astype(float)) / np.bincount(inv)
+    se = float(means.std(ddof=1) / np.sqrt(len(keys))) if len(keys) > 1 else np.nan
+    return float(x.mean()), se
+
+
+def centre_and_interval(w: np.ndarray, se: np.ndarray, w_opt: np.ndarray, se_opt: np.ndarray, truth: np.ndarray, *,
+                        dof: float, groups: np.ndarray) -> dict[str, float]:
+    """Which part of an interval ``w ± t(dof) se`` fails: its centre or its width.
+
+    ``w_opt``, ``se_opt``: the exact optimum and the exact SE of the same dataset (one entry per
+    weight, ``groups`` naming its dataset). Returns the centre's offset ``(w - w_opt) / se_opt``
+    in exact SEs (``bias_z_mean`` with its clustered SE, ``bias_z_sd``; ``bias_z_coef_max``: the
+    largest absolute mean over a weight's datasets when every group holds the same weights in the
+    same order), the SE ratio's median and the SD of its log beside the chi-square prediction
+    ``sqrt(trigamma(dof / 2)) / 2`` (an SE from ``dof + 1`` independent batch means; about
+    ``sqrt(1 / (2 dof))``), and four coverages of the
+    truth (each with its clustered SE): the estimator's own interval (``cov_est``), the estimator's
+    SE around the exact optimum (``cov_se_at_opt``, t(dof)), the exact SE around the estimator's
+    centre (``cov_centre_exact_se``, normal) and the exact Wald interval (``cov_exact``, normal).
+    If the centre is wrong, ``cov_se_at_opt`` recovers and ``cov_centre_exact_se`` does not."""
+    q = sps.t.ppf(0.975, dof)
+    z = (w - w_opt) / se_opt
+    out = dict(n_intervals=int(len(w)), n_datasets=int(len(np.unique(groups))))
+    out["bias_z_mean"], out["bias_z_mean_se"] = clustered_mean(z, groups)
+    out["bias_z_sd"] = float(z.std(ddof=1))
+    out["bias_z_abs_median"] = float(np.median(np.abs(z)))
+    _, inv = np.unique(groups, return_inverse=True)
+    per = np.bincount(inv)
+    if len(per) > 1 and (per == per[0]).all():
+        by_coef = z[np.argsort(inv, kind="stable")].reshape(len(per), per[0]).mean(0)
+        out["bias_z_coef_max"] = float(np.abs(by_coef).max())
+    ratio = se / se_opt
+    out["se_ratio_median"] = float(np.median(ratio))
+    out["log_ratio_sd"] = float(np.log(ratio[np.isfinite(ratio) & (ratio > 0)]).std(ddof=1))
+    out["log_ratio_sd_chi2"] = float(np.sqrt(sps_special.polygamma(1, dof / 2)) / 2)  # SD of log sqrt(chi2_dof / dof)
+    for name, centre, width in (("cov_est", w, q * se), ("cov_se_at_opt", w_opt, q * se),
+                                ("cov_centre_exact_se", w, Z95 * se_opt), ("cov_exact", w_opt, Z95 * se_opt)):
+        covered = np.isfinite(width) & (np.abs(centre - truth) <= width)
+        out[name], out[name + "_se"] = clustered_mean(covered, groups)
+    return out
