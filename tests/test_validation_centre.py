@@ -73,7 +73,7 @@ def test_window_centre_rows_agree_with_the_study_summary(tmp_path):
     finally:
         sys.path.pop(0)
     grid = window.centre_grid(replications=3)
-    assert len(grid.cells()) == 4 and grid.estimators == ("batch-means",)
+    assert len(grid.cells()) == 5 and grid.estimators == ("batch-means",)
     tiny = Grid(designs=("logistic",), settings=(Setting("adam", 0.05, batch_size=64, epochs=3, window=2),),
                 estimators=("batch-means",), replications=3, bootstrap_B=2, seed=6)
     summary, cells = run_study(tiny, tmp_path, scheduler="serial", quiet=True)

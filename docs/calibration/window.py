@@ -8,7 +8,8 @@ window.csv (the points of the figure) and window.md here; the study's files go t
 (resumable). ``--redraw`` redraws window.png from window.csv alone.
 
 ``--centre`` asks why batch means under-covers where its SE ratio is about 1 (the cells of lr 0.02
-and 0.05 with long windows): 400 fresh datasets in each of four such cells (:func:`centre_grid`),
+and 0.05 with long windows): 400 fresh datasets in each of four such cells, and one of them on the
+linear design (:func:`centre_grid`),
 and for every interval the centre's offset from the exact optimum in exact SEs and the coverage of
 the same SE around the exact optimum (:func:`validation.metrics.centre_and_interval`). Writes
 window_centre.md and window_centre.csv here.
@@ -69,20 +70,23 @@ def save_figure(s: pd.DataFrame, doc: Path) -> None:
 
 def centre_grid(replications: int = 400):
     """Four cells of the window grid where batch means' SE ratio was 0.95-1.02 yet its coverage
-    0.91-0.93 (window.md), with ``replications`` datasets each (study seed 6, datasets of their own)."""
+    0.91-0.93 (window.md), with ``replications`` datasets each (study seed 6, datasets of their own),
+    and the first of them on the linear design, whose loss is quadratic: constant-step SGD's
+    stationary mean is the optimum there, while on a logistic loss it is off by O(lr)."""
     from validation.estimators import Setting
-    from validation.study import Grid
+    from validation.study import Grid, Scoped
 
-    settings = (Setting("adam", 0.05, batch_size=16, epochs=165, window=150),
+    long = Setting("adam", 0.05, batch_size=16, epochs=165, window=150)
+    settings = (long,
                 Setting("adam", 0.05, batch_size=64, epochs=165, window=150),
                 Setting("adam", 0.02, batch_size=16, epochs=165, window=150),
                 Setting("adam", 0.05, batch_size=16, epochs=60, window=45))
-    return Grid(designs=("logistic",), settings=settings, estimators=("batch-means",), replications=replications,
-                bootstrap_B=2, seed=6)
+    return Grid(designs=("logistic",), settings=settings, scoped=(Scoped(("linear",), long),),
+                estimators=("batch-means",), replications=replications, bootstrap_B=2, seed=6)
 
 
 #: the columns of window_centre.csv: one row per cell (coef = "all") and per cell and coefficient
-CENTRE_COLUMNS = ["lr", "batch_size", "window", "coef", "n_datasets", "n_intervals", "dof", "se_ratio_median",
+CENTRE_COLUMNS = ["design", "lr", "batch_size", "window", "coef", "n_datasets", "n_intervals", "dof", "se_ratio_median",
                   "log_ratio_sd", "log_ratio_sd_chi2", "bias_z_mean", "bias_z_mean_se", "bias_z_coef_max",
                   "bias_z_sd", "bias_z_abs_median", "cov_est", "cov_est_se", "cov_se_at_opt", "cov_se_at_opt_se",
                   "cov_centre_exact_se", "cov_centre_exact_se_se", "cov_exact", "cov_exact_se"]
@@ -91,20 +95,20 @@ CENTRE_COLUMNS = ["lr", "batch_size", "window", "coef", "n_datasets", "n_interva
 def centre_rows(summary: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     """:func:`validation.metrics.centre_and_interval` of batch means in each cell, pooled over the
     weights (``coef = "all"``) and per coefficient."""
-    import numpy as np
 
     from validation.metrics import centre_and_interval
 
     rows = []
     bm = summary[(summary.estimator == "batch-means") & (summary.reference == "wald")]
     for r in bm.itertuples(index=False):
-        c = cells[(cells.setting == r.setting) & (cells.estimator == "batch-means") & (cells.reference == "wald")]
+        c = cells[(cells.design == r.design) & (cells.setting == r.setting) & (cells.estimator == "batch-means")
+                  & (cells.reference == "wald")]
         c = c.sort_values(["replication", "index"])
         for coef, part in [("all", c), *((str(j), p) for j, p in c.groupby("index"))]:
             out = centre_and_interval(*(part[k].to_numpy(float) for k in ("weight", "se", "ref_weight", "ref_se",
                                                                            "truth")),
                                       dof=float(r.interval_dof), groups=part.replication.to_numpy())
-            rows.append(dict(lr=r.lr, batch_size=r.batch_size, window=r.window, coef=coef, dof=r.interval_dof,
+            rows.append(dict(design=r.design, lr=r.lr, batch_size=r.batch_size, window=r.window, coef=coef, dof=r.interval_dof,
                              **out))
     return pd.DataFrame(rows).reindex(columns=CENTRE_COLUMNS)
 
@@ -123,30 +127,30 @@ def centre_main(args) -> None:
 
     lines = ["# Batch means where its SE ratio is about 1: the centre or the interval?", "",
              f"`.venv/bin/python docs/calibration/window.py --centre`: {seconds:.0f} s on {platform.machine()} (a "
-             f"resumed run counts only what it computed), {datetime.date.today()}. Logistic GLM, Adam, 400 datasets "
-             "(3,200 intervals) a cell, study seed 6. `bias` is the window mean's offset from the exact optimum "
+             f"resumed run counts only what it computed), {datetime.date.today()}. Logistic GLM (and the linear one "
+             "in one cell), Adam, 400 datasets (3,200 intervals) a cell, study seed 6. `bias` is the window mean's offset from the exact optimum "
              "(the MLE) in exact Wald SEs, its mean over all intervals ± its SE with datasets as clusters, and the "
              "largest |mean| over the 8 coefficients. Coverages of the truth ± clustered SE: batch means' own "
              "interval (window mean ± t SE), batch means' SE around the exact optimum (t), the exact SE around the "
              "window mean (normal), and the exact Wald interval. `log SE ratio SD`: the spread of log(batch means "
              "/ exact) over intervals beside the chi-square spread an SE from dof + 1 independent batches has.", "",
-             "| lr | batch | window (epochs) | dof | SE ratio (median) | log SE ratio SD (chi-square) | bias, mean "
+             "| design | lr | batch | window (epochs) | dof | SE ratio (median) | log SE ratio SD (chi-square) | bias, mean "
              "(SE units) | bias, largest coefficient | window mean: SD about the optimum (SE units) | batch means "
              "interval | batch-means SE at the optimum | exact SE at the window mean | exact Wald |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d[d.coef == "all"].itertuples(index=False):
-        lines.append(f"| {r.lr:g} | {r.batch_size:.0f} | {r.window:.0f} | {r.dof:.0f} | {r.se_ratio_median:.3f} | "
+        lines.append(f"| {r.design} | {r.lr:g} | {r.batch_size:.0f} | {r.window:.0f} | {r.dof:.0f} | {r.se_ratio_median:.3f} | "
                      f"{r.log_ratio_sd:.3f} ({r.log_ratio_sd_chi2:.3f}) | {pm(r.bias_z_mean, r.bias_z_mean_se)} | "
                      f"{r.bias_z_coef_max:.3f} | {r.bias_z_sd:.3f} | {pm(r.cov_est, r.cov_est_se)} | "
                      f"{pm(r.cov_se_at_opt, r.cov_se_at_opt_se)} | "
                      f"{pm(r.cov_centre_exact_se, r.cov_centre_exact_se_se)} | {pm(r.cov_exact, r.cov_exact_se)} |")
     lines += ["", "Per coefficient (bias mean in exact SEs / median SE ratio / batch means' coverage):", "",
-              "| lr | batch | window | " + " | ".join(f"coef {j}" for j in range(8)) + " |",
-              "|---|---|---|" + "---|" * 8]
-    for (lr, b, w), part in d[d.coef != "all"].groupby(["lr", "batch_size", "window"], sort=False):
+              "| design | lr | batch | window | " + " | ".join(f"coef {j}" for j in range(8)) + " |",
+              "|---|---|---|---|" + "---|" * 8]
+    for (design, lr, b, w), part in d[d.coef != "all"].groupby(["design", "lr", "batch_size", "window"], sort=False):
         cells_ = [f"{r.bias_z_mean:+.2f} / {r.se_ratio_median:.2f} / {r.cov_est:.3f}"
                   for r in part.sort_values("coef", key=lambda s: s.astype(int)).itertuples(index=False)]
-        lines.append(f"| {lr:g} | {b:.0f} | {w:.0f} | " + " | ".join(cells_) + " |")
+        lines.append(f"| {design} | {lr:g} | {b:.0f} | {w:.0f} | " + " | ".join(cells_) + " |")
     atomic_write(Path(args.doc) / "window_centre.md", lambda f: Path(f).write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
 
