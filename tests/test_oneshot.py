@@ -796,3 +796,21 @@ def test_causal_lm_loss_statistic_shares_the_budget_exactly(family):
     total = float((report.layers["sparsity"] * sizes).sum() / sizes.sum())
     assert total == pytest.approx(0.6, abs=0.5 / sizes.sum())
     assert report.layers["sparsity"].std() > 0.01
+
+
+@pytest.mark.parametrize("shape", [(300,), (7, 64)])
+def test_selection_prunes_the_first_k_of_a_stable_sort(shape):
+    # heavy ties, dead weights (-inf) and a NaN row: the selection path and the sort fallback
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 5, shape, generator=g).double()
+    s[..., :3] = float("-inf")
+    for k in (0, 1, 2, 3, 17, shape[-1] // 2, shape[-1] - 1, shape[-1]):
+        order = np.argsort(s.numpy(), axis=-1, kind="stable")[..., :k]
+        want = np.zeros(shape, dtype=bool)
+        np.put_along_axis(want, order, True, axis=-1)
+        assert np.array_equal(S._lowest(s, k).numpy(), want), k
+    s[..., 5] = float("nan")
+    order = np.argsort(s.numpy(), axis=-1, kind="stable")[..., :10]
+    want = np.zeros(shape, dtype=bool)
+    np.put_along_axis(want, order, True, axis=-1)
+    assert np.array_equal(S._lowest(s, 10).numpy(), want)

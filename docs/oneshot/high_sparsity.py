@@ -215,7 +215,7 @@ def summary(results: list[Path], dest: Path) -> None:
         higher = metric == "cosine"
         dense = float(sub[sub.method == "dense"]["value"].iloc[0])
         lines += [f"## {name}: {metric} ({'higher' if higher else 'lower'} is better; dense {dense:.4f})", ""]
-        for target in [t for t in TARGETS if t in set(sub.target)]:
+        for target in [t for t in ("0.5", *TARGETS) if t in set(sub.target)]:
             t = sub[sub.target == target]
             g = t.groupby("method").agg(mean=("value", "mean"), sd=("value", "std"), error=("error", "mean"),
                                         seconds=("seconds", "median"), seeds=("seed", "nunique"))

@@ -623,9 +623,11 @@ def _prune(t: Target, W: Tensor, alive: Tensor, grams: dict | None, sparsity: fl
         W_new[rows], keep[rows] = S.solve(W[rows], g, sparsity=sparsity, alive=alive[rows],
                                           fisher=None if fisher is None else fisher[rows], **knobs)
         if errors and g is not None and not g.diagonal:
-            D, W0 = (W_new[rows] - W[rows]).double(), W[rows].double()
-            error_num += float(((D @ g.H) * D).sum())
-            error_den += float(((W0 @ g.H) * W0).sum())
+            # in the weights' precision: quadratic forms of a PSD matrix, no cancellation to fear
+            D, W0 = W_new[rows] - W[rows], W[rows]
+            H = g.H.to(W0.dtype)
+            error_num += float(((D @ H) * D).sum(dtype=torch.float64))
+            error_den += float(((W0 @ H) * W0).sum(dtype=torch.float64))
     row = dict(name=t.name, kind=t.kind, rows=W.shape[0], inputs=W.shape[1], sparsity=float(1 - keep.float().mean()),
                error=error_num / error_den if error_den > 0 else float("nan"), keep=keep)
     return row, W_new
