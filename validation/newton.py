@@ -8,14 +8,15 @@ Problem ``b`` minimises
 the *mean* training loss on its own data ``(X_b, y_b)`` plus PyTorch's L2
 penalty, over every parameter of a small network. A bootstrap refit is the
 problem on a resample, a teacher replicate the problem on a fresh dataset, a
-polish the problem on the training data itself. Each step takes the Newton
-direction :math:`-(\nabla^2 F_b + \mu_b I)^{-1}\nabla F_b`, with damping
-:math:`\mu_b > 0` only where the Hessian is not positive definite, and the
-longest of the steps :math:`4^{-k}` (k = 0..6) that decreases :math:`F_b`
-(near a minimum the full step, whose convergence is quadratic). A line search
-rather than Levenberg-Marquardt damping: where the quadratic model fails, a
-shift towards the gradient would lose the scaling of the weakly curved
-directions, which are the ones a standard error is most sensitive to.
+polish the problem on the training data itself. Each step takes the saddle-free
+Newton direction :math:`-V|\Lambda|^{-1}V^\top\nabla F_b` (:math:`\nabla^2 F_b = V\Lambda V^\top`;
+the Newton direction where the Hessian is positive definite, a descent direction scaled by the
+curvature's magnitude along negative curvature) and the longest of the steps :math:`4^{-k}`
+(k = 0..10) that decreases :math:`F_b` (near a minimum the full step, whose convergence is
+quadratic). A line search rather than Levenberg-Marquardt damping: where the quadratic model
+fails, a shift towards the gradient would lose the scaling of the weakly curved directions,
+which are the ones a standard error is most sensitive to. Every problem has its own budget of
+``max_iter`` steps.
 A problem has converged when the max-abs gradient of :math:`F_b` is at most
 ``gtol``; the sampling standard errors of a penalised estimate are only
 defined at such a point.
@@ -34,6 +35,12 @@ the problem still moved over the second half of the iterations (``drift``;
 :meth:`NewtonFits.converged_within` compares it with the standard errors). The
 undamped Newton step would not do: at a kink it measures the one-sided gradient,
 not the distance to the optimum.
+
+A hidden unit at zero is a saddle the Hessian cannot see when some direction makes it grow
+(its block is :math:`\lambda I`, every sample on its kink); such units are grown along their best
+direction and descended again (``births``; :class:`Certificate`). :func:`certify` judges an
+endpoint with a kink-aware first-order test (the Newton step in sandwich SEs for the best
+subgradient of the kinks the step would cross) and a second-order one.
 
 For one-hidden-layer ReLU networks with weight decay the weakest directions
 are known exactly: every unit's rescaling orbit, on which the loss is constant
@@ -65,7 +72,8 @@ Loss = Callable[[Tensor, Tensor], Tensor]
 class NewtonFits:
     """Stacked solutions: ``params[name]`` has shape ``(B, *param.shape)``;
     ``grad_max[b]`` is the final max-abs gradient of problem b's penalised mean loss,
-    ``converged[b]`` whether it reached ``gtol``, ``iterations`` the steps taken; ``min_eig``,
+    ``converged[b]`` whether it reached ``gtol``, ``iterations`` the most steps any problem took
+    (``steps[b]``: problem b's own, each at most ``max_iter``); ``min_eig``,
     ``drift`` and ``minimum`` say whether a stopped problem is an optimum (module notes)."""
 
     params: dict[str, Tensor]
@@ -76,6 +84,7 @@ class NewtonFits:
     drift: Tensor
     gtol: float = 0.0
     minimum: Tensor | None = None
+    steps: Tensor | None = None
 
     def drift_over(self, se: Tensor) -> Tensor:
         """``(B,)``: each problem's largest move over the second half of the iterations, in units of
@@ -218,6 +227,60 @@ def _rebalancer(d: int, h: int, k: int):
     return rebalance
 
 
+def _grow_units(theta: Tensor, value: Tensor, X: Tensor, y: Tensor, loss: Loss, d: int, h: int,
+                weight_decay: float, value_fn, chunked, gen) -> Tensor:
+    """For ``Linear(d, h) -> ReLU -> Linear(h, 1)``: every unit of (relative) scale <= 1e-2 whose birth
+    ratio exceeds 1 is set to ``(s u, -sign(G) s)`` along its best direction u (:func:`_birth_search`),
+    ``s`` the best of ``2^-m`` (m = 0..30); ``theta`` and ``value`` are updated in place where the
+    objective decreases. Returns the problems changed ``(B,)``."""
+    B, n = X.shape[:2]
+    Xt = torch.cat([X, X.new_ones(B, n, 1)], -1)
+    grown = torch.zeros(B, dtype=torch.bool, device=theta.device)
+    for j in range(h):
+        W1, b1, W2, b2 = theta.split([h * d, h, h, 1], dim=1)
+        u = torch.cat([W1.view(B, h, d), b1.unsqueeze(-1)], -1)
+        scale = (u.square().sum(-1) + W2.square()).sqrt()
+        small = scale[:, j] <= 1e-2 * scale.amax(1)
+        if not bool(small.any()):
+            continue
+        idx = torch.nonzero(small).flatten()
+        z = theta[idx].clone()
+        z[:, j * d:(j + 1) * d] = 0
+        z[:, h * d + j] = 0
+        z[:, h * d + h + j] = 0
+        with torch.enable_grad():
+            zW1, zb1, zW2, zb2 = z.split([h * d, h, h, 1], dim=1)
+            a = torch.einsum("bnd,bhd->bnh", X[idx], zW1.view(-1, h, d)) + zb1.unsqueeze(1)
+            f = (a.clamp_min(0) @ zW2.unsqueeze(-1)).squeeze(-1) + zb2
+            f = f.detach().requires_grad_(True)
+            total = sum(loss(f[i][:, None], y[idx[i]]) for i in range(len(idx)))
+            res = (torch.autograd.grad(total, f)[0] * n).detach()
+        u0 = u[idx, j]
+        u0 = torch.where(u0.norm(dim=-1, keepdim=True) > 0, u0, torch.ones_like(u0))
+        G, ub = _birth_search(res, Xt[idx], u0, 32, gen)
+        grow = G.abs() > weight_decay * (1 + 1e-6)
+        if not bool(grow.any()):
+            continue
+        idx, z, G, ub = idx[grow], z[grow], G[grow], ub[grow]
+        ts = [2.0 ** -m for m in range(31)]
+        trials = []
+        for t in ts:
+            c = z.clone()
+            c[:, j * d:(j + 1) * d] = t * ub[:, :d]
+            c[:, h * d + j] = t * ub[:, d]
+            c[:, h * d + h + j] = -torch.sign(G) * t
+            trials.append(c)
+        vals = torch.stack([chunked(value_fn, c, X[idx], y[idx]) for c in trials], 1)
+        best = vals.argmin(1)
+        bv = vals[torch.arange(len(idx)), best]
+        better = bv < value[idx]
+        sel = idx[better]
+        theta[sel] = torch.stack(trials, 1)[better, best[better]]
+        value[sel] = bv[better]
+        grown[sel] = True
+    return grown
+
+
 def newton_fits(
     model: nn.Module,
     loss: Loss,
@@ -230,7 +293,8 @@ def newton_fits(
     max_iter: int = 100,
     stall: int = 3,
     ftol: float = 1e-9,
-    escapes: int = 5,
+    escapes: int = 20,
+    births: int = 5,
     chunk: int | None = None,
     max_chunk_bytes: float = 5e8,
 ) -> NewtonFits:
@@ -252,8 +316,8 @@ def newton_fits(
     gtol
         Convergence: max-abs gradient of the penalised mean loss.
     max_iter
-        Damped Newton steps at most; problems still above ``gtol`` are reported
-        (``converged``), never silently accepted.
+        Damped Newton steps at most, for each problem separately; problems still above ``gtol``
+        are reported (``converged``), never silently accepted.
     stall, ftol
         Stop a problem after ``stall`` consecutive steps (accepted or not) that decrease its
         objective by less than ``ftol`` relative and do not halve its gradient (module notes:
@@ -261,6 +325,10 @@ def newton_fits(
     escapes
         At most this many moves along negative curvature out of saddle points, each
         followed by a new descent.
+    births
+        One-hidden-layer ReLU networks with one output and a penalty: at most this many rounds in
+        which each unit at zero that some direction would make grow (a saddle the Hessian cannot
+        see, :class:`Certificate`) is grown along that direction, followed by a new descent.
     chunk
         Problems differentiated at once (default: as many as fit ``max_chunk_bytes``
         of the Hessian's forward-over-reverse intermediates, roughly).
@@ -268,6 +336,8 @@ def newton_fits(
     check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
     check_scalar(gtol, "gtol", kind=Real, low=0.0, closed="neither")
     check_scalar(max_iter, "max_iter", kind=Integral, low=1)
+    check_scalar(escapes, "escapes", kind=Integral, low=0)
+    check_scalar(births, "births", kind=Integral, low=0)
     if X.ndim < 2 or y.ndim < 2 or len(X) != len(y) or X.shape[1] != y.shape[1]:
         raise ValueError(f"newton_fits needs stacked data X (B, n, ...) and y (B, n, ...), got X {tuple(X.shape)} "
                          f"and y {tuple(y.shape)}")
@@ -315,32 +385,33 @@ def newton_fits(
     value = chunked(value_fn, theta, X, y)
     g = chunked(grad_fn, theta, X, y)
     dev = theta.device
-    eye = torch.eye(p, dtype=torch.float64, device=dev)
-    it = 0
+    # every problem has its own budget of max_iter steps (a shared count let one slow problem use up
+    # the others' steps, and a problem stopped by it was never checked for descent along negative
+    # curvature: most of the "not a minimum" endpoints of docs/calibration/invariant.md)
+    steps = torch.zeros(B, dtype=torch.long, device=dev)
     halfway = theta.clone()
-    ts = torch.tensor([4.0 ** -k for k in range(7)], dtype=torch.float64, device=dev)
+    ts = torch.tensor([4.0 ** -k for k in range(11)], dtype=torch.float64, device=dev)
 
     def descend(active: Tensor) -> None:
-        nonlocal it
         stalled = torch.zeros(B, dtype=torch.long, device=dev)
-        while bool(active.any()) and it < max_iter:
-            it += 1
-            if it == max_iter // 2 + 1:
-                halfway.copy_(theta)
+        active = active & (steps < max_iter)
+        while bool(active.any()):
             idx = torch.nonzero(active).flatten()
+            steps[idx] += 1
+            mid = idx[steps[idx] == max_iter // 2 + 1]
+            halfway[mid] = theta[mid]
             th, xs, ys, gg = theta[idx], X[idx], y[idx], g[idx]
             H = chunked(hess_fn, th, xs, ys)
             H = 0.5 * (H + H.transpose(1, 2))
-            scale = H.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-12)
-            # damping only where H is not positive definite (a saddle or a concave region)
-            m = torch.zeros(len(idx), dtype=torch.float64, device=dev)
-            for _ in range(60):
-                L, info = torch.linalg.cholesky_ex(H + m[:, None, None] * eye)
-                bad = info != 0
-                if not bool(bad.any()):
-                    break
-                m = torch.where(bad, torch.maximum(10 * m, 1e-6 * scale), m)
-            direction = -torch.cholesky_solve(gg.unsqueeze(-1), L).squeeze(-1)
+            # saddle-free Newton (Dauphin et al. 2014): -V |Lambda|^-1 V^T g, the Newton step where H is
+            # positive definite and a descent step scaled by |curvature| along negative curvature. The
+            # damped step it replaces, -(H + mu I)^-1 g with mu just above -lambda_min, was huge along
+            # a nearly flat negative direction (a weak unit that the penalty almost collapses), every
+            # step of the line search overshot, and the problem stalled off a minimum
+            evals, evecs = torch.linalg.eigh(H)
+            floor = 1e-10 * evals.abs().amax(1, keepdim=True).clamp_min(1e-12)
+            inv = 1.0 / evals.abs().clamp_min(floor)
+            direction = -(evecs @ (inv.unsqueeze(-1) * (evecs.transpose(1, 2) @ gg.unsqueeze(-1)))).squeeze(-1)
             # a line search along the Newton direction: where kinks spoil the quadratic model,
             # shorter steps in the same direction keep the weakly curved directions' scaling,
             # which a shift towards the gradient (Levenberg-Marquardt) would lose
@@ -374,44 +445,64 @@ def newton_fits(
                     theta[sel] = balanced[better]
                     value[sel] = b_value[better]
                     g[sel] = chunked(grad_fn, theta[sel], X[sel], y[sel])
-            active = (g.abs().amax(1) > gtol) & (stalled < stall)
+            active = (g.abs().amax(1) > gtol) & (stalled < stall) & (steps < max_iter)
 
     descend(g.abs().amax(1) > gtol)
     no_descent = torch.zeros(B, dtype=torch.bool, device=dev)
-    # a stationary point with negative curvature is a saddle (for example a hidden unit that
-    # collapsed to zero): move along the most negative direction, then descend again
-    for _ in range(escapes + 1):
-        H = chunked(hess_fn, theta, X, y)
-        H = 0.5 * (H + H.transpose(1, 2))
-        evals, evecs = torch.linalg.eigh(H)
-        min_eig = evals[:, 0]
-        saddle = min_eig < -1e-10 * evals[:, -1].abs().clamp_min(1e-12)
-        if _ == escapes or not bool(saddle.any()) or it >= max_iter:
-            break
-        idx = torch.nonzero(saddle).flatten()
-        v = evecs[idx, :, 0]
-        ts = torch.tensor([c * 2.0 ** -k for k in range(16) for c in (1.0, -1.0)], dtype=torch.float64, device=dev)
-        trials = theta[idx, None, :] + ts[None, :, None] * v[:, None, :]           # (b, T, p)
-        vals = torch.stack([chunked(value_fn, trials[:, j], X[idx], y[idx]) for j in range(len(ts))], 1)
-        best = vals.argmin(1)
-        better = vals[torch.arange(len(idx), device=dev), best] < value[idx]
-        moved = idx[better]
-        no_descent[idx[~better]] = True  # no descent along negative curvature: a minimum on a ReLU kink
-        if not len(moved):
-            break
-        theta[moved] = trials[better, best[better]]
-        value[moved] = vals[better, best[better]]
-        g[moved] = chunked(grad_fn, theta[moved], X[moved], y[moved])
-        active = torch.zeros(B, dtype=torch.bool, device=dev)
-        active[moved] = True
-        descend(active)
+    escape_ts = torch.tensor([c * 2.0 ** -k for k in range(31) for c in (1.0, -1.0)], dtype=torch.float64, device=dev)
+    min_eig = torch.zeros(B, dtype=torch.float64, device=dev)
+
+    def settle() -> None:
+        """A stationary point with negative curvature is a saddle (for example a hidden unit that
+        collapsed to zero): move along the most negative direction, then descend again."""
+        for e in range(escapes + 1):
+            H = chunked(hess_fn, theta, X, y)
+            H = 0.5 * (H + H.transpose(1, 2))
+            evals, evecs = torch.linalg.eigh(H)
+            min_eig.copy_(evals[:, 0])
+            saddle = min_eig < -1e-10 * evals[:, -1].abs().clamp_min(1e-12)
+            if e == escapes or not bool(saddle.any()):
+                break
+            idx = torch.nonzero(saddle).flatten()
+            v = evecs[idx, :, 0]
+            trials = theta[idx, None, :] + escape_ts[None, :, None] * v[:, None, :]           # (b, T, p)
+            vals = torch.stack([chunked(value_fn, trials[:, j], X[idx], y[idx]) for j in range(len(escape_ts))], 1)
+            best = vals.argmin(1)
+            better = vals[torch.arange(len(idx), device=dev), best] < value[idx]
+            no_descent[idx] = ~better  # no descent along negative curvature: a minimum on a ReLU kink
+            # a problem whose budget is spent is classified, not moved (it stays "not a minimum")
+            better &= steps[idx] < max_iter
+            moved = idx[better]
+            if not len(moved):
+                break
+            theta[moved] = trials[better, best[better]]
+            value[moved] = vals[better, best[better]]
+            g[moved] = chunked(grad_fn, theta[moved], X[moved], y[moved])
+            active = torch.zeros(B, dtype=torch.bool, device=dev)
+            active[moved] = True
+            descend(active)
+
+    settle()
+    if rebalance is not None and k == 1:
+        # a unit at zero is a saddle when some direction makes it grow (|G(u)| > lambda, see
+        # certify): its block of the almost-everywhere Hessian is lambda I there, so neither Newton
+        # nor the escapes see it; grow it along the best direction, then descend again
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(births):
+            grown = _grow_units(theta, value, X, y, loss, d, h, weight_decay, value_fn, chunked, gen)
+            grown &= steps < max_iter
+            if not bool(grown.any()):
+                break
+            g[grown] = chunked(grad_fn, theta[grown], X[grown], y[grown])
+            descend(grown)
+            settle()
     grad_max = g.abs().amax(1)
     shapes = [t.shape for t in unflatten(theta0).values()]
     parts = theta.split([math.prod(s) for s in shapes], dim=1)
     params = {name: t.reshape(B, *s) for name, t, s in zip(names, parts, shapes)}
-    drift = theta - halfway if it > max_iter // 2 else torch.zeros_like(theta)
-    return NewtonFits(params, grad_max, grad_max <= gtol, it, min_eig, drift, gtol,
-                      (min_eig > 0) | no_descent)
+    drift = torch.where((steps > max_iter // 2)[:, None], theta - halfway, torch.zeros_like(theta))
+    return NewtonFits(params, grad_max, grad_max <= gtol, int(steps.max()), min_eig, drift, gtol,
+                      (min_eig > 0) | no_descent, steps)
 
 
 def flat_parameters(model: nn.Module) -> Tensor:
@@ -432,3 +523,283 @@ def load_flat(model: nn.Module, theta: Tensor) -> nn.Module:
             p.copy_(theta[start : start + p.numel()].view_as(p))
             start += p.numel()
     return out
+
+
+@dataclass(frozen=True)
+class Certificate:
+    r"""Whether each endpoint of a one-hidden-layer ReLU network's penalised fit is a local minimum
+    worth a standard error (:func:`certify`); every field is ``(B,)`` unless stated.
+
+    ``certified = (step_se <= tol) & second_order & ~saddle_at_zero``, where
+
+    * ``step_se`` (first order, kink-aware): the largest Newton step
+      :math:`|(|H|^{-1} \gamma)_j|` in units of the parameter's sandwich SE :math:`se_j`, for the
+      subgradient :math:`\gamma = \nabla F + \sum_{(i,j)\in K} s_{ij} c_{ij}`, :math:`s \in [0, 1]^K`,
+      that makes it smallest (a linear programme, ``scipy.optimize.linprog``; zero units' coordinates,
+      whose SE is 0, are left out: the birth test judges them).
+      :math:`K` holds the (sample, unit) pairs whose pre-activation the plain Newton step would
+      carry across 0, and :math:`c_{ij} = \mp \frac1n r_i w_{out,j} \tilde x_i` (in unit j's
+      ``(w_in, b)`` coordinates) switches sample i's contribution to unit j off (if on) or on:
+      the Clarke subdifferential of the kink. Away from kinks it is the plain Newton step
+      (``step_plain_se``). A ReLU optimum usually sits on a kink, where the one-sided gradient
+      jumps by :math:`O(1/n)` and the plain step stays near 0.2-0.6 SE however long Newton runs.
+      ``grad_max``: the raw max-abs gradient, for the record.
+    * ``min_eig``: the smallest eigenvalue of the exact (almost-everywhere) penalised Hessian
+      :math:`H`: the Gauss-Newton part, the residual cross terms and :math:`\lambda I`.
+      ``second_order = (min_eig > 0) | (min_eig_tangent > 0 & ~descent)``: at a kink minimum the
+      one-sided :math:`H` may be indefinite across the kink, so the certificate then asks for a
+      positive definite :math:`H` on the kinks' tangent space (``min_eig_tangent``: the directions
+      that keep every pair of :math:`K` on its kink) and for no decrease of :math:`F` along
+      :math:`\pm t v`, :math:`t = 2^{-m}` (m = 0..30), for every eigenvector :math:`v` of a negative
+      eigenvalue (``descent`` is True where one is found).
+    * ``dead[b, j]``: unit j is exactly zero. Its block of ``H`` is then :math:`\lambda I` (every
+      sample on its kink), which says nothing: the origin is a local minimum of the unit iff no
+      direction makes it grow, :math:`\max_u |\bar G(u)| < \lambda`,
+      :math:`\bar G(u) = \frac1n\sum_i r_i\,\mathrm{relu}(u^\top \tilde x_i)` over unit vectors
+      ``u`` (``r``: the output gradient of each sample's loss). ``birth[b, j]`` is that maximum over
+      :math:`\lambda`, by fixed-point ascent :math:`u \leftarrow \bar m(u)/|\bar m(u)|` from
+      ``starts`` directions (a search: a larger value elsewhere is not excluded); NaN for live
+      units. ``saddle_at_zero``: some dead unit has ``birth > 1``.
+    * ``weak_unit``: the unit carrying most of the eigenvector of ``min_eig``; ``weak_share`` that
+      share, ``weak_scale`` its norm :math:`\sqrt{|w_{in}|^2 + b^2 + |w_{out}|^2}`, ``weak_birth`` its
+      birth ratio *at zero* (everything else fixed): above 1 the unit cannot collapse, so a
+      negative ``min_eig`` on a small unit is a weak unit still growing towards a small optimum.
+    * ``kinks``: the size of :math:`K`.
+    """
+
+    certified: Tensor
+    step_se: Tensor
+    step_plain_se: Tensor
+    grad_max: Tensor
+    min_eig: Tensor
+    min_eig_tangent: Tensor
+    descent: Tensor
+    second_order: Tensor
+    dead: Tensor
+    birth: Tensor
+    saddle_at_zero: Tensor
+    weak_unit: Tensor
+    weak_share: Tensor
+    weak_scale: Tensor
+    weak_birth: Tensor
+    kinks: Tensor
+    tol: float
+
+    def verdicts(self) -> list[str]:
+        """One line per problem: why it is (not) certified."""
+        out = []
+        for b in range(len(self.certified)):
+            if bool(self.certified[b]):
+                dead = int(self.dead[b].sum())
+                kink = "" if float(self.min_eig[b]) > 0 else " (on a kink: H indefinite across it, no descent)"
+                out.append("certified minimum" + kink + (f" ({dead} unit(s) at zero, birth < 1)" if dead else ""))
+                continue
+            why = []
+            if not bool(self.second_order[b]):
+                why.append(f"min eig {float(self.min_eig[b]):.2g} (tangent {float(self.min_eig_tangent[b]):.2g}, "
+                           f"descent {'found' if bool(self.descent[b]) else 'none'}) on unit {int(self.weak_unit[b])} "
+                           f"({float(self.weak_share[b]):.0%} of it; scale {float(self.weak_scale[b]):.2g}, "
+                           f"birth at zero {float(self.weak_birth[b]):.2f})")
+            if not float(self.step_se[b]) <= self.tol:
+                why.append(f"Newton step {float(self.step_se[b]):.2g} SE (plain {float(self.step_plain_se[b]):.2g}, "
+                           f"{int(self.kinks[b])} kink pairs)")
+            if bool(self.saddle_at_zero[b]):
+                why.append("a zero unit can grow (birth > 1)")
+            out.append("; ".join(why))
+        return out
+
+
+def _birth_search(res: Tensor, Xt: Tensor, u0: Tensor, starts: int, generator) -> tuple[Tensor, Tensor]:
+    """``G = mean(res * relu(Xt u))`` of largest magnitude over unit vectors u, by fixed-point ascent
+    (``u <- m(u) / |m(u)|``, ``m(u) = mean(+-res * 1[Xt u > 0] Xt)``) from ``u0 (B, d+1)`` and
+    ``starts - 1`` seeded random directions, for both signs of ``res (B, n)``; ``Xt (B, n, d+1)``.
+    Returns the signed ``G (B,)`` and its direction ``u (B, d+1)``."""
+    B, n, q = Xt.shape
+    U = torch.randn(B, starts, q, dtype=Xt.dtype, generator=generator).to(Xt.device)
+    U[:, 0] = u0
+    best, best_u = Xt.new_zeros(B), Xt.new_zeros(B, q)
+    for sign in (1.0, -1.0):
+        u = U / U.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        r = sign * res
+        for _ in range(100):
+            on = (torch.einsum("bnq,bsq->bsn", Xt, u) > 0).to(Xt.dtype)          # (B, S, n)
+            m = torch.einsum("bsn,bn,bnq->bsq", on, r, Xt) / n
+            new = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+            done = bool(((new - u).abs().amax() < 1e-12))
+            u = new
+            if done:
+                break
+        G = (torch.einsum("bnq,bsq->bsn", Xt, u).clamp_min(0) * r.unsqueeze(1)).mean(2)   # (B, S)
+        val, at = G.max(1)
+        take = val > best.abs()
+        best = torch.where(take, sign * val, best)
+        best_u = torch.where(take[:, None], u[torch.arange(B), at], best_u)
+    return best, best_u
+
+
+def _birth_ratio(res: Tensor, Xt: Tensor, weight_decay: float, u0: Tensor, starts: int, generator) -> Tensor:
+    """``max_u |mean(res * relu(Xt u))| / lambda`` (:func:`_birth_search`)."""
+    return _birth_search(res, Xt, u0, starts, generator)[0].abs() / weight_decay
+
+
+def certify(theta: Tensor, X: Tensor, y: Tensor, loss: Loss, *, d: int, h: int, k: int, weight_decay: float,
+            tol: float = 0.1, starts: int = 32, seed: int = 0) -> Certificate:
+    r"""Certify the endpoints ``theta (B, p)`` of penalised fits of ``Linear(d, h) -> ReLU ->
+    Linear(h, k)`` (flat, ``named_parameters`` order) on ``X (B, n, d)``, ``y (B, n)`` as local
+    minima (:class:`Certificate` states the statistics and the tests).
+
+    Parameters
+    ----------
+    loss
+        ``loss(output, target)``: the mean loss of a batch, as given to :func:`newton_fits`.
+    weight_decay
+        :math:`\lambda > 0`, PyTorch's L2 coefficient on the mean loss (the birth test needs a penalty).
+    tol
+        The largest Newton step allowed, in sandwich SEs (0.1: an SD over such fits is inflated by
+        at most 0.5%, :meth:`NewtonFits.converged_within`).
+    starts, seed
+        Directions of the birth search, and their seed.
+    """
+    import numpy as np
+    from scipy.optimize import linprog
+    from torch.func import grad as fgrad
+
+    from validation.invariant import forward
+
+    check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0, closed="neither")
+    check_scalar(tol, "tol", kind=Real, low=0.0, closed="neither")
+    check_scalar(starts, "starts", kind=Integral, low=1)
+    if k != 1:
+        raise ValueError(f"certify is for one output (k = 1), got k = {k}")
+    p = h * d + h + k * h + k
+    if theta.ndim != 2 or theta.shape[1] != p or X.ndim != 3 or X.shape[0] != theta.shape[0] or X.shape[2] != d \
+            or y.shape[:2] != X.shape[:2]:
+        raise ValueError(f"certify needs theta (B, p={p}), X (B, n, d={d}) and y (B, n); got theta "
+                         f"{tuple(theta.shape)}, X {tuple(X.shape)}, y {tuple(y.shape)}")
+    theta, X = theta.double(), X.double()
+    y = y.double() if y.is_floating_point() else y
+    B, n = X.shape[:2]
+    H = _mlp_hessian(loss, d, h, k, weight_decay)(theta, X, y)
+    H = 0.5 * (H + H.transpose(1, 2))
+    evals, evecs = torch.linalg.eigh(H)
+
+    def sample_loss(t, x, target):
+        return loss(forward(t, x[None], d, h, k), target[None])
+
+    def objective(th: Tensor) -> Tensor:                                     # (B,) at th (B, p)
+        out = torch.stack([forward(th[b], X[b], d, h, k)[:, 0] for b in range(B)])
+        return torch.stack([loss(out[b][:, None], y[b]) for b in range(B)]) + 0.5 * weight_decay * th.square().sum(1)
+
+    scores = vmap(vmap(fgrad(sample_loss), in_dims=(None, 0, 0)))(theta, X, y) + weight_decay * theta[:, None]
+    g = scores.mean(1)
+    J = scores.transpose(1, 2) @ scores / n
+    floor = 1e-12 * evals.abs().amax(1, keepdim=True).clamp_min(1e-300)
+    inv = evecs @ torch.diag_embed(1.0 / evals.abs().clamp_min(floor)) @ evecs.transpose(1, 2)   # |H|^-1
+    se = (torch.diagonal(inv @ J @ inv, dim1=1, dim2=2) / n).clamp_min(0).sqrt()
+    step = (inv @ g.unsqueeze(-1)).squeeze(-1)
+
+    W1, b1, W2, _ = theta.split([h * d, h, k * h, k], dim=1)
+    W1, W2 = W1.view(B, h, d), W2.view(B, k, h)
+    u = torch.cat([W1, b1.unsqueeze(-1)], -1)                                        # (B, h, d+1)
+    scale = (u.square().sum(-1) + W2.square().sum(1)).sqrt()                         # (B, h)
+    dead = scale <= 1e-6 * scale.amax(1, keepdim=True)          # a collapsed unit (Newton leaves ~1e-15)
+    # a dead unit's coordinates carry no SE (its scores vanish): the birth test judges them instead
+    unit_of = torch.cat([torch.arange(h).repeat_interleave(d), torch.arange(h), torch.arange(h), torch.tensor([-1])])
+    dead_coord = torch.where(unit_of >= 0, dead[:, unit_of.clamp_min(0)], torch.zeros(B, p, dtype=torch.bool))
+    se = torch.where(dead_coord, torch.zeros_like(se), se)
+    step = torch.where(dead_coord, torch.zeros_like(step), step)
+
+    def in_se(v: Tensor, s: Tensor) -> Tensor:
+        return torch.where(s > 0, v.abs() / s.clamp_min(1e-300), torch.where(v != 0, torch.inf, 0.0)).amax(-1)
+
+    step_plain = in_se(step, se)
+    Xt = torch.cat([X, X.new_ones(B, n, 1)], -1)
+    a = torch.einsum("bnq,bhq->bnh", Xt, u)
+    du = torch.cat([step[:, :h * d].view(B, h, d), step[:, h * d:h * d + h].unsqueeze(-1)], -1)
+    a_new = a - torch.einsum("bnq,bhq->bnh", Xt, du)
+    cross = ((a > 0) != (a_new > 0)) & ~dead.unsqueeze(1)                             # (B, n, h)
+    with torch.enable_grad():
+        out = torch.stack([forward(theta[b], X[b], d, h, k)[:, 0] for b in range(B)]).requires_grad_(True)
+        total = sum(loss(out[b][:, None], y[b]) for b in range(B))
+        res_full = (torch.autograd.grad(total, out)[0] * n).detach()                   # dl_i / df_i
+    step_se = step_plain.clone()
+    tangent = evals[:, 0].clone()
+    kinks = cross.sum((1, 2))
+    for b in range(B):
+        pairs = torch.nonzero(cross[b])                                            # (K, 2): sample, unit
+        if not len(pairs):
+            continue
+        C = theta.new_zeros(p, len(pairs))
+        sign = torch.where(a[b, pairs[:, 0], pairs[:, 1]] > 0, -1.0, 1.0)
+        coef = sign * res_full[b, pairs[:, 0]] * W2[b, 0, pairs[:, 1]] / n
+        cols = torch.arange(len(pairs))
+        for q in range(d):
+            C[pairs[:, 1] * d + q, cols] = coef * X[b, pairs[:, 0], q]
+        C[h * d + pairs[:, 1], cols] = coef
+        live = se[b] > 0
+        A = ((inv[b] @ C)[live] / se[b][live, None]).numpy()
+        rhs = -((inv[b] @ g[b])[live] / se[b][live]).numpy()
+        # min over s in [0, 1]^K of max_j |A s - rhs|_j: a linear programme in (s, t)
+        K, m = A.shape[1], A.shape[0]
+        ones = np.ones((m, 1))
+        sol = linprog(np.r_[np.zeros(K), 1.0], A_ub=np.block([[A, -ones], [-A, -ones]]), b_ub=np.r_[rhs, -rhs],
+                      bounds=[(0.0, 1.0)] * K + [(0.0, None)], method="highs")
+        if not sol.success:
+            continue
+        x = sol.x[:K]
+        gamma = g[b] + C @ torch.as_tensor(x)
+        step_se[b] = torch.minimum(step_plain[b], in_se(torch.where(dead_coord[b], 0.0, inv[b] @ gamma), se[b]))
+        # the kinks' tangent space: directions keeping a_ij = 0 for the interior multipliers
+        interior = torch.as_tensor((x > 1e-9) & (x < 1 - 1e-9))
+        N = (C[:, interior] != 0).double() * C[:, interior]
+        if N.shape[1]:
+            Q, _ = torch.linalg.qr(torch.cat([N, theta.new_zeros(p, 0)], 1), mode="complete")
+            rank = int(torch.linalg.matrix_rank(N))
+            T = Q[:, rank:]
+            tangent[b] = torch.linalg.eigvalsh(T.T @ H[b] @ T)[0] if T.shape[1] else torch.inf
+    # no descent along any direction of negative curvature (a kink minimum), else a saddle
+    value = objective(theta)
+    descent = torch.zeros(B, dtype=torch.bool)
+    for e in range(p):
+        neg = evals[:, e] < 0
+        if not bool(neg.any()):
+            break
+        for t in [2.0 ** -m for m in range(31)]:
+            for sgn in (1.0, -1.0):
+                trial = theta + sgn * t * evecs[:, :, e]
+                descent |= neg & (objective(trial) < value - 1e-15 * value.abs())
+    min_eig = evals[:, 0]
+    second_order = (min_eig > 0) | ((tangent > 0) & ~descent)
+    v = evecs[:, :, 0]
+    share = torch.stack([v[:, j * d:(j + 1) * d].square().sum(1) + v[:, h * d + j].square()
+                         + v[:, h * d + h + j].square() for j in range(h)], 1)               # (B, h)
+    weak = share.argmax(1)
+    rows = torch.arange(B)
+    gen = torch.Generator().manual_seed(seed)
+    birth = torch.full((B, h), math.nan, dtype=torch.float64)
+
+    def ratio_at_zero(j: Tensor) -> Tensor:
+        """Birth ratio of unit j[b] of each problem with that unit zeroed (everything else fixed)."""
+        z = theta.clone()
+        for b in range(B):
+            jj = int(j[b])
+            z[b, jj * d:(jj + 1) * d] = 0
+            z[b, h * d + jj] = 0
+            z[b, h * d + h + jj] = 0
+        with torch.enable_grad():
+            out = torch.stack([forward(z[b], X[b], d, h, k)[:, 0] for b in range(B)]).requires_grad_(True)
+            total = sum(loss(out[b][:, None], y[b]) for b in range(B))
+            res = torch.autograd.grad(total, out)[0] * n
+        u0 = u[rows, j]
+        u0 = torch.where(u0.norm(dim=-1, keepdim=True) > 0, u0, torch.ones_like(u0))
+        return _birth_ratio(res.detach(), Xt, weight_decay, u0, starts, gen)
+
+    for j in range(h):
+        if bool(dead[:, j].any()):
+            birth[:, j] = torch.where(dead[:, j], ratio_at_zero(torch.full((B,), j)), birth[:, j])
+    weak_birth = ratio_at_zero(weak)
+    saddle_at_zero = (dead & (birth > 1)).any(1)
+    certified = (step_se <= tol) & second_order & ~saddle_at_zero
+    return Certificate(certified, step_se, step_plain, g.abs().amax(1), min_eig, tangent, descent, second_order,
+                       dead, birth, saddle_at_zero, weak, share[rows, weak], scale[rows, weak], weak_birth, kinks,
+                       float(tol))

@@ -1,0 +1,225 @@
+"""Coverage against a local estimand on the regression teacher (6-8-1, ReLU): issue 35, items 1-2.
+
+Two designs, each at weight decay 1e-3 and 1e-2, ``--datasets`` fresh datasets (n = 2,000, study
+seed 3: disjoint from the quick, full and invariant studies):
+
+* ``basin``: each student trains from its own seeded initialisation (as docs/calibration/invariant.py);
+  its truth is the population penalised optimum *of the basin it reached*: Newton on
+  ``--pop-factor`` x n fresh samples from the teacher, started from the student's own optimum
+  (validation.local.local_optima).
+* ``near-teacher``: each student starts at the teacher's weights plus N(0, ``--perturb``^2) on every
+  parameter; the truth is the teacher-basin population optimum (Newton from the teacher on
+  ``--population`` samples), one for all students.
+
+Training: Adam lr 0.01, batch 32 drawn with replacement, ``--epochs`` epochs, the last ``--window``
+tracked, all students stacked (validation.invariant.StackedMLP). Targets (validation.invariant):
+f at 20 fixed test points, the 48 path weights, the 65 balanced weights (units keep their order:
+the truth is reached from the student). Rules: batch means and the window SD of each target's
+trajectory (during training), and the exact delta-method sandwich and observed information at the
+student's penalised optimum (Newton from its trained weights, certified by
+validation.newton.certify). Every rule is scored on the students whose optimum is certified, and
+the trajectory rules also on every student.
+
+Each cell is cached under ``--cache`` (atomic writes): a rerun resumes. Writes local.md and
+local.csv here.
+
+    OMP_NUM_THREADS=1 .venv/bin/python docs/calibration/local.py            # 100 datasets a cell
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mustat._io import atomic_write
+from mustat.training import make_optimizer, steps_per_epoch, train_epochs
+from validation.designs import get_design
+from validation.invariant import StackedMLP, TargetTracker, delta_references, targets
+from validation.local import expected_coverage, local_optima, perturbed_teacher, score
+from validation.newton import certify, newton_fits
+from validation.study import data_index
+
+HERE = Path(__file__).parent
+SEED = 3
+GROUPS = {"f": "f(x) at 20 test points", "path": "path weights", "weight": "balanced weights"}
+TRAJ = ("batch means (trajectory)", "window SD (trajectory)")
+
+
+def population_optimum(design, weight_decay: float, n: int, seed: int) -> torch.Tensor:
+    """The penalised optimum on ``n`` samples of the teacher, from the teacher's weights."""
+    from validation.local import teacher_sample
+
+    teacher = design.teacher()
+    X, y = teacher_sample(teacher, n, seed)
+    fits = newton_fits(teacher, design.loss(), X[None], y[None], weight_decay=weight_decay, gtol=1e-10,
+                       max_iter=100)
+    return torch.cat([fits.params[k][0].flatten() for k, _ in teacher.named_parameters()]), fits
+
+
+def run_cell(design, kind: str, weight_decay: float, args) -> dict:
+    R = args.datasets
+    data = [design.sample(data_index(SEED, r)) for r in range(R)]
+    X64 = torch.tensor(np.stack([a[0] for a in data]))
+    y64 = torch.tensor(np.stack([a[1] for a in data]))
+    n = X64.shape[1]
+    teacher = design.teacher()
+    if kind == "basin":
+        nets = [design.model(SEED * 10_000 + r) for r in range(R)]
+    else:
+        nets = [perturbed_teacher(teacher, args.perturb, SEED * 10_000 + r) for r in range(R)]
+    d, h, k = nets[0][0].in_features, nets[0][0].out_features, nets[0][2].out_features
+    model = StackedMLP(nets)
+    X_test = torch.tensor(np.random.default_rng(7).standard_normal((20, d)))
+    window_steps = args.window * steps_per_epoch(n, 32)
+    tracker = TargetTracker(model, X_test, batch_steps=window_steps // 20)
+    opt = make_optimizer("adam", model.parameters(), lr=0.01, weight_decay=weight_decay)
+    t0 = time.perf_counter()
+    train_epochs(model, opt, (X64.transpose(0, 1).float(), y64.T.float()), epochs=args.epochs, batch_size=32,
+                 sampler="replacement", generator=torch.Generator().manual_seed(SEED * 10_000),
+                 loss=design.stacked_loss(), estimators=[tracker], track_epochs=args.window)
+    times = {"train": time.perf_counter() - t0}
+    traj = tracker.result(n, 32)
+    t0 = time.perf_counter()
+    fits = newton_fits(nets[0], design.loss(), X64, y64, start=model.flat().detach().double(),
+                       weight_decay=weight_decay, gtol=1e-8, max_iter=args.max_iter)
+    theta_hat = torch.cat([fits.params[kk].flatten(1) for kk, _ in nets[0].named_parameters()], 1)
+    times["newton"] = time.perf_counter() - t0
+    refs = delta_references(theta_hat, X64, y64, design.loss(), X_test, d=d, h=h, k=k, weight_decay=weight_decay)
+    t0 = time.perf_counter()
+    if kind == "basin":
+        theta_star, pop = local_optima(teacher, design.loss(), theta_hat, weight_decay=weight_decay,
+                                       n_pop=args.pop_factor * n, seed=SEED * 1_000_000, max_iter=args.pop_iter)
+        n_pop = args.pop_factor * n
+    else:
+        star, f = population_optimum(design, weight_decay, args.population, seed=SEED * 1_000_000)
+        theta_star = star.expand(R, -1).clone()
+        pop = {key: getattr(f, key).expand(R, *getattr(f, key).shape[1:]) for key in ("grad_max", "min_eig", "minimum",
+                                                                                   "steps", "drift")}
+        n_pop = args.population
+    times["truth"] = time.perf_counter() - t0
+    return dict(kind=kind, weight_decay=weight_decay, n=n, n_pop=n_pop, X=X64, y=y64, X_test=X_test,
+                theta_hat=theta_hat, theta_star=theta_star, start=model.flat().detach().double(),
+                traj={g: {kk: v for kk, v in traj[g].items()} for g in GROUPS}, refs=refs,
+                newton=dict(grad_max=fits.grad_max, min_eig=fits.min_eig, minimum=fits.minimum, steps=fits.steps),
+                pop=pop, times=times, d=d, h=h, k=k)
+
+
+def analyse(cell: dict, design, args) -> tuple[list[dict], dict, list[str]]:
+    d, h, k, wd = cell["d"], cell["h"], cell["k"], cell["weight_decay"]
+    theta_hat, theta_star = cell["theta_hat"], cell["theta_star"]
+    cert = certify(theta_hat, cell["X"], cell["y"], design.loss(), d=d, h=h, k=k, weight_decay=wd, tol=args.tol)
+    ok = cert.certified.numpy()
+    truth = targets(theta_star, cell["X_test"], d, h, k)
+    at_hat = targets(theta_hat, cell["X_test"], d, h, k)
+    # the truth's own convergence: its drift over the second half in the student's sandwich SEs
+    se_raw = cell["refs"]["sandwich"]["raw"]
+    pop_drift = (cell["pop"]["drift"].abs() / se_raw.clamp_min(1e-300)).amax(1)
+    rows = []
+    for g, label in GROUPS.items():
+        t = truth[g].numpy()
+        tr = cell["traj"][g]
+        rules = {
+            TRAJ[0]: (tr["mean"].numpy(), tr["bm_se"].numpy(), int(tr["dof"])),
+            TRAJ[1]: (tr["mean"].numpy(), tr["sd"].numpy(), None),
+            "sandwich (exact, at the optimum)": (at_hat[g].numpy(), cell["refs"]["sandwich"][g].numpy(), None),
+            "observed information (exact)": (at_hat[g].numpy(), cell["refs"]["observed"][g].numpy(), None),
+        }
+        for name, (c, s, dof) in rules.items():
+            sub = score(c[ok], s[ok], t[ok], dof)
+            row = dict(design=cell["kind"], weight_decay=wd, target=label, rule=name, datasets=int(ok.sum()), **sub)
+            if name in TRAJ:
+                everyone = score(c, s, t, dof)
+                row.update(coverage_all=everyone["coverage"], lo_all=everyone["lo"], hi_all=everyone["hi"],
+                           intervals_all=everyone["intervals"])
+            rows.append(row)
+    verdicts = cert.verdicts()
+    info = dict(design=cell["kind"], weight_decay=wd, datasets=len(ok), certified=int(ok.sum()),
+                min_eig_neg=int((cert.min_eig <= 0).sum()), step_over=int((cert.step_se > args.tol).sum()),
+                saddle_at_zero=int(cert.saddle_at_zero.sum()), dead_units=int(cert.dead.sum()),
+                step_se_median=float(cert.step_se.median()), kinks_median=float(cert.kinks.double().median()),
+                newton_steps_max=int(cell["newton"]["steps"].max()),
+                pop_minimum=int(cell["pop"]["minimum"].sum()), pop_drift_max=float(pop_drift.max()),
+                pop_grad_max=float(cell["pop"]["grad_max"].max()),
+                moved_median=float(((theta_star - theta_hat).abs() / se_raw).amax(1).median()),
+                expected=expected_coverage(cell["n"], cell["n_pop"]), **{f"{k_}_s": v for k_, v in cell["times"].items()})
+    return rows, info, [f"{cell['kind']} {wd:g} dataset {r}: {v}" for r, v in enumerate(verdicts) if not ok[r]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--window", type=int, default=250)
+    p.add_argument("--max-iter", type=int, default=300, help="Newton steps per student fit")
+    p.add_argument("--pop-factor", type=int, default=20, help="population sample per basin, in multiples of n")
+    p.add_argument("--pop-iter", type=int, default=60, help="Newton steps per basin's population fit")
+    p.add_argument("--population", type=int, default=400_000, help="samples of the teacher-basin optimum")
+    p.add_argument("--perturb", type=float, default=0.05, help="SD of the near-teacher students' start")
+    p.add_argument("--tol", type=float, default=0.1, help="certificate: largest Newton step in sandwich SEs")
+    p.add_argument("--decays", type=float, nargs="+", default=[1e-3, 1e-2])
+    p.add_argument("--designs", nargs="+", default=["basin", "near-teacher"], choices=["basin", "near-teacher"])
+    p.add_argument("--cache", default="runs/local-cache")
+    p.add_argument("--out", default=str(HERE))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    design = get_design("teacher-regression")
+    t_start = time.perf_counter()
+    cache = Path(args.cache)
+    rows, infos, failures = [], [], []
+    for kind in args.designs:
+        for wd in args.decays:
+            path = cache / f"{kind}-{wd:g}-{args.datasets}.pt"
+            if not path.exists():
+                cell = run_cell(design, kind, wd, args)
+                atomic_write(path, lambda f, c=cell: torch.save(c, f))
+                print(f"{kind} {wd:g}: {cell['times']}", flush=True)
+            cell = torch.load(path, weights_only=False)
+            r, info, fail = analyse(cell, design, args)
+            rows += r
+            infos.append(info)
+            failures += fail
+            print(info, flush=True)
+    wall = time.perf_counter() - t_start
+    table = pd.DataFrame(rows)
+    out = Path(args.out)
+    atomic_write(out / "local.csv", lambda f: table.to_csv(f, index=False))
+    cmd = "OMP_NUM_THREADS=1 .venv/bin/python docs/calibration/local.py" + "".join(" " + a for a in sys.argv[1:])
+    lines = [f"# Coverage against a local estimand on the regression teacher ({args.datasets} datasets a cell)", "",
+             f"`{cmd}`: {wall:.0f} s wall for this invocation (cells already cached are not rerun; the cells' own "
+             f"times are below) on {platform.machine()} ({platform.node()}), 1 thread, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
+             f"Students: {args.epochs} epochs, window {args.window}; Newton polish at most {args.max_iter} steps. Truth: "
+             f"`basin`, Newton from each student's optimum on {args.pop_factor} x n fresh samples ({args.pop_iter} steps at "
+             f"most); `near-teacher` (start: teacher + N(0, {args.perturb:g}^2)), Newton from the teacher on "
+             f"{args.population} samples. A certified minimum: smallest Hessian eigenvalue > 0, Newton step at most "
+             f"{args.tol:g} sandwich SE, no zero unit that can grow (validation.newton.certify).", "",
+             "| design | weight decay | certified | min eig <= 0 | step > tol | zero unit can grow | dead units | "
+             "step median (SE) | kink samples median | truth: minimum | truth drift max (SE) | truth - student median "
+             "max (SE) | exact coverage expected | train / newton / truth (s) |", "|" + "---|" * 14]
+    lines += [f"| {i['design']} | {i['weight_decay']:g} | {i['certified']} of {i['datasets']} | {i['min_eig_neg']} | "
+              f"{i['step_over']} | {i['saddle_at_zero']} | {i['dead_units']} | {i['step_se_median']:.2f} | "
+              f"{i['kinks_median']:.0f} | {i['pop_minimum']} | {i['pop_drift_max']:.2g} | {i['moved_median']:.2g} | "
+              f"{i['expected']:.3f} | {i['train_s']:.0f} / {i['newton_s']:.0f} / {i['truth_s']:.0f} |" for i in infos]
+    lines += ["", "Coverage on the certified students (Wilson 95%); z = (centre - truth) / SE: its SD over intervals and the "
+              "centre's bias (median over entries of |mean z over datasets|). Trajectory rules also on every student.", "",
+              "| design | weight decay | target | rule | coverage | Wilson 95% | intervals | z SD | bias (SE) | "
+              "every student: coverage [Wilson] (intervals) |", "|" + "---|" * 10]
+    for r in rows:
+        allc = (f"{r['coverage_all']:.3f} [{r['lo_all']:.3f}, {r['hi_all']:.3f}] ({r['intervals_all']})"
+                if r["rule"] in TRAJ else "")
+        lines.append(f"| {r['design']} | {r['weight_decay']:g} | {r['target']} | {r['rule']} | {r['coverage']:.3f} | "
+                     f"[{r['lo']:.3f}, {r['hi']:.3f}] | {r['intervals']} | {r['z_sd']:.2f} | {r['bias_se']:.2f} | {allc} |")
+    lines += ["", "Endpoints not certified, and why:", ""] + [f"- {f}" for f in failures]
+    atomic_write(out / "local.md", lambda f: Path(f).write_text("\n".join(lines) + "\n"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
