@@ -107,11 +107,11 @@ def split(theta: Tensor, d: int, h: int, k: int) -> tuple[Tensor, Tensor, Tensor
     return W1.reshape(*lead, h, d), b1, W2.reshape(*lead, k, h), b2
 
 
-def forward(theta: Tensor, X: Tensor, d: int, h: int, k: int, activation: str = "relu") -> Tensor:
-    """The network of flat parameters ``theta (p,)`` on ``X (n, d)``: ``(n, k)``."""
+def forward(theta: Tensor, X: Tensor, d: int, h: int, k: int, activation: str = "relu", beta: float = 1.0) -> Tensor:
+    """The network of flat parameters ``theta (p,)`` on ``X (n, d)``: ``(n, k)`` (softplus of sharpness ``beta``)."""
     W1, b1, W2, b2 = split(theta, d, h, k)
     a = X @ W1.T + b1
-    z = a.clamp_min(0) if activation == "relu" else F.softplus(a)
+    z = a.clamp_min(0) if activation == "relu" else F.softplus(a, beta=beta)
     return z @ W2.T + b2
 
 
@@ -198,7 +198,8 @@ class TargetTracker:
 
 
 def delta_references(theta: Tensor, X: Tensor, y: Tensor, loss, X_test: Tensor, *, d: int, h: int, k: int,
-                     weight_decay: float, activation: str = "relu") -> dict[str, dict[str, Tensor]]:
+                     weight_decay: float, activation: str = "relu",
+                     surrogate_beta: float | None = None) -> dict[str, dict[str, Tensor]]:
     r"""Exact delta-method SEs of every target at the penalised optima ``theta (R, p)`` of the
     datasets ``X (R, n, d)``, ``y (R, n)``: ``{"sandwich" | "observed": {group: (R, q)}}`` for the
     groups of :func:`targets` and ``"raw"``, the parameters themselves.
@@ -212,13 +213,18 @@ def delta_references(theta: Tensor, X: Tensor, y: Tensor, loss, X_test: Tensor, 
     a minimum) the observed variance can be negative and gives NaN, which :func:`coverage_table`
     never counts as covered; the sandwich stays finite there, so callers must check the fit is a
     minimum (:class:`validation.newton.NewtonFits`).
+
+    ``surrogate_beta``: the fit is the optimum of the smooth surrogate (softplus of that sharpness
+    in place of ReLU, :func:`validation.newton.smooth_polish`); ``H`` and the scores are then the
+    surrogate's, while the targets keep ``activation``.
     """
     theta, X, y, X_test = theta.double(), X.double(), y.double(), X_test.double()
     R, n = X.shape[:2]
-    H = _mlp_hessian(loss, d, h, k, weight_decay, activation)(theta, X, y)
+    fit_act, fit_beta = ("softplus", float(surrogate_beta)) if surrogate_beta else (activation, 1.0)
+    H = _mlp_hessian(loss, d, h, k, weight_decay, fit_act, fit_beta)(theta, X, y)
 
     def sample_loss(t, x, target):
-        return loss(forward(t, x[None], d, h, k, activation), target[None])
+        return loss(forward(t, x[None], d, h, k, fit_act, fit_beta), target[None])
 
     scores = vmap(vmap(grad(sample_loss), in_dims=(None, 0, 0)))(theta, X, y) + weight_decay * theta[:, None]
     J = scores.transpose(1, 2) @ scores / n

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from mustat._checks import check_scalar
 from validation.invariant import coverage_table
-from validation.newton import NewtonFits, flat_parameters, newton_fits
+from validation.newton import NewtonFits, flat_parameters, newton_fits, smooth_polish
 
 
 def expected_coverage(n: int, n_pop: int, level: float = 0.95) -> float:
@@ -64,7 +64,8 @@ def teacher_sample(teacher: nn.Module, n: int, seed: int, noise: float = 1.0) ->
 
 
 def local_optima(teacher: nn.Module, loss, starts: Tensor, *, weight_decay: float, n_pop: int, seed: int,
-                 max_iter: int = 100, group: int = 4, gtol: float = 1e-10) -> tuple[Tensor, dict[str, Tensor]]:
+                 max_iter: int = 100, group: int = 4, gtol: float = 1e-10,
+                 betas: tuple[float, ...] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     r"""The population penalised optimum of each start's basin: Newton on ``n_pop`` fresh samples of
     the teacher (one sample per start, seeded ``seed + r``) from ``starts (R, p)``.
 
@@ -85,12 +86,18 @@ def local_optima(teacher: nn.Module, loss, starts: Tensor, *, weight_decay: floa
         ``sqrt(n / n_pop)`` of a dataset of ``n``'s, :func:`expected_coverage`).
     group
         Starts solved at once (memory: ``group * n_pop * p`` float64 for the Hessian's factors).
+    betas
+        If given, the optimum of the smooth surrogate instead (softplus of these sharpnesses,
+        :func:`validation.newton.smooth_polish`, whose optimum is certified): the estimand of a
+        student whose own optimum is the same surrogate's.
 
     Returns
     -------
     theta, info
-        ``theta (R, p)``; ``info``: per start ``grad_max``, ``min_eig``, ``minimum``, ``steps`` and
-        ``drift`` (largest move over the second half of the iterations, flat ``(R, p)``).
+        ``theta (R, p)``; ``info``: per start ``grad_max``, ``min_eig`` and ``minimum`` (ReLU: a
+        positive definite Hessian or no descent along negative curvature; surrogate: certified),
+        and for ReLU ``steps`` and ``drift`` (largest move over the second half of the iterations,
+        flat ``(R, p)``), for the surrogate ``step_se`` (the Newton step in its sandwich SEs).
     """
     check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0, closed="neither")
     check_scalar(n_pop, "n_pop", kind=Integral, low=2)
@@ -104,12 +111,18 @@ def local_optima(teacher: nn.Module, loss, starts: Tensor, *, weight_decay: floa
         data = [teacher_sample(teacher, n_pop, seed + r) for r in idx]
         X = torch.stack([a[0] for a in data])
         y = torch.stack([a[1] for a in data])
-        fits = newton_fits(teacher, loss, X, y, start=starts[lo:lo + len(idx)].double(),
-                           weight_decay=weight_decay, gtol=gtol, max_iter=max_iter)
-        thetas.append(torch.cat([fits.params[k].flatten(1) for k, _ in teacher.named_parameters()], 1))
-        infos.append(fits)
-    info = {key: torch.cat([getattr(f, key) for f in infos]) for key in ("grad_max", "min_eig", "minimum", "steps",
-                                                                          "drift")}
+        if betas is None:
+            fits = newton_fits(teacher, loss, X, y, start=starts[lo:lo + len(idx)].double(),
+                               weight_decay=weight_decay, gtol=gtol, max_iter=max_iter)
+            thetas.append(torch.cat([fits.params[k].flatten(1) for k, _ in teacher.named_parameters()], 1))
+            infos.append({key: getattr(fits, key) for key in ("grad_max", "min_eig", "minimum", "steps", "drift")})
+        else:
+            d, h, k = teacher[0].in_features, teacher[0].out_features, teacher[2].out_features
+            sp = smooth_polish(starts[lo:lo + len(idx)].double(), X, y, loss, d=d, h=h, k=k, weight_decay=weight_decay,
+                               betas=betas, max_iter=max_iter)
+            thetas.append(sp.theta)
+            infos.append(dict(grad_max=sp.grad_max, min_eig=sp.min_eig, minimum=sp.certified, step_se=sp.step_se))
+    info = {key: torch.cat([f[key] for f in infos]) for key in infos[0]}
     return torch.cat(thetas), info
 
 
@@ -139,10 +152,11 @@ def score(centre: np.ndarray, se: np.ndarray, truth: np.ndarray, dof: float | No
     row = coverage_table(centre, se, truth, dof)
     ok = np.isfinite(se) & (se > 0)
     z = np.where(ok, (centre - truth) / np.where(ok, se, 1.0), np.nan)
-    with np.errstate(invalid="ignore"):
-        zbar = np.nanmean(z, 0) if ok.any() else np.full(z.shape[1], np.nan)
-    row.update(z_sd=float(np.nanstd(z, ddof=1)) if ok.sum() > 1 else math.nan,
-               bias_se=float(np.nanmedian(np.abs(zbar))) if ok.any() else math.nan,
+    # entries without any SE have no z: they count as never covered (no_se), not in the z summaries
+    cols = ok.any(0)
+    zbar = np.nanmean(z[:, cols], 0) if cols.any() else np.array([np.nan])
+    row.update(z_sd=float(np.nanstd(z[ok], ddof=1)) if ok.sum() > 1 else math.nan,
+               bias_se=float(np.nanmedian(np.abs(zbar))) if cols.any() else math.nan,
                no_se=float((~ok).mean()))
     return row
 

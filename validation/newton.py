@@ -137,7 +137,20 @@ def _one_hidden(model: nn.Module) -> str | None:
     return None
 
 
-def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float, activation: str = "relu"):
+def _softplus_beta(model: nn.Module) -> float | None:
+    """``beta`` of ``nn.Sequential(Linear, Softplus(beta, threshold=20), Linear)`` (biases on), else None:
+    the smooth surrogate of a ReLU network that :func:`smooth_polish` fits."""
+    if not isinstance(model, nn.Sequential) or len(model) != 3:
+        return None
+    a, act, b = model
+    if type(a) is nn.Linear and type(b) is nn.Linear and a.bias is not None and b.bias is not None \
+            and type(act) is nn.Softplus and act.threshold == 20:
+        return float(act.beta)
+    return None
+
+
+def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float, activation: str = "relu",
+                 beta: float = 1.0):
     r"""Exact Hessians of the penalised mean loss of ``Linear(d, h) -> ReLU -> Linear(h, k)`` (or
     Softplus), stacked over problems: ``hess(theta (B, p), X (B, n, d), y) -> (B, p, p)``.
 
@@ -150,7 +163,8 @@ def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float, activa
     and, for a smooth :math:`\phi`, the per-unit block
     :math:`\partial^2 f_c / \partial(W_{1,j\cdot}, b_{1,j})^2 = W_{2,cj}\,\phi''(a_j)\,(x, 1)(x, 1)^\top`
     (zero almost everywhere for ReLU), plus :math:`\lambda I`. Softplus is
-    :math:`\log(1 + e^a)` (PyTorch switches to :math:`a` above 20, where :math:`\phi'' < 2\cdot 10^{-9}`).
+    :math:`\log(1 + e^{\beta a})/\beta` (PyTorch switches to :math:`a` where :math:`\beta a > 20`, where
+    :math:`\phi'' < 2\beta\cdot 10^{-9}`).
     Parameter order: ``W1, b1, W2, b2`` (``named_parameters``).
     """
     check_option(activation, "activation", ("relu", "softplus"))
@@ -170,7 +184,7 @@ def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float, activa
         if activation == "relu":
             on, z = (a > 0).to(X.dtype), a.clamp_min(0)                     # phi', phi
         else:
-            on, z = torch.sigmoid(a), F.softplus(a)
+            on, z = torch.sigmoid(beta * a), F.softplus(a, beta=beta)
         f = torch.baddbmm(b2.unsqueeze(1), z, W2.transpose(1, 2))          # (B, n, k)
         r = out_grad(f, y).reshape(B, n, k)
         lam = out_hess(f, y).reshape(B, n, k, k)
@@ -196,7 +210,7 @@ def _mlp_hessian(loss: Loss, d: int, h: int, k: int, weight_decay: float, activa
         H[:, :o2, o2:o3] += cross.transpose(1, 2)
         if activation == "softplus":
             # the unit's own block: sum_c r_c W2[c, j] phi''(a_j) (x, 1)(x, 1)^T
-            w = torch.einsum("bnc,bcj->bnj", r, W2) * on * (1 - on)           # (B, n, h)
+            w = torch.einsum("bnc,bcj->bnj", r, W2) * beta * on * (1 - on)    # (B, n, h)
             Xt = torch.cat([X, X.new_ones(B, n, 1)], 2)                        # (B, n, d + 1)
             blocks = torch.einsum("bnj,bnd,bne->bjde", w, Xt, Xt)              # (B, h, d + 1, d + 1)
             rows = torch.cat([torch.arange(h * d, device=X.device).view(h, d),
@@ -367,10 +381,12 @@ def newton_fits(
     hess_fn = vmap(hessian(objective))
     per_problem = 8 * p * n * max(p, int(X[0, 0].numel()), 16) * 2  # torch.func's forward-over-reverse
     rebalance = None
-    activation = _one_hidden(work)
+    activation, beta = _one_hidden(work), 1.0
+    if activation is None and _softplus_beta(work) is not None:
+        activation, beta = "softplus", _softplus_beta(work)
     if activation is not None:
         d, h, k = work[0].in_features, work[0].out_features, work[2].out_features
-        hess_fn = _mlp_hessian(loss, d, h, k, weight_decay, activation)
+        hess_fn = _mlp_hessian(loss, d, h, k, weight_decay, activation, beta)
         if weight_decay > 0 and activation == "relu":   # a smooth activation has no rescaling orbit
             rebalance = _rebalancer(d, h, k)
         per_problem = 8 * n * k * (p + h * d) * 3  # the whitened Jacobian and its pieces
@@ -565,6 +581,7 @@ class Certificate:
       birth ratio *at zero* (everything else fixed): above 1 the unit cannot collapse, so a
       negative ``min_eig`` on a small unit is a weak unit still growing towards a small optimum.
     * ``kinks``: the size of :math:`K`.
+    * ``se (B, p)``: the sandwich SEs of the parameters (:math:`|H|^{-1} J |H|^{-1} / n`; 0 on zero units).
     """
 
     certified: Tensor
@@ -584,6 +601,7 @@ class Certificate:
     weak_birth: Tensor
     kinks: Tensor
     tol: float
+    se: Tensor | None = None
 
     def verdicts(self) -> list[str]:
         """One line per problem: why it is (not) certified."""
@@ -642,7 +660,7 @@ def _birth_ratio(res: Tensor, Xt: Tensor, weight_decay: float, u0: Tensor, start
     return _birth_search(res, Xt, u0, starts, generator)[0].abs() / weight_decay
 
 
-def certify(theta: Tensor, X: Tensor, y: Tensor, loss: Loss, *, d: int, h: int, k: int, weight_decay: float,
+def certify(theta: Tensor, X: Tensor, y: Tensor, loss: Loss, *, d: int, h: int, k: int = 1, weight_decay: float,
             tol: float = 0.1, starts: int = 32, seed: int = 0) -> Certificate:
     r"""Certify the endpoints ``theta (B, p)`` of penalised fits of ``Linear(d, h) -> ReLU ->
     Linear(h, k)`` (flat, ``named_parameters`` order) on ``X (B, n, d)``, ``y (B, n)`` as local
@@ -724,37 +742,50 @@ def certify(theta: Tensor, X: Tensor, y: Tensor, loss: Loss, *, d: int, h: int, 
         res_full = (torch.autograd.grad(total, out)[0] * n).detach()                   # dl_i / df_i
     step_se = step_plain.clone()
     tangent = evals[:, 0].clone()
-    kinks = cross.sum((1, 2))
+    kinks = cross.sum((1, 2)).clone()
     for b in range(B):
-        pairs = torch.nonzero(cross[b])                                            # (K, 2): sample, unit
-        if not len(pairs):
+        crossing = cross[b].clone()
+        best_x, best_C = None, None
+        for _ in range(4):   # the crossing set grows with the step it implies (at most 4 rounds)
+            pairs = torch.nonzero(crossing)                                        # (K, 2): sample, unit
+            if not len(pairs):
+                break
+            C = theta.new_zeros(p, len(pairs))
+            sign = torch.where(a[b, pairs[:, 0], pairs[:, 1]] > 0, -1.0, 1.0)
+            coef = sign * res_full[b, pairs[:, 0]] * W2[b, 0, pairs[:, 1]] / n
+            cols = torch.arange(len(pairs))
+            for q in range(d):
+                C[pairs[:, 1] * d + q, cols] = coef * X[b, pairs[:, 0], q]
+            C[h * d + pairs[:, 1], cols] = coef
+            live = se[b] > 0
+            A = ((inv[b] @ C)[live] / se[b][live, None]).numpy()
+            rhs = -((inv[b] @ g[b])[live] / se[b][live]).numpy()
+            # min over s in [0, 1]^K of max_j |A s - rhs|_j: a linear programme in (s, t)
+            K, m = A.shape[1], A.shape[0]
+            ones = np.ones((m, 1))
+            sol = linprog(np.r_[np.zeros(K), 1.0], A_ub=np.block([[A, -ones], [-A, -ones]]), b_ub=np.r_[rhs, -rhs],
+                          bounds=[(0.0, 1.0)] * K + [(0.0, None)], method="highs")
+            if not sol.success:
+                break
+            x = sol.x[:K]
+            new_step = torch.where(dead_coord[b], 0.0, inv[b] @ (g[b] + C @ torch.as_tensor(x)))
+            size = in_se(new_step, se[b])
+            if size < step_se[b]:
+                step_se[b], best_x, best_C = size, x, C
+            kinks[b] = len(pairs)
+            du_b = torch.cat([new_step[:h * d].view(h, d), new_step[h * d:h * d + h].unsqueeze(-1)], -1)
+            more = crossing | (((a[b] > 0) != (a[b] - Xt[b] @ du_b.T > 0)) & ~dead[b].unsqueeze(0))
+            if bool((more == crossing).all()):
+                break
+            crossing = more
+        if best_x is None:
             continue
-        C = theta.new_zeros(p, len(pairs))
-        sign = torch.where(a[b, pairs[:, 0], pairs[:, 1]] > 0, -1.0, 1.0)
-        coef = sign * res_full[b, pairs[:, 0]] * W2[b, 0, pairs[:, 1]] / n
-        cols = torch.arange(len(pairs))
-        for q in range(d):
-            C[pairs[:, 1] * d + q, cols] = coef * X[b, pairs[:, 0], q]
-        C[h * d + pairs[:, 1], cols] = coef
-        live = se[b] > 0
-        A = ((inv[b] @ C)[live] / se[b][live, None]).numpy()
-        rhs = -((inv[b] @ g[b])[live] / se[b][live]).numpy()
-        # min over s in [0, 1]^K of max_j |A s - rhs|_j: a linear programme in (s, t)
-        K, m = A.shape[1], A.shape[0]
-        ones = np.ones((m, 1))
-        sol = linprog(np.r_[np.zeros(K), 1.0], A_ub=np.block([[A, -ones], [-A, -ones]]), b_ub=np.r_[rhs, -rhs],
-                      bounds=[(0.0, 1.0)] * K + [(0.0, None)], method="highs")
-        if not sol.success:
-            continue
-        x = sol.x[:K]
-        gamma = g[b] + C @ torch.as_tensor(x)
-        step_se[b] = torch.minimum(step_plain[b], in_se(torch.where(dead_coord[b], 0.0, inv[b] @ gamma), se[b]))
         # the kinks' tangent space: directions keeping a_ij = 0 for the interior multipliers
-        interior = torch.as_tensor((x > 1e-9) & (x < 1 - 1e-9))
-        N = (C[:, interior] != 0).double() * C[:, interior]
-        if N.shape[1]:
-            Q, _ = torch.linalg.qr(torch.cat([N, theta.new_zeros(p, 0)], 1), mode="complete")
-            rank = int(torch.linalg.matrix_rank(N))
+        interior = torch.as_tensor((best_x > 1e-9) & (best_x < 1 - 1e-9))
+        Nrm = best_C[:, interior]
+        if Nrm.shape[1]:
+            Q, _ = torch.linalg.qr(Nrm, mode="complete")
+            rank = int(torch.linalg.matrix_rank(Nrm))
             T = Q[:, rank:]
             tangent[b] = torch.linalg.eigvalsh(T.T @ H[b] @ T)[0] if T.shape[1] else torch.inf
     # no descent along any direction of negative curvature (a kink minimum), else a saddle
@@ -802,4 +833,107 @@ def certify(theta: Tensor, X: Tensor, y: Tensor, loss: Loss, *, d: int, h: int, 
     certified = (step_se <= tol) & second_order & ~saddle_at_zero
     return Certificate(certified, step_se, step_plain, g.abs().amax(1), min_eig, tangent, descent, second_order,
                        dead, birth, saddle_at_zero, weak, share[rows, weak], scale[rows, weak], weak_birth, kinks,
-                       float(tol))
+                       float(tol), se)
+
+
+@dataclass(frozen=True)
+class SmoothPolish:
+    r"""The optimum of the smooth surrogate of a ReLU network's penalised objective
+    (:func:`smooth_polish`); every field is ``(B,)`` unless stated.
+
+    ``theta (B, p)``: the surrogate's optimum; ``grad_max``: its max-abs gradient; ``step_se``: the
+    largest Newton step :math:`|(H_\beta^{-1}\nabla F_\beta)_j|` in the surrogate's sandwich SEs;
+    ``min_eig``: the smallest eigenvalue of the surrogate's exact Hessian :math:`H_\beta`;
+    ``certified = (step_se <= tol) & (min_eig > 0)``: a strict local minimum of the surrogate,
+    certified without any kink caveat. The difference from ReLU, measured: ``relu_gap`` (the ReLU
+    objective at ``theta`` minus at the ReLU endpoint it started from; negative where the surrogate
+    found a lower ReLU point) and ``moved_se`` (the largest move from that endpoint, in sandwich SEs).
+    """
+
+    theta: Tensor
+    grad_max: Tensor
+    step_se: Tensor
+    min_eig: Tensor
+    certified: Tensor
+    relu_gap: Tensor
+    moved_se: Tensor
+    beta: float
+    tol: float
+
+
+def smooth_polish(theta: Tensor, X: Tensor, y: Tensor, loss: Loss, *, d: int, h: int, k: int = 1,
+                  weight_decay: float, betas: tuple[float, ...] = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0),
+                  max_iter: int = 100, tol: float = 0.01) -> SmoothPolish:
+    r"""Continue ReLU fits ``theta (B, p)`` (flat, ``named_parameters`` order; data ``X (B, n, d)``,
+    ``y (B, n)``) on the smooth surrogate :math:`\mathrm{relu} \approx \log(1 + e^{\beta a})/\beta`,
+    through the increasing ``betas`` (continuation: each stage starts at the last optimum), by
+    :func:`newton_fits` with the exact closed-form Hessian; then certify the last stage's optimum
+    (:class:`SmoothPolish`). The surrogate differs from ReLU by at most :math:`\log 2/\beta` in each
+    unit's output, and it has no kinks, so its gradient vanishes at the optimum and its Hessian is
+    the whole second-order story.
+
+    Parameters
+    ----------
+    weight_decay
+        :math:`\lambda \ge 0`, PyTorch's L2 coefficient on the mean loss.
+    betas
+        Increasing sharpnesses, each > 0.
+    max_iter
+        Newton steps per stage.
+    tol
+        The largest Newton step allowed at the last stage, in the surrogate's sandwich SEs.
+    """
+    from torch.func import grad as fgrad
+
+    check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
+    check_scalar(tol, "tol", kind=Real, low=0.0, closed="neither")
+    betas = tuple(float(b) for b in betas)
+    if not betas or any(b <= 0 for b in betas) or list(betas) != sorted(betas):
+        raise ValueError(f"betas must be a non-empty increasing sequence of positive numbers, got {betas}")
+    p = h * d + h + k * h + k
+    if theta.ndim != 2 or theta.shape[1] != p or X.ndim != 3 or X.shape[0] != theta.shape[0] or X.shape[2] != d:
+        raise ValueError(f"smooth_polish needs theta (B, p={p}) and X (B, n, d={d}); got theta {tuple(theta.shape)}, "
+                         f"X {tuple(X.shape)}")
+    X = X.double()
+    y = y.double() if y.is_floating_point() else y
+    B, n = X.shape[:2]
+    start = theta.double().clone()
+    th = start.clone()
+    for beta in betas:
+        net = nn.Sequential(nn.Linear(d, h), nn.Softplus(beta=beta), nn.Linear(h, k)).double()
+        fits = newton_fits(net, loss, X, y, start=th, weight_decay=weight_decay, gtol=1e-12, max_iter=max_iter)
+        th = torch.cat([fits.params[name].flatten(1) for name, _ in net.named_parameters()], 1)
+    beta = betas[-1]
+    H = _mlp_hessian(loss, d, h, k, weight_decay, "softplus", beta)(th, X, y)
+    H = 0.5 * (H + H.transpose(1, 2))
+    evals = torch.linalg.eigvalsh(H)
+
+    def fwd(t, x, act):
+        W1, b1, W2, b2 = t.split([h * d, h, k * h, k])
+        a = x @ W1.view(h, d).T + b1
+        return act(a) @ W2.view(k, h).T + b2
+
+    def smooth(a):
+        return F.softplus(a, beta=beta)
+
+    def sample_loss(t, x, target):
+        return loss(fwd(t, x[None], smooth), target[None])
+
+    scores = vmap(vmap(fgrad(sample_loss), in_dims=(None, 0, 0)))(th, X, y) + weight_decay * th[:, None]
+    g = scores.mean(1)
+    J = scores.transpose(1, 2) @ scores / n
+    Hinv = torch.linalg.pinv(H)
+    se = (torch.diagonal(Hinv @ J @ Hinv, dim1=1, dim2=2) / n).clamp_min(0).sqrt()
+    step = (Hinv @ g.unsqueeze(-1)).squeeze(-1)
+
+    def in_se(v):
+        return torch.where(se > 0, v.abs() / se.clamp_min(1e-300), torch.where(v != 0, torch.inf, 0.0)).amax(-1)
+
+    def relu_objective(t):
+        return torch.stack([loss(fwd(t[b], X[b], lambda a: a.clamp_min(0)), y[b]) for b in range(B)]) \
+            + 0.5 * weight_decay * t.square().sum(1)
+
+    step_se = in_se(step)
+    certified = (step_se <= tol) & (evals[:, 0] > 0)
+    return SmoothPolish(th, g.abs().amax(1), step_se, evals[:, 0], certified, relu_objective(th) - relu_objective(start),
+                        in_se(th - start), beta, float(tol))
