@@ -42,7 +42,7 @@ import torch
 from mustat._io import atomic_write
 from mustat.training import make_optimizer, steps_per_epoch, train_epochs
 from validation.designs import get_design
-from validation.invariant import StackedMLP, TargetTracker, delta_references, targets
+from validation.invariant import StackedMLP, TargetTracker, delta_references, forward, targets
 from validation.local import expected_coverage, local_optima, perturbed_teacher, score
 from validation.newton import certify, newton_fits, smooth_polish
 from validation.study import data_index
@@ -200,6 +200,26 @@ def recount(design, weight_decay: float, args) -> dict:
         cert = certify(theta, X64, y64, design.loss(), d=d, h=h, k=k, weight_decay=weight_decay, tol=args.tol)
         sp = smooth_polish(theta, X64, y64, design.loss(), d=d, h=h, k=k, weight_decay=weight_decay,
                            betas=tuple(args.betas), max_iter=50)
+        # the ReLU objective along the segment from Newton's endpoint to the surrogate's optimum: a
+        # rise first (a barrier) means the endpoint is a separate, shallower local minimum
+        def relu_objective(t):
+            return torch.stack([design.loss()(forward(t[b], X64[b], d, h, k), y64[b]) for b in range(R)]) \
+                + 0.5 * weight_decay * t.square().sum(1)
+
+        base = relu_objective(theta)
+        profile = torch.stack([relu_objective(theta + a * (sp.theta - theta)) - base
+                               for a in np.linspace(0, 1, 21)], 1)                     # (R, 21)
+        at_sp = certify(sp.theta, X64, y64, design.loss(), d=d, h=h, k=k, weight_decay=weight_decay, tol=args.tol)
+        again = newton_fits(nets[0], design.loss(), X64, y64, start=sp.theta, weight_decay=weight_decay, gtol=1e-8,
+                            max_iter=max_iter)
+        theta2 = torch.cat([again.params[kk].flatten(1) for kk, _ in nets[0].named_parameters()], 1)
+        stay = ((theta2 - sp.theta).abs() / at_sp.se.clamp_min(1e-300)).amax(1)
+        barrier = profile.amax(1)
+        out[label + " profile"] = dict(
+            barrier_q=[float(q) for q in np.quantile(barrier.numpy(), [0.1, 0.5, 0.9])],
+            with_barrier=int((barrier > 0).sum()), relu_cert_at_surrogate=int(at_sp.certified.sum()),
+            stay_q=[float(q) for q in np.quantile(stay.numpy(), [0.5, 0.9, 1.0])],
+            drop_q=[float(q) for q in np.quantile(profile[:, -1].numpy(), [0.1, 0.5, 0.9])])
         out[label] = dict(newton_minimum=int(fits.minimum.sum()), certified=int(cert.certified.sum()),
                           second_order_fails=int((~cert.second_order).sum()),
                           step_over=int((cert.step_se > args.tol).sum()),
@@ -305,12 +325,23 @@ def main() -> None:
                   "surrogate - ReLU endpoint, median max (SE) | seconds |",
                   "|" + "---|" * 10]
         for label, r in recounted.items():
-            if isinstance(r, dict):
+            if isinstance(r, dict) and "newton_minimum" in r:
                 lines.append(f"| {label} | {r['newton_minimum']} | {r['certified']} | {r['second_order_fails']} | "
                              f"{r['step_over']} | {r['saddle_at_zero']} | {r['smooth_certified']} | {r['relu_lower']} "
                              f"({r['relu_gap_median']:.1e}) | {r['moved_se_median']:.2g} | {r['seconds']:.0f} |")
+        lines += ["", "The ReLU objective along the segment from each Newton endpoint to the surrogate's optimum (21 "
+                  "points): the largest rise above the endpoint (a barrier: the endpoint is a separate local minimum) "
+                  "and the change at the far end (10/50/90%); at the surrogate's optimum, the ReLU certificate and how "
+                  "far ReLU Newton moves from it (50/90/100%, in sandwich SEs):", "",
+                  "| Newton budget | endpoints with a barrier | barrier | change at the far end | ReLU certificate at the "
+                  "surrogate's optimum | ReLU Newton's move from it (SE) |", "|" + "---|" * 6]
         for label, r in recounted.items():
-            if isinstance(r, dict):
+            if label.endswith(" profile"):
+                lines.append(f"| {label[:-8]} | {r['with_barrier']} | {', '.join(f'{q:.1e}' for q in r['barrier_q'])} | "
+                             f"{', '.join(f'{q:.1e}' for q in r['drop_q'])} | {r['relu_cert_at_surrogate']} | "
+                             f"{', '.join(f'{q:.2g}' for q in r['stay_q'])} |")
+        for label, r in recounted.items():
+            if isinstance(r, dict) and "verdicts" in r:
                 lines += ["", f"Not certified after {label}:", ""] + [f"- {v}" for v in r["verdicts"]]
     lines += ["", "Endpoints not certified, and why (ReLU endpoints by validation.newton.certify; surrogate optima):", ""]
     lines += [f"- {f}" for f in failures]
