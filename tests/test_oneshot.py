@@ -598,6 +598,28 @@ def test_block_driver_on_convolutions_reads_wanda_errors_from_the_outputs():
     np.testing.assert_allclose(a.layers["error"], b.layers["error"], rtol=1e-8)
 
 
+def test_block_driver_estimates_wanda_errors_on_the_first_batch():
+    torch.manual_seed(0)
+    model = _ConvBlocks().double()
+    dense = copy.deepcopy(model)
+    x1, x2 = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    report = oneshot(model, [x1, x2], method="wanda", sparsity=0.5, exclude=("head",))
+    assert report.driver == "block"
+    # the reference: each conv's pruned and dense outputs (bias removed) on what reaches it from x1
+    inputs = []
+    hooks = [b[0].register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
+    model(x1)
+    for h in hooks:
+        h.remove()
+    for k, z in enumerate(inputs):
+        pruned, orig = model.blocks[k][0], dense.blocks[k][0]
+        with torch.no_grad():
+            y0 = torch.nn.functional.conv2d(z, orig.weight, padding=1)
+            d = torch.nn.functional.conv2d(z, pruned.weight - orig.weight, padding=1)
+        np.testing.assert_allclose(report.layers["error"][k], float(d.square().sum() / y0.square().sum()),
+                                   rtol=1e-10)
+
+
 def test_errors_can_be_left_out_with_the_same_weights():
     model, cal, *_ = _families()["bert"]
     other = copy.deepcopy(model)

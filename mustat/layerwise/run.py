@@ -283,7 +283,8 @@ def _matrix(t: Target) -> tuple[Tensor, Tensor]:
 def _errors(targets: list[Target], changes: dict[str, Tensor]
             ) -> tuple[list, dict[str, list[float]], list[Tensor | None]]:
     """Hooks adding ``||D x||^2`` and ``||W x||^2`` over the tokens each target sees, for targets
-    pruned from diagonal statistics (no Gram to read the error from). In the true-sequential
+    pruned from diagonal statistics (no Gram to read the error from); the block driver runs them on
+    the first calibration batch only (a product per layer costs a third of the block's work). In the true-sequential
     order a layer's inputs when its block's outputs are computed are those it was pruned from, so
     this is the error the Gram would give; with ``sequential="block"`` it is the error on the inputs
     the layer sees in the pruned block. One product per layer: the pruned layer's own output
@@ -410,8 +411,9 @@ def oneshot(
         statistics from the dense block).
     errors
         Report each layer's relative reconstruction error ``||(W' - W) X||^2 / ||W X||^2`` on its
-        calibration inputs (read from the Gram, or for Wanda's diagonal statistics from one more
-        product per layer on the block's outputs); ``False`` leaves the column NaN and saves that.
+        calibration inputs (read from the Gram; for Wanda's diagonal statistics under the block
+        driver, from one more product per layer on the first calibration batch's outputs, an
+        estimate); ``False`` leaves the column NaN and saves that.
     progress
         ``None``: when the cost estimate exceeds a few seconds
         (:data:`mustat.cost.LONG_FIT_SECONDS`), print it to stderr and show a progress bar over
@@ -671,10 +673,13 @@ def _by_block(model, calibration, forward, device, found, groups, once, method, 
         handles, sums, error_mask = _errors(targets, changes)
         try:
             new_calls = []
-            for a, kw, m in calls:
+            for j, (a, kw, m) in enumerate(calls):
                 error_mask[0] = m
                 out = _hidden_out(block(*a, **kw))
                 new_calls.append((*_with_hidden(a, kw, out), m))
+                if j == 0:          # the first batch's tokens estimate the error: one product, not one per batch
+                    for h in handles:
+                        h.remove()
         finally:
             for h in handles:
                 h.remove()
