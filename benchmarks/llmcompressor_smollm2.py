@@ -152,7 +152,7 @@ def side_mustat(args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t, c = time.perf_counter(), _cpu_s()
-        report = oneshot(model, batches, method=method, **kw)
+        report = oneshot(model, batches, method=method, sequential=args.sequential, **kw)
         seconds, cpu = time.perf_counter() - t, _cpu_s() - c
     peak = _peak_mb()
     state, _, _ = effective_state_dict(model)
@@ -162,7 +162,7 @@ def side_mustat(args) -> dict:
     p = perplexity(model, held)
     return dict(side="mustat", seconds=seconds, cpu_seconds=cpu, peak_mb=peak, rss_loaded_mb=rss_loaded, perplexity=p.value,
                 eval_tokens=p.tokens, sparsity=report.pruning.sparsity, layers=len(names),
-                settings=json.dumps({"damping": 0.01, "block_size": 128, "sequential": "layer",
+                settings=json.dumps({"damping": 0.01, "block_size": 128, "sequential": args.sequential,
                                      "batch_size": args.batch_size}),
                 version=f"mustat {getattr(mustat, '__version__', '?')}, torch {torch.__version__}, "
                         f"transformers {__import__('transformers').__version__}")
@@ -231,7 +231,7 @@ def run(args) -> None:
         atomic_write(WORK / f"calibration-seed{s}.pt", lambda p, c=w.calibration: torch.save(c, p))
     rows = _read(args.out).to_dict("records") if args.out.exists() else []
     done = {(r["side"], r["method"], str(r["target"]), int(r["seed"])) for r in rows}
-    common = ["--samples", str(args.samples), "--length", str(args.length), "--evaluate", str(args.evaluate),
+    common = ["--sequential", args.sequential, "--samples", str(args.samples), "--length", str(args.length), "--evaluate", str(args.evaluate),
               "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
     me = [sys.executable, __file__]
 
@@ -276,7 +276,8 @@ def run(args) -> None:
 def _load_words(loads) -> str:
     hi = float(max(loads))
     if hi < 3:
-        return (f"nothing else heavy ran beside these (1-minute load average at most {hi:.1f} when a cell started)")
+        return (f"the 1-minute load average was at most {hi:.1f} when a cell started (a cell's own two threads "
+                "make about 2: little else ran)")
     return (f"other jobs ran beside these (1-minute load average up to {hi:.1f} when a cell started): times are "
             "upper bounds, and the ratio compares two processes run one after the other under similar load")
 
@@ -359,6 +360,9 @@ def main() -> None:
     ap.add_argument("--evaluate", type=int, default=32, help="held-out windows")
     ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per batch (mustat side)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sequential", choices=["layer", "block"], default="layer",
+                    help="mustat's order within a block (oneshot's sequential=): layer, its default, or block, "
+                         "the order of SparseGPT's, Wanda's and llm-compressor's drivers")
     ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     ap.add_argument("--out", type=Path, default=DOCS / "llmcompressor_results.csv")
     ap.add_argument("--report", action="store_true", help="only rewrite llmcompressor.md")
@@ -376,7 +380,7 @@ def main() -> None:
     if not args.report:
         run(args)
     command = args.command or "`python " + " ".join(["benchmarks/llmcompressor_smollm2.py", *sys.argv[1:]]) + "`"
-    summary(args.out, args.out.with_name("llmcompressor.md"), command, args.note)
+    summary(args.out, args.out.with_name(args.out.stem.removesuffix("_results") + ".md"), command, args.note)
 
 
 if __name__ == "__main__":
