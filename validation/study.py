@@ -179,10 +179,11 @@ QUICK_SETTINGS = (
 )
 #: the quick study's hidden-layer cell (the regression teacher, weight decay 1e-2; the full study
 #: has 800 epochs and three decays) and the long Adam window on the simulated GLMs: 300 of 320
-#: epochs (19k steps, 20 batches of 945; the full study's is 600 of 640)
+#: epochs at batch size 64 (9.6k steps, about 240 autocorrelation times, 20 batches of 480 steps;
+#: the full study's is 600 of 640 at batch size 32, 38k steps)
 QUICK_SCOPED = (
     Scoped(("teacher-regression",), Setting("adam", 0.01, weight_decay=1e-2, batch_size=32, epochs=300, window=250)),
-    Scoped(("logistic", "linear"), Setting("adam", 0.02, batch_size=32, epochs=320, window=300)),
+    Scoped(("logistic", "linear"), Setting("adam", 0.02, batch_size=64, epochs=320, window=300)),
 )
 #: the quick study's bootstrap refits and teacher replicates (hidden-layer cell: Monte-Carlo error
 #: 1/sqrt(2 (50 - 1)) = 10% a weight; the full study has 200 of each, 5%)

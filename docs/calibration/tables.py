@@ -16,7 +16,7 @@ import pandas as pd
 
 HERE = Path(__file__).parent
 #: the quick study's long window (validation.study.QUICK_SCOPED; the full study's is 600/640)
-QUICK_LONG = "adam lr=0.02 S=32 replacement 300/320ep"
+QUICK_LONG = "adam lr=0.02 S=64 replacement 300/320ep"
 QUICK_ROWS = [  # (design, setting label, estimator) in the page's order
     *[(d, QUICK_LONG, e) for d in ("logistic", "linear")
       for e in ("pseudo", "calibrated", "batch-means", "curvature", "wald")],
