@@ -87,3 +87,28 @@ def test_window_centre_rows_agree_with_the_study_summary(tmp_path):
     assert pooled.se_ratio_median == pytest.approx(row("batch-means").se_ratio_median)
     assert pooled.bias_z_mean == pytest.approx(d[d.coef != "all"].bias_z_mean.mean())
     assert pooled.n_datasets == 3 and pooled.n_intervals == 24
+
+
+def test_window_newton_step_converges_to_the_exact_mle():
+    """docs/calibration/window.py's one-step recentring: iterated, it reaches validation.references'
+    Newton MLE (an independent implementation) for every replicate."""
+    import sys
+    from pathlib import Path
+
+    from validation.designs import get_design
+    from validation.references import glm_references
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "docs" / "calibration"))
+    try:
+        import window
+    finally:
+        sys.path.pop(0)
+    design = get_design("logistic")
+    data = [design.sample(r) for r in range(3)]
+    X, y = np.stack([a[0] for a in data]), np.stack([a[1] for a in data])
+    w, b = np.zeros((3, X.shape[2])), np.zeros(3)
+    for _ in range(30):
+        w, b = window.newton_step(X, y, w, b)
+    refs = glm_references("logistic", X, y)
+    np.testing.assert_allclose(w, refs["coef"], rtol=0, atol=1e-8)
+    np.testing.assert_allclose(b, refs["intercept"], rtol=0, atol=1e-8)
