@@ -34,6 +34,7 @@ def register(sub) -> None:
                     "rerunning with the same --out resumes, recomputing only unfinished cells.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument("--grid", default=None, help="TOML grid file (default: the quick study, a few minutes on 2 cores)")
+    c.add_argument("--grid", default=None,
+                   help="TOML grid file (default: the quick study, about 80 s on 2 idle cores: docs/CALIBRATION.md)")
     runner_options(c, "runs/calibration")
     c.set_defaults(func=_calibrate)
