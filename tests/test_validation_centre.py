@@ -112,3 +112,20 @@ def test_window_newton_step_converges_to_the_exact_mle():
     refs = glm_references("logistic", X, y)
     np.testing.assert_allclose(w, refs["coef"], rtol=0, atol=1e-8)
     np.testing.assert_allclose(b, refs["intercept"], rtol=0, atol=1e-8)
+
+
+def test_softplus_robust_spread_is_the_sd_of_a_gaussian_and_ignores_outliers():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "docs" / "calibration"))
+    try:
+        import softplus
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    x = 2.0 * rng.standard_normal((40_000, 3))
+    # IQR / 1.349 estimates sigma with SE about 1.17 sigma / sqrt(n): 4 SEs is 2.3% at n = 40,000
+    np.testing.assert_allclose(softplus.robust_sd(x), 2.0, rtol=0.025)
+    x[:800] *= 50                                              # 2% wild fits
+    assert (softplus.robust_sd(x) < 2.15).all() and (x.std(0) > 10).all()
