@@ -35,6 +35,6 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c.add_argument("--grid", default=None,
-                   help="TOML grid file (default: the quick study, about 80 s on 2 idle cores: docs/CALIBRATION.md)")
+                   help="TOML grid file (default: the quick study, about 75-95 s on 2 idle cores: docs/CALIBRATION.md)")
     runner_options(c, "runs/calibration")
     c.set_defaults(func=_calibrate)
