@@ -193,7 +193,7 @@ QUICK_REFITS = 50
 def quick_grid() -> Grid:
     """The default study (``mustat calibrate``): 125 datasets (1,000 intervals) per simulated GLM
     cell, the settings above, one hidden-layer cell with 50 bootstrap refits and 50 teacher
-    replicates; at most 90 s on 2 cores (docs/CALIBRATION.md)."""
+    replicates; 113 CPU seconds of cells, about 75-95 s on 2 idle cores (docs/CALIBRATION.md)."""
     return Grid(scoped=QUICK_SCOPED, seed=1, bootstrap_B=QUICK_REFITS, teacher_replicates=QUICK_REFITS)
 
 
