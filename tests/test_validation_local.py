@@ -8,7 +8,6 @@ import pytest
 import torch
 from scipy import stats
 from torch import nn
-from torch.nn import functional as F
 
 from validation import local as L
 

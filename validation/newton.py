@@ -643,7 +643,7 @@ def _birth_search(res: Tensor, Xt: Tensor, u0: Tensor, starts: int, generator) -
             on = (torch.einsum("bnq,bsq->bsn", Xt, u) > 0).to(Xt.dtype)          # (B, S, n)
             m = torch.einsum("bsn,bn,bnq->bsq", on, r, Xt) / n
             new = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-            done = bool(((new - u).abs().amax() < 1e-12))
+            done = bool((new - u).abs().amax() < 1e-12)
             u = new
             if done:
                 break
