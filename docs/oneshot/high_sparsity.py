@@ -178,7 +178,7 @@ def cells(targets, seeds, methods=tuple(METHODS)):
 
 def run(name: str, targets, seeds, out: Path, methods=tuple(METHODS)) -> None:
     setup = MODELS[name]()
-    rows = pd.read_csv(out).to_dict("records") if out.exists() else []
+    rows = pd.read_csv(out, dtype={"target": str}).to_dict("records") if out.exists() else []
     done = {(r["model"], r["method"], str(r["target"]), int(r["seed"])) for r in rows}
     if (name, "dense", "0", 0) not in done:
         rows.append(dict(model=name, method="dense", target="0", seed=0, metric=setup.metric,
