@@ -52,6 +52,8 @@ METHODS = {
     "wanda": dict(method="wanda"),
     "sparsegpt": dict(method="sparsegpt"),
     "mu + update": dict(method="mu", update=True),
+    "mu + update (layer)": dict(method="mu", update=True, scope="layer"),
+    "mu + update (global)": dict(method="mu", update=True, scope="global"),
     "mu": dict(method="mu"),
     "mu-sandwich + update": dict(method="mu-sandwich", update=True),
 }
