@@ -144,6 +144,9 @@ def _lowest(s: Tensor, k: int) -> Tensor:
     low = s < t
     need = k - low.sum(-1, keepdim=True)
     tied = s == t
+    if s.dim() == 1:                        # one long vector (a global cut): no int64 running count of it
+        low[tied.nonzero().squeeze(1)[: int(need)]] = True
+        return low
     return low | (tied & (tied.cumsum(-1) <= need))
 
 
