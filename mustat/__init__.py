@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and readers; _HOMES is wh
         WindowWarning,
         hessian_se,
         make_estimator,
+        newton_recentre,
         register_estimator,
     )
 
@@ -63,7 +64,7 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["prune_channels", "prune_channels_fdr", "unit_statistics"], "mustat.structured"),
     **dict.fromkeys(["ESTIMATORS", "DegenerateSEWarning", "Estimator", "FitContext", "Marginal", "PseudoBootstrap",
                      "TrainingSetup", "Window", "WindowWarning", "hessian_se", "make_estimator",
-                     "register_estimator"], "mustat.uncertainty"),
+                     "newton_recentre", "register_estimator"], "mustat.uncertainty"),
 }
 
 __all__ = [
@@ -94,6 +95,7 @@ __all__ = [
     "load_sparse",
     "loss_gradient",
     "make_estimator",
+    "newton_recentre",
     "oneshot",
     "prune",
     "prune_channels",

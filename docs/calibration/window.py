@@ -156,17 +156,26 @@ def centre_main(args) -> None:
 
 
 def newton_step(X, y, w, b):
-    """One full-data Newton step of the logistic log-likelihood from ``(w, b)``, every replicate at
-    once (numpy, float64): ``X (R, n, d)``, ``y (R, n)``, ``w (R, d)``, ``b (R,)``; returns ``(w, b)``."""
+    """One full-data Newton step of the logistic log-likelihood from ``(w, b)`` per replicate, by the
+    library's :func:`mustat.newton_recentre` (float64): ``X (R, n, d)``, ``y (R, n)``, ``w (R, d)``,
+    ``b (R,)``; returns ``(w, b)``."""
     import numpy as np
+    import torch
 
-    Xa = np.concatenate([X, np.ones(X.shape[:2] + (1,))], 2)
-    beta = np.concatenate([w, b[:, None]], 1)
-    p = 1 / (1 + np.exp(-np.einsum("rnd,rd->rn", Xa, beta)))
-    g = np.einsum("rnd,rn->rd", Xa, p - y) / X.shape[1]
-    H = np.einsum("rnd,rn,rne->rde", Xa, p * (1 - p), Xa) / X.shape[1]
-    beta = beta - np.linalg.solve(H, g[..., None])[..., 0]
-    return beta[:, :-1], beta[:, -1]
+    import mustat
+
+    def summed(out, target):
+        return torch.nn.functional.binary_cross_entropy_with_logits(out.reshape(-1), target.reshape(-1), reduction="sum")
+
+    out_w, out_b = np.empty_like(w), np.empty_like(b)
+    for r in range(len(X)):
+        glm = torch.nn.Linear(X.shape[2], 1).double()
+        with torch.no_grad():
+            glm.weight.copy_(torch.tensor(w[r])[None])
+            glm.bias.fill_(float(b[r]))
+        moved = mustat.newton_recentre(glm, summed, (torch.tensor(X[r]), torch.tensor(y[r], dtype=torch.float64)))
+        out_w[r], out_b[r] = moved["weight"][0].numpy(), float(moved["bias"])
+    return out_w, out_b
 
 
 def recentre_main(args) -> None:

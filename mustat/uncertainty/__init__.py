@@ -39,7 +39,7 @@ from mustat.uncertainty.calibrated import Calibrated, StationarityReport, calibr
 from mustat.uncertainty.batch_means import BatchMeans  # isort: skip
 from mustat.uncertainty.curvature import Curvature, ggn_diagonal  # isort: skip
 from mustat.uncertainty.bootstrap import Bootstrap, Replicates, bootstrap_replicates, bootstrap_se
-from mustat.uncertainty.hessian import Information, Kind, hessian_se, information
+from mustat.uncertainty.hessian import Information, Kind, hessian_se, information, newton_recentre
 from mustat.uncertainty.wald import Wald
 from mustat.uncertainty.marginal import Marginal  # isort: skip
 from mustat.uncertainty.fisher import Fisher  # isort: skip
@@ -53,7 +53,7 @@ __all__ = [
     "DegenerateSEWarning", "FitContext", "Marginal", "WoodFisher",
     "Information", "Kind", "NotFittedError", "PseudoBootstrap", "Replicates", "StationarityReport", "TrainingSetup",
     "Wald", "Window", "WindowWarning", "bootstrap_replicates", "bootstrap_se", "calibrated_se", "decoupled_decay",
-    "default_estimators", "get_estimator", "ggn_diagonal", "hessian_se", "information", "load_plugins",
+    "default_estimators", "get_estimator", "ggn_diagonal", "hessian_se", "information", "newton_recentre", "load_plugins",
     "make_estimator", "register_estimator", "stationarity", "variant",
 ]
 

@@ -4,11 +4,12 @@ small networks: ``H^-1`` or the sandwich ``H^-1 J H^-1``, computed with
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
@@ -220,6 +221,69 @@ def hessian_se(
             scale = 2.0 * info.value / dof
         cov = cov * scale
     return info.layout.unflatten(cov.diagonal().clamp_min(0).sqrt())
+
+
+def newton_recentre(
+    model: nn.Module,
+    loss: Loss,
+    data: Data,
+    *,
+    weight_decay: float = 0.0,
+    params: Iterable[str] | None = None,
+    steps: int = 1,
+) -> dict[str, Tensor]:
+    r"""An interval centre moved by full-data Newton steps, :math:`\theta \leftarrow \theta - H^{-1} g`.
+
+    Statistics. Constant-step SGD's window mean is biased. In the stationary regime the iterates
+    satisfy :math:`E[\nabla L(\theta_t)] = 0`, not :math:`\nabla L(E\,\theta_t) = 0`, so where the
+    curvature varies over the iterates' spread the window mean sits :math:`O(\eta)` from the
+    optimum: +1.03 exact SEs on the worst coefficient of a logistic GLM at lr 0.05, steady over
+    window lengths, and batch means' t interval around it covers 0.936 of 400 datasets
+    (``docs/calibration/window_centre.md``). One Newton step of the full-data penalised objective
+    from the window mean takes the offset to second order in it (+0.168 -> -0.008 SEs on
+    average) and the coverage to 0.963 (exact Wald 0.951; ``window_recentre.md``). The standard
+    error is unchanged to first order: use the trajectory estimator's SE around the new centre.
+    It assumes an objective strictly convex near the centre (a GLM, or a network at a strict
+    minimum of its gauge); where :math:`H` is not positive definite the step is refused.
+
+    Parameters
+    ----------
+    model
+        The network with the centre loaded (for example the window mean,
+        ``BatchMeans.estimate()``); not modified.
+    loss
+        ``loss(output, target)`` returning the *summed* loss of a batch, as :func:`hessian_se`.
+    data
+        The full training data, ``(X, y)`` tensors or an iterable of batches.
+    weight_decay
+        PyTorch's L2 coefficient on the mean loss that the fit used, ``>= 0``.
+    params
+        The parameters to move (default: every trainable one); the others are held fixed.
+    steps
+        Newton steps, ``>= 1``; one removes the centre's first-order bias.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        The recentred parameters keyed by name, in each parameter's dtype and device.
+
+    Raises
+    ------
+    ValueError
+        If ``H`` is not positive definite at a step (see :func:`hessian_se`).
+    """
+    check_scalar(steps, "steps", kind=Integral, low=1)
+    work = copy.deepcopy(model)
+    names = trainable_names(work) if params is None else select(work, params)
+    for _ in range(int(steps)):
+        info = information(work, loss, data, params=names, weight_decay=weight_decay)
+        delta = _inverse_pd(info.H, 0.0) @ info.gradient
+        moved = info.layout.unflatten(info.theta - delta)
+        with torch.no_grad():
+            for name, value in moved.items():
+                p = work.get_parameter(name)
+                p.copy_(value.to(p.dtype))
+    return {n: work.get_parameter(n).detach().clone() for n in names}
 
 
 def _inverse_pd(H: Tensor, damping: float) -> Tensor:
