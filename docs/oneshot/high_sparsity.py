@@ -26,10 +26,14 @@ Methods (``mustat.layerwise.oneshot`` options):
   squared distance of its embeddings through a random projection (``<e(x), xi>``, ``xi`` standard
   normal per batch, seeded): its output factor is the Gauss-Newton matrix of ``||e(x') - e(x)||^2``;
 - ``mu + update + refit (global)``: the same allocation with the layer-reconstruction statistic
-  (each row's output energy as its noise scale) instead of the loss.
+  (each row's output energy as its noise scale) instead of the loss;
+- ``+ swaps``: after the mask is chosen (and before any refit), up to ``SWAPS`` exact 1-swaps per
+  row (``swaps=SWAPS``: SparseSwaps' local search on each row's reconstruction error; a kept
+  weight pruned and a pruned one restored, every budget kept). ``wanda + swaps`` is SparseSwaps'
+  own setting (mask only: the kept weights stay the dense ones).
 
 N:M patterns fix every group of M inputs of a row, so allocation and row weighting do not apply:
-only ``wanda``, ``sparsegpt`` and ``sparsegpt + refit`` run there.
+only ``wanda``, ``sparsegpt``, ``sparsegpt + refit`` and their ``+ swaps`` variants run there.
 
 Rows go to ``high_sparsity.csv`` (or ``--out``) as they finish (atomically; a rerun skips finished
 cells), and ``high_sparsity.md`` is written from every ``high_sparsity*.csv`` here.
@@ -63,6 +67,8 @@ TARGETS = ("0.6", "0.7", "0.8", "2:4", "4:8")
 #: also accepted by --targets (issue 33's "no worse than SparseGPT at 50%"), not run by default
 ALLOWED = ("0.5", *TARGETS)
 SEEDS = (0, 1, 2)
+#: the most exact 1-swaps per row of the ``+ swaps`` methods
+SWAPS = 200
 METHODS = {
     "wanda": dict(method="wanda"),
     "owl + wanda": dict(method="wanda", allocation="owl"),
@@ -74,8 +80,14 @@ METHODS = {
     "mu[loss] + update (global)": dict(method="mu", sigma="loss", scope="global", update=True),
     "mu[loss] + update + refit (global)": dict(method="mu", sigma="loss", scope="global", update=True, refit=True),
     "mu + update + refit (global)": dict(method="mu", scope="global", update=True, refit=True),
+    "wanda + swaps": dict(method="wanda", swaps=SWAPS),
+    "sparsegpt + swaps": dict(method="sparsegpt", swaps=SWAPS),
+    "sparsegpt + swaps + refit": dict(method="sparsegpt", swaps=SWAPS, refit=True),
+    "mu[loss] + update + swaps + refit (global)": dict(method="mu", sigma="loss", scope="global", update=True,
+                                                       swaps=SWAPS, refit=True),
 }
-NM_METHODS = ("wanda", "sparsegpt", "sparsegpt + refit")
+NM_METHODS = ("wanda", "sparsegpt", "sparsegpt + refit", "wanda + swaps", "sparsegpt + swaps",
+              "sparsegpt + swaps + refit")
 #: the baselines a statistical method has to beat, and the statistical methods
 BASELINES = ("sparsegpt", "owl + sparsegpt")
 STATISTICAL = tuple(m for m in METHODS if m.startswith("mu"))
