@@ -216,13 +216,23 @@ def run(name: str, targets, seeds, out: Path, methods=tuple(METHODS)) -> None:
 
 
 def summary(results: list[Path], dest: Path) -> None:
-    r = pd.concat([pd.read_csv(p) for p in results], ignore_index=True)
+    """The report of every CSV: a cell in several CSVs counts once (the first file's row), and each
+    row's time is relative to SparseGPT's median in its own CSV (one invocation, one load on the
+    box), or in all of them where its CSV has no SparseGPT row for that target."""
+    r = pd.concat([pd.read_csv(p, dtype={"target": str}).assign(source=p.name) for p in results], ignore_index=True)
     r["target"] = r["target"].astype(str)
+    base = r[r.method == "sparsegpt"].groupby(["source", "model", "target"])["seconds"].median()
+    overall = r[r.method == "sparsegpt"].groupby(["model", "target"])["seconds"].median()
+    own = pd.Series([base.get((s, m, t), overall.get((m, t), np.nan)) for s, m, t in
+                     zip(r["source"], r["model"], r["target"])], index=r.index, dtype=float)
+    r["time"] = r["seconds"] / own
+    r = r.drop_duplicates(["model", "method", "target", "seed"], keep="first")
     lines = [f"# High sparsity one-shot: allocation x refit x curvature ({date.today()}, {platform.machine()}, "
              f"{int(r['threads'].iloc[0])} threads)", "",
              "Command: `python docs/oneshot/high_sparsity.py --model MODEL [--targets ...]` (module notes: the "
              "methods, the models, the data). Mean over calibration seeds, sd in brackets; `time` is the median "
-             "seconds of the pruning (shared 2-core box) relative to SparseGPT's on the same cells; `error` the "
+             "seconds of the pruning (shared 2-core box) relative to SparseGPT's on the same cells of the same "
+             "CSV; `error` the "
              "mean relative reconstruction error of the layers on the calibration inputs.", ""]
     for name, sub in r.groupby("model", sort=False):
         metric = sub["metric"].iloc[0]
@@ -232,14 +242,13 @@ def summary(results: list[Path], dest: Path) -> None:
         for target in [t for t in ALLOWED if t in set(sub.target)]:
             t = sub[sub.target == target]
             g = t.groupby("method").agg(mean=("value", "mean"), sd=("value", "std"), error=("error", "mean"),
-                                        seconds=("seconds", "median"), seeds=("seed", "nunique"))
+                                        time=("time", "median"), seeds=("seed", "nunique"))
             g = g.sort_values("mean", ascending=not higher)
-            base = float(g.loc["sparsegpt", "seconds"]) if "sparsegpt" in g.index else float("nan")
             lines += [f"### {target if ':' in target else f'{float(target):.0%} unstructured'}", "",
                       f"| method | {metric} | layer error | time / SparseGPT's | seeds |", "|---|---|---|---|---|"]
             for method, x in g.iterrows():
                 sd = "" if np.isnan(x["sd"]) else f" ({x['sd']:.4f})"
-                lines.append(f"| {method} | {x['mean']:.4f}{sd} | {x['error']:.4f} | {x['seconds'] / base:.2f} | "
+                lines.append(f"| {method} | {x['mean']:.4f}{sd} | {x['error']:.4f} | {x['time']:.2f} | "
                              f"{int(x['seeds'])} |")
             verdict = _verdict(g, higher)
             if verdict:
