@@ -378,15 +378,16 @@ def oneshot(
     refit_tol
         The refit's relative residual, in (0, 1).
     swaps
-        After each layer's mask is chosen (by any method) and before the refit, refine it by up to
+        After each layer's mask is chosen (by any method), refine it by up to
         ``swaps`` exact 1-swaps per row (:func:`mustat.layerwise.solve.swap_refine`; SparseSwaps,
         Zimmer et al. 2025): each swap prunes one kept weight and unprunes one pruned weight of
         the same row (of the same N:M group), the pair that lowers the row's reconstruction error
         ``(w' - w)^T H_d (w' - w)`` most, so every budget (row, layer, global, N:M) is kept. The
         unpruned weight takes its least-squares value given the others (with the update or the
         refit) or its original value (without either: the weights stay the dense ones). A local
-        improvement: a row stops at a mask no single swap improves. ``0`` (the default): none.
-        Needs calibration data, and the whole Gram matrix for Wanda.
+        improvement: a row stops at a mask no single swap improves. With ``refit``, the swaps
+        start from the refitted weights and the refit runs again after them. ``0`` (the
+        default): none. Needs calibration data, and the whole Gram matrix for Wanda.
     damping
         Added to the Gram matrix's diagonal as a fraction of its mean (SparseGPT's 0.01).
     sigma

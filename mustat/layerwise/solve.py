@@ -51,6 +51,7 @@ refit, each row's mask is improved by exact 1-swaps (SparseSwaps, Zimmer et al. 
 kept weight and unprune one pruned, alive weight of the same row (of the same N:M group), the pair
 that lowers the row's error ``delta^T H_d delta`` (``delta = w - w'``) most, evaluated in closed
 form for every allowed pair from ``c = H_d delta``, until no pair lowers it or ``k`` swaps are made.
+With the refit, the swaps start from the refitted weights, and the refit runs again after them.
 Every row keeps its count and every group its N, so the row, layer, global and N:M budgets are
 unchanged. The unpruned weight takes its least-squares value given the rest of the row when the
 weights are updated (the update or the refit), its original value otherwise (the mask-only
@@ -399,7 +400,9 @@ def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: 
     many exact 1-swaps per row (:func:`swap_refine`; the unpruned weight takes its 1-D optimum, or
     its original value when neither the update nor the refit changes the weights); ``0``: none.
     ``refit_tol``: after the mask is chosen, refit the kept weights exactly (:func:`refit`) to that
-    relative residual; ``None``: no refit.
+    relative residual; ``None``: no refit. With both, the refit runs before the swaps too, so they
+    start from the support's least-squares weights (on GPT-2-char at 70%, perplexity 3.65 against
+    3.70 with the swaps from the sweep's weights, and in two thirds of the time), and after them.
 
     Precision: the statistics and the scores are float64; the OBS sweep (its factor ``U`` and the
     running weights) runs in ``W``'s precision, float32 for a float32 (or half-precision) model,
@@ -424,11 +427,13 @@ def solve(W: Tensor, gram: Gram | None, *, method: str, sparsity: float, scope: 
         else:
             keep = cut(scores(method, W, gram, damping, sigma, fisher), alive, sparsity, scope, pattern)
             W_new, keep = obs_sweep(W, U, keep, alive=alive, block_size=block_size)
+    if refit_tol is not None and Hinv is None:
+        Hinv, _ = inverse_cholesky(Hd.to(W.dtype))
     if swaps:
+        if refit_tol is not None:          # swap around the support's least-squares weights, not the sweep's
+            W_new = refit(W, W_new, keep, alive, Hd, Hinv, tol=refit_tol)
         unprune = "optimal" if update or refit_tol is not None else "original"
         W_new, keep, _ = swap_refine(W, W_new, keep, alive, Hd, max_swaps=swaps, pattern=pattern, unprune=unprune)
     if refit_tol is not None:
-        if Hinv is None:
-            Hinv, _ = inverse_cholesky(Hd.to(W.dtype))
         W_new = refit(W, W_new, keep, alive, Hd, Hinv, tol=refit_tol)
     return W_new, keep
