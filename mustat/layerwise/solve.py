@@ -59,7 +59,7 @@ objective SparseSwaps refines). A local search: the result is a mask no single s
 not the row's best mask. The swaps compare weights of one row only, so a row weight (``mu``'s
 ``1 / sigma_i^2``, ``B_ii``) does not change them. One pass costs ``rows x kept x d`` float64
 operations (N:M: ``rows x d x M``), each row making one swap, and a row takes tens of passes at
-high sparsity: on GPT-2-char (width 128, one thread) the rows stopped after 8-29 swaps on average
+high sparsity: on GPT-2-char (width 128, one thread) the rows stopped after 6-42 swaps on average
 (at most 70), and a layer took 2x SparseGPT's time at 2:4 and 3-17x at 70%
 (``docs/oneshot/high_sparsity.md``).
 """
