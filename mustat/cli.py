@@ -282,6 +282,10 @@ def _oneshot_parser(sub) -> None:
                    help="sparsity per layer: uniform, or OWL's outlier-weighted block sparsities (M=5, lambda=0.08)")
     o.add_argument("--refit", action="store_true",
                    help="refit each layer's kept weights exactly (least squares on the support, after any method)")
+    o.add_argument("--swaps", type=int, default=0, metavar="K",
+                   help="refine each layer's mask by up to K exact 1-swaps per row (SparseSwaps: one kept weight "
+                        "pruned, one pruned weight restored, where that lowers the row's reconstruction error; "
+                        "every budget kept); 0: none")
     o.add_argument("--text", default="pydoc", help="a text file with one sentence per line, or 'pydoc'")
     o.add_argument("--samples", type=int, default=128, help="calibration sentences")
     o.add_argument("--evaluate", type=int, default=256, help="held-out sentences to measure fidelity on (0: none)")

@@ -34,9 +34,11 @@ def folder(tmp_path_factory):
 def test_oneshot_command_prunes_saves_and_reports(folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["oneshot", str(folder), "--text", str(folder / "text.txt"), "--samples", "16", "--evaluate", "8",
-                 "--pattern", "2:4", "--method", "mu", "--update", "yes", "--out", str(out), "--quiet"]) == 0
+                 "--pattern", "2:4", "--method", "mu", "--update", "yes", "--swaps", "10", "--out", str(out),
+                 "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.5) and report["target"] == "2:4" and -1 <= report["cosine"] <= 1
+    assert report["swaps"] == 10
     model = transformers.BertModel.from_pretrained(folder, add_pooling_layer=False)
     mustat.load_sparse(out / "model.safetensors", model)
     assert check_pattern(model, "2:4") == {} and mustat.sparsity(model) == pytest.approx(0.5)
@@ -50,6 +52,9 @@ def test_oneshot_command_errors(folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["oneshot", str(folder), "--pattern", "5:4", "--out", str(tmp_path / "x")])
     assert "--pattern='5:4' is not valid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["oneshot", str(folder), "--sparsity", "0.5", "--swaps", "-2", "--out", str(tmp_path / "x")])
+    assert "--swaps must be 0 (none) or a positive number of 1-swaps per row, got -2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["oneshot", str(tmp_path), "--sparsity", "0.5", "--text", str(folder / "text.txt")])
     assert "has no config.json" in capsys.readouterr().err

@@ -26,10 +26,14 @@ Methods (``mustat.layerwise.oneshot`` options):
   squared distance of its embeddings through a random projection (``<e(x), xi>``, ``xi`` standard
   normal per batch, seeded): its output factor is the Gauss-Newton matrix of ``||e(x') - e(x)||^2``;
 - ``mu + update + refit (global)``: the same allocation with the layer-reconstruction statistic
-  (each row's output energy as its noise scale) instead of the loss.
+  (each row's output energy as its noise scale) instead of the loss;
+- ``+ swaps``: after the mask is chosen (and before any refit), up to ``SWAPS`` exact 1-swaps per
+  row (``swaps=SWAPS``: SparseSwaps' local search on each row's reconstruction error; a kept
+  weight pruned and a pruned one restored, every budget kept). ``wanda + swaps`` is SparseSwaps'
+  own setting (mask only: the kept weights stay the dense ones).
 
 N:M patterns fix every group of M inputs of a row, so allocation and row weighting do not apply:
-only ``wanda``, ``sparsegpt`` and ``sparsegpt + refit`` run there.
+only ``wanda``, ``sparsegpt``, ``sparsegpt + refit`` and their ``+ swaps`` variants run there.
 
 Rows go to ``high_sparsity.csv`` (or ``--out``) as they finish (atomically; a rerun skips finished
 cells), and ``high_sparsity.md`` is written from every ``high_sparsity*.csv`` here.
@@ -63,6 +67,8 @@ TARGETS = ("0.6", "0.7", "0.8", "2:4", "4:8")
 #: also accepted by --targets (issue 33's "no worse than SparseGPT at 50%"), not run by default
 ALLOWED = ("0.5", *TARGETS)
 SEEDS = (0, 1, 2)
+#: the most exact 1-swaps per row of the ``+ swaps`` methods
+SWAPS = 200
 METHODS = {
     "wanda": dict(method="wanda"),
     "owl + wanda": dict(method="wanda", allocation="owl"),
@@ -74,8 +80,14 @@ METHODS = {
     "mu[loss] + update (global)": dict(method="mu", sigma="loss", scope="global", update=True),
     "mu[loss] + update + refit (global)": dict(method="mu", sigma="loss", scope="global", update=True, refit=True),
     "mu + update + refit (global)": dict(method="mu", scope="global", update=True, refit=True),
+    "wanda + swaps": dict(method="wanda", swaps=SWAPS),
+    "sparsegpt + swaps": dict(method="sparsegpt", swaps=SWAPS),
+    "sparsegpt + swaps + refit": dict(method="sparsegpt", swaps=SWAPS, refit=True),
+    "mu[loss] + update + swaps + refit (global)": dict(method="mu", sigma="loss", scope="global", update=True,
+                                                       swaps=SWAPS, refit=True),
 }
-NM_METHODS = ("wanda", "sparsegpt", "sparsegpt + refit")
+NM_METHODS = ("wanda", "sparsegpt", "sparsegpt + refit", "wanda + swaps", "sparsegpt + swaps",
+              "sparsegpt + swaps + refit")
 #: the baselines a statistical method has to beat, and the statistical methods
 BASELINES = ("sparsegpt", "owl + sparsegpt")
 STATISTICAL = tuple(m for m in METHODS if m.startswith("mu"))
@@ -204,13 +216,23 @@ def run(name: str, targets, seeds, out: Path, methods=tuple(METHODS)) -> None:
 
 
 def summary(results: list[Path], dest: Path) -> None:
-    r = pd.concat([pd.read_csv(p) for p in results], ignore_index=True)
+    """The report of every CSV: a cell in several CSVs counts once (the first file's row), and each
+    row's time is relative to SparseGPT's median in its own CSV (one invocation, one load on the
+    box), or in all of them where its CSV has no SparseGPT row for that target."""
+    r = pd.concat([pd.read_csv(p, dtype={"target": str}).assign(source=p.name) for p in results], ignore_index=True)
     r["target"] = r["target"].astype(str)
+    base = r[r.method == "sparsegpt"].groupby(["source", "model", "target"])["seconds"].median()
+    overall = r[r.method == "sparsegpt"].groupby(["model", "target"])["seconds"].median()
+    own = pd.Series([base.get((s, m, t), overall.get((m, t), np.nan)) for s, m, t in
+                     zip(r["source"], r["model"], r["target"])], index=r.index, dtype=float)
+    r["time"] = r["seconds"] / own
+    r = r.drop_duplicates(["model", "method", "target", "seed"], keep="first")
     lines = [f"# High sparsity one-shot: allocation x refit x curvature ({date.today()}, {platform.machine()}, "
              f"{int(r['threads'].iloc[0])} threads)", "",
              "Command: `python docs/oneshot/high_sparsity.py --model MODEL [--targets ...]` (module notes: the "
              "methods, the models, the data). Mean over calibration seeds, sd in brackets; `time` is the median "
-             "seconds of the pruning (shared 2-core box) relative to SparseGPT's on the same cells; `error` the "
+             "seconds of the pruning (shared 2-core box) relative to SparseGPT's on the same cells of the same "
+             "CSV; `error` the "
              "mean relative reconstruction error of the layers on the calibration inputs.", ""]
     for name, sub in r.groupby("model", sort=False):
         metric = sub["metric"].iloc[0]
@@ -220,14 +242,13 @@ def summary(results: list[Path], dest: Path) -> None:
         for target in [t for t in ALLOWED if t in set(sub.target)]:
             t = sub[sub.target == target]
             g = t.groupby("method").agg(mean=("value", "mean"), sd=("value", "std"), error=("error", "mean"),
-                                        seconds=("seconds", "median"), seeds=("seed", "nunique"))
+                                        time=("time", "median"), seeds=("seed", "nunique"))
             g = g.sort_values("mean", ascending=not higher)
-            base = float(g.loc["sparsegpt", "seconds"]) if "sparsegpt" in g.index else float("nan")
             lines += [f"### {target if ':' in target else f'{float(target):.0%} unstructured'}", "",
                       f"| method | {metric} | layer error | time / SparseGPT's | seeds |", "|---|---|---|---|---|"]
             for method, x in g.iterrows():
                 sd = "" if np.isnan(x["sd"]) else f" ({x['sd']:.4f})"
-                lines.append(f"| {method} | {x['mean']:.4f}{sd} | {x['error']:.4f} | {x['seconds'] / base:.2f} | "
+                lines.append(f"| {method} | {x['mean']:.4f}{sd} | {x['error']:.4f} | {x['time']:.2f} | "
                              f"{int(x['seeds'])} |")
             verdict = _verdict(g, higher)
             if verdict:

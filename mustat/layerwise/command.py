@@ -96,6 +96,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.evaluate < 0:
         raise ValueError(f"--evaluate must be 0 or more, got {args.evaluate}")
+    if args.swaps < 0:
+        raise ValueError(f"--swaps must be 0 (none) or a positive number of 1-swaps per row, got {args.swaps}")
     target = str(pattern) if pattern.structured else f"{args.sparsity:g}"
     out = Path(args.out or f"runs/oneshot-{args.method}-{target.replace(':', 'of')}")
     from mustat.causal_lm import is_causal_lm_source
@@ -124,10 +126,10 @@ def _run(args: argparse.Namespace) -> int:
     report = oneshot(model, token_batches(tok, cal, args.batch_size, args.max_length), method=args.method,
                      sparsity=args.sparsity, pattern=args.pattern, scope=args.scope, update=update,
                      damping=args.damping, sigma=args.sigma, sequential=args.sequential, progress=not args.quiet,
-                     allocation=args.allocation, refit=args.refit)
+                     allocation=args.allocation, refit=args.refit, swaps=args.swaps)
     print(report)
     summary = dict(model=str(path), method=args.method, target=target, scope=args.scope, update=update, sigma=args.sigma,
-                   allocation=args.allocation, refit=args.refit,
+                   allocation=args.allocation, refit=args.refit, swaps=args.swaps,
                    samples=args.samples, seed=args.seed, sparsity=report.pruning.sparsity, seconds=report.seconds,
                    passes=report.passes, mean_layer_error=float(report.layers["error"].mean()),
                    skipped=report.skipped, date=time.strftime("%Y-%m-%d"))

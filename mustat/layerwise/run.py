@@ -320,6 +320,7 @@ def oneshot(
     update: bool | None = None,
     refit: bool = False,
     refit_tol: float = 1e-2,
+    swaps: int = 0,
     damping: float = 0.01,
     sigma: str = "row",
     loss: Callable | str | None = None,
@@ -376,6 +377,17 @@ def oneshot(
         the whole Gram matrix for Wanda.
     refit_tol
         The refit's relative residual, in (0, 1).
+    swaps
+        After each layer's mask is chosen (by any method), refine it by up to
+        ``swaps`` exact 1-swaps per row (:func:`mustat.layerwise.solve.swap_refine`; SparseSwaps,
+        Zimmer et al. 2025): each swap prunes one kept weight and unprunes one pruned weight of
+        the same row (of the same N:M group), the pair that lowers the row's reconstruction error
+        ``(w' - w)^T H_d (w' - w)`` most, so every budget (row, layer, global, N:M) is kept. The
+        unpruned weight takes its least-squares value given the others (with the update or the
+        refit) or its original value (without either: the weights stay the dense ones). A local
+        improvement: a row stops at a mask no single swap improves. With ``refit``, the swaps
+        start from the refitted weights and the refit runs again after them. ``0`` (the
+        default): none. Needs calibration data, and the whole Gram matrix for Wanda.
     damping
         Added to the Gram matrix's diagonal as a fraction of its mean (SparseGPT's 0.01).
     sigma
@@ -475,13 +487,14 @@ def oneshot(
     if not isinstance(refit, bool):
         raise TypeError(f"refit must be True or False, got {refit!r}")
     check_scalar(refit_tol, "refit_tol", kind=Real, low=0.0, high=1.0, closed="neither")
+    check_swaps(swaps)
     if update is None:
         update = method == "sparsegpt"
-    needs_data = method != "magnitude" or update or refit
+    needs_data = method != "magnitude" or update or refit or swaps > 0
     if calibration is None and needs_data:
         raise ValueError(f"calibration batches are required for method={method!r}"
-                         f"{' with update' if update else ''}{' with refit' if refit else ''}; only magnitude "
-                         "without update or refit needs none")
+                         f"{' with update' if update else ''}{' with refit' if refit else ''}"
+                         f"{' with swaps' if swaps else ''}; only magnitude without update, refit or swaps needs none")
     if isinstance(exclude, str):
         exclude = (exclude,)
     if calibration is not None:
@@ -513,7 +526,7 @@ def oneshot(
         for rows, _ in t.parts:
             check_groups(t.entry.source()[0].shape if t.kind == "conv" else t.matrix()[rows].shape, nm, t.name)
     device = next(model.parameters()).device
-    diagonal = method == "wanda" and not update and not refit   # Wanda reads diag H only (its scaler_row)
+    diagonal = method == "wanda" and not update and not refit and not swaps   # Wanda reads diag H only (its scaler_row)
     start = time.perf_counter()
     rows_out, passes = [], 0
     # only when every supported layer is pruned: a user who named the layers chose the rest
@@ -563,7 +576,8 @@ def oneshot(
             else:
                 steps = [flat] if sequential == "block" else groups
             batches = len(calibration) if hasattr(calibration, "__len__") else 1
-            cost = estimate([s for s in steps if s], trace.tokens * batches, method=method, update=update or refit,
+            cost = estimate([s for s in steps if s], trace.tokens * batches, method=method,
+                            update=update or refit or swaps > 0,
                             diagonal=diagonal and blocks is not None, block_cache=blocks is not None)
             free = psutil.virtual_memory().available
             if cost.bytes > 0.9 * free:
@@ -574,7 +588,7 @@ def oneshot(
                                 "tokens; this will take", cost, progress, logger)
         bar = tqdm(total=len(flat), desc=f"one-shot {method}", disable=not progress, unit="layer")
         knobs = dict(method=method, pattern=nm, scope=scope, update=update, damping=damping, sigma=sigma,
-                     block_size=block_size, refit_tol=refit_tol if refit else None)
+                     block_size=block_size, refit_tol=refit_tol if refit else None, swaps=swaps)
 
         def prune_group(group: list[Target], grams: dict | None, share: float) -> dict[str, Tensor]:
             changes = {}
@@ -613,6 +627,16 @@ def oneshot(
     return OneShotReport(pd.DataFrame(rows_out), PruningReport.from_model(model, [t.name for t in flat]),
                          skipped, passes, time.perf_counter() - start, "block" if blocks is not None else "model",
                          cost)
+
+
+def check_swaps(swaps: object) -> int:
+    """``swaps``: a whole number of swaps per row, 0 or more (0: none)."""
+    if isinstance(swaps, bool) or not isinstance(swaps, Integral):
+        raise TypeError(f"swaps must be a whole number of 1-swaps per row (0: none), got {swaps!r} "
+                        f"({type(swaps).__name__})")
+    if swaps < 0:
+        raise ValueError(f"swaps must be 0 (no refinement) or a positive number of 1-swaps per row, got {swaps!r}")
+    return int(swaps)
 
 
 def _prune(t: Target, W: Tensor, alive: Tensor, grams: dict | None, sparsity: float, knobs: dict,
