@@ -286,6 +286,9 @@ def _oneshot_parser(sub) -> None:
                    help="refine each layer's mask by up to K exact 1-swaps per row (SparseSwaps: one kept weight "
                         "pruned, one pruned weight restored, where that lowers the row's reconstruction error; "
                         "every budget kept); 0: none")
+    o.add_argument("--shots", type=int, default=1, metavar="K",
+                   help="prune in K steps of sparsity, every statistic re-estimated on the partly pruned model "
+                        "between steps (multi-shot; unstructured only)")
     o.add_argument("--text", default="pydoc", help="a text file with one sentence per line, or 'pydoc'")
     o.add_argument("--samples", type=int, default=128, help="calibration sentences")
     o.add_argument("--evaluate", type=int, default=256, help="held-out sentences to measure fidelity on (0: none)")

@@ -836,3 +836,24 @@ def test_selection_prunes_the_first_k_of_a_stable_sort(shape):
     want = np.zeros(shape, dtype=bool)
     np.put_along_axis(want, order, True, axis=-1)
     assert np.array_equal(S._lowest(s, 10).numpy(), want)
+
+
+def test_shots_reestimate_between_steps_and_reach_the_target():
+    """Two shots: the same as pruning to half the target, then to the target, by hand; the second step's
+    statistics come from the pruned model, so the result differs from one shot."""
+    X = torch.randn(400, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = dict(method="mu", sparsity=0.6, scope="global", update=True)
+    two, by_hand, one = _mlp(), _mlp(), _mlp()
+    report = oneshot(two, [X], shots=2, **kw)
+    oneshot(by_hand, [X], **{**kw, "sparsity": 0.3})
+    oneshot(by_hand, [X], **kw)
+    oneshot(one, [X], **kw)
+    assert report.pruning.sparsity == pytest.approx(0.6, abs=1 / 256)
+    for a, b in zip(two.parameters(), by_hand.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not all(torch.equal(a != 0, b != 0) for a, b in zip(two.parameters(), one.parameters()))
+    assert report.passes > 0 and report.seconds > 0
+    with pytest.raises(ValueError, match="shots"):
+        oneshot(_mlp(), [X], method="sparsegpt", pattern="2:4", shots=2)
+    with pytest.raises(ValueError, match="shots"):
+        oneshot(_mlp(), [X], method="sparsegpt", sparsity=0.5, shots=0)

@@ -45,6 +45,16 @@ def test_oneshot_command_prunes_saves_and_reports(folder, tmp_path, capsys):
     assert "fidelity on 8 held-out sentences" in capsys.readouterr().out
 
 
+def test_oneshot_command_prunes_in_shots(folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(["oneshot", str(folder), "--text", str(folder / "text.txt"), "--samples", "16", "--evaluate", "8",
+                 "--sparsity", "0.6", "--method", "mu", "--update", "yes", "--shots", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    # each row keeps round(0.4 d) of its d weights, as one shot would: the tiny rows round to 0.617 here
+    assert report["shots"] == 2 and report["sparsity"] == pytest.approx(0.6, abs=0.02)
+
+
 def test_oneshot_command_errors(folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["oneshot", str(folder), "--text", str(folder / "text.txt"), "--out", str(tmp_path / "x")])
@@ -55,6 +65,12 @@ def test_oneshot_command_errors(folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["oneshot", str(folder), "--sparsity", "0.5", "--swaps", "-2", "--out", str(tmp_path / "x")])
     assert "--swaps must be 0 (none) or a positive number of 1-swaps per row, got -2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["oneshot", str(folder), "--sparsity", "0.5", "--shots", "0", "--out", str(tmp_path / "x")])
+    assert "--shots must be 1 (one shot) or more steps, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["oneshot", str(folder), "--pattern", "2:4", "--shots", "2", "--out", str(tmp_path / "x")])
+    assert "--pattern 2:4 fixes every group at once" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["oneshot", str(tmp_path), "--sparsity", "0.5", "--text", str(folder / "text.txt")])
     assert "has no config.json" in capsys.readouterr().err

@@ -69,6 +69,8 @@ ALLOWED = ("0.5", *TARGETS)
 SEEDS = (0, 1, 2)
 #: the most exact 1-swaps per row of the ``+ swaps`` methods
 SWAPS = 200
+#: the steps of the multi-shot methods
+SHOTS = 3
 METHODS = {
     "wanda": dict(method="wanda"),
     "owl + wanda": dict(method="wanda", allocation="owl"),
@@ -85,6 +87,10 @@ METHODS = {
     "sparsegpt + swaps + refit": dict(method="sparsegpt", swaps=SWAPS, refit=True),
     "mu[loss] + update + swaps + refit (global)": dict(method="mu", sigma="loss", scope="global", update=True,
                                                        swaps=SWAPS, refit=True),
+    # multi-shot (LLM Surgeon): SHOTS steps of sparsity, every statistic re-estimated in between
+    f"sparsegpt + refit ({SHOTS} shots)": dict(method="sparsegpt", refit=True, shots=SHOTS),
+    f"mu[loss] + update + refit (global; {SHOTS} shots)": dict(method="mu", sigma="loss", scope="global",
+                                                               update=True, refit=True, shots=SHOTS),
 }
 NM_METHODS = ("wanda", "sparsegpt", "sparsegpt + refit", "wanda + swaps", "sparsegpt + swaps",
               "sparsegpt + swaps + refit")

@@ -98,6 +98,11 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--evaluate must be 0 or more, got {args.evaluate}")
     if args.swaps < 0:
         raise ValueError(f"--swaps must be 0 (none) or a positive number of 1-swaps per row, got {args.swaps}")
+    if args.shots < 1:
+        raise ValueError(f"--shots must be 1 (one shot) or more steps, got {args.shots}")
+    if args.shots > 1 and pattern.structured:
+        raise ValueError(f"--shots {args.shots} prunes in steps of sparsity; --pattern {pattern} fixes every group at "
+                         "once: use --shots 1")
     target = str(pattern) if pattern.structured else f"{args.sparsity:g}"
     out = Path(args.out or f"runs/oneshot-{args.method}-{target.replace(':', 'of')}")
     from mustat.causal_lm import is_causal_lm_source
@@ -126,10 +131,10 @@ def _run(args: argparse.Namespace) -> int:
     report = oneshot(model, token_batches(tok, cal, args.batch_size, args.max_length), method=args.method,
                      sparsity=args.sparsity, pattern=args.pattern, scope=args.scope, update=update,
                      damping=args.damping, sigma=args.sigma, sequential=args.sequential, progress=not args.quiet,
-                     allocation=args.allocation, refit=args.refit, swaps=args.swaps)
+                     allocation=args.allocation, refit=args.refit, swaps=args.swaps, shots=args.shots)
     print(report)
     summary = dict(model=str(path), method=args.method, target=target, scope=args.scope, update=update, sigma=args.sigma,
-                   allocation=args.allocation, refit=args.refit, swaps=args.swaps,
+                   allocation=args.allocation, refit=args.refit, swaps=args.swaps, shots=args.shots,
                    samples=args.samples, seed=args.seed, sparsity=report.pruning.sparsity, seconds=report.seconds,
                    passes=report.passes, mean_layer_error=float(report.layers["error"].mean()),
                    skipped=report.skipped, date=time.strftime("%Y-%m-%d"))

@@ -332,6 +332,7 @@ def oneshot(
     sequential: str = "layer",
     errors: bool = True,
     progress: bool | None = None,
+    shots: int = 1,
 ) -> OneShotReport:
     """Prune a trained model once, layer by layer, from a few calibration batches (no training).
 
@@ -431,6 +432,14 @@ def oneshot(
         (:data:`mustat.cost.LONG_FIT_SECONDS`), print it to stderr and show a progress bar over
         the groups of layers; ``True``: always; ``False``: never (the estimate still goes to the
         ``mustat.layerwise`` logger).
+    shots
+        Prune in that many steps to ``sparsity`` (``sparsity * k / shots`` after step ``k``), each a
+        full one-shot call with every statistic re-estimated on the model the previous step left
+        (LLM Surgeon's multi-shot): the Grams, the loss's Fisher factor and, with
+        ``scope="global"``, the allocation see the already-pruned model, and weights pruned in
+        an earlier step stay pruned and count towards the target. Unstructured sparsity only.
+        The report's ``layers`` (their errors against the weights the last step started from) are
+        the last step's; its passes and seconds are the sums.
 
     Returns
     -------
@@ -509,6 +518,20 @@ def oneshot(
         if not isinstance(first, (Tensor, Mapping, tuple, list)) and forward is None:
             raise TypeError(f"a calibration batch must be a tensor, a tuple/list (inputs first) or a dict of "
                             f"inputs, got {type(first).__name__}; or pass forward=...")
+    check_scalar(shots, "shots", kind=Integral, low=1)
+    if shots > 1:
+        if nm.structured:
+            raise ValueError(f"shots={shots} prunes in steps of sparsity; pattern='{nm}' fixes every group at once: "
+                             "use shots=1")
+        options = dict(method=method, pattern=pattern, scope=scope, allocation=allocation, update=update, refit=refit,
+                       refit_tol=refit_tol, swaps=swaps, damping=damping, sigma=sigma, loss=loss,
+                       block_size=block_size, layers=layers, exclude=exclude, forward=forward, driver=driver,
+                       sequential=sequential, errors=errors, progress=progress)
+        steps = [oneshot(model, calibration, sparsity=sparsity * (k + 1) / int(shots), **options)
+                 for k in range(int(shots))]
+        last = steps[-1]
+        return OneShotReport(last.layers, last.pruning, last.skipped, sum(r.passes for r in steps),
+                             sum(r.seconds for r in steps), last.driver, last.estimate)
     table = entries(model)
     targets, skipped = find_targets(model, table, None if layers is None else list(layers), tuple(exclude))
     if not targets:
