@@ -95,3 +95,23 @@ def test_bad_input_is_refused_before_work():
             p.zero_()
     with pytest.raises(ValueError, match="not positive definite"):
         mustat.newton_recentre(net, _summed_bce, data)
+
+
+@pytest.mark.parametrize("how", ["torch-prune", "mustat"])
+def test_pruned_entries_stay_at_zero_and_the_rest_reach_the_reduced_mle(how):
+    X, y = _data()
+    keep = np.array([True, True, False, True, True, False])
+    mle = sm.Logit(y, sm.add_constant(X[:, keep], prepend=False)).fit(disp=0, tol=1e-12).params
+    glm = _glm(np.zeros(X.shape[1] + 1))
+    mask = torch.tensor(keep, dtype=torch.float64)[None]
+    torch.nn.utils.prune.custom_from_mask(glm, "weight", mask)
+    if how == "mustat":
+        mustat.from_torch_prune(glm)        # mustat's own mask parametrization
+    moved = mustat.newton_recentre(glm, _summed_bce, (torch.tensor(X), torch.tensor(y)), steps=25)
+    w = moved["weight"].flatten().numpy()
+    assert np.all(w[~keep] == 0)
+    beta = np.r_[w[keep], moved["bias"].numpy()]
+    Xa = np.c_[X[:, keep], np.ones(len(y))]
+    score = Xa.T @ (1 / (1 + np.exp(-Xa @ beta)) - y)       # the reduced model's score: 0 at its MLE
+    assert np.abs(score).max() < 1e-8
+    np.testing.assert_allclose(beta, mle, atol=1e-6)        # statsmodels stops earlier on this near-separated fit

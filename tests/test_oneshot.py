@@ -853,6 +853,13 @@ def test_shots_reestimate_between_steps_and_reach_the_target():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not all(torch.equal(a != 0, b != 0) for a, b in zip(two.parameters(), one.parameters()))
     assert report.passes > 0 and report.seconds > 0
+    # iterators of layers and a mapping of sparsities serve every step, the mapping scaled with it
+    m = _mlp()
+    report = oneshot(m, [X], method="sparsegpt", sparsity=0.5, allocation={"0.weight": 0.75}, shots=3,
+                     layers=(n for n in ["0.weight", "2.weight"]), exclude=(n for n in ["none"]))
+    assert len(report.layers) == 2
+    assert float((m[0].weight == 0).double().mean()) == pytest.approx(0.75, abs=1 / 192)
+    assert float((m[2].weight == 0).double().mean()) == pytest.approx(0.5, abs=1 / 64)
     with pytest.raises(ValueError, match="shots"):
         oneshot(_mlp(), [X], method="sparsegpt", pattern="2:4", shots=2)
     with pytest.raises(ValueError, match="shots"):

@@ -436,7 +436,8 @@ def oneshot(
         Prune in that many steps to ``sparsity`` (``sparsity * k / shots`` after step ``k``), each a
         full one-shot call with every statistic re-estimated on the model the previous step left
         (LLM Surgeon's multi-shot): the Grams, the loss's Fisher factor and, with
-        ``scope="global"``, the allocation see the already-pruned model, and weights pruned in
+        ``scope="global"`` or OWL, the allocation see the already-pruned model (a mapping's
+        sparsities are scaled the same way), and weights pruned in
         an earlier step stay pruned and count towards the target. Unstructured sparsity only.
         The report's ``layers`` (their errors against the weights the last step started from) are
         the last step's; its passes and seconds are the sums.
@@ -523,12 +524,18 @@ def oneshot(
         if nm.structured:
             raise ValueError(f"shots={shots} prunes in steps of sparsity; pattern='{nm}' fixes every group at once: "
                              "use shots=1")
-        options = dict(method=method, pattern=pattern, scope=scope, allocation=allocation, update=update, refit=refit,
+        options = dict(method=method, pattern=pattern, scope=scope, update=update, refit=refit,
                        refit_tol=refit_tol, swaps=swaps, damping=damping, sigma=sigma, loss=loss,
-                       block_size=block_size, layers=layers, exclude=exclude, forward=forward, driver=driver,
-                       sequential=sequential, errors=errors, progress=progress)
-        steps = [oneshot(model, calibration, sparsity=sparsity * (k + 1) / int(shots), **options)
-                 for k in range(int(shots))]
+                       block_size=block_size, layers=None if layers is None else list(layers),
+                       exclude=tuple(exclude), forward=forward, driver=driver, sequential=sequential, errors=errors,
+                       progress=progress)
+        steps = []
+        for k in range(1, int(shots) + 1):
+            share = k / int(shots)                      # the last step at the target itself, not a rounding of it
+            steps.append(oneshot(model, calibration, sparsity=sparsity if k == int(shots) else sparsity * share,
+                                 allocation=allocation if isinstance(allocation, str) else
+                                 {n: v if k == int(shots) else v * share for n, v in allocation.items()},
+                                 **options))
         last = steps[-1]
         return OneShotReport(last.layers, last.pruning, last.skipped, sum(r.passes for r in steps),
                              sum(r.seconds for r in steps), last.driver, last.estimate)
@@ -768,9 +775,9 @@ def _global_shares(model, calibration, forward, groups, method, sparsity, dampin
         run.run([Call(lambda b=b: call_model(model, to_device(b, device), forward), token_mask(b)) for b in calibration],
                 halt=False)
         grams = run.grams
-    # one preallocated vector of every score (its float64 is the whole peak: 8 bytes a weight), each
-    # layer's statistics dropped once scored, and the cut by selection rather than a sort (a sort
-    # of a 134M-weight model's scores held its values and indices beside the scores: 6.2 GB peak)
+    # one preallocated vector of every score (8 bytes a weight), each layer's statistics dropped once
+    # scored, and the cut by selection (kthvalue: a copy and its indices, 16 bytes a weight more)
+    # instead of per-layer parts, their concatenation and a sort (SmolLM2's global peak 6.2 -> 4.4 GB)
     total = sum(_matrix(t)[0][rows].numel() for t in flat for rows, _ in t.parts)
     flat_s = torch.empty(total, dtype=torch.float64)
     start, dead, spans = 0, 0, []

@@ -4,7 +4,6 @@ small networks: ``H^-1`` or the sandwich ``H^-1 J H^-1``, computed with
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ def information(
     params: Iterable[str] | None = None,
     sandwich: bool = False,
     weight_decay: float = 0.0,
+    theta: Tensor | None = None,
 ) -> Information:
     """Observed information of the penalised summed loss (see :class:`Information`).
 
@@ -69,12 +69,19 @@ def information(
     ``n * weight_decay / 2 * |theta|^2`` over the included ``params`` (default: every
     trainable tensor; frozen ones are held fixed, conditioned on). The model is read
     through the functional view in float64 on the CPU, in eval mode; it is not modified.
+    ``theta``: evaluate at these values of the free (unmasked) entries instead of the model's,
+    flattened as ``Information.layout`` flattens them.
     """
     check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
     names = trainable_names(model) if params is None else select(model, params)
     fm = FunctionalModel(model, dtype=torch.float64, device="cpu")
     layout = fm.layout(names)
-    theta = layout.flatten(fm.params(names))
+    if theta is None:
+        theta = layout.flatten(fm.params(names))
+    elif theta.shape != (layout.size(),):
+        raise ValueError(f"theta has shape {tuple(theta.shape)}; the free entries of {names} are {layout.size()}")
+    else:
+        theta = theta.detach().to("cpu", torch.float64)
 
     def total(th, xb, yb):
         return loss(fm(layout.unflatten(th), xb), yb)
@@ -258,14 +265,16 @@ def newton_recentre(
     weight_decay
         PyTorch's L2 coefficient on the mean loss that the fit used, ``>= 0``.
     params
-        The parameters to move (default: every trainable one); the others are held fixed.
+        The parameters to move (default: every trainable one); the others are held fixed, and so
+        are pruned entries (at 0).
     steps
         Newton steps, ``>= 1``; one removes the centre's first-order bias.
 
     Returns
     -------
     dict[str, Tensor]
-        The recentred parameters keyed by name, in each parameter's dtype and device.
+        The recentred parameters keyed by name as :func:`hessian_se` keys them (a pruned weight
+        under its plain name, its pruned entries 0), in each tensor's dtype and device.
 
     Raises
     ------
@@ -273,17 +282,27 @@ def newton_recentre(
         If ``H`` is not positive definite at a step (see :func:`hessian_se`).
     """
     check_scalar(steps, "steps", kind=Integral, low=1)
-    work = copy.deepcopy(model)
-    names = trainable_names(work) if params is None else select(work, params)
-    for _ in range(int(steps)):
-        info = information(work, loss, data, params=names, weight_decay=weight_decay)
-        delta = _inverse_pd(info.H, 0.0) @ info.gradient
-        moved = info.layout.unflatten(info.theta - delta)
-        with torch.no_grad():
-            for name, value in moved.items():
-                p = work.get_parameter(name)
-                p.copy_(value.to(p.dtype))
-    return {n: work.get_parameter(n).detach().clone() for n in names}
+    check_scalar(weight_decay, "weight_decay", kind=Real, low=0.0)
+    info = information(model, loss, data, params=params, weight_decay=weight_decay)
+    for k in range(int(steps)):
+        theta = info.theta - _inverse_pd(info.H, 0.0) @ info.gradient
+        if k + 1 < int(steps):
+            info = information(model, loss, data, params=params, weight_decay=weight_decay, theta=theta)
+    live = dict(model.named_parameters())
+    out = {}
+    for name, value in info.layout.unflatten(theta).items():
+        ref = _current(model, name, live)
+        out[name] = value.to(ref.device, ref.dtype)
+    return out
+
+
+def _current(model: nn.Module, name: str, live: dict[str, Tensor]) -> Tensor:
+    """The tensor that ``name`` (as :func:`mustat._params.select` names it) reads, for its dtype and device."""
+    if name in live:
+        return live[name]
+    from mustat._params import entries
+
+    return entries(model)[name].effective()
 
 
 def _inverse_pd(H: Tensor, damping: float) -> Tensor:
