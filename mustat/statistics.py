@@ -361,8 +361,8 @@ def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
     :math:`B \otimes H` of the loss, whose diagonal-``B`` Wald statistic of ``w_ij = 0`` is
     :math:`B_{ii} w_{ij}^2 / [H^{-1}]_{jj}` (LLM Surgeon's setting, cross-row terms dropped).
 
-    Parameters' ``.grad`` are left as they were (the gradients are taken with respect to zero
-    offsets added to the layers' outputs); the model runs in eval mode, and its modes are put back.
+    Parameters' ``.grad`` are left as they were (the gradients are taken with respect to a zero
+    added to the layers' outputs, one layer's output gradient held at a time); the model runs in eval mode, and its modes are put back.
     Only layers called as modules (Linear, transformers' Conv1D, convolutions) are supported.
     """
     unsupported = [t.name for t in targets if t.kind not in ("linear", "conv1d", "conv")]
@@ -371,34 +371,44 @@ def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
                          "attention module (nn.MultiheadAttention): leave them out (layers=[...])")
     device = next(model.parameters()).device
     sums: dict[str, Tensor] = {}
-    offsets: dict[str, Tensor] = {}
+    # one zero scalar per dtype and device, added to every target's output: the backward pass towards it
+    # runs through every output, whose gradient a hook squares and sums as it passes and then drops, so
+    # one layer's output gradient is held at a time (returning all of them at once held every layer's
+    # output gradient of the batch together: 11.4 GB peak for SmolLM2-135M on 8 x 256 tokens)
+    zeros: dict[tuple, Tensor] = {}
+
+    def take(grad: Tensor, t: Target) -> None:
+        g = grad.detach().double().square()
+        axis = g.dim() - t.module.weight.dim() + 1 if t.kind == "conv" else g.dim() - 1
+        row = g.sum(tuple(d for d in range(g.dim()) if d != axis))
+        sums[t.name] = row if t.name not in sums else sums[t.name] + row
 
     def hook(module, args, out, t):
-        z = torch.zeros_like(out, requires_grad=True)
-        offsets[t.name] = z
-        return out + z
+        key = (out.dtype, out.device)
+        if key not in zeros:
+            zeros[key] = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+        y = out + zeros[key]
+        y.register_hook(lambda grad, t=t: take(grad, t))
+        return y
 
+    # the parameters need no gradient here: with requires_grad off for the pass, autograd saves only what
+    # the outputs' gradients need, not every layer's input for a weight gradient (put back afterwards)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     handles = [t.module.register_forward_hook(lambda m, a, o, t=t: hook(m, a, o, t)) for t in targets]
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         with eval_mode(model), torch.enable_grad():
             for batch in batches:
-                offsets.clear()
+                zeros.clear()
                 value = loss(model, to_device(batch, device))
-                names = [t.name for t in targets if t.name in offsets]
-                grads = torch.autograd.grad(value, [offsets[n] for n in names], allow_unused=True)
-                for t in targets:
-                    if t.name not in offsets:
-                        continue
-                    g = grads[names.index(t.name)]
-                    if g is None:
-                        continue
-                    g = g.detach().double().square()
-                    axis = g.dim() - t.module.weight.dim() + 1 if t.kind == "conv" else g.dim() - 1
-                    row = g.sum(tuple(d for d in range(g.dim()) if d != axis))
-                    sums[t.name] = row if t.name not in sums else sums[t.name] + row
+                if zeros and value.requires_grad:
+                    torch.autograd.backward(value, inputs=list(zeros.values()))
     finally:
         for h in handles:
             h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
     missing = [t.name for t in targets if t.name not in sums]
     if missing:
         raise ValueError(f"the loss does not depend on {missing} (not reached, or after the loss is computed)")

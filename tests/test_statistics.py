@@ -99,6 +99,16 @@ def test_output_fisher_is_the_squared_gradient_of_the_loss_at_each_layers_output
             expected[f"{len(model) - 1}.weight"] += g1.square().sum([d for d in range(g1.dim() - 1)])
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=1e-12, atol=0)
+        assert all(p.requires_grad for p in model.parameters())       # turned off for the pass, put back
+        # a frozen model (no parameter requires a gradient) gives the same factor and stays frozen
+        for p in model.parameters():
+            p.requires_grad_(False)
+        frozen = output_fisher(model, batches, targets, loss)
+        assert not any(p.requires_grad for p in model.parameters())
+        for name in expected:
+            torch.testing.assert_close(frozen[name], got[name], rtol=0, atol=0)
+        for p in model.parameters():
+            p.requires_grad_(True)
 
 
 def test_causal_lm_loss_leaves_padding_out():

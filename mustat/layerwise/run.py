@@ -397,7 +397,10 @@ def oneshot(
         with ``B`` K-FAC's output factor of ``loss`` on the calibration batches, measured once on
         the dense model (:func:`mustat.statistics.output_fisher`), so that ``z^2`` is the Wald
         statistic of the loss's Kronecker-factored Fisher and rows, layers (``scope="global"``)
-        compete in units of the loss; see :mod:`mustat.layerwise.solve`.
+        compete in units of the loss; see :mod:`mustat.layerwise.solve`. That needs one backward
+        pass per calibration batch, whose memory grows with the batch's tokens (SmolLM2-135M:
+        6.3 GB at 8 x 256 tokens, 2.3 GB at 2 x 256, ``benchmarks/output_fisher_memory.py``):
+        split the calibration into smaller batches to bound it.
     loss
         For ``sigma="loss"``: ``loss(model, batch)`` returning a scalar to differentiate, or
         ``"causal-lm"`` for a ``transformers`` causal LM (next-token cross-entropy,
