@@ -361,8 +361,11 @@ def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
     :math:`B \otimes H` of the loss, whose diagonal-``B`` Wald statistic of ``w_ij = 0`` is
     :math:`B_{ii} w_{ij}^2 / [H^{-1}]_{jj}` (LLM Surgeon's setting, cross-row terms dropped).
 
-    Parameters' ``.grad`` are left as they were (the gradients are taken with respect to a zero
-    added to the layers' outputs, one layer's output gradient held at a time); the model runs in eval mode, and its modes are put back.
+    Parameters' ``.grad`` are left as they were: the gradients are taken with respect to a zero
+    added to the layers' outputs, one layer's output gradient held at a time, with the parameters'
+    ``requires_grad`` off for the pass (autograd then keeps no layer inputs for weight gradients;
+    a module called several times in a forward counts every call). The model runs in eval mode;
+    its modes and ``requires_grad`` flags are put back. Memory grows with the tokens of one batch.
     Only layers called as modules (Linear, transformers' Conv1D, convolutions) are supported.
     """
     unsupported = [t.name for t in targets if t.kind not in ("linear", "conv1d", "conv")]
