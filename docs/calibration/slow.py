@@ -14,7 +14,7 @@ autocorrelation time near the batch length, or a drift).
 Design: the study's 6-8-1 regression teacher (``teacher-regression``, 2,000 samples, dataset =
 seed 0-4), a student from its own initialisation trained as the study trains it (Adam lr 0.01,
 S = 32 drawn with replacement, weight decay 1e-3 or 1e-2) for the first 50 epochs. From that one
-state, four windows of 750 epochs (47,250 steps) each, with the same minibatches:
+state, five windows of 750 epochs (47,250 steps) each, with the same minibatches:
 
 - ``adam``: Adam goes on (the study's setting);
 - ``adam, v frozen``: Adam with its second moment frozen at the window's start (momentum kept):
@@ -24,7 +24,10 @@ state, four windows of 750 epochs (47,250 steps) each, with the same minibatches
   achieved ratio is reported);
 - ``sgd, rebalanced``: the same SGD, every iterate moved back to its orbit's balanced point after
   the step (the same function): the iterates stay near one point of the orbit instead of wandering
-  along it, held only by the weak penalty.
+  along it, held only by the weak penalty;
+- ``sgd, kinks frozen``: the same SGD on :class:`FrozenKinks`, the student with each training
+  point's ReLU pattern fixed (a smooth loss, the same parameters and orbits); its reference is its
+  own optimum (:func:`levenberg_newton` from the window mean) and its exact sandwich there.
 
 Every step's parameters are mapped to their balanced orbit point (``mustat.gauge``, checked
 against ``mustat.gauge.balanced``) and kept. Reference: the student polished by Newton from its
@@ -34,16 +37,17 @@ sandwich covariance ``Sigma = H^-1 J H^-1`` there (its diagonal checked against
 
 - batch means (20 batches of 2,362 steps, as the estimator does) over the 56 weights: median SE
   ratio to the sandwich;
-- the spectrum: for each eigenvector ``u`` of the penalised Hessian ``H`` at the optimum, the
-  ratio ``u' LRV u (S/N) / u' Sigma u`` and the direction's autocorrelation time
-  ``tau = LRV / Var`` in steps, pooled over fits by the eigenvalue's rank (soft to stiff);
+- the spectrum: for each eigenvector ``u`` of the penalised Hessian ``H`` at the optimum (the
+  orbit directions left out), the ratio ``u' LRV u (S/N) / u' Sigma u``, the direction's
+  autocorrelation time ``tau = LRV / Var`` in steps and the t statistic of a straight-line trend
+  across its batch means, pooled over fits by the eigenvalue's rank (soft to stiff);
 - the kinks: per hidden unit, the fraction of (snapshot, training point) pairs whose
   pre-activation sign differs from the sign at the optimum; its Spearman correlation with the
   unit's excess (median SE ratio of its 8 parameters).
 
 Writes ``slow.csv`` (one row per fit and optimizer) and ``slow.md``.
 
-    python docs/calibration/slow.py               # 2 decays x 5 datasets x 3 windows (~25 min on one core)
+    python docs/calibration/slow.py               # 2 decays x 5 datasets x 5 windows (14 min on one core)
     python docs/calibration/slow.py --seeds 0 --decays 1e-3   # one fit
 """
 
@@ -214,12 +218,12 @@ def analyse(Zb: np.ndarray, opt_theta: np.ndarray, H: np.ndarray, Sigma: np.ndar
     # them), and neither the sandwich nor the balanced trajectory has variance along them (the penalised
     # optimum and every balanced snapshot sit on the balanced manifold, to which they are normal): both
     # variances are 0 there, so the spectrum is taken on their orthogonal complement, which H leaves invariant
-    O = np.zeros((p, h))
+    orbits = np.zeros((p, h))
     for j in range(h):
-        O[j * d:(j + 1) * d, j] = opt_theta[j * d:(j + 1) * d]
-        O[h * d + j, j] = opt_theta[h * d + j]
-        O[h * d + h + j, j] = -opt_theta[h * d + h + j]
-    Q = np.linalg.svd(np.eye(p) - O @ np.linalg.pinv(O))[0][:, : p - h]
+        orbits[j * d:(j + 1) * d, j] = opt_theta[j * d:(j + 1) * d]
+        orbits[h * d + j, j] = opt_theta[h * d + j]
+        orbits[h * d + h + j, j] = -opt_theta[h * d + h + j]
+    Q = np.linalg.svd(np.eye(p) - orbits @ np.linalg.pinv(orbits))[0][:, : p - h]
     lam, V = np.linalg.eigh(Q.T @ H @ Q)
     U = Q @ V
     proj_lrv = np.einsum("ik,ij,jk->k", U, LRV, U) * S / n
@@ -311,8 +315,6 @@ def frozen_window(design, model, state, wd, X, y, loss, seed, steps, sgd_lr, wei
     start, from the same state and minibatches; reference: the frozen model's own optimum (damped
     Newton, :func:`levenberg_newton`, from the balanced window mean) and its exact sandwich there."""
     import copy
-
-    import mustat
 
     t = time.perf_counter()
     model.load_state_dict(state["model"])

@@ -781,7 +781,10 @@ def _global_shares(model, calibration, forward, groups, method, sparsity, dampin
     # one preallocated vector of every score (8 bytes a weight), each layer's statistics dropped once
     # scored, and the cut by selection (kthvalue: a copy and its indices, 16 bytes a weight more)
     # instead of per-layer parts, their concatenation and a sort (SmolLM2's global peak 6.2 -> 4.4 GB)
-    total = sum(_matrix(t)[0][rows].numel() for t in flat for rows, _ in t.parts)
+    total = 0
+    for t in flat:                                  # sizes from the shapes alone: no cast, no mask
+        n_rows, n_cols = t.matrix().shape
+        total += sum(len(range(n_rows)[rows]) * n_cols for rows, _ in t.parts)
     flat_s = torch.empty(total, dtype=torch.float64)
     start, dead, spans = 0, 0, []
     for t in flat:
