@@ -68,7 +68,8 @@ def inverse_cholesky(Hd: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor | Callable[[Tensor], Tensor], w: Tensor, keep: Tensor,
-            cut: Tensor, *, tol: float, max_iter: int, start: Tensor | None = None) -> tuple[Tensor, int, float]:
+            cut: Tensor, *, tol: float, max_iter: int, start: Tensor | None = None,
+            rows: bool = False) -> tuple[Tensor, int, float]:
     r"""The compensating update of :func:`kept_solve` for a curvature given as an operator:
     :math:`\delta_K = H_{KK}^{-1} H_{KQ} w_Q` by conjugate gradients on the kept entries with a
     Jacobi preconditioner, ``H`` symmetric positive definite on them.
@@ -91,6 +92,13 @@ def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor | Callable[[Tensor], Ten
     start
         Weights to start from (only their kept entries are read: a previous, approximate
         update, say); ``None`` starts from ``w``.
+    rows
+        ``H`` acts on each row of ``w`` on its own (a layer's rows sharing a Gram, ``V @ H``): run
+        one conjugate-gradient recursion per row (its own step and direction), which is CG on each
+        row's system; one shared recursion is CG on the block-diagonal whole, whose spectrum is
+        the union of the rows' and converges at the pace of the worst row (SmolLM2's layers at
+        70%: fewer iterations per row, ``benchmarks/refit_cg.py``). ``False``: one recursion, for
+        operators that couple rows (K-FAC's ``G V A``).
 
     Returns
     -------
@@ -108,19 +116,25 @@ def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor | Callable[[Tensor], Ten
             return r / precond
     x = torch.zeros_like(w) if start is None else K * (start - w)
     r = rhs - K * H(x) if start is not None else rhs.clone()
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sum(-1, keepdim=True) if rows else (a * b).sum()
+
+    def ratio(a: Tensor, b: Tensor) -> Tensor:        # a row already solved has p = r = 0: no step, not 0/0
+        return a / torch.where(b == 0, 1.0, b)
+
     z = apply(r)
     p = z.clone()
-    rz = (r * z).sum()
+    rz = dot(r, z)
     norm = float(rhs.norm())
     iters = 0
     while float(r.norm()) > tol * norm and iters < max_iter:
         Hp = K * H(p)
-        step = rz / (p * Hp).sum()
+        step = ratio(rz, dot(p, Hp))
         x += step * p
         r -= step * Hp
         z = apply(r)
-        rz, rz_old = (r * z).sum(), rz
-        p = z + (rz / rz_old) * p
+        rz, rz_old = dot(r, z), rz
+        p = z + ratio(rz, rz_old) * p
         iters += 1
     residual = float(r.norm()) / max(norm, 1e-300)
     return torch.where(keep, w + x, w), iters, residual

@@ -61,3 +61,29 @@ def test_kept_cg_is_the_constrained_minimum_of_an_operator():
                                  torch.from_numpy(W), torch.from_numpy(keep), torch.from_numpy(cut),
                                  tol=1e-13, max_iter=1)
     assert iters == 1 and residual > 1e-6
+
+
+def test_kept_cg_by_rows_solves_each_row_on_its_support():
+    """``rows=True`` (a Gram shared by the rows, ``V @ H``): each row's own recursion reaches numpy's
+    solve of that row's kept block, each within its support's size of iterations (CG's finite
+    termination), and in no more iterations than one recursion over the block-diagonal whole."""
+    rng = np.random.default_rng(2)
+    d = 12
+    X = rng.standard_normal((40, d)) * np.geomspace(1, 30, d)      # scales spread: the rows' spectra differ
+    H = X.T @ X + 0.01 * np.eye(d)
+    W = rng.standard_normal((4, d))
+    keep = rng.random((4, d)) < np.array([[0.2], [0.5], [0.8], [0.95]])
+    cut = ~keep
+    expected = W.copy()
+    for i in range(4):
+        K, Q = np.flatnonzero(keep[i]), np.flatnonzero(cut[i])
+        expected[i, K] += np.linalg.solve(H[np.ix_(K, K)], H[np.ix_(K, Q)] @ W[i, Q])
+    Ht = torch.from_numpy(H)
+    args = (lambda V: V @ Ht, torch.from_numpy(np.tile(H.diagonal(), (4, 1))), torch.from_numpy(W),
+            torch.from_numpy(keep), torch.from_numpy(cut))
+    got, iters, residual = kept_cg(*args, tol=1e-12, max_iter=200, rows=True)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=1e-10)
+    assert residual <= 1e-12 and iters <= int(keep.sum(1).max()) + 3
+    shared, shared_iters, _ = kept_cg(*args, tol=1e-12, max_iter=200)
+    np.testing.assert_allclose(shared.numpy(), expected, rtol=1e-7, atol=1e-9)
+    assert iters <= shared_iters

@@ -275,7 +275,12 @@ def _verdict(g: pd.DataFrame, higher: bool) -> str:
     parts = []
     for b in bases:
         gain = (g.loc[best, "mean"] - g.loc[b, "mean"]) * (1 if higher else -1)
-        spread = np.nanmax([g.loc[best, "sd"], g.loc[b, "sd"]])
+        sds = [g.loc[best, "sd"], g.loc[b, "sd"]]
+        if all(np.isnan(sds)):                        # one seed each: no spread to test against
+            word = "is ahead of" if gain > 0 else "is behind"
+            parts.append(f"{word} {b} by {gain:+.4f} (one seed: no spread to compare)")
+            continue
+        spread = np.nanmax(sds)
         word = "beats" if gain > spread else ("loses to" if gain < -spread else "ties with")
         parts.append(f"{word} {b} by {gain:+.4f} (spread {spread:.4f})")
     return f"Best statistical method: **{best}**; it " + "; ".join(parts) + "."

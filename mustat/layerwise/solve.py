@@ -40,7 +40,7 @@ least-squares refit, not its optimum.
 
 The refit (``refit=True``, any method): after the mask is chosen, each row's least-squares problem
 on its kept weights is solved, ``min ||(w' - w) X||^2 + ridge`` over ``w'`` zero off the mask (the
-same damped ``H_d``), by conjugate gradients over all rows at once (:func:`mustat.obs.kept_cg`),
+same damped ``H_d``), by conjugate gradients, one recursion per row run together (:func:`mustat.obs.kept_cg`),
 preconditioned by ``H_d^-1`` and started from the sweep's weights, to a relative residual of
 ``refit_tol`` (1e-2 by default). This is ALPS's second stage (Meng et al. 2024) and the exact
 solution the sweep approximates: on all-MiniLM-L6-v2 it lowered SparseGPT's mean layer error from
@@ -240,7 +240,7 @@ def refit(W0: Tensor, W: Tensor, keep: Tensor, alive: Tensor, Hd: Tensor, Hinv: 
     ``W``; in ``W``'s precision."""
     H, P = Hd.to(W.dtype), Hinv.to(W.dtype)
     out, _, _ = kept_cg(lambda V: V @ H, lambda R: R @ P, W0, keep, alive & ~keep, tol=tol, max_iter=max_iter,
-                        start=W)
+                        start=W, rows=True)
     return out * keep
 
 
