@@ -207,6 +207,7 @@ class Collector:
         self.fed: set[str] = set()
         self.shared: set[tuple[str, int]] = set()   # keys whose Gram is another's (the same input)
 
+    @torch.no_grad()      # in a pass that differentiates (output_fisher's), no graph for the statistics
     def _add(self, t: Target, part: int, rows: slice, x: Tensor, seq_first: bool = False) -> None:
         diagonal = self.diagonal[t.name]
         key = (t.name, part)
@@ -353,7 +354,8 @@ def causal_lm_loss(model: nn.Module, batch: Mapping) -> Tensor:
 
 
 def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
-                  loss: Callable[[nn.Module, object], Tensor]) -> dict[str, Tensor]:
+                  loss: Callable[[nn.Module, object], Tensor], collector: Collector | None = None
+                  ) -> dict[str, Tensor]:
     r"""The diagonal of K-FAC's output factor of the model's own loss for each target:
     :math:`B_{ii} = \sum_t (\partial L / \partial y_{ti})^2` over the calibration tokens ``t`` (a
     convolution's output positions), ``L = loss(model, batch)`` per batch (the empirical Fisher:
@@ -367,6 +369,11 @@ def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
     a module called several times in a forward counts every call). The model runs in eval mode;
     its modes and ``requires_grad`` flags are put back. Memory grows with the tokens of one batch.
     Only layers called as modules (Linear, transformers' Conv1D, convolutions) are supported.
+
+    ``collector``: a :class:`Collector` whose hooks run in the same forward passes (never halting),
+    so the input Grams of the model the factor is measured on come with it, without a pass of
+    their own: the Kronecker factors ``B`` and ``H`` of the same forward, the inputs as ``loss``
+    runs the model.
     """
     unsupported = [t.name for t in targets if t.kind not in ("linear", "conv1d", "conv")]
     if unsupported:
@@ -398,12 +405,16 @@ def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
     # the outputs' gradients need, not every layer's input for a weight gradient (put back afterwards)
     trainable = [p for p in model.parameters() if p.requires_grad]
     handles = [t.module.register_forward_hook(lambda m, a, o, t=t: hook(m, a, o, t)) for t in targets]
+    if collector is not None:
+        handles += collector.hooks(halt=False)
     try:
         for p in trainable:
             p.requires_grad_(False)
         with eval_mode(model), torch.enable_grad():
             for batch in batches:
                 zeros.clear()
+                if collector is not None:
+                    collector.mask, collector.cache, collector.fed = token_mask(batch), None, set()
                 value = loss(model, to_device(batch, device))
                 if zeros and value.requires_grad:
                     torch.autograd.backward(value, inputs=list(zeros.values()))
@@ -412,6 +423,8 @@ def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
             h.remove()
         for p in trainable:
             p.requires_grad_(True)
+        if collector is not None:
+            collector.cache = None
     missing = [t.name for t in targets if t.name not in sums]
     if missing:
         raise ValueError(f"the loss does not depend on {missing} (not reached, or after the loss is computed)")

@@ -7,7 +7,15 @@ from torch import nn
 
 from mustat._params import entries
 from mustat.layers import find_targets
-from mustat.statistics import Damping, Gram, causal_lm_loss, damped, layer_grams, output_fisher
+from mustat.statistics import (
+    Collector,
+    Damping,
+    Gram,
+    causal_lm_loss,
+    damped,
+    layer_grams,
+    output_fisher,
+)
 
 
 def test_damping_units():
@@ -110,6 +118,43 @@ def test_output_fisher_is_the_squared_gradient_of_the_loss_at_each_layers_output
         for p in model.parameters():
             p.requires_grad_(True)
 
+
+
+def test_output_fisher_collects_the_input_grams_of_the_same_forward():
+    """A collector riding on the loss's pass: the same factor, and Grams equal to numpy's ``X^T X``
+    of each layer's real tokens (padding left out), with no autograd graph kept for them."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a, self.b = nn.Embedding(11, 4), nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.b(torch.tanh(self.a(self.emb(input_ids))))
+
+    model = Net().double()
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    batches = [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:, :3]}]
+
+    def loss(m, batch):
+        return m(**batch).pow(2).mean()
+
+    targets, _ = find_targets(model, entries(model), None, ())
+    collector = Collector(targets, False, torch.device("cpu"))
+    got = output_fisher(model, batches, targets, loss, collector)
+    alone = output_fisher(model, batches, targets, loss)
+    for name in alone:
+        torch.testing.assert_close(got[name], alone[name], rtol=0, atol=0)
+    with torch.no_grad():
+        xa = [model.emb(ids)[mask.bool()], model.emb(ids[:, :3]).reshape(-1, 4)]
+        xb = [torch.tanh(model.a(x)) for x in xa]
+    for name, xs in (("a.weight", xa), ("b.weight", xb)):
+        X = torch.cat(xs).numpy()
+        g = collector.grams[(name, 0)]
+        np.testing.assert_allclose(g.H.numpy(), X.T @ X, rtol=1e-12)
+        assert g.n == 14 and not g.H.requires_grad
 
 def test_causal_lm_loss_leaves_padding_out():
     transformers = pytest.importorskip("transformers")

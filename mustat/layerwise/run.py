@@ -586,10 +586,13 @@ def oneshot(
         if not groups:
             raise ValueError("no layer was reached by the calibration forward; check forward= and the batches")
         shares = {t.name: sparsity for g in groups for t in g}
-        fisher = None
+        fisher, dense = None, None
         if sigma == "loss":
+            # the global allocation's Grams of the dense model come with the loss's pass: one forward fewer
+            dense = Collector([t for g in groups for t in g], method == "mu-sandwich", device) \
+                if scope == "global" else None
             with torch.enable_grad():
-                fisher = output_fisher(model, calibration, [t for g in groups for t in g], loss)
+                fisher = output_fisher(model, calibration, [t for g in groups for t in g], loss, dense)
             passes += len(calibration) if hasattr(calibration, "__len__") else 1
         if isinstance(allocation, Mapping):
             shares.update({k: float(v) for k, v in allocation.items()})
@@ -598,8 +601,9 @@ def oneshot(
             passes += 1
         if scope == "global":
             shares = _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device,
-                                    fisher)
-            passes += int(method != "magnitude")
+                                    fisher, None if dense is None else dense.grams)
+            passes += int(method != "magnitude" and dense is None)
+            dense = None
             scope = "layer"
         flat = [t for g in groups for t in g]
         cost = None
@@ -765,15 +769,16 @@ def _owl_shares(model, calibration, forward, groups, sparsity, device) -> dict[s
 
 
 def _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device,
-                   fisher=None) -> dict[str, float]:
+                   fisher=None, grams=None) -> dict[str, float]:
     """Each layer's sparsity when the method's scores of the dense model compete across layers.
 
     The scores are taken per token (the Gram matrix's mean, ``H / n``): ``z^2 / n`` for ``mu``,
     the mean error per token for ``sparsegpt``, ``|w| * rms(x_j)`` for ``wanda``; so a layer that
     sees each token T times (a token layer beside a pooled one) competes as if it saw it once."""
     flat = [t for g in groups for t in g]
-    grams = {}
-    if method != "magnitude":
+    if grams is None and method == "magnitude":
+        grams = {}
+    elif grams is None:
         run = Collector(flat, method == "mu-sandwich", device, diagonal=method == "wanda")
         run.run([Call(lambda b=b: call_model(model, to_device(b, device), forward), token_mask(b)) for b in calibration],
                 halt=False)
