@@ -223,8 +223,11 @@ def run(name: str, targets, seeds, out: Path, methods=tuple(METHODS)) -> None:
 
 def summary(results: list[Path], dest: Path) -> None:
     """The report of every CSV: a cell in several CSVs counts once (the first file's row), and each
-    row's time is relative to SparseGPT's median in its own CSV (one invocation, one load on the
-    box), or in all of them where its CSV has no SparseGPT row for that target."""
+    row's time is relative to SparseGPT's median in its own CSV, or in all of them where its CSV
+    has no SparseGPT row for that target. CSVs named ``*_time.csv`` (one seed, every method of
+    one invocation in turn on an otherwise idle box) make the timing table at the end instead."""
+    timing = [p for p in results if p.name.endswith("_time.csv")]
+    results = [p for p in results if p not in timing]
     r = pd.concat([pd.read_csv(p, dtype={"target": str}).assign(source=p.name) for p in results], ignore_index=True)
     r["target"] = r["target"].astype(str)
     base = r[r.method == "sparsegpt"].groupby(["source", "model", "target"])["seconds"].median()
@@ -236,10 +239,12 @@ def summary(results: list[Path], dest: Path) -> None:
     lines = [f"# High sparsity one-shot: allocation x refit x curvature ({date.today()}, {platform.machine()}, "
              f"{int(r['threads'].iloc[0])} threads)", "",
              "Command: `python docs/oneshot/high_sparsity.py --model MODEL [--targets ...]` (module notes: the "
-             "methods, the models, the data). Mean over calibration seeds, sd in brackets; `time` is the median "
-             "seconds of the pruning (shared 2-core box) relative to SparseGPT's on the same cells of the same "
-             "CSV; `error` the "
-             "mean relative reconstruction error of the layers on the calibration inputs.", ""]
+             "methods, the models, the data). Mean over calibration seeds, sd in brackets; `error` the mean "
+             "relative reconstruction error of the layers on the calibration inputs; `time` the median seconds "
+             "of the pruning relative to SparseGPT's on the same cells of the same CSV, **indicative only**: "
+             "the rows of a CSV ran at different times on a shared 2-core box, beside other jobs (the refit "
+             "rows were rerun after the refit's solver changed). The times to quote are in the last section, "
+             "measured on an idle box.", ""]
     for name, sub in r.groupby("model", sort=False):
         metric = sub["metric"].iloc[0]
         higher = metric == "cosine"
@@ -260,7 +265,27 @@ def summary(results: list[Path], dest: Path) -> None:
             if verdict:
                 lines += ["", verdict]
             lines.append("")
+    if timing:
+        lines += _timing(timing)
     atomic_write(dest, lambda p: Path(p).write_text("\n".join(lines)))
+
+
+def _timing(paths: list[Path]) -> list[str]:
+    """The idle-box timing table: each ``*_time.csv`` is one invocation on one seed, every method
+    in turn, so its ratios to SparseGPT share the box's state."""
+    lines = ["## Times on an idle box", "",
+             "One calibration seed, one thread, the methods one after another in one invocation with nothing "
+             "else running; seconds of the pruning (the evaluation excluded).", "",
+             "| model | target | method | seconds | / SparseGPT's | metric | file |", "|---|---|---|---|---|---|---|"]
+    for p in paths:
+        t = pd.read_csv(p, dtype={"target": str})
+        t = t[t.method != "dense"]
+        for (model, target), g in t.groupby(["model", "target"], sort=False):
+            base = g[g.method == "sparsegpt"]["seconds"].median()
+            for _, x in g.iterrows():
+                lines.append(f"| {model} | {target} | {x['method']} | {x['seconds']:.1f} | {x['seconds'] / base:.2f} | "
+                             f"{x['value']:.4f} | {p.name} |")
+    return lines + [""]
 
 
 def _verdict(g: pd.DataFrame, higher: bool) -> str:
