@@ -289,6 +289,9 @@ def _oneshot_parser(sub) -> None:
     o.add_argument("--shots", type=int, default=1, metavar="K",
                    help="prune in K steps of sparsity, every statistic re-estimated on the partly pruned model "
                         "between steps (multi-shot; unstructured only)")
+    o.add_argument("--loss-damping", type=float, default=0.0, metavar="F",
+                   help="with --sigma loss: add F times each layer's mean to the loss's output factor (K-FAC's "
+                        "damping of that factor; 0.01 keeps attention-sink heads that multi-shot pruning cuts)")
     o.add_argument("--text", default="pydoc", help="a text file with one sentence per line, or 'pydoc'")
     o.add_argument("--samples", type=int, default=128, help="calibration sentences")
     o.add_argument("--evaluate", type=int, default=256, help="held-out sentences to measure fidelity on (0: none)")

@@ -710,9 +710,11 @@ def test_oneshot_refit_lowers_every_layers_error_and_keeps_the_mask(method):
     assert (b.layers["error"].to_numpy() < a.layers["error"].to_numpy()).all()
 
 
-def test_loss_sigma_ranks_by_the_loss_fisher_wald_statistic():
+@pytest.mark.parametrize("loss_damping", [0.0, 0.3])
+def test_loss_sigma_ranks_by_the_loss_fisher_wald_statistic(loss_damping):
     """``sigma="loss"`` without update: the kept weights are the largest ``B_ii w^2 / [H_d^-1]_jj``
-    over the layer (numpy, from B and H computed here by hand); rows the loss ignores go first."""
+    over the layer (numpy, from B and H computed here by hand); rows the loss ignores go first.
+    With ``loss_damping``, ``B_ii`` plus that fraction of its mean: the ignored row competes."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 5)).double()
     g = torch.Generator().manual_seed(3)
@@ -726,16 +728,18 @@ def test_loss_sigma_ranks_by_the_loss_fisher_wald_statistic():
     X = torch.cat(batches).numpy()
     Y = X @ W.T + model[0].bias.detach().numpy()
     B = ((2 * Y * weights.numpy() / 80) ** 2).sum(0)
+    B = B + loss_damping * B.mean()
     H = X.T @ X
     Hinv = np.linalg.inv(H + 0.01 * np.mean(np.diag(H)) * np.eye(6))
     z2 = B[:, None] * W ** 2 / np.diag(Hinv)[None, :]
-    oneshot(model, batches, method="mu", sigma="loss", loss=loss, scope="layer", sparsity=0.5)
+    oneshot(model, batches, method="mu", sigma="loss", loss=loss, scope="layer", sparsity=0.5,
+            loss_damping=loss_damping)
     kept = (model[0].weight != 0).numpy()
     order = np.argsort(z2.reshape(-1), kind="stable")
     expected = np.ones(30, bool)
     expected[order[:15]] = False
     np.testing.assert_array_equal(kept.reshape(-1), expected)
-    assert not kept[3].any()
+    assert kept[3].any() == (loss_damping > 0)
 
 
 def test_loss_sigma_needs_a_loss_and_mu():
@@ -746,6 +750,11 @@ def test_loss_sigma_needs_a_loss_and_mu():
                 loss=lambda m, x: m(x).sum(), sparsity=0.5)
     with pytest.raises(ValueError, match="loss='ce' is not valid"):
         oneshot(_mlp(), [torch.randn(8, 12, dtype=torch.float64)], method="mu", sigma="loss", loss="ce", sparsity=0.5)
+    with pytest.raises(ValueError, match="loss_damping=0.1 damps the loss's output factor: it needs sigma='loss'"):
+        oneshot(_mlp(), [torch.randn(8, 12, dtype=torch.float64)], method="mu", sparsity=0.5, loss_damping=0.1)
+    with pytest.raises(ValueError, match="loss_damping"):
+        oneshot(_mlp(), [torch.randn(8, 12, dtype=torch.float64)], method="mu", sigma="loss",
+                loss=lambda m, x: m(x).sum(), sparsity=0.5, loss_damping=-1.0)
 
 
 def _owl_reference(block_scores, sparsity, M=5.0, lam=0.08):

@@ -27,6 +27,8 @@ Methods (``mustat.layerwise.oneshot`` options):
   normal per batch, seeded): its output factor is the Gauss-Newton matrix of ``||e(x') - e(x)||^2``;
 - ``mu + update + refit (global)``: the same allocation with the layer-reconstruction statistic
   (each row's output energy as its noise scale) instead of the loss;
+- ``mu[loss, damped]``: the loss statistic with ``loss_damping=0.01`` (each layer's ``B_ii`` plus 1% of
+  their mean: K-FAC's damping of the output factor, as the Gram's is of the input factor);
 - ``+ swaps``: after the mask is chosen (and before any refit), up to ``SWAPS`` exact 1-swaps per
   row (``swaps=SWAPS``: SparseSwaps' local search on each row's reconstruction error; a kept
   weight pruned and a pruned one restored, every budget kept). ``wanda + swaps`` is SparseSwaps'
@@ -71,6 +73,8 @@ SEEDS = (0, 1, 2)
 SWAPS = 200
 #: the steps of the multi-shot methods
 SHOTS = 3
+#: ``loss_damping`` of the damped loss statistic: the 1% of the Gram's damping, for the other factor
+LOSS_DAMPING = 0.01
 METHODS = {
     "wanda": dict(method="wanda"),
     "owl + wanda": dict(method="wanda", allocation="owl"),
@@ -91,6 +95,12 @@ METHODS = {
     f"sparsegpt + refit ({SHOTS} shots)": dict(method="sparsegpt", refit=True, shots=SHOTS),
     f"mu[loss] + update + refit (global; {SHOTS} shots)": dict(method="mu", sigma="loss", scope="global",
                                                                update=True, refit=True, shots=SHOTS),
+    # the loss's output factor damped as K-FAC damps it (LOSS_DAMPING of its mean added to each B_ii)
+    "mu[loss, damped] + update + refit (global)": dict(method="mu", sigma="loss", scope="global", update=True,
+                                                       refit=True, loss_damping=LOSS_DAMPING),
+    f"mu[loss, damped] + update + refit (global; {SHOTS} shots)": dict(method="mu", sigma="loss", scope="global",
+                                                                       update=True, refit=True, shots=SHOTS,
+                                                                       loss_damping=LOSS_DAMPING),
 }
 NM_METHODS = ("wanda", "sparsegpt", "sparsegpt + refit", "wanda + swaps", "sparsegpt + swaps",
               "sparsegpt + swaps + refit")

@@ -103,6 +103,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.shots > 1 and pattern.structured:
         raise ValueError(f"--shots {args.shots} prunes in steps of sparsity; --pattern {pattern} fixes every group at "
                          "once: use --shots 1")
+    if args.loss_damping < 0 or (args.loss_damping > 0 and args.sigma != "loss"):
+        raise ValueError(f"--loss-damping must be 0 or more and damps the loss's output factor (--sigma loss); got "
+                         f"{args.loss_damping} with --sigma {args.sigma}")
     target = str(pattern) if pattern.structured else f"{args.sparsity:g}"
     out = Path(args.out or f"runs/oneshot-{args.method}-{target.replace(':', 'of')}")
     from mustat.causal_lm import is_causal_lm_source
@@ -131,7 +134,8 @@ def _run(args: argparse.Namespace) -> int:
     report = oneshot(model, token_batches(tok, cal, args.batch_size, args.max_length), method=args.method,
                      sparsity=args.sparsity, pattern=args.pattern, scope=args.scope, update=update,
                      damping=args.damping, sigma=args.sigma, sequential=args.sequential, progress=not args.quiet,
-                     allocation=args.allocation, refit=args.refit, swaps=args.swaps, shots=args.shots)
+                     allocation=args.allocation, refit=args.refit, swaps=args.swaps, shots=args.shots,
+                     loss_damping=args.loss_damping)
     print(report)
     summary = dict(model=str(path), method=args.method, target=target, scope=args.scope, update=update, sigma=args.sigma,
                    allocation=args.allocation, refit=args.refit, swaps=args.swaps, shots=args.shots,

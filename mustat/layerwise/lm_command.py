@@ -36,10 +36,12 @@ def run_causal(args: argparse.Namespace, target: str, out: Path, export: tuple[P
     report = oneshot(model, cal, method=args.method, sparsity=args.sparsity, pattern=args.pattern, scope=args.scope,
                      update=update, damping=args.damping, sigma=args.sigma, sequential=args.sequential,
                      progress=not args.quiet, allocation=args.allocation, refit=args.refit, swaps=args.swaps,
-                     shots=args.shots, loss="causal-lm" if args.sigma == "loss" else None)
+                     shots=args.shots, loss="causal-lm" if args.sigma == "loss" else None,
+                     loss_damping=args.loss_damping)
     print(report)
     summary = dict(model=str(args.model), kind="causal-lm", method=args.method, target=target, scope=args.scope,
-                   update=update, sigma=args.sigma, allocation=args.allocation, refit=args.refit, swaps=args.swaps, shots=args.shots, samples=args.samples, tokens_per_window=args.max_length,
+                   update=update, sigma=args.sigma, allocation=args.allocation, refit=args.refit, swaps=args.swaps, shots=args.shots, loss_damping=args.loss_damping,
+                   samples=args.samples, tokens_per_window=args.max_length,
                    evaluate=args.evaluate, seed=args.seed, text=args.text, sparsity=report.pruning.sparsity,
                    seconds=report.seconds, passes=report.passes, mean_layer_error=float(report.layers["error"].mean()),
                    skipped=report.skipped, date=time.strftime("%Y-%m-%d"))
