@@ -27,7 +27,7 @@ Methods (``mustat.layerwise.oneshot`` options):
   normal per batch, seeded): its output factor is the Gauss-Newton matrix of ``||e(x') - e(x)||^2``;
 - ``mu + update + refit (global)``: the same allocation with the layer-reconstruction statistic
   (each row's output energy as its noise scale) instead of the loss;
-- ``mu[loss, damped]``: the loss statistic with ``loss_damping=0.01`` (each layer's ``B_ii`` plus 1% of
+- ``mu[damped loss]``: the loss statistic with ``loss_damping=0.01`` (each layer's ``B_ii`` plus 1% of
   their mean: K-FAC's damping of the output factor, as the Gram's is of the input factor);
 - ``+ swaps``: after the mask is chosen (and before any refit), up to ``SWAPS`` exact 1-swaps per
   row (``swaps=SWAPS``: SparseSwaps' local search on each row's reconstruction error; a kept
@@ -96,9 +96,9 @@ METHODS = {
     f"mu[loss] + update + refit (global; {SHOTS} shots)": dict(method="mu", sigma="loss", scope="global",
                                                                update=True, refit=True, shots=SHOTS),
     # the loss's output factor damped as K-FAC damps it (LOSS_DAMPING of its mean added to each B_ii)
-    "mu[loss, damped] + update + refit (global)": dict(method="mu", sigma="loss", scope="global", update=True,
+    "mu[damped loss] + update + refit (global)": dict(method="mu", sigma="loss", scope="global", update=True,
                                                        refit=True, loss_damping=LOSS_DAMPING),
-    f"mu[loss, damped] + update + refit (global; {SHOTS} shots)": dict(method="mu", sigma="loss", scope="global",
+    f"mu[damped loss] + update + refit (global; {SHOTS} shots)": dict(method="mu", sigma="loss", scope="global",
                                                                        update=True, refit=True, shots=SHOTS,
                                                                        loss_damping=LOSS_DAMPING),
 }
