@@ -271,7 +271,7 @@ def summary(results: list[Path], dest: Path) -> None:
                 sd = "" if np.isnan(x["sd"]) else f" ({x['sd']:.4f})"
                 lines.append(f"| {method} | {x['mean']:.4f}{sd} | {x['error']:.4f} | {x['time']:.2f} | "
                              f"{int(x['seeds'])} |")
-            verdict = _verdict(g, higher)
+            verdict = _verdict(g, higher, structured=":" in target)
             if verdict:
                 lines += ["", verdict]
             lines.append("")
@@ -298,14 +298,15 @@ def _timing(paths: list[Path]) -> list[str]:
     return lines + [""]
 
 
-def _verdict(g: pd.DataFrame, higher: bool) -> str:
+def _verdict(g: pd.DataFrame, higher: bool, structured: bool = False) -> str:
     """The issue's test: the best statistical method against each baseline, by more than the seeds'
     spread (the larger of the two sds)?"""
     stats = [m for m in g.index if m in STATISTICAL]
     bases = [m for m in BASELINES if m in g.index]
     if not stats or not bases:
-        best = g.index[0]
-        return f"Best: {best}. (No statistical method applies to this pattern: N:M fixes every group.)"
+        why = ("No statistical method applies to this pattern: N:M fixes every group." if structured else
+               "No statistical method, or no baseline, was run at this target.")
+        return f"Best: {g.index[0]}. ({why})"
     best = max(stats, key=lambda m: g.loc[m, "mean"] * (1 if higher else -1))
     parts = []
     for b in bases:
