@@ -404,10 +404,11 @@ def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
     # the parameters need no gradient here: with requires_grad off for the pass, autograd saves only what
     # the outputs' gradients need, not every layer's input for a weight gradient (put back afterwards)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    handles = [t.module.register_forward_hook(lambda m, a, o, t=t: hook(m, a, o, t)) for t in targets]
-    if collector is not None:
-        handles += collector.hooks(halt=False)
+    handles = []
     try:
+        handles += [t.module.register_forward_hook(lambda m, a, o, t=t: hook(m, a, o, t)) for t in targets]
+        if collector is not None:
+            handles += collector.hooks(halt=False)
         for p in trainable:
             p.requires_grad_(False)
         with eval_mode(model), torch.enable_grad():

@@ -829,6 +829,23 @@ def test_causal_lm_loss_statistic_shares_the_budget_exactly(family):
     assert report.layers["sparsity"].std() > 0.01
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_global_loss_allocation_from_the_loss_pass_equals_its_own_pass(family):
+    """With the built-in causal-LM loss the dense model's Grams ride on the loss's pass; a wrapped
+    loss (which may call the model its own way) gets a pass of their own: the same masks and
+    weights, one pass fewer."""
+    from mustat.statistics import causal_lm_loss
+
+    model, tok, *_ = _families()[family]
+    fused, separate = copy.deepcopy(model), copy.deepcopy(model)
+    a = oneshot(fused, tok, method="mu", sigma="loss", loss="causal-lm", scope="global", update=True, sparsity=0.6)
+    b = oneshot(separate, tok, method="mu", sigma="loss", loss=lambda m, batch: causal_lm_loss(m, batch),
+                scope="global", update=True, sparsity=0.6)
+    for (name, p), q in zip(fused.named_parameters(), separate.parameters()):
+        assert torch.equal(p, q), name
+    assert a.passes == b.passes - 1
+
+
 @pytest.mark.parametrize("shape", [(300,), (7, 64)])
 def test_selection_prunes_the_first_k_of_a_stable_sort(shape):
     # heavy ties, dead weights (-inf) and a NaN row: the selection path and the sort fallback

@@ -73,8 +73,12 @@ def test_oneshot_command_errors(folder, tmp_path, capsys):
     assert "--pattern 2:4 fixes every group at once" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["oneshot", str(folder), "--sparsity", "0.5", "--loss-damping", "0.01", "--out", str(tmp_path / "x")])
-    assert "--loss-damping must be 0 or more and damps the loss's output factor (--sigma loss); got 0.01" \
+    assert "--loss-damping must be in [0, 1e6] and damps the loss's output factor (--sigma loss); got 0.01" \
         in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["oneshot", str(folder), "--sparsity", "0.5", "--method", "mu", "--sigma", "loss", "--loss-damping", "nan",
+              "--out", str(tmp_path / "x")])
+    assert "--loss-damping must be in [0, 1e6]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["oneshot", str(tmp_path), "--sparsity", "0.5", "--text", str(folder / "text.txt")])
     assert "has no config.json" in capsys.readouterr().err

@@ -103,8 +103,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.shots > 1 and pattern.structured:
         raise ValueError(f"--shots {args.shots} prunes in steps of sparsity; --pattern {pattern} fixes every group at "
                          "once: use --shots 1")
-    if args.loss_damping < 0 or (args.loss_damping > 0 and args.sigma != "loss"):
-        raise ValueError(f"--loss-damping must be 0 or more and damps the loss's output factor (--sigma loss); got "
+    if not 0 <= args.loss_damping <= 1e6 or (args.loss_damping > 0 and args.sigma != "loss"):
+        raise ValueError(f"--loss-damping must be in [0, 1e6] and damps the loss's output factor (--sigma loss); got "
                          f"{args.loss_damping} with --sigma {args.sigma}")
     target = str(pattern) if pattern.structured else f"{args.sparsity:g}"
     out = Path(args.out or f"runs/oneshot-{args.method}-{target.replace(':', 'of')}")

@@ -401,7 +401,10 @@ def oneshot(
         compete in units of the loss; see :mod:`mustat.layerwise.solve`. That needs one backward
         pass per calibration batch, whose memory grows with the batch's tokens (SmolLM2-135M:
         6.3 GB at 8 x 256 tokens, 2.3 GB at 2 x 256, ``benchmarks/output_fisher_memory.py``):
-        split the calibration into smaller batches to bound it.
+        split the calibration into smaller batches to bound it. With ``loss="causal-lm"``,
+        ``scope="global"`` and no ``forward``, the dense model's input Grams for the allocation
+        are collected in the same pass instead of one of their own, and held beside it, where they
+        take under a quarter of the free memory.
     loss
         For ``sigma="loss"``: ``loss(model, batch)`` returning a scalar to differentiate, or
         ``"causal-lm"`` for a ``transformers`` causal LM (next-token cross-entropy,
@@ -602,11 +605,16 @@ def oneshot(
         shares = {t.name: sparsity for g in groups for t in g}
         fisher, dense = None, None
         if sigma == "loss":
-            # the global allocation's Grams of the dense model come with the loss's pass: one forward fewer
-            dense = Collector([t for g in groups for t in g], method == "mu-sandwich", device) \
-                if scope == "global" else None
+            flat = [t for g in groups for t in g]
+            # the global allocation's Grams of the dense model come with the loss's pass (one forward fewer)
+            # where that pass calls the model as the statistics' own would (the built-in causal-LM loss, no
+            # forward=), and the Grams fit beside its autograd graph (float64 d x d each, twice for the sandwich)
+            held = sum(t.matrix().shape[1] ** 2 for t in flat) * 8 * (2 if method == "mu-sandwich" else 1)
+            if (scope == "global" and loss is causal_lm_loss and forward is None
+                    and held < 0.25 * psutil.virtual_memory().available):
+                dense = Collector(flat, method == "mu-sandwich", device)
             with torch.enable_grad():
-                fisher = output_fisher(model, calibration, [t for g in groups for t in g], loss, dense)
+                fisher = output_fisher(model, calibration, flat, loss, dense)
             if loss_damping:
                 fisher = {n: B + loss_damping * B.mean() for n, B in fisher.items()}
             passes += len(calibration) if hasattr(calibration, "__len__") else 1
