@@ -116,6 +116,7 @@ def kept_cg(H: Callable[[Tensor], Tensor], diag: Tensor | Callable[[Tensor], Ten
             return r / precond
     x = torch.zeros_like(w) if start is None else K * (start - w)
     r = rhs - K * H(x) if start is not None else rhs.clone()
+
     def dot(a: Tensor, b: Tensor) -> Tensor:
         return (a * b).sum(-1, keepdim=True) if rows else (a * b).sum()
 

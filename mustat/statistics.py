@@ -273,11 +273,15 @@ class Collector:
                                "(a customised attention module?); leave its out_proj out of layers")
         self.checked.add(id(mha))
 
+    def begin(self, mask: Tensor | None) -> None:
+        """A new batch: its token mask, and no input or target carried over from the last one."""
+        self.mask, self.cache, self.fed = mask, None, set()
+
     def run(self, calls: Iterable[Call], halt: bool) -> None:
         handles = self.hooks(halt)
         try:
             for c in calls:
-                self.mask, self.cache, self.fed = c.mask, None, set()
+                self.begin(c.mask)
                 try:
                     c.run()
                 except Stop:
@@ -415,7 +419,7 @@ def output_fisher(model: nn.Module, batches: Iterable, targets: list[Target],
             for batch in batches:
                 zeros.clear()
                 if collector is not None:
-                    collector.mask, collector.cache, collector.fed = token_mask(batch), None, set()
+                    collector.begin(token_mask(batch))
                 value = loss(model, to_device(batch, device))
                 if zeros and value.requires_grad:
                     torch.autograd.backward(value, inputs=list(zeros.values()))

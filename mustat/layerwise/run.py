@@ -602,10 +602,10 @@ def oneshot(
             groups = [[t] for t in targets]
         if not groups:
             raise ValueError("no layer was reached by the calibration forward; check forward= and the batches")
-        shares = {t.name: sparsity for g in groups for t in g}
+        flat = [t for g in groups for t in g]
+        shares = {t.name: sparsity for t in flat}
         fisher, dense = None, None
         if sigma == "loss":
-            flat = [t for g in groups for t in g]
             # the global allocation's Grams of the dense model come with the loss's pass (one forward fewer)
             # where that pass calls the model as the statistics' own would (the built-in causal-LM loss, no
             # forward=), and the Grams fit beside its autograd graph (float64 d x d each, twice for the sandwich)
@@ -627,9 +627,8 @@ def oneshot(
             shares = _global_shares(model, calibration, forward, groups, method, sparsity, damping, sigma, device,
                                     fisher, None if dense is None else dense.grams)
             passes += int(method != "magnitude" and dense is None)
-            dense = None
+            dense = None                            # the Grams are scored and dropped: free their collector
             scope = "layer"
-        flat = [t for g in groups for t in g]
         cost = None
         if needs_data:
             if blocks is not None and sequential == "block":
